@@ -1,0 +1,42 @@
+"""Every error a user of lowbit can cause.
+
+Each class names one kind of mistake; each message says what is wrong (the
+file, node or field at fault) and what to do about it. Catch `LowbitError` to
+catch them all.
+"""
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises for a user's input."""
+
+
+class ModelLoadError(LowbitError):
+    """A model file is missing, unreadable or not a valid model."""
+
+
+class CaptureError(LowbitError):
+    """torch.export could not capture a torch model."""
+
+
+class MissingExampleInputsError(LowbitError):
+    """An nn.Module was given without the example inputs needed to capture it."""
+
+
+class UnsupportedModelError(LowbitError):
+    """The object given is not a kind of model lowbit takes."""
+
+
+class UnknownTargetError(LowbitError):
+    """codegen/export was asked for a target lowbit cannot write."""
+
+
+class UnsupportedOpError(LowbitError):
+    """A node cannot be emitted to the requested backend (e.g. an opaque torch op into ONNX)."""
+
+
+class GraphError(LowbitError):
+    """A graph is malformed: broken use-def chains, order, names or types."""
+
+
+class TextParseError(LowbitError):
+    """The text form of a graph could not be parsed."""

@@ -1,0 +1,467 @@
+"""The graph IR: `Graph`, `Node` and `Value`, with true use-def chains.
+
+A `Graph` holds its nodes in topological order (a doubly linked list, so
+inserting or removing a node costs O(1)), its inputs, outputs and constants.
+A `Value` is produced by exactly one node, or is a graph input, or is a
+constant (it then holds a read-only numpy array). Every `Value` knows its
+users, as `(node, input_index)` pairs.
+
+Passes change a graph only through the mutation API here (`make_node`,
+`insert_before`/`insert_after`, `set_input`, `replace_all_uses`, `remove`,
+`add_constant`, ...), which keeps the chains true; `verify()` checks them.
+Constant arrays are immutable: to change a weight, give the value a new array
+(`value.const = new_array`) rather than writing into the old one.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import GraphError
+from .types import Shape, numpy_dtype_name
+
+
+class Value:
+    """An edge of the graph: a tensor with a name, dtype, shape and its users."""
+
+    __slots__ = ("name", "dtype", "shape", "producer", "index", "_uses", "_const", "meta", "graph")
+
+    def __init__(self, name: str, dtype: str | None = None, shape: Shape = None):
+        self.name = name
+        self.dtype = dtype
+        self.shape = None if shape is None else tuple(shape)
+        self.producer: Node | None = None
+        self.index = 0
+        self._uses: list[tuple[Node, int]] = []
+        self._const: np.ndarray | None = None
+        self.meta: dict[str, Any] = {}
+        self.graph: Graph | None = None
+
+    # -- constants -----------------------------------------------------------
+    @property
+    def const(self) -> np.ndarray | None:
+        """The value's data if it is a constant (read-only), else None."""
+        return self._const
+
+    @const.setter
+    def const(self, array: np.ndarray) -> None:
+        array = np.array(array, copy=True) if not isinstance(array, np.ndarray) or array.flags.writeable else array
+        array.flags.writeable = False
+        self._const = array
+        self.dtype = numpy_dtype_name(array)
+        self.shape = tuple(int(d) for d in array.shape)
+
+    @property
+    def is_const(self) -> bool:
+        return self._const is not None
+
+    # -- use-def -------------------------------------------------------------
+    @property
+    def uses(self) -> list[tuple[Node, int]]:
+        """(node, input index) for every place this value is consumed."""
+        return list(self._uses)
+
+    @property
+    def users(self) -> list[Node]:
+        """The distinct nodes that consume this value, in use order."""
+        return list(dict.fromkeys(n for n, _ in self._uses))
+
+    @property
+    def is_graph_input(self) -> bool:
+        return self.graph is not None and self in self.graph._input_set
+
+    @property
+    def is_graph_output(self) -> bool:
+        return self.graph is not None and any(v is self for v in self.graph.outputs)
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Value({self.name!r}, {self.dtype}, {self.shape})"
+
+
+class Node:
+    """An operation: `op_type` in `domain` ("" is ONNX), inputs, outputs, attributes.
+
+    `inputs` may contain None for an omitted optional input. `attrs` holds
+    plain Python values (ints, floats, strings, lists, numpy arrays). `meta`
+    carries facts that are not semantics (origin op, source location, ...).
+    """
+
+    __slots__ = ("op_type", "domain", "name", "_inputs", "outputs", "attrs", "meta", "graph", "_prev", "_next")
+
+    def __init__(self, op_type: str, inputs: Sequence[Value | None], outputs: Sequence[Value],
+                 attrs: dict[str, Any] | None = None, name: str = "", domain: str = "",
+                 meta: dict[str, Any] | None = None):
+        self.op_type = op_type
+        self.domain = domain
+        self.name = name
+        self._inputs: list[Value | None] = list(inputs)
+        self.outputs: list[Value] = list(outputs)
+        self.attrs: dict[str, Any] = dict(attrs or {})
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.graph: Graph | None = None
+        self._prev: Node | None = None
+        self._next: Node | None = None
+        for i, v in enumerate(self.outputs):
+            if v.producer is not None:
+                raise GraphError(f"value {v.name!r} is already produced by node {v.producer.name!r}")
+            v.producer, v.index = self, i
+
+    @property
+    def inputs(self) -> tuple[Value | None, ...]:
+        return tuple(self._inputs)
+
+    @property
+    def output(self) -> Value:
+        """The single output of a one-output node."""
+        if len(self.outputs) != 1:
+            raise GraphError(f"node {self.name!r} ({self.op_type}) has {len(self.outputs)} outputs, not one")
+        return self.outputs[0]
+
+    @property
+    def qualified_op(self) -> str:
+        return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
+
+    def input(self, i: int) -> Value | None:
+        return self._inputs[i] if i < len(self._inputs) else None
+
+    def set_input(self, i: int, value: Value | None) -> None:
+        """Point input `i` at `value`, keeping both values' use lists true."""
+        old = self._inputs[i]
+        if old is value:
+            return
+        if old is not None and self.graph is not None:
+            old._uses.remove((self, i))
+        self._inputs[i] = value
+        if value is not None and self.graph is not None:
+            value._uses.append((self, i))
+
+    def append_input(self, value: Value | None) -> None:
+        self._inputs.append(None)
+        self.set_input(len(self._inputs) - 1, value)
+
+    @property
+    def predecessors(self) -> list[Node]:
+        return list(dict.fromkeys(v.producer for v in self._inputs if v is not None and v.producer is not None))
+
+    @property
+    def successors(self) -> list[Node]:
+        return list(dict.fromkeys(n for v in self.outputs for n, _ in v._uses))
+
+    def __repr__(self) -> str:
+        ins = ", ".join("_" if v is None else v.name for v in self._inputs)
+        return f"Node({self.name!r}: {self.qualified_op}({ins}) -> {[v.name for v in self.outputs]})"
+
+
+class Graph:
+    """A dataflow graph in topological order, with inputs, outputs and constants."""
+
+    def __init__(self, name: str = "graph", opset_imports: dict[str, int] | None = None):
+        self.name = name
+        self.opset_imports: dict[str, int] = dict(opset_imports or {"": 21})
+        self.inputs: list[Value] = []
+        self._input_set: set[Value] = set()
+        self.outputs: list[Value] = []
+        self.constants: dict[str, Value] = {}
+        self.meta: dict[str, Any] = {}
+        self._head: Node | None = None
+        self._tail: Node | None = None
+        self._count = 0
+        self._names: set[str] = set()
+        self._counter = itertools.count()
+
+    # -- reading -------------------------------------------------------------
+    def __iter__(self) -> Iterator[Node]:
+        node = self._head
+        while node is not None:
+            nxt = node._next
+            yield node
+            node = nxt
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The nodes in topological order (a snapshot: safe to mutate while iterating)."""
+        return list(self)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def values(self) -> Iterator[Value]:
+        """Every value: inputs, constants, then node outputs in order."""
+        yield from self.inputs
+        yield from self.constants.values()
+        for node in self:
+            yield from node.outputs
+
+    def find_node(self, name: str) -> Node | None:
+        return next((n for n in self if n.name == name), None)
+
+    def find_value(self, name: str) -> Value | None:
+        return next((v for v in self.values() if v.name == name), None)
+
+    # -- names ---------------------------------------------------------------
+    def unique_name(self, hint: str) -> str:
+        """A name not used yet by any value or node of this graph, based on `hint`."""
+        hint = hint or "v"
+        name = hint
+        while name in self._names:
+            name = f"{hint}_{next(self._counter)}"
+        self._names.add(name)
+        return name
+
+    def _claim(self, name: str) -> str:
+        self._names.add(name)
+        return name
+
+    # -- building ------------------------------------------------------------
+    def add_input(self, name: str, dtype: str | None, shape: Shape) -> Value:
+        value = Value(self._claim(name), dtype, shape)
+        value.graph = self
+        self.inputs.append(value)
+        self._input_set.add(value)
+        return value
+
+    def add_constant(self, name: str, array: Any, *, unique: bool = True) -> Value:
+        """A new constant holding `array` (copied unless it is already read-only)."""
+        name = self.unique_name(name) if unique else self._claim(name)
+        value = Value(name)
+        value.const = np.asarray(array) if isinstance(array, np.ndarray) else np.array(array)
+        value.graph = self
+        self.constants[name] = value
+        return value
+
+    def make_node(self, op_type: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None, *,
+                  num_outputs: int = 1, outputs: Sequence[Value] | None = None, name: str | None = None,
+                  domain: str = "", output_names: Sequence[str] | None = None,
+                  before: Node | None = None, after: Node | None = None,
+                  meta: dict[str, Any] | None = None) -> Node:
+        """Create a node and insert it: at the end, or `before`/`after` a given node."""
+        name = self.unique_name(name or op_type.lower())
+        if outputs is None:
+            names = output_names or ([name] if num_outputs == 1 else [f"{name}_{i}" for i in range(num_outputs)])
+            outputs = [Value(self.unique_name(n)) for n in names]
+        node = Node(op_type, inputs, outputs, attrs, name=name, domain=domain, meta=meta)
+        if before is not None:
+            self.insert_before(before, node)
+        elif after is not None:
+            self.insert_after(after, node)
+        else:
+            self.append(node)
+        return node
+
+    def _attach(self, node: Node) -> None:
+        if node.graph is not None:
+            raise GraphError(f"node {node.name!r} is already in a graph")
+        node.graph = self
+        self._names.add(node.name)
+        for i, v in enumerate(node._inputs):
+            if v is not None:
+                v._uses.append((node, i))
+        for v in node.outputs:
+            v.graph = self
+            self._names.add(v.name)
+        self._count += 1
+
+    def append(self, node: Node) -> Node:
+        self._attach(node)
+        node._prev, node._next = self._tail, None
+        if self._tail is None:
+            self._head = node
+        else:
+            self._tail._next = node
+        self._tail = node
+        return node
+
+    def insert_before(self, anchor: Node, node: Node) -> Node:
+        self._check_member(anchor)
+        self._attach(node)
+        node._prev, node._next = anchor._prev, anchor
+        if anchor._prev is None:
+            self._head = node
+        else:
+            anchor._prev._next = node
+        anchor._prev = node
+        return node
+
+    def insert_after(self, anchor: Node, node: Node) -> Node:
+        self._check_member(anchor)
+        if anchor._next is None:
+            return self.append(node)
+        return self.insert_before(anchor._next, node)
+
+    def _check_member(self, node: Node) -> None:
+        if node.graph is not self:
+            raise GraphError(f"node {node.name!r} is not in graph {self.name!r}")
+
+    # -- rewriting -----------------------------------------------------------
+    def replace_all_uses(self, old: Value, new: Value, *, outputs: bool = True) -> None:
+        """Make every consumer of `old` consume `new` (and the graph outputs, unless outputs=False)."""
+        for node, i in list(old._uses):
+            node.set_input(i, new)
+        if outputs:
+            self.outputs = [new if v is old else v for v in self.outputs]
+
+    def remove(self, node: Node, *, safe: bool = True) -> None:
+        """Unlink `node`. With safe=True its outputs must be unused and not graph outputs."""
+        self._check_member(node)
+        if safe:
+            for v in node.outputs:
+                if v._uses or v.is_graph_output:
+                    users = ", ".join(n.name for n in v.users) or "the graph outputs"
+                    raise GraphError(f"cannot remove node {node.name!r}: its output {v.name!r} is used by {users}")
+        for i, v in enumerate(node._inputs):
+            if v is not None:
+                v._uses.remove((node, i))
+        if node._prev is None:
+            self._head = node._next
+        else:
+            node._prev._next = node._next
+        if node._next is None:
+            self._tail = node._prev
+        else:
+            node._next._prev = node._prev
+        node._prev = node._next = None
+        node.graph = None
+        self._count -= 1
+
+    def remove_unused_constants(self) -> int:
+        unused = [name for name, v in self.constants.items() if not v._uses and not v.is_graph_output]
+        for name in unused:
+            del self.constants[name]
+        return len(unused)
+
+    def sort(self) -> None:
+        """Restore topological order (stable: keeps the current order where it is already valid)."""
+        order = _toposort(self)
+        self._head = self._tail = None
+        prev = None
+        for node in order:
+            node._prev, node._next = prev, None
+            if prev is None:
+                self._head = node
+            else:
+                prev._next = node
+            prev = node
+        self._tail = prev
+
+    # -- checking ------------------------------------------------------------
+    def verify(self) -> None:
+        """Raise GraphError naming the first broken fact: use-def chains, order, names."""
+        defined: set[int] = set()
+        names: dict[str, str] = {}
+
+        def define(v: Value, where: str) -> None:
+            if v.name in names:
+                raise GraphError(f"value name {v.name!r} is defined twice ({names[v.name]} and {where})")
+            names[v.name] = where
+            defined.add(id(v))
+
+        for v in self.inputs:
+            define(v, "graph input")
+        for name, v in self.constants.items():
+            if v.const is None or v.name != name:
+                raise GraphError(f"constant {name!r} has no data or a mismatched name {v.name!r}")
+            define(v, "constant")
+        count = 0
+        for node in self:
+            count += 1
+            if node.graph is not self:
+                raise GraphError(f"node {node.name!r} is linked into graph {self.name!r} but does not belong to it")
+            for i, v in enumerate(node._inputs):
+                if v is None:
+                    continue
+                if id(v) not in defined:
+                    where = "a later node" if v.producer is not None and v.producer.graph is self else "nowhere in this graph"
+                    raise GraphError(f"node {node.name!r} ({node.op_type}) input {i} {v.name!r} is defined by {where}")
+                if (node, i) not in v._uses:
+                    raise GraphError(f"value {v.name!r} does not list node {node.name!r} input {i} as a use")
+            for i, v in enumerate(node.outputs):
+                if v.producer is not node or v.index != i:
+                    raise GraphError(f"node {node.name!r} output {i} {v.name!r} does not name the node as its producer")
+                define(v, f"node {node.name!r}")
+        if count != self._count:
+            raise GraphError(f"graph {self.name!r} counts {self._count} nodes but links {count}")
+        for v in self.values():
+            for user, i in v._uses:
+                if user.graph is not self or user.input(i) is not v:
+                    raise GraphError(f"value {v.name!r} lists a stale use by node {user.name!r} input {i}")
+        for v in self.outputs:
+            if id(v) not in defined:
+                raise GraphError(f"graph output {v.name!r} is not defined in the graph")
+
+    # -- copying -------------------------------------------------------------
+    def copy(self) -> Graph:
+        """A structural deep copy; constant arrays (immutable) are shared."""
+        new = Graph(self.name, self.opset_imports)
+        new.meta = _copy.deepcopy(self.meta)
+        vmap: dict[int, Value] = {}
+
+        def clone(v: Value) -> Value:
+            c = Value(v.name, v.dtype, v.shape)
+            c.meta = dict(v.meta)
+            c._const = v._const
+            c.graph = new
+            vmap[id(v)] = c
+            return c
+
+        for v in self.inputs:
+            c = clone(v)
+            new.inputs.append(c)
+            new._input_set.add(c)
+            new._names.add(c.name)
+        for name, v in self.constants.items():
+            new.constants[name] = clone(v)
+            new._names.add(name)
+        for node in self:
+            outs = [clone(v) for v in node.outputs]
+            ins = [None if v is None else vmap[id(v)] for v in node._inputs]
+            new.append(Node(node.op_type, ins, outs, _copy.deepcopy(node.attrs), node.name, node.domain,
+                            dict(node.meta)))
+        new.outputs = [vmap[id(v)] for v in self.outputs]
+        return new
+
+    def __str__(self) -> str:
+        from .text import print_graph
+
+        return print_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self.inputs)} inputs, {self._count} nodes, {len(self.outputs)} outputs>"
+
+
+def _toposort(graph: Graph) -> list[Node]:
+    nodes = list(graph)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    indegree = {id(n): 0 for n in nodes}
+    for n in nodes:
+        indegree[id(n)] = len({id(p) for p in n.predecessors if id(p) in position})
+    import heapq
+
+    ready = [(position[id(n)], n) for n in nodes if indegree[id(n)] == 0]
+    heapq.heapify(ready)
+    order: list[Node] = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for s in n.successors:
+            if id(s) in indegree:
+                indegree[id(s)] -= 1
+                if indegree[id(s)] == 0:
+                    heapq.heappush(ready, (position[id(s)], s))
+    if len(order) != len(nodes):
+        stuck = next(n for n in nodes if indegree[id(n)] > 0)
+        raise GraphError(f"graph {graph.name!r} has a cycle through node {stuck.name!r}")
+    return order
+
+
+def iter_values(nodes: Iterable[Node]) -> Iterator[Value]:
+    for node in nodes:
+        yield from node.outputs

@@ -1,0 +1,211 @@
+"""The border with ONNX: `from_onnx` reads an onnx.ModelProto into a Graph, `to_onnx` writes one.
+
+Reading keeps everything: every node with its domain and attributes (typed
+exactly as they were), initializers as constants, the model's opsets,
+metadata and local functions. So ONNX -> IR -> ONNX gives a model that ONNX
+Runtime runs to the same outputs, bit for bit.
+
+Writing emits the vocabulary as is, expands ops newer than the target opset
+(`Swish`, `Attention`, see `decompose.py`), and refuses nodes only another
+framework can run (opaque torch ops) with an error that names them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, helper, numpy_helper
+
+from ..errors import ModelLoadError, UnsupportedOpError
+from .graph import Graph, Node, Value
+from .ops import is_opaque
+from .types import from_onnx_dtype, to_onnx_dtype
+
+DEFAULT_IR_VERSION = 10  # what ONNX Runtime and OpenVINO read today
+
+
+# -- loading --------------------------------------------------------------------
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an .onnx file, raising ModelLoadError with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"ONNX file {str(path)!r} does not exist: check the path")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, onnx raises ValueError for external data
+        raise ModelLoadError(f"cannot read {str(path)!r} as an ONNX model ({type(e).__name__}: {e}); "
+                             "the file is corrupt or not ONNX: re-export it") from None
+    check_model(model, str(path))
+    return model
+
+
+def check_model(model: onnx.ModelProto, where: str = "the ONNX model") -> None:
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{where} holds no graph (no nodes and no outputs): the file is empty or corrupt")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as e:
+        raise ModelLoadError(f"{where} is not a valid ONNX model: {str(e).strip().splitlines()[0]}; "
+                             "fix or re-export it") from None
+
+
+# -- ONNX -> IR -----------------------------------------------------------------
+
+def _type_of(vi: onnx.ValueInfoProto) -> tuple[str | None, tuple | None]:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return None, None
+    dtype = from_onnx_dtype(t.elem_type)
+    if not t.HasField("shape"):
+        return dtype, None
+    dims = []
+    for d in t.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None)
+    return dtype, tuple(dims)
+
+
+def _attr_value(a: AttributeProto) -> Any:
+    if a.type == AttributeProto.STRING:
+        try:
+            return a.s.decode()
+        except UnicodeDecodeError:
+            return a.s
+    if a.type == AttributeProto.STRINGS:
+        return [s.decode(errors="surrogateescape") for s in a.strings]
+    if a.type == AttributeProto.TENSOR:
+        return numpy_helper.to_array(a.t)
+    if a.type == AttributeProto.TENSORS:
+        return [numpy_helper.to_array(t) for t in a.tensors]
+    return helper.get_attribute_value(a)
+
+
+def _infer_types(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # custom ops or >2 GB models: fall back to what the file says
+        inferred = model
+    g = inferred.graph
+    return {vi.name: _type_of(vi) for vi in [*g.value_info, *g.input, *g.output]}
+
+
+def from_onnx(model: onnx.ModelProto) -> Graph:
+    """Lower an ONNX model into a Graph (the model is not modified)."""
+    g = model.graph
+    opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
+    graph = Graph(g.name or "graph", opsets)
+    graph.meta.update(origin="onnx", ir_version=model.ir_version, producer_name=model.producer_name,
+                      producer_version=model.producer_version,
+                      metadata_props={p.key: p.value for p in model.metadata_props},
+                      functions=[f.SerializeToString() for f in model.functions])
+    types = _infer_types(model)
+    values: dict[str, Value] = {}
+    for init in g.initializer:
+        values[init.name] = graph.add_constant(init.name, numpy_helper.to_array(init), unique=False)
+    for sparse in g.sparse_initializer:  # densified: the IR has one kind of constant
+        vals = numpy_helper.to_array(sparse.values)
+        array = np.zeros(tuple(sparse.dims), dtype=vals.dtype)
+        idx = numpy_helper.to_array(sparse.indices)
+        if idx.ndim == 1:
+            array.reshape(-1)[idx] = vals
+        else:
+            array[tuple(idx.T)] = vals
+        values[sparse.values.name] = graph.add_constant(sparse.values.name, array, unique=False)
+    for vi in g.input:
+        if vi.name in values:  # an initializer listed as input (IR < 4): a constant with a default
+            continue
+        dtype, shape = _type_of(vi)
+        values[vi.name] = graph.add_input(vi.name, dtype, shape)
+    for i, n in enumerate(g.node):
+        inputs = []
+        for name in n.input:
+            if not name:
+                inputs.append(None)
+            elif name in values:
+                inputs.append(values[name])
+            else:
+                raise ModelLoadError(f"ONNX node {n.name or n.op_type!r} reads {name!r}, which nothing defines "
+                                     "before it: the model is not topologically sorted or is broken")
+        outs = []
+        for name in n.output:
+            dtype, shape = types.get(name, (None, None))
+            outs.append(Value(name or graph.unique_name(f"{n.name}_unused"), dtype, shape))
+        node = Node(n.op_type, inputs, outs, {a.name: _attr_value(a) for a in n.attribute},
+                    name=n.name or graph.unique_name(f"{n.op_type.lower()}_{i}"), domain=n.domain,
+                    meta={"onnx_attr_types": {a.name: a.type for a in n.attribute}})
+        if n.doc_string:
+            node.meta["doc_string"] = n.doc_string
+        graph.append(node)
+        for v in outs:
+            values[v.name] = v
+    for vi in g.output:
+        if vi.name not in values:
+            raise ModelLoadError(f"ONNX graph output {vi.name!r} is produced by no node: the model is broken")
+        graph.outputs.append(values[vi.name])
+    return graph
+
+
+# -- IR -> ONNX -----------------------------------------------------------------
+
+def _value_info(v: Value) -> onnx.ValueInfoProto:
+    shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
+    return helper.make_tensor_value_info(v.name, to_onnx_dtype(v.dtype), shape)
+
+
+def _attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
+    if attr_type == AttributeProto.TENSOR or isinstance(value, np.ndarray):
+        return helper.make_attribute(name, numpy_helper.from_array(np.asarray(value)))
+    if attr_type == AttributeProto.TENSORS:
+        return helper.make_attribute(name, [numpy_helper.from_array(np.asarray(t)) for t in value])
+    if attr_type is not None and attr_type != AttributeProto.UNDEFINED:
+        if attr_type == AttributeProto.FLOAT:
+            value = float(value)
+        elif attr_type == AttributeProto.FLOATS:
+            value = [float(x) for x in value]
+        return helper.make_attribute(name, value, attr_type=attr_type)
+    return helper.make_attribute(name, value)
+
+
+def _node_proto(node: Node) -> onnx.NodeProto:
+    types = node.meta.get("onnx_attr_types", {})
+    proto = helper.make_node(node.op_type, ["" if v is None else v.name for v in node.inputs],
+                             [v.name for v in node.outputs], name=node.name, domain=node.domain or None)
+    proto.attribute.extend(_attribute(k, v, types.get(k)) for k, v in node.attrs.items())
+    if "doc_string" in node.meta:
+        proto.doc_string = node.meta["doc_string"]
+    return proto
+
+
+def to_onnx(graph: Graph, *, opset: int | None = None) -> onnx.ModelProto:
+    """Write a Graph as an onnx.ModelProto (the graph is not modified)."""
+    from .decompose import expand_for_opset
+
+    opaque = [n for n in graph if is_opaque(n.domain)]
+    if opaque:
+        names = ", ".join(f"{n.name} ({n.op_type})" for n in opaque[:5])
+        raise UnsupportedOpError(
+            f"{len(opaque)} node(s) are opaque {opaque[0].domain} ops with no ONNX equivalent: {names}. "
+            "Write this graph back to torch (codegen(graph, 'torch')), or replace those ops in the model.")
+    opsets = dict(graph.opset_imports)
+    if opset is not None:
+        opsets[""] = opset
+    graph = expand_for_opset(graph, opsets.get("", 21))
+    known = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}
+    value_info = [_value_info(v) for n in graph for v in n.outputs
+                  if id(v) not in known and (v.dtype is not None or v.shape is not None)]
+    initializers = [numpy_helper.from_array(np.asarray(v.const), v.name) for v in graph.constants.values()]
+    g = helper.make_graph([_node_proto(n) for n in graph], graph.name, [_value_info(v) for v in graph.inputs],
+                          [_value_info(v) for v in graph.outputs], initializer=initializers, value_info=value_info)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              producer_name=graph.meta.get("producer_name") or "lowbit",
+                              producer_version=graph.meta.get("producer_version") or "")
+    model.ir_version = graph.meta.get("ir_version") or DEFAULT_IR_VERSION
+    for f in graph.meta.get("functions", []):
+        model.functions.add().ParseFromString(f)
+    for k, v in graph.meta.get("metadata_props", {}).items():
+        model.metadata_props.add(key=k, value=v)
+    return model

@@ -1,0 +1,35 @@
+"""The OpenVINO writer: Graph -> openvino.Model, and .xml/.bin files.
+
+The graph is written as ONNX first (`onnx.py`) and read by OpenVINO's own
+ONNX frontend, which keeps symbolic dims dynamic and turns QDQ pairs into
+OpenVINO FakeQuantize ops; then `openvino.save_model` writes the IR.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from ..errors import UnsupportedOpError
+from .graph import Graph
+from .onnx import to_onnx
+
+
+def to_openvino(graph: Graph):
+    """Write a Graph as an openvino.Model."""
+    import openvino as ov
+
+    proto = to_onnx(graph)
+    try:
+        return ov.convert_model(io.BytesIO(proto.SerializeToString()))
+    except Exception as e:  # OpenVINO raises its own GeneralFailure/OpConversionFailure
+        first = str(e).strip().splitlines()
+        raise UnsupportedOpError(f"OpenVINO could not convert graph {graph.name!r}: "
+                                 f"{first[0] if first else type(e).__name__}") from e
+
+
+def save_openvino(graph: Graph, path: str | os.PathLike, *, compress_to_fp16: bool = False) -> None:
+    """Write `path` (.xml) and its .bin beside it."""
+    import openvino as ov
+
+    ov.save_model(to_openvino(graph), str(path), compress_to_fp16=compress_to_fp16)

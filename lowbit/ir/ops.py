@@ -1,0 +1,88 @@
+"""The op vocabulary of the IR and the facts lowbit knows about each op.
+
+The vocabulary is ONNX's: op names and attribute conventions are those of the
+ONNX operator set (version `IR_OPSET`), so `onnx.reference` gives every op an
+executable meaning. Two ops newer than opset 21 are used by name with their
+ONNX (opset 23/24) semantics because torch has them as single kernels:
+`Swish` (x * sigmoid(alpha * x)) and `Attention` (scaled dot-product
+attention); the ONNX writer expands them into opset-21 ops.
+
+An op outside the vocabulary lives in its own domain (`torch` for an aten op
+lowbit does not map) and is emitted back only to that framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IR_OPSET = 21
+TORCH_DOMAIN = "torch"
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What passes need to know about an op type."""
+
+    name: str
+    weight_inputs: tuple[int, ...] = ()  # inputs that hold weights when constant
+    channel_axis: int | None = None  # output-channel axis of the weight input (per-channel quantization)
+    traits: frozenset[str] = field(default_factory=frozenset)
+
+
+def _ops(*infos: OpInfo) -> dict[str, OpInfo]:
+    return {i.name: i for i in infos}
+
+
+def _t(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "Where")
+ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu",
+               "Elu", "Selu", "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs")
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+             "Concat", "Expand", "Tile", "Identity", "Shape", "Cast", "Pad", "DepthToSpace", "SpaceToDepth")
+
+VOCABULARY: dict[str, OpInfo] = _ops(
+    OpInfo("Conv", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
+    OpInfo("ConvTranspose", weight_inputs=(1,), channel_axis=1, traits=_t("weighted")),
+    OpInfo("Gemm", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
+    OpInfo("MatMul", weight_inputs=(1,), channel_axis=-1, traits=_t("weighted")),
+    OpInfo("BatchNormalization"),
+    OpInfo("LayerNormalization"),
+    OpInfo("InstanceNormalization"),
+    OpInfo("GroupNormalization"),
+    OpInfo("Softmax"),
+    OpInfo("LogSoftmax"),
+    OpInfo("MaxPool", traits=_t("agnostic")),
+    OpInfo("AveragePool"),
+    OpInfo("GlobalAveragePool"),
+    OpInfo("GlobalMaxPool", traits=_t("agnostic")),
+    OpInfo("ReduceMean"),
+    OpInfo("ReduceSum"),
+    OpInfo("ReduceMax"),
+    OpInfo("Attention"),
+    OpInfo("Dropout", traits=_t("agnostic")),
+    OpInfo("Constant"),
+    OpInfo("Resize", traits=_t("agnostic")),
+    OpInfo("Range"),
+    OpInfo("ConstantOfShape"),
+    OpInfo("TopK"),
+    OpInfo("ArgMax"),
+    OpInfo("CumSum"),
+    *(OpInfo(n, traits=_t("elementwise", *(("commutative",) if n in ("Add", "Mul", "Max", "Min", "Equal") else ())))
+      for n in ELEMENTWISE_BINARY),
+    *(OpInfo(n, traits=_t("elementwise", "activation")) for n in ACTIVATIONS),
+    *(OpInfo(n, traits=_t("shape", *(("agnostic",) if n not in ("Shape", "Cast", "Concat") else ())))
+      for n in SHAPE_OPS),
+)
+
+
+def op_info(op_type: str, domain: str = "") -> OpInfo | None:
+    """The facts about an op, or None for an op outside the vocabulary."""
+    return VOCABULARY.get(op_type) if domain in ("", "ai.onnx") else None
+
+
+def is_opaque(domain: str) -> bool:
+    """True for nodes that only their origin framework can run."""
+    return domain == TORCH_DOMAIN

@@ -1,0 +1,526 @@
+"""The torch writer: Graph -> torch.fx.GraphModule of aten ops.
+
+Each IR op is emitted as the aten op the torch frontend maps to it (`Conv` ->
+`aten.conv2d`, `Gemm` -> `aten.linear`, `Swish` -> `aten.silu`, ...), so
+torch -> IR -> torch computes bit for bit what the original did. Constants
+become parameters (weights; trainable, for QAT) or buffers, under the fully
+qualified names they had in the original module where known. Opaque torch
+nodes call their original op again with their recorded arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from .graph import Graph, Node, Value
+from .ops import TORCH_DOMAIN
+from .types import is_float, to_torch_dtype
+
+aten = torch.ops.aten
+INT64_MAX = np.iinfo(np.int64).max
+
+
+# Helpers that generated code calls for ONNX semantics torch has no single op for.
+def onnx_reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Reshape with a runtime shape tensor (0 copies the input dim)."""
+    dims = [x.shape[i] if s == 0 else s for i, s in enumerate(shape.tolist())]
+    return x.reshape(dims)
+
+
+def onnx_expand(x: torch.Tensor, shape: Any) -> torch.Tensor:
+    """ONNX Expand: numpy-style broadcast of x against `shape`."""
+    dims = shape.tolist() if isinstance(shape, torch.Tensor) else list(shape)
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(int(d) for d in dims)))
+
+
+def onnx_gather(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX Gather: x indexed along `axis` by an index tensor of any rank."""
+    axis = axis % x.dim()
+    index = torch.where(index < 0, index + x.shape[axis], index)
+    picked = torch.index_select(x, axis, index.reshape(-1))
+    return picked.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1:])
+
+
+def shape_tensor(x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """ONNX Shape(start, end) as an int64 tensor."""
+    return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
+
+
+class _Emitter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.fx = fx.Graph()
+        self.env: dict[int, Any] = {}
+        self.root: dict[str, torch.Tensor] = {}
+        self.attr_names: dict[int, str] = {}
+        self.consumed: set[int] = set()
+
+    # -- values ---------------------------------------------------------------
+    def __getitem__(self, v: Value | None) -> Any:
+        if v is None:
+            return None
+        if id(v) not in self.env:
+            if v.const is None:
+                raise UnsupportedOpError(f"value {v.name!r} is used before it is computed")
+            self.env[id(v)] = self.fx.get_attr(self._register(v))
+        return self.env[id(v)]
+
+    def scalar(self, v: Value | None) -> Any:
+        """A Python number for a 0-d constant (as torch scalar args want), else the tensor."""
+        if v is not None and v.const is not None and v.const.ndim == 0:
+            if "torch_scalar" in v.meta:
+                return v.meta["torch_scalar"]
+            return v.const.item()
+        return self[v]
+
+    def ints(self, v: Value | None) -> list[int] | None:
+        if v is None:
+            return None
+        if v.const is None:
+            raise UnsupportedOpError(f"the torch writer needs {v.name!r} to be a constant")
+        return [int(i) for i in v.const.reshape(-1)]
+
+    def _register(self, v: Value, array: np.ndarray | None = None) -> str:
+        array = v.const if array is None else array
+        name = v.meta.get("torch_name") or v.name
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name) or self._clash(name):
+            name = re.sub(r"[^0-9A-Za-z_]", "_", v.name)
+            name = f"c_{name}" if not name or name[0].isdigit() else name
+            base, i = name, 0
+            while self._clash(name):
+                i += 1
+                name = f"{base}_{i}"
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        trainable = v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
+        self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
+        return name
+
+    def _clash(self, name: str) -> bool:
+        prefixes = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        return name in self.root or any(k.startswith(name + ".") for k in self.root) or bool(prefixes & set(self.root))
+
+    def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.fx.call_function(target, args, kwargs)
+
+    # -- driver ----------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for v in self.graph.inputs:
+            self.env[id(v)] = self.fx.placeholder(re.sub(r"[^0-9A-Za-z_]", "_", v.name))
+        for node in self.graph:
+            if id(node) in self.consumed:
+                continue
+            if node.domain == TORCH_DOMAIN:
+                outs = emit_opaque(self, node)
+            elif node.domain in ("", "ai.onnx") and node.op_type in EMITTERS:
+                outs = EMITTERS[node.op_type](self, node)
+            else:
+                raise UnsupportedOpError(
+                    f"node {node.name!r} is {node.qualified_op}, which the torch writer cannot emit: "
+                    "write this graph as ONNX or OpenVINO instead")
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for v, o in zip(node.outputs, outs):
+                self.env[id(v)] = o
+        results = [self[v] for v in self.graph.outputs]
+        spec = self.graph.meta.get("out_spec")
+        if spec is not None and spec.num_leaves == len(results):
+            out = torch.utils._pytree.tree_unflatten(results, spec)
+        else:
+            out = results[0] if len(results) == 1 else tuple(results)
+        self.fx.output(out)
+        gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule")
+        return gm
+
+
+def to_torch(graph: Graph) -> fx.GraphModule:
+    """Write a Graph as an fx.GraphModule whose forward takes the graph inputs in order."""
+    return _Emitter(graph).run()
+
+
+# -- emitters ---------------------------------------------------------------------
+
+EMITTERS: dict[str, Callable[[_Emitter, Node], Any]] = {}
+
+
+def emits(*op_types: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for op in op_types:
+            EMITTERS[op] = fn
+        return fn
+    return register
+
+
+def _spatial(node: Node, key: str, k: int, default: int) -> list[int]:
+    return list(node.attrs.get(key, [default] * k))
+
+
+def _sym_pads(node: Node, k: int) -> list[int]:
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpError(f"node {node.name!r} uses auto_pad={node.attrs['auto_pad']}: the torch writer "
+                                 "needs explicit pads")
+    pads = _spatial(node, "pads", 2 * k, 0)
+    if pads[:k] != pads[k:]:
+        raise UnsupportedOpError(f"node {node.name!r} has asymmetric pads {pads}, which torch's op cannot express")
+    return pads[:k]
+
+
+@emits("Conv")
+def _conv(e: _Emitter, n: Node):
+    w = n.input(1)
+    k = len(w.shape) - 2
+    target = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[k]
+    return e.call(target, e[n.input(0)], e[w], e[n.input(2)], _spatial(n, "strides", k, 1), _sym_pads(n, k),
+                  _spatial(n, "dilations", k, 1), n.attrs.get("group", 1))
+
+
+def _linear_bias(e: _Emitter, mm: Node) -> Node | None:
+    """The Add that adds a 1-D constant bias to MatMul `mm`'s output, if that is its only use."""
+    out = mm.output
+    if len(out.uses) != 1 or out.is_graph_output:
+        return None
+    add, _ = out.uses[0]
+    if add.op_type != "Add" or add.domain or len(add.inputs) != 2:
+        return None
+    other = add.input(1) if add.input(0) is out else add.input(0)
+    n_out = mm.input(1).shape[-1]
+    if other is None or other.const is None or other.const.shape != (n_out,) or add.input(0) is not out:
+        return None
+    return add
+
+
+@emits("MatMul")
+def _matmul(e: _Emitter, n: Node):
+    a, b = n.inputs
+    if b.const is None or b.const.ndim != 2 or not is_float(b.dtype):
+        return e.call(aten.matmul.default, e[a], e[b])
+    weight = e.fx.get_attr(e._register(b, np.ascontiguousarray(b.const.T)))
+    add = _linear_bias(e, n)
+    if add is None:
+        return e.call(aten.linear.default, e[a], weight)
+    e.consumed.add(id(add))
+    out = e.call(aten.linear.default, e[a], weight, e[add.input(1)])
+    e.env[id(add.output)] = out
+    return out
+
+
+@emits("Gemm")
+def _gemm(e: _Emitter, n: Node):
+    a, b, c = n.input(0), n.input(1), n.input(2)
+    alpha, beta = n.attrs.get("alpha", 1.0), n.attrs.get("beta", 1.0)
+    trans_a, trans_b = n.attrs.get("transA", 0), n.attrs.get("transB", 0)
+    x = e.call(aten.t.default, e[a]) if trans_a else e[a]
+    if trans_b and alpha == 1.0 and beta == 1.0 and (c is None or c.rank == 1):
+        return e.call(aten.linear.default, x, e[b], e[c])
+    w = e[b] if trans_b == 0 else e.call(aten.t.default, e[b])
+    if c is None:
+        out = e.call(aten.mm.default, x, w)
+        return out if alpha == 1.0 else e.call(aten.mul.Tensor, out, alpha)
+    return e.call(aten.addmm.default, e[c], x, w, beta=beta, alpha=alpha)
+
+
+BINARY = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Tensor, "Div": aten.div.Tensor,
+          "Pow": aten.pow.Tensor_Tensor, "Max": aten.maximum.default, "Min": aten.minimum.default,
+          "Equal": aten.eq.Tensor, "Less": aten.lt.Tensor, "Greater": aten.gt.Tensor}
+SCALAR_RHS = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Tensor, "Div": aten.div.Tensor,
+              "Pow": aten.pow.Tensor_Scalar, "Equal": aten.eq.Scalar, "Less": aten.lt.Scalar,
+              "Greater": aten.gt.Scalar}
+
+
+@emits(*BINARY)
+def _binary(e: _Emitter, n: Node):
+    a, b = n.inputs
+    rhs = e.scalar(b)
+    if n.op_type in SCALAR_RHS and not isinstance(rhs, fx.Node) and a.const is None:
+        return e.call(SCALAR_RHS[n.op_type], e[a], rhs)
+    return e.call(BINARY[n.op_type], e[a], e[b])
+
+
+UNARY = {"Relu": aten.relu.default, "Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default,
+         "HardSwish": aten.hardswish.default, "Exp": aten.exp.default, "Log": aten.log.default,
+         "Sqrt": aten.sqrt.default, "Erf": aten.erf.default, "Neg": aten.neg.default, "Abs": aten.abs.default,
+         "Reciprocal": aten.reciprocal.default}
+
+
+@emits(*UNARY)
+def _unary(e: _Emitter, n: Node):
+    return e.call(UNARY[n.op_type], e[n.input(0)])
+
+
+@emits("Swish")
+def _swish(e: _Emitter, n: Node):
+    alpha = n.attrs.get("alpha", 1.0)
+    x = e[n.input(0)]
+    if alpha == 1.0:
+        return e.call(aten.silu.default, x)
+    return e.call(aten.mul.Tensor, x, e.call(aten.sigmoid.default, e.call(aten.mul.Tensor, x, alpha)))
+
+
+@emits("HardSigmoid")
+def _hardsigmoid(e: _Emitter, n: Node):
+    alpha, beta = n.attrs.get("alpha", 0.2), n.attrs.get("beta", 0.5)
+    x = e[n.input(0)]
+    if abs(alpha - 1 / 6) < 1e-7 and beta == 0.5:
+        return e.call(aten.hardsigmoid.default, x)
+    return e.call(aten.clamp.default, e.call(aten.add.Tensor, e.call(aten.mul.Tensor, x, alpha), beta), 0.0, 1.0)
+
+
+@emits("Gelu")
+def _gelu(e: _Emitter, n: Node):
+    return e.call(aten.gelu.default, e[n.input(0)], approximate=n.attrs.get("approximate", "none"))
+
+
+@emits("Clip")
+def _clip(e: _Emitter, n: Node):
+    lo, hi = e.scalar(n.input(1)), e.scalar(n.input(2))
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        return e.call(aten.clamp.Tensor, e[n.input(0)], e[n.input(1)], e[n.input(2)])
+    return e.call(aten.clamp.default, e[n.input(0)], lo, hi)
+
+
+@emits("Softmax", "LogSoftmax")
+def _softmax(e: _Emitter, n: Node):
+    target = aten.softmax.int if n.op_type == "Softmax" else aten.log_softmax.int
+    return e.call(target, e[n.input(0)], n.attrs.get("axis", -1))
+
+
+@emits("BatchNormalization")
+def _batch_norm(e: _Emitter, n: Node):
+    x, w, b, mean, var = (e[v] for v in n.inputs[:5])
+    return e.call(aten.batch_norm.default, x, w, b, mean, var, False, 1.0 - n.attrs.get("momentum", 0.9),
+                  n.attrs.get("epsilon", 1e-5), True)
+
+
+@emits("LayerNormalization")
+def _layer_norm(e: _Emitter, n: Node):
+    scale = n.input(1)
+    axis = n.attrs.get("axis", -1)
+    rank = n.input(0).rank
+    shape = list(scale.shape) if axis in (-len(scale.shape), rank - len(scale.shape) if rank else None) else None
+    if shape is None:
+        raise UnsupportedOpError(f"LayerNormalization {n.name!r}: the scale shape does not match axis {axis}")
+    return e.call(aten.layer_norm.default, e[n.input(0)], shape, e[scale], e[n.input(2)],
+                  n.attrs.get("epsilon", 1e-5))
+
+
+@emits("MaxPool")
+def _max_pool(e: _Emitter, n: Node):
+    kernel = list(n.attrs["kernel_shape"])
+    k = len(kernel)
+    if len(n.outputs) > 1 and n.outputs[1].uses:
+        raise UnsupportedOpError(f"MaxPool {n.name!r}: its Indices output has no torch equivalent")
+    target = {1: aten.max_pool1d.default, 2: aten.max_pool2d.default, 3: aten.max_pool3d.default}[k]
+    return e.call(target, e[n.input(0)], kernel, _spatial(n, "strides", k, 1), _sym_pads(n, k),
+                  _spatial(n, "dilations", k, 1), bool(n.attrs.get("ceil_mode", 0)))
+
+
+@emits("AveragePool")
+def _avg_pool(e: _Emitter, n: Node):
+    kernel = list(n.attrs["kernel_shape"])
+    k = len(kernel)
+    target = {1: aten.avg_pool1d.default, 2: aten.avg_pool2d.default, 3: aten.avg_pool3d.default}[k]
+    return e.call(target, e[n.input(0)], kernel, _spatial(n, "strides", k, 1), _sym_pads(n, k),
+                  bool(n.attrs.get("ceil_mode", 0)), bool(n.attrs.get("count_include_pad", 0)))
+
+
+@emits("GlobalAveragePool")
+def _global_avg_pool(e: _Emitter, n: Node):
+    k = n.input(0).rank - 2
+    target = {1: aten.adaptive_avg_pool1d.default, 2: aten.adaptive_avg_pool2d.default,
+              3: aten.adaptive_avg_pool3d.default}[k]
+    return e.call(target, e[n.input(0)], [1] * k)
+
+
+def _axes(e: _Emitter, n: Node) -> list[int] | None:
+    if n.input(1) is not None:
+        return e.ints(n.input(1))
+    return list(n.attrs["axes"]) if "axes" in n.attrs else None
+
+
+@emits("ReduceMean", "ReduceSum")
+def _reduce(e: _Emitter, n: Node):
+    axes = _axes(e, n)
+    target = aten.mean.dim if n.op_type == "ReduceMean" else aten.sum.dim_IntList
+    keepdims = bool(n.attrs.get("keepdims", 1))
+    if not axes:
+        if not keepdims:
+            return e.call(aten.sum.default if n.op_type == "ReduceSum" else aten.mean.default, e[n.input(0)])
+        axes = list(range(n.input(0).rank))
+    return e.call(target, e[n.input(0)], axes, keepdims)
+
+
+@emits("Flatten")
+def _flatten(e: _Emitter, n: Node):
+    axis = n.attrs.get("axis", 1)
+    if axis == 1:
+        return e.call(aten.flatten.using_ints, e[n.input(0)], 1)
+    if axis == 0:
+        return e.call(aten.reshape.default, e[n.input(0)], [1, -1])
+    lead = e.call(aten.flatten.using_ints, e[n.input(0)], 0, axis - 1)
+    return e.call(aten.flatten.using_ints, lead, 1)
+
+
+@emits("Reshape")
+def _reshape(e: _Emitter, n: Node):
+    x, shape = n.inputs[:2]
+    if shape.const is None:
+        return e.call(onnx_reshape, e[x], e[shape])
+    dims = [e.call(aten.sym_size.int, e[x], i) if s == 0 else s for i, s in enumerate(e.ints(shape))]
+    return e.call(aten.reshape.default, e[x], dims)
+
+
+@emits("Transpose")
+def _transpose(e: _Emitter, n: Node):
+    perm = n.attrs.get("perm") or list(reversed(range(n.input(0).rank)))
+    return e.call(aten.permute.default, e[n.input(0)], list(perm))
+
+
+@emits("Concat")
+def _concat(e: _Emitter, n: Node):
+    return e.call(aten.cat.default, [e[v] for v in n.inputs], n.attrs["axis"])
+
+
+@emits("Slice")
+def _slice(e: _Emitter, n: Node):
+    x = e[n.input(0)]
+    starts, ends = e.ints(n.input(1)), e.ints(n.input(2))
+    axes = e.ints(n.input(3)) or list(range(len(starts)))
+    steps = e.ints(n.input(4)) or [1] * len(starts)
+    for s, t, a, st in zip(starts, ends, axes, steps):
+        if st < 1:
+            raise UnsupportedOpError(f"Slice {n.name!r} has step {st}: the torch writer takes positive steps only")
+        x = e.call(aten.slice.Tensor, x, a, s, min(t, INT64_MAX), st)
+    return x
+
+
+@emits("Gather")
+def _gather(e: _Emitter, n: Node):
+    data, index = n.inputs
+    axis = n.attrs.get("axis", 0)
+    if index.const is not None and index.const.ndim == 0:
+        return e.call(aten.select.int, e[data], axis, int(index.const))
+    if data.const is not None and axis == 0 and data.rank == 2:
+        return e.call(aten.embedding.default, e[data], e[index])
+    return e.call(onnx_gather, e[data], e[index], axis)
+
+
+@emits("Unsqueeze")
+def _unsqueeze(e: _Emitter, n: Node):
+    axes = _axes(e, n)
+    out_rank = n.input(0).rank + len(axes) if n.input(0).rank is not None else None
+    x = e[n.input(0)]
+    for a in sorted(a % out_rank if out_rank else a for a in axes):
+        x = e.call(aten.unsqueeze.default, x, a)
+    return x
+
+
+@emits("Squeeze")
+def _squeeze(e: _Emitter, n: Node):
+    axes = _axes(e, n)
+    if not axes:
+        return e.call(aten.squeeze.default, e[n.input(0)])
+    return e.call(aten.squeeze.dims, e[n.input(0)], axes)
+
+
+@emits("Dropout", "Identity")
+def _identity(e: _Emitter, n: Node):
+    return [e[n.input(0)]] + [None] * (len(n.outputs) - 1)
+
+
+@emits("Attention")
+def _attention(e: _Emitter, n: Node):
+    q, k, v = (e[x] for x in n.inputs[:3])
+    kwargs: dict[str, Any] = {"is_causal": bool(n.attrs.get("is_causal", 0))}
+    if "scale" in n.attrs:
+        kwargs["scale"] = n.attrs["scale"]
+    return e.call(aten.scaled_dot_product_attention.default, q, k, v, e[n.input(3)], **kwargs)
+
+
+@emits("Split")
+def _split(e: _Emitter, n: Node):
+    axis = n.attrs.get("axis", 0)
+    if n.input(1) is not None:
+        sizes = e.ints(n.input(1))
+    elif "split" in n.attrs:
+        sizes = list(n.attrs["split"])
+    else:
+        total = n.input(0).shape[axis]
+        count = len(n.outputs)
+        if not isinstance(total, int):
+            raise UnsupportedOpError(f"Split {n.name!r}: the torch writer needs a static size on axis {axis}")
+        chunk = -(-total // count)
+        sizes = [min(chunk, total - i * chunk) for i in range(count)]
+    parts = e.call(aten.split_with_sizes.default, e[n.input(0)], sizes, axis)
+    import operator
+
+    return [e.call(operator.getitem, parts, i) for i in range(len(sizes))]
+
+
+@emits("Expand")
+def _expand(e: _Emitter, n: Node):
+    shape = n.input(1)
+    return e.call(onnx_expand, e[n.input(0)], e.ints(shape) if shape.const is not None else e[shape])
+
+
+@emits("Cast")
+def _cast(e: _Emitter, n: Node):
+    from .types import from_onnx_dtype
+
+    return e.call(aten._to_copy.default, e[n.input(0)], dtype=to_torch_dtype(from_onnx_dtype(n.attrs["to"])))
+
+
+@emits("Shape")
+def _shape(e: _Emitter, n: Node):
+    return e.call(shape_tensor, e[n.input(0)], n.attrs.get("start", 0), n.attrs.get("end"))
+
+
+@emits("Constant")
+def _constant(e: _Emitter, n: Node):
+    value = n.attrs.get("value")
+    if value is None:
+        raise UnsupportedOpError(f"Constant {n.name!r}: only the 'value' form is supported by the torch writer")
+    tmp = Value(n.output.name)
+    tmp.const = np.asarray(value)
+    return e.fx.get_attr(e._register(tmp))
+
+
+# -- opaque torch ops ---------------------------------------------------------------
+
+def _resolve(op_name: str) -> Callable:
+    """'aten::cumsum.default' -> torch.ops.aten.cumsum.default"""
+    ns, _, rest = op_name.partition("::")
+    packet_name, _, overload = rest.partition(".")
+    packet = getattr(getattr(torch.ops, ns), packet_name)
+    return getattr(packet, overload or "default")
+
+
+def emit_opaque(e: _Emitter, n: Node):
+    def decode(a: Any) -> Any:
+        if isinstance(a, dict):
+            if "$input" in a:
+                return e[n.input(a["$input"])]
+            if "$dtype" in a:
+                return to_torch_dtype(a["$dtype"])
+            if "$device" in a:
+                return torch.device(a["$device"])
+            if "$memory_format" in a:
+                return getattr(torch, a["$memory_format"])
+            if "$layout" in a:
+                return getattr(torch, a["$layout"])
+            return {k: decode(v) for k, v in a.items()}
+        if isinstance(a, list):
+            return [decode(x) for x in a]
+        return a
+
+    target = _resolve(n.op_type)
+    out = e.fx.call_function(target, tuple(decode(n.attrs.get("args", []))), decode(n.attrs.get("kwargs", {})))
+    if n.attrs.get("multi_output"):
+        import operator
+
+        return [e.call(operator.getitem, out, i) for i in range(len(n.outputs))]
+    return out

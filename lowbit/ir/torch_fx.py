@@ -1,0 +1,739 @@
+"""The torch frontend: torch.export programs (and the modules behind them) -> Graph.
+
+`capture` runs torch.export on an nn.Module with a dynamic batch dimension;
+`from_exported_program` walks the exported aten graph and maps each op to its
+exact ONNX equivalent (the table `HANDLERS` below). An aten op with no exact
+equivalent becomes an opaque node in the `torch` domain that keeps the op and
+its non-tensor arguments, so that the torch writer (`torch_emit.py`) can call
+it again unchanged: nothing is lost.
+
+Parameters, buffers and lifted constants become IR constants named by their
+fully qualified names (`layer1.0.conv1.weight`), so the module lowbit writes
+back has the same state_dict keys. Symbolic sizes (`x.size(0)`) become small
+int64 shape computations (`Shape`, `Slice`, `Concat`), or `0`/`-1` entries of
+a Reshape where that says the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..errors import CaptureError, MissingExampleInputsError
+from .graph import Graph, Value
+from .ops import IR_OPSET, TORCH_DOMAIN
+from .types import from_torch_dtype
+
+aten = torch.ops.aten
+INT64_MAX = np.iinfo(np.int64).max
+
+
+# -- capture ------------------------------------------------------------------------
+
+def as_example_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return example_inputs
+
+
+def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """torch.export `model` with dim 0 of every tensor input dynamic where the model allows it.
+
+    The model is never changed: a model in training mode is copied and the copy
+    put in eval mode (lowbit compiles for inference).
+    """
+    if example_inputs is None:
+        raise MissingExampleInputsError(
+            f"lowbit needs example inputs to capture {type(model).__name__}: pass example_inputs=(tensor, ...) "
+            "with the shapes and dtypes the model takes (any batch size)")
+    args = as_example_tuple(example_inputs)
+    if not isinstance(args, tuple):
+        raise MissingExampleInputsError(f"example_inputs must be a tensor or a tuple of them, not "
+                                        f"{type(example_inputs).__name__}")
+    if model.training:
+        model = copy.deepcopy(model).eval()
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                    for a in args)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, args, dynamic_shapes=dynamic)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {reason}. "
+            "Check that example_inputs match what forward() takes; data-dependent Python control flow must be "
+            "rewritten with torch.cond or removed; alternatively export the model to ONNX and pass the .onnx "
+            "file.") from e
+
+
+def example_inputs_from_placeholders(gm: fx.GraphModule) -> tuple | None:
+    """Example inputs rebuilt from the fake values torch.export leaves on placeholders."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if not vals or any(not isinstance(v, torch.Tensor) for v in vals):
+        return None
+    return tuple(torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype) for v in vals)
+
+
+def _hint(d: Any) -> int:
+    if isinstance(d, int):
+        return d
+    try:
+        return int(d.node.hint) if d.node.hint is not None else 2
+    except AttributeError:
+        return 2
+
+
+# -- lowering -----------------------------------------------------------------------
+
+class _Lowerer:
+    def __init__(self, ep: torch.export.ExportedProgram, name: str):
+        self.ep = ep
+        self.graph = Graph(name, {"": IR_OPSET})
+        self.env: dict[fx.Node, Any] = {}
+        self.sym_names: dict[str, str] = {}
+        self.fx_node: fx.Node | None = None
+
+    # -- helpers used by handlers -------------------------------------------------
+    def dim(self, d: Any) -> int | str:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, torch.SymInt) and d.node.is_constant():
+            return int(d.node.maybe_as_int())
+        expr = str(d)
+        return self.sym_names.get(expr, expr)
+
+    def type_of(self, val: Any) -> tuple[str | None, tuple | None]:
+        if isinstance(val, torch.Tensor):
+            return from_torch_dtype(val.dtype), tuple(self.dim(d) for d in val.shape)
+        return None, None
+
+    def val(self, arg: Any) -> Value:
+        v = self.env[arg]
+        if not isinstance(v, Value):
+            raise TypeError(f"{arg} is not a tensor value")
+        return v
+
+    def maybe(self, arg: Any) -> Value | None:
+        return None if arg is None else self.val(arg)
+
+    def const(self, array: Any, hint: str = "c", dtype: Any = None) -> Value:
+        return self.graph.add_constant(f"{self.fx_node.name}_{hint}", np.asarray(array, dtype=dtype))
+
+    def ints(self, values: Any, hint: str = "shape") -> Value:
+        return self.const(np.asarray(values, dtype=np.int64).reshape(-1), hint)
+
+    def scalar(self, x: Any, like: Value) -> Value:
+        """A tensor operand for a Python scalar (or a tensor arg) of a binary op."""
+        if isinstance(x, fx.Node):
+            return self.val(x)
+        out_dtype = self.fx_node.meta["val"].dtype if isinstance(self.fx_node.meta.get("val"), torch.Tensor) else None
+        dtype = from_torch_dtype(out_dtype) if out_dtype is not None else (like.dtype or "float32")
+        return self.const(np.array(x, dtype=dtype), "scalar")
+
+    def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, num_outputs: int = 1,
+           domain: str = "", suffix: str = "") -> Value | list[Value]:
+        """Append a node named after the fx node; its outputs take the fx node's types."""
+        name = self.fx_node.name + suffix
+        node = self.graph.make_node(op_type, inputs, attrs or {}, num_outputs=num_outputs, name=name,
+                                    domain=domain, meta={"torch_target": str(self.fx_node.target)})
+        val = self.fx_node.meta.get("val")
+        if not suffix:
+            vals = val if isinstance(val, (tuple, list)) else [val]
+            for out, v in zip(node.outputs, vals):
+                out.dtype, out.shape = self.type_of(v)
+        return node.outputs[0] if num_outputs == 1 else node.outputs
+
+    def int_list(self, items: list, reshape_of: fx.Node | None = None) -> Value:
+        """A 1-D int64 value for a size list that may hold symbolic sizes.
+
+        For a Reshape of `reshape_of`, a size that is `reshape_of.size(i)` at
+        position i becomes 0 (ONNX: copy that dim), and a single remaining
+        symbolic size becomes -1.
+        """
+        items = list(items)
+        if reshape_of is not None:
+            for i, it in enumerate(items):
+                if (isinstance(it, fx.Node) and it.target == aten.sym_size.int and it.args[0] is reshape_of
+                        and it.args[1] == i):
+                    items[i] = 0
+            symbolic = [i for i, it in enumerate(items) if not isinstance(it, int)]
+            if len(symbolic) == 1 and -1 not in items:
+                items[symbolic[0]] = -1
+        if all(isinstance(it, int) for it in items):
+            return self.ints(items)
+        parts = [self.ints([it], "dim") if isinstance(it, int) else self.sym_value(it) for it in items]
+        return self.op("Concat", parts, {"axis": 0}, suffix="_sizes")
+
+    def sym_value(self, arg: Any) -> Value:
+        """The [1]-shaped int64 value of a symbolic int."""
+        v = self.env.get(arg) if isinstance(arg, fx.Node) else None
+        if isinstance(v, Value):
+            return v
+        raise NotImplementedError(f"symbolic size {arg}")
+
+    # -- driver ---------------------------------------------------------------------
+    def run(self) -> Graph:
+        ep, g = self.ep, self.graph
+        sig = ep.graph_signature
+        state = {**ep.state_dict, **ep.constants}
+        kinds = {**{k: "parameter" for k in sig.inputs_to_parameters},
+                 **{k: "buffer" for k in sig.inputs_to_buffers},
+                 **{k: "constant" for k in sig.inputs_to_lifted_tensor_constants}}
+        targets = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+        user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in targets]
+        self._name_symbols(user_inputs)
+        for node in ep.graph.nodes:
+            self.fx_node = node
+            if node.op == "placeholder":
+                if node.name in targets:
+                    fqn = targets[node.name]
+                    value = g.add_constant(fqn, state[fqn].detach().cpu().numpy().copy(), unique=False)
+                    value.meta.update(torch_kind=kinds[node.name], torch_name=fqn)
+                    self.env[node] = value
+                else:
+                    val = node.meta.get("val")
+                    if isinstance(val, torch.Tensor):
+                        self.env[node] = g.add_input(node.name, *self.type_of(val))
+                    else:
+                        self.env[node] = val  # a constant non-tensor input was specialized by export
+            elif node.op == "call_function":
+                self.env[node] = self.call(node)
+            elif node.op == "output":
+                self._outputs(node)
+            elif node.op == "get_attr":
+                self.env[node] = g.add_constant(str(node.target), _get_attr(ep.graph_module, node.target))
+        g.remove_unused_constants()
+        g.meta.update(origin="torch", out_spec=ep.call_spec.out_spec, in_spec=ep.call_spec.in_spec)
+        return g
+
+    def _name_symbols(self, inputs: list[fx.Node]) -> None:
+        """Name the symbol of dim 0 'batch' when every input shares it."""
+        firsts = {str(n.meta["val"].shape[0]) for n in inputs
+                  if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
+                  and not isinstance(n.meta["val"].shape[0], int)}
+        if len(firsts) == 1:
+            self.sym_names[firsts.pop()] = "batch"
+
+    def _outputs(self, node: fx.Node) -> None:
+        flat = torch.utils._pytree.tree_leaves(node.args[0])
+        for leaf in flat:
+            v = self.env.get(leaf) if isinstance(leaf, fx.Node) else None
+            if not isinstance(v, Value):
+                raise CaptureError(f"the model returns {leaf!r}, which is not a tensor: lowbit lowers models whose "
+                                   "outputs are tensors (or nested tuples/lists/dicts of tensors)")
+            self.graph.outputs.append(v)
+
+    def call(self, node: fx.Node) -> Any:
+        target = node.target
+        if target is operator.getitem:
+            seq = self.env[node.args[0]]
+            item = seq[node.args[1]]
+            if item is None:
+                raise NotImplementedError(f"output {node.args[1]} of {node.args[0].target}")
+            return item
+        if target in _SYMBOLIC:
+            return _SYMBOLIC[target](self, node)
+        packet = getattr(target, "overloadpacket", None)
+        handler = HANDLERS.get(target) or HANDLERS.get(packet)
+        if handler is not None:
+            try:
+                result = handler(self, node, *node.args, **node.kwargs)
+            except _NotExact:
+                result = NotImplemented
+            if result is not NotImplemented:
+                return result
+        folded = self.fold(node)
+        if folded is not None:
+            return folded
+        return self.opaque(node)
+
+    def fold(self, node: fx.Node) -> Value | None:
+        """Run an op whose tensor inputs are all non-parameter constants (torch.ones(n, n).tril(), ...)."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+            return None
+        args = []
+        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+            if isinstance(a, fx.Node):
+                v = self.env.get(a)
+                if not isinstance(v, Value) or v.const is None or v.meta.get("torch_kind") == "parameter":
+                    return None
+        def to_tensor(a: Any) -> Any:
+            return torch.from_numpy(np.array(self.env[a].const)) if isinstance(a, fx.Node) else a
+        args, kwargs = torch.utils._pytree.tree_map(to_tensor, (node.args, node.kwargs))
+        out = node.target(*args, **kwargs)
+        return self.const(out.detach().cpu().numpy(), "value")
+
+    def opaque(self, node: fx.Node) -> Any:
+        """Keep an aten op lowbit does not map: tensor args become inputs, the rest a template."""
+        inputs: list[Value] = []
+
+        def encode(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                v = self.env[a]
+                if isinstance(v, Value):
+                    inputs.append(v)
+                    return {"$input": len(inputs) - 1}
+                if isinstance(v, list):
+                    return [encode_value(x) for x in v]
+                return v
+            if isinstance(a, (list, tuple)):
+                return [encode(x) for x in a]
+            if isinstance(a, torch.dtype):
+                return {"$dtype": from_torch_dtype(a)}
+            if isinstance(a, torch.device):
+                return {"$device": str(a)}
+            if isinstance(a, torch.memory_format):
+                return {"$memory_format": str(a).removeprefix("torch.")}
+            if isinstance(a, torch.layout):
+                return {"$layout": str(a).removeprefix("torch.")}
+            if a is None or isinstance(a, (bool, int, float, str)):
+                return a
+            raise NotImplementedError(f"argument {a!r} of {node.target}")
+
+        def encode_value(v: Any) -> Any:
+            if isinstance(v, Value):
+                inputs.append(v)
+                return {"$input": len(inputs) - 1}
+            return v
+
+        attrs = {"args": encode(list(node.args)), "kwargs": {k: encode(v) for k, v in node.kwargs.items()}}
+        val = node.meta.get("val")
+        n_out = len(val) if isinstance(val, (tuple, list)) else 1
+        attrs["multi_output"] = isinstance(val, (tuple, list))
+        warnings.warn(f"lowbit: {node.target} (node {node.name!r}) has no exact ONNX equivalent; it is kept as an "
+                      "opaque torch op that only the torch backend can run", stacklevel=4)
+        return self.op(_opaque_name(node.target), inputs, attrs, num_outputs=n_out, domain=TORCH_DOMAIN)
+
+
+class _NotExact(Exception):
+    """Raised by a handler for a call it cannot map exactly; the op is kept opaque."""
+
+
+def _opaque_name(target: Any) -> str:
+    """aten.cumsum.default -> 'aten::cumsum.default' (what torch_emit resolves back)."""
+    ns, _, rest = str(target).partition(".")
+    return f"{ns}::{rest}"
+
+
+def _get_attr(gm: torch.nn.Module, target: str) -> np.ndarray:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach().cpu().numpy().copy()
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> Graph:
+    """Lower an ExportedProgram (training or inference IR) into a Graph."""
+    return _Lowerer(ep, name).run()
+
+
+# -- symbolic ints ------------------------------------------------------------------------
+
+def _sym_size(lw: _Lowerer, node: fx.Node) -> Value:
+    x, dim = lw.val(node.args[0]), node.args[1]
+    rank = x.rank
+    dim = dim + rank if dim < 0 else dim
+    shape = lw.op("Shape", [x], {"start": dim, "end": dim + 1}, suffix="")
+    shape.dtype, shape.shape = "int64", (1,)
+    return shape
+
+
+def _sym_binary(op_type: str) -> Callable:
+    def handler(lw: _Lowerer, node: fx.Node) -> Value:
+        a, b = (lw.sym_value(x) if isinstance(x, fx.Node) else lw.ints([x], "dim") for x in node.args)
+        out = lw.op(op_type, [a, b])
+        out.dtype, out.shape = "int64", (1,)
+        return out
+    return handler
+
+
+_SYMBOLIC = {aten.sym_size.int: _sym_size, operator.mul: _sym_binary("Mul"), operator.add: _sym_binary("Add"),
+             operator.sub: _sym_binary("Sub"), operator.floordiv: _sym_binary("Div")}
+
+
+# -- handlers: aten op -> IR ---------------------------------------------------------------
+
+HANDLERS: dict[Any, Callable] = {}
+
+
+def handles(*targets: Any) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for t in targets:
+            HANDLERS[t] = fn
+        return fn
+    return register
+
+
+def _pair(x: Any, n: int) -> list[int]:
+    x = list(x) if isinstance(x, (list, tuple)) else [x]
+    return x * n if len(x) == 1 else x
+
+
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def _conv(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    weight = lw.val(w)
+    k = len(weight.shape) - 2
+    if isinstance(padding, str):
+        return NotImplemented
+    pads = _pair(padding, k)
+    return lw.op("Conv", [lw.val(x), weight, lw.maybe(b)],
+                 {"kernel_shape": list(weight.shape[2:]), "strides": _pair(stride, k), "pads": pads + pads,
+                  "dilations": _pair(dilation, k), "group": groups})
+
+
+@handles(aten.convolution.default)
+def _convolution(lw, node, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed:
+        return NotImplemented
+    return _conv(lw, node, x, w, b, stride, padding, dilation, groups)
+
+
+@handles(aten.linear.default)
+def _linear(lw, node, x, w, b=None):
+    xv, wv = lw.val(x), lw.val(w)
+    if wv.const is None:
+        return NotImplemented
+    if xv.rank == 2:
+        return lw.op("Gemm", [xv, wv, lw.maybe(b)], {"transB": 1})
+    wt = lw.graph.add_constant(f"{wv.name}.T", np.ascontiguousarray(wv.const.T))
+    wt.meta.update(torch_kind=wv.meta.get("torch_kind", "parameter"), torch_name=wv.meta.get("torch_name"),
+                   torch_transposed=True)
+    if b is None:
+        return lw.op("MatMul", [xv, wt])
+    mm = lw.op("MatMul", [xv, wt], suffix="_matmul")
+    mm.dtype, mm.shape = lw.type_of(node.meta["val"])
+    return lw.op("Add", [mm, lw.val(b)])
+
+
+@handles(aten.matmul.default, aten.bmm.default, aten.mm.default)
+def _matmul(lw, node, a, b):
+    return lw.op("MatMul", [lw.val(a), lw.val(b)])
+
+
+@handles(aten.addmm.default)
+def _addmm(lw, node, bias, a, b, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        return NotImplemented
+    return lw.op("Gemm", [lw.val(a), lw.val(b), lw.val(bias)])
+
+
+def _binary(op_type: str) -> Callable:
+    def handler(lw, node, a, b, alpha=1, rounding_mode=None):
+        if alpha != 1 or rounding_mode is not None:
+            return NotImplemented
+        av = lw.scalar(a, None) if not isinstance(a, fx.Node) else lw.val(a)
+        bv = lw.scalar(b, av) if not isinstance(b, fx.Node) else lw.val(b)
+        if av.dtype != bv.dtype:  # type promotion: ONNX wants matching types
+            return NotImplemented
+        return lw.op(op_type, [av, bv])
+    return handler
+
+
+for _packet, _op in ((aten.add, "Add"), (aten.sub, "Sub"), (aten.mul, "Mul"), (aten.div, "Div"),
+                     (aten.pow, "Pow"), (aten.maximum, "Max"), (aten.minimum, "Min"), (aten.eq, "Equal"),
+                     (aten.lt, "Less"), (aten.gt, "Greater")):
+    HANDLERS[_packet] = _binary(_op)
+
+UNARY = {aten.relu: "Relu", aten.sigmoid: "Sigmoid", aten.tanh: "Tanh", aten.hardswish: "HardSwish",
+         aten.silu: "Swish", aten.exp: "Exp", aten.log: "Log", aten.sqrt: "Sqrt", aten.erf: "Erf",
+         aten.neg: "Neg", aten.abs: "Abs", aten.reciprocal: "Reciprocal"}
+
+
+def _unary(op_type: str) -> Callable:
+    def handler(lw, node, x):
+        return lw.op(op_type, [lw.val(x)])
+    return handler
+
+
+for _packet, _op in UNARY.items():
+    HANDLERS[_packet.default] = _unary(_op)
+
+
+@handles(aten.hardsigmoid.default)
+def _hardsigmoid(lw, node, x):
+    return lw.op("HardSigmoid", [lw.val(x)], {"alpha": 1.0 / 6.0, "beta": 0.5})
+
+
+@handles(aten.gelu.default)
+def _gelu(lw, node, x, approximate="none"):
+    return lw.op("Gelu", [lw.val(x)], {"approximate": approximate})
+
+
+@handles(aten.relu6.default)
+def _relu6(lw, node, x):
+    return _clip(lw, node, x, 0.0, 6.0)
+
+
+@handles(aten.hardtanh.default)
+def _hardtanh(lw, node, x, min_val=-1.0, max_val=1.0):
+    return _clip(lw, node, x, min_val, max_val)
+
+
+@handles(aten.clamp.default)
+def _clip(lw, node, x, min=None, max=None):
+    xv = lw.val(x)
+    if (min is not None and isinstance(min, fx.Node)) or (max is not None and isinstance(max, fx.Node)):
+        return NotImplemented
+    bound = [None if m is None else lw.const(np.array(m, dtype=xv.dtype), hint) for m, hint in
+             ((min, "min"), (max, "max"))]
+    return lw.op("Clip", [xv, *bound])
+
+
+@handles(aten.softmax.int, aten._softmax.default)
+def _softmax(lw, node, x, dim, dtype_or_half=None):
+    if dtype_or_half not in (None, False):
+        return NotImplemented
+    return lw.op("Softmax", [lw.val(x)], {"axis": dim})
+
+
+@handles(aten.log_softmax.int, aten._log_softmax.default)
+def _log_softmax(lw, node, x, dim, dtype_or_half=None):
+    if dtype_or_half not in (None, False):
+        return NotImplemented
+    return lw.op("LogSoftmax", [lw.val(x)], {"axis": dim})
+
+
+def _affine(lw, v, n, fill, hint):
+    if v is not None:
+        return lw.val(v)
+    return lw.const(np.full(n, fill, dtype=np.float32), hint)
+
+
+@handles(aten.batch_norm.default)
+def _batch_norm(lw, node, x, w, b, mean, var, training, momentum, eps, cudnn_enabled=True):
+    if training or w is None or b is None:
+        return NotImplemented
+    return lw.op("BatchNormalization", [lw.val(x), lw.val(w), lw.val(b), lw.val(mean), lw.val(var)],
+                 {"epsilon": float(eps), "momentum": 1.0 - float(momentum)})
+
+
+@handles(aten._native_batch_norm_legit_no_training.default)
+def _batch_norm_legit(lw, node, x, w, b, mean, var, momentum, eps):
+    if w is None or b is None:
+        return NotImplemented
+    out = lw.op("BatchNormalization", [lw.val(x), lw.val(w), lw.val(b), lw.val(mean), lw.val(var)],
+                {"epsilon": float(eps), "momentum": 1.0 - float(momentum)}, suffix="")
+    out.dtype, out.shape = lw.type_of(node.meta["val"][0])
+    return [out, None, None]
+
+
+@handles(aten.layer_norm.default)
+def _layer_norm(lw, node, x, shape, w=None, b=None, eps=1e-5, cudnn_enable=True):
+    if w is None:
+        return NotImplemented
+    return lw.op("LayerNormalization", [lw.val(x), lw.val(w), lw.maybe(b)],
+                 {"axis": -len(shape), "epsilon": float(eps)})
+
+
+@handles(aten.max_pool2d.default, aten.max_pool1d.default)
+def _max_pool(lw, node, x, kernel, stride=(), padding=0, dilation=1, ceil_mode=False):
+    k = len(kernel)
+    pads = _pair(padding, k)
+    return lw.op("MaxPool", [lw.val(x)], {"kernel_shape": list(kernel), "strides": _pair(stride or kernel, k),
+                                          "pads": pads + pads, "dilations": _pair(dilation, k),
+                                          "ceil_mode": int(ceil_mode)})
+
+
+@handles(aten.avg_pool2d.default, aten.avg_pool1d.default)
+def _avg_pool(lw, node, x, kernel, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+              divisor_override=None):
+    if divisor_override is not None:
+        return NotImplemented
+    k = len(kernel)
+    pads = _pair(padding, k)
+    return lw.op("AveragePool", [lw.val(x)], {"kernel_shape": list(kernel), "strides": _pair(stride or kernel, k),
+                                              "pads": pads + pads, "ceil_mode": int(ceil_mode),
+                                              "count_include_pad": int(count_include_pad)})
+
+
+@handles(aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)
+def _adaptive_avg_pool(lw, node, x, output_size):
+    if any(s != 1 for s in _pair(output_size, 1)):
+        return NotImplemented
+    return lw.op("GlobalAveragePool", [lw.val(x)])
+
+
+@handles(aten.mean.dim)
+def _mean(lw, node, x, dims, keepdim=False, dtype=None):
+    if dtype is not None or not dims:
+        return NotImplemented
+    return lw.op("ReduceMean", [lw.val(x), lw.ints(dims, "axes")], {"keepdims": int(keepdim)})
+
+
+@handles(aten.sum.default, aten.mean.default)
+def _reduce_all(lw, node, x, dtype=None):
+    if dtype is not None:
+        return NotImplemented
+    op_type = "ReduceSum" if node.target == aten.sum.default else "ReduceMean"
+    return lw.op(op_type, [lw.val(x)], {"keepdims": 0})
+
+
+@handles(aten.sum.dim_IntList)
+def _sum(lw, node, x, dims, keepdim=False, dtype=None):
+    if dtype is not None or not dims:
+        return NotImplemented
+    return lw.op("ReduceSum", [lw.val(x), lw.ints(dims, "axes")], {"keepdims": int(keepdim)})
+
+
+@handles(aten.flatten.using_ints)
+def _flatten(lw, node, x, start=0, end=-1):
+    xv = lw.val(x)
+    rank = xv.rank
+    start, end = start % max(rank, 1), end % max(rank, 1)
+    if start == 1 and end == rank - 1:
+        return lw.op("Flatten", [xv], {"axis": 1})
+    shape = [0] * start + [-1] + [d if isinstance(d, int) else None for d in xv.shape[end + 1:]]
+    if None in shape:
+        return NotImplemented
+    return lw.op("Reshape", [xv, lw.ints(shape)])
+
+
+@handles(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _reshape(lw, node, x, shape):
+    return lw.op("Reshape", [lw.val(x), lw.int_list(shape, reshape_of=x)])
+
+
+@handles(aten.permute.default)
+def _permute(lw, node, x, dims):
+    rank = lw.val(x).rank
+    return lw.op("Transpose", [lw.val(x)], {"perm": [d % rank for d in dims]})
+
+
+@handles(aten.transpose.int)
+def _transpose(lw, node, x, a, b):
+    rank = lw.val(x).rank
+    perm = list(range(rank))
+    a, b = a % rank, b % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return lw.op("Transpose", [lw.val(x)], {"perm": perm})
+
+
+@handles(aten.t.default)
+def _t(lw, node, x):
+    return lw.op("Transpose", [lw.val(x)], {"perm": [1, 0]} if lw.val(x).rank == 2 else {"perm": [0]})
+
+
+@handles(aten.cat.default)
+def _cat(lw, node, tensors, dim=0):
+    return lw.op("Concat", [lw.val(t) for t in tensors], {"axis": dim})
+
+
+@handles(aten.slice.Tensor)
+def _slice(lw, node, x, dim=0, start=None, end=None, step=1):
+    if any(isinstance(s, fx.Node) for s in (start, end, step)):
+        return NotImplemented
+    start = 0 if start is None else start
+    end = INT64_MAX if end is None else min(end, INT64_MAX)
+    return lw.op("Slice", [lw.val(x), lw.ints([start], "starts"), lw.ints([end], "ends"), lw.ints([dim], "axes"),
+                           lw.ints([step], "steps")])
+
+
+@handles(aten.select.int)
+def _select(lw, node, x, dim, index):
+    if isinstance(index, fx.Node):
+        return NotImplemented
+    return lw.op("Gather", [lw.val(x), lw.const(np.array(index, dtype=np.int64), "index")], {"axis": dim})
+
+
+@handles(aten.embedding.default)
+def _embedding(lw, node, weight, indices, padding_idx=-1, scale_grad=False, sparse=False):
+    return lw.op("Gather", [lw.val(weight), lw.val(indices)], {"axis": 0})
+
+
+@handles(aten.unsqueeze.default)
+def _unsqueeze(lw, node, x, dim):
+    return lw.op("Unsqueeze", [lw.val(x), lw.ints([dim], "axes")])
+
+
+@handles(aten.squeeze.dim, aten.squeeze.dims)
+def _squeeze(lw, node, x, dims):
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    xv = lw.val(x)
+    dims = [d for d in dims if xv.shape is None or xv.shape[d] == 1]  # torch ignores non-1 dims
+    if not dims:
+        return xv
+    return lw.op("Squeeze", [xv, lw.ints(dims, "axes")])
+
+
+@handles(aten.dropout.default)
+def _dropout(lw, node, x, p, train):
+    if train:
+        return NotImplemented
+    return lw.op("Dropout", [lw.val(x)])
+
+
+@handles(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+         aten.lift_fresh_copy.default)
+def _identity(lw, node, x, *args, **kwargs):
+    return lw.op("Identity", [lw.val(x)])
+
+
+@handles(aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+         aten.sym_constrain_range_for_size.default)
+def _assert(lw, node, *args, **kwargs):
+    return None
+
+
+@handles(aten.scaled_dot_product_attention.default)
+def _sdpa(lw, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p or enable_gqa:
+        return NotImplemented
+    attrs: dict[str, Any] = {"is_causal": int(is_causal)}
+    if scale is not None:
+        attrs["scale"] = float(scale)
+    return lw.op("Attention", [lw.val(q), lw.val(k), lw.val(v), lw.maybe(attn_mask)], attrs)
+
+
+@handles(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+def _split(lw, node, x, sizes, dim=0):
+    sizes = [t.shape[dim] for t in node.meta["val"]]
+    if not all(isinstance(s, int) for s in sizes):
+        return NotImplemented
+    outs = lw.op("Split", [lw.val(x), lw.ints(sizes, "split")], {"axis": dim}, num_outputs=len(sizes))
+    return outs if isinstance(outs, list) else [outs]
+
+
+@handles(aten.unbind.int)
+def _unbind(lw, node, x, dim=0):
+    vals = node.meta["val"]
+    parts = lw.op("Split", [lw.val(x), lw.ints([1] * len(vals), "split")], {"axis": dim}, num_outputs=len(vals),
+                  suffix="_split")
+    parts = parts if isinstance(parts, list) else [parts]
+    axes = lw.ints([dim], "axes")
+    outs = []
+    for i, (part, val) in enumerate(zip(parts, vals)):
+        out = lw.op("Squeeze", [part, axes], suffix=f"_{i}")
+        out.dtype, out.shape = lw.type_of(val)
+        outs.append(out)
+    return outs
+
+
+@handles(aten.expand.default)
+def _expand(lw, node, x, sizes, implicit=False):
+    if any(not isinstance(s, int) for s in sizes):
+        shape = [1 if s == -1 else s for s in sizes]
+        return lw.op("Expand", [lw.val(x), lw.int_list(shape)])
+    return lw.op("Expand", [lw.val(x), lw.ints([1 if s == -1 else s for s in sizes])])
+
+
+@handles(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)
+def _to(lw, node, x, *args, **kwargs):
+    src, dst = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
+        return NotImplemented
+    if src.dtype == dst.dtype:
+        return lw.op("Identity", [lw.val(x)])
+    from .types import to_onnx_dtype
+
+    return lw.op("Cast", [lw.val(x)], {"to": to_onnx_dtype(from_torch_dtype(dst.dtype))})

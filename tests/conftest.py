@@ -1,0 +1,33 @@
+"""Shared fixtures: quiet runtimes, the reference models, and runners for each backend."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+ort.set_default_logger_severity(3)
+torch.manual_seed(0)
+
+
+def run_onnx(model, feeds):
+    """Run an onnx.ModelProto in ONNX Runtime; feeds maps input name -> array."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def run_openvino(model, inputs):
+    """Run an openvino.Model in f32 (this CPU would otherwise run it in bf16)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(list(inputs))
+    return [result[o] for o in compiled.outputs]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,120 @@
+"""Small torch modules that, between them, use every aten op the torch frontend maps.
+
+Each entry of `OP_MODELS` is name -> (factory, example input tuple, ops the
+lowered graph must contain). Tests lower them and check exact round trips
+and cross-backend agreement.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, dilation=1)
+        self.dilated = nn.Conv2d(8, 4, 3, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = self.c1(x.flatten(2))                      # 1d conv on [B, 4, 64]
+        y = y.view(y.shape[0], 8, 8, 8)
+        y = F.relu(self.bn(self.grouped(y)))
+        y = F.relu6(self.depthwise(y))
+        return F.hardtanh(self.dilated(y), -0.5, 0.5)
+
+
+class Pools(nn.Module):
+    def forward(self, x):
+        a = F.max_pool2d(x, 3, stride=2, padding=1)
+        b = F.avg_pool2d(x, 2)
+        c = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False, ceil_mode=True)
+        g = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        m = x.mean(dim=(2, 3))
+        return a.sum() + b.mean((1, 2, 3), keepdim=True).squeeze(-1).squeeze(-1).squeeze(-1), c, g - m
+
+
+class Activations(nn.Module):
+    def forward(self, x):
+        return (F.gelu(x) + F.gelu(x, approximate="tanh") - F.silu(x) * F.hardswish(x)
+                + torch.sigmoid(x) / (2.0 + torch.tanh(x).abs()) + F.hardsigmoid(x)
+                + torch.clamp(x, min=-0.25, max=0.75) + torch.clamp(x, min=0.1) - x * 3 + 1.5 - x / 7)
+
+
+class Linears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc2d = nn.Linear(16, 12)
+        self.fc3d = nn.Linear(12, 6)
+        self.nobias = nn.Linear(6, 6, bias=False)
+        self.ln = nn.LayerNorm(6)
+
+    def forward(self, x):                              # x: [B, 16]
+        y = self.fc2d(x)
+        z = self.fc3d(y.unsqueeze(1).expand(-1, 3, -1))
+        z = self.ln(self.nobias(z))
+        w = torch.matmul(z, z.transpose(1, 2))           # [B, 3, 3]
+        return torch.bmm(w, z).softmax(-1), F.log_softmax(y, dim=1)
+
+
+class Shapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, tokens):                          # tokens: [B, 6] int64
+        e = self.drop(self.emb(tokens))                  # [B, 6, 8]
+        a, b = e.chunk(2, dim=-1)
+        c, d, f = torch.split(e, [2, 3, 1], dim=1)
+        p = e.permute(0, 2, 1).reshape(e.shape[0], -1)
+        s = e[:, 1:5:2, :3] + e.select(1, 0).unsqueeze(1)[..., :3]
+        return torch.cat([a, b * 2], dim=-1), p, s, c.sum(1) - d.mean(1) + f.squeeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):                              # x: [B, 5, 16]
+        q, k, v = self.qkv(x).reshape(x.shape[0], 5, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        a = F.scaled_dot_product_attention(q, k, v)
+        b = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        c = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+        return (a + b + c).transpose(1, 2).reshape(x.shape[0], 5, 16)
+
+
+class Opaque(nn.Module):
+    """Uses ops outside the vocabulary (cumsum, flip): they must survive as opaque nodes."""
+
+    def forward(self, x):
+        return torch.cumsum(x, dim=1).flip(-1) + 1
+
+
+class Structured(nn.Module):
+    """Returns a nested structure, not a single tensor."""
+
+    def forward(self, x):
+        return {"double": x * 2, "pair": (x + 1, x.relu())}
+
+
+OP_MODELS = {
+    "convs": (Convs, lambda b: (torch.randn(b, 4, 8, 8),), {"Conv", "BatchNormalization", "Relu", "Clip"}),
+    "pools": (Pools, lambda b: (torch.randn(b, 3, 8, 8),),
+              {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Squeeze"}),
+    "activations": (Activations, lambda b: (torch.randn(b, 5, 7),),
+                    {"Gelu", "Swish", "HardSwish", "Sigmoid", "Tanh", "HardSigmoid", "Clip", "Div", "Sub"}),
+    "linears": (Linears, lambda b: (torch.randn(b, 16),),
+                {"Gemm", "MatMul", "Add", "LayerNormalization", "Softmax", "LogSoftmax", "Expand"}),
+    "shapes": (Shapes, lambda b: (torch.randint(0, 20, (b, 6)),),
+               {"Gather", "Dropout", "Split", "Transpose", "Reshape", "Slice", "Concat", "Unsqueeze"}),
+    "attention": (Attention, lambda b: (torch.randn(b, 5, 16),), {"Attention", "Transpose", "Reshape"}),
+}

@@ -1,0 +1,179 @@
+"""torch -> IR -> torch is exact; torch -> IR -> ONNX/OpenVINO agrees with torch; the user's model is untouched."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_onnx, run_openvino
+from models import REFERENCE_MODELS
+from op_models import OP_MODELS, Opaque, Structured
+
+import lowbit
+
+
+def _leaves(x):
+    return torch.utils._pytree.tree_leaves(x)
+
+
+def _reference(name):
+    factory, shape = REFERENCE_MODELS[name]
+    return factory(), lambda b: (torch.randn(b, *shape[1:]),)
+
+
+def _op_model(name):
+    factory, inputs, _ = OP_MODELS[name]
+    torch.manual_seed(0)
+    return factory().eval(), inputs
+
+
+CASES = [*(("ref", n) for n in REFERENCE_MODELS), *(("op", n) for n in OP_MODELS)]
+
+
+def _case(kind, name):
+    return _reference(name) if kind == "ref" else _op_model(name)
+
+
+@pytest.fixture(scope="module")
+def lowered():
+    cache = {}
+
+    def get(kind, name):
+        if (kind, name) not in cache:
+            model, inputs = _case(kind, name)
+            cache[kind, name] = (model, inputs, lowbit.lower(model, inputs(2)))
+        return cache[kind, name]
+    return get
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_torch_round_trip_is_exact_at_any_batch(lowered, kind, name):
+    model, inputs, graph = lowered(kind, name)
+    graph.verify()
+    module = lowbit.codegen(graph, "torch")
+    assert isinstance(module, torch.fx.GraphModule)
+    for batch in (1, 2, 5):
+        x = inputs(batch)
+        with torch.no_grad():
+            want, got = _leaves(model(*x)), _leaves(module(*x))
+        assert len(want) == len(got)
+        for w, g in zip(want, got):
+            assert torch.equal(w, g), f"{name} at batch {batch}: max diff {(w - g).abs().max()}"
+
+
+@pytest.mark.parametrize("name", list(OP_MODELS))
+def test_op_models_lower_to_their_onnx_ops_without_opaque_nodes(lowered, name):
+    _, _, graph = lowered("op", name)
+    ops = {n.op_type for n in graph}
+    assert OP_MODELS[name][2] <= ops, f"missing {OP_MODELS[name][2] - ops}"
+    assert not [n for n in graph if n.domain], "every op of these models has an exact ONNX equivalent"
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_onnx_and_openvino_agree_with_torch(lowered, kind, name):
+    model, inputs, graph = lowered(kind, name)
+    x = inputs(3)
+    with torch.no_grad():
+        want = [w.numpy() for w in _leaves(model(*x))]
+    feeds = {v.name: t.numpy() for v, t in zip(graph.inputs, x)}
+    for w, g in zip(want, run_onnx(lowbit.codegen(graph, "onnx"), feeds)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    for w, g in zip(want, run_openvino(lowbit.codegen(graph, "openvino"), [t.numpy() for t in x])):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_dimension_stays_dynamic_in_every_backend(lowered):
+    _, _, graph = lowered("ref", "resnet18")
+    assert graph.inputs[0].shape == ("batch", 3, 32, 32)
+    assert graph.outputs[0].shape == ("batch", 10)
+    onnx_model = lowbit.codegen(graph, "onnx")
+    dim0 = onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param == "batch" and not dim0.HasField("dim_value")
+    ov_model = lowbit.codegen(graph, "openvino")
+    assert ov_model.inputs[0].get_partial_shape()[0].is_dynamic
+    assert ov_model.inputs[0].get_partial_shape()[1].get_length() == 3
+
+
+def test_user_dynamic_dims_survive():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    ep = torch.export.export(model, (torch.randn(2, 7, 8),),
+                             dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("seq")},))
+    graph = lowbit.lower(ep)
+    assert isinstance(graph.inputs[0].shape[0], str) and isinstance(graph.inputs[0].shape[1], str)
+    module = lowbit.codegen(graph, "torch")
+    x = torch.randn(3, 11, 8)
+    assert torch.equal(module(x), model(x))
+    (out,) = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_opaque_ops_survive_to_torch_and_are_refused_by_onnx():
+    model = Opaque()
+    with pytest.warns(UserWarning, match="no exact ONNX equivalent"):
+        graph = lowbit.lower(model, (torch.randn(2, 5),))
+    opaque = [n for n in graph if n.domain == "torch"]
+    assert sorted(n.op_type for n in opaque) == ["aten::cumsum.default", "aten::flip.default"]
+    cumsum = next(n for n in opaque if "cumsum" in n.op_type)
+    assert cumsum.attrs["args"] == [{"$input": 0}, 1]
+    x = torch.randn(4, 5)
+    assert torch.equal(lowbit.codegen(graph, "torch")(x), model(x))
+    with pytest.raises(lowbit.UnsupportedOpError, match=r"aten::cumsum\.default.*codegen\(graph, 'torch'\)"):
+        lowbit.codegen(graph, "onnx")
+    with pytest.raises(lowbit.UnsupportedOpError, match="opaque"):
+        lowbit.codegen(graph, "openvino")
+
+
+def test_output_structure_is_kept():
+    model = Structured()
+    module = lowbit.codegen(lowbit.lower(model, (torch.randn(2, 3),)), "torch")
+    x = torch.randn(4, 3)
+    out = module(x)
+    assert set(out) == {"double", "pair"} and isinstance(out["pair"], tuple)
+    assert torch.equal(out["double"], x * 2) and torch.equal(out["pair"][1], x.relu())
+
+
+def test_generated_module_has_the_original_parameter_names_and_trains():
+    model, inputs = _reference("resnet18")
+    module = lowbit.codegen(lowbit.lower(model, inputs(2)), "torch")
+    want = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(module.state_dict()) == want
+    params = dict(module.named_parameters())
+    assert "conv1.weight" in params and "fc.weight" in params and params["fc.weight"].requires_grad
+    module(inputs(2)[0]).sum().backward()
+    assert params["conv1.weight"].grad is not None and params["conv1.weight"].grad.abs().sum() > 0
+
+
+def test_lowering_never_mutates_the_user_model():
+    model, inputs = _reference("mobilenet_v2")
+    model.train()  # a training-mode model is lowered with eval semantics, on a copy
+    before = copy.deepcopy(model.state_dict())
+    graph = lowbit.lower(model, inputs(2))
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not [n for n in graph if n.domain], "eval-mode lowering has no training-only ops"
+    model.eval()
+    x = inputs(3)[0]
+    with torch.no_grad():
+        assert torch.equal(lowbit.codegen(graph, "torch")(x), model(x))
+
+
+def test_graph_constants_do_not_alias_model_weights():
+    model = torch.nn.Linear(4, 2).eval()
+    graph = lowbit.lower(model, (torch.randn(2, 4),))
+    weight = graph.constants["weight"]
+    assert not weight.const.flags.writeable
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not np.array_equal(weight.const, model.weight.detach().numpy())
+
+
+def test_exported_program_and_graph_module_inputs():
+    model, inputs = _op_model("convs")
+    ep = torch.export.export(model, inputs(2), dynamic_shapes=({0: torch.export.Dim("b")},))
+    from_ep = lowbit.lower(ep)
+    from_gm = lowbit.lower(ep.module())  # example inputs rebuilt from the placeholders
+    assert [n.op_type for n in from_ep] == [n.op_type for n in from_gm]
+    x = inputs(3)
+    for graph in (from_ep, from_gm):
+        assert torch.equal(lowbit.codegen(graph, "torch")(*x), model(*x))
