@@ -61,7 +61,7 @@ def _lower_torch(model: Any, example_inputs: Any) -> Graph:
     from .ir.torch_fx import capture, example_inputs_from_placeholders, from_exported_program
 
     if isinstance(model, torch.export.ExportedProgram):
-        return from_exported_program(model, type(model.module()).__name__)
+        return from_exported_program(model, "exported_program")
     if isinstance(model, torch.fx.GraphModule) and example_inputs is None:
         example_inputs = example_inputs_from_placeholders(model)
         if example_inputs is None:

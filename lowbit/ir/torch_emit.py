@@ -59,7 +59,7 @@ class _Emitter:
         self.fx = fx.Graph()
         self.env: dict[int, Any] = {}
         self.root: dict[str, torch.Tensor] = {}
-        self.attr_names: dict[int, str] = {}
+        self._modules: set[str] = set()  # submodule paths implied by dotted names in root
         self.consumed: set[int] = set()
 
     # -- values ---------------------------------------------------------------
@@ -100,11 +100,15 @@ class _Emitter:
         tensor = torch.from_numpy(np.array(array, copy=True))
         trainable = v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
         self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
+        parts = name.split(".")
+        self._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
         return name
 
     def _clash(self, name: str) -> bool:
-        prefixes = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
-        return name in self.root or any(k.startswith(name + ".") for k in self.root) or bool(prefixes & set(self.root))
+        """True if `name` is taken, or is a module path of a taken name, or a taken name is its module path."""
+        parts = name.split(".")
+        return name in self.root or name in self._modules or any(
+            ".".join(parts[:i]) in self.root for i in range(1, len(parts)))
 
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         return self.fx.call_function(target, args, kwargs)

@@ -61,6 +61,9 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.Exporte
                                         f"{type(example_inputs).__name__}")
     if model.training:
         model = copy.deepcopy(model).eval()
+    # torch.export specializes a dim whose example size is 0 or 1: widen a batch of 1 to 2 so it stays dynamic
+    args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+                 for a in args)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
                     for a in args)
     try:
@@ -101,6 +104,7 @@ class _Lowerer:
         self.graph = Graph(name, {"": IR_OPSET})
         self.env: dict[fx.Node, Any] = {}
         self.sym_names: dict[str, str] = {}
+        self._dim_cache: dict[Any, int | str] = {}
         self.fx_node: fx.Node | None = None
 
     # -- helpers used by handlers -------------------------------------------------
@@ -109,8 +113,11 @@ class _Lowerer:
             return d
         if isinstance(d, torch.SymInt) and d.node.is_constant():
             return int(d.node.maybe_as_int())
-        expr = str(d)
-        return self.sym_names.get(expr, expr)
+        key = getattr(getattr(d, "node", None), "expr", d)  # printing sympy is slow: cache by expression
+        if key not in self._dim_cache:
+            expr = str(d)
+            self._dim_cache[key] = self.sym_names.get(expr, expr)
+        return self._dim_cache[key]
 
     def type_of(self, val: Any) -> tuple[str | None, tuple | None]:
         if isinstance(val, torch.Tensor):

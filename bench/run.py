@@ -1,0 +1,11 @@
+"""Runs every benchmark in bench/ and prints its tables (`make bench`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import ir_scale  # noqa: E402
+
+if __name__ == "__main__":
+    ir_scale.main([])

@@ -1,0 +1,85 @@
+"""Real data that ships with scikit-learn: the 1,797 8x8 digits, and small models trained on them.
+
+`load_digits_split()` gives normalized float32 train/test tensors; `trained(name)`
+returns a model from `MODELS` trained on the train split, caching its weights
+under ~/.cache/lowbit (override with LOWBIT_CACHE), never in the repo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CACHE = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def load_digits_split(seed: int = 0):
+    """(x_train, y_train, x_test, y_test): images as [N, 1, 8, 8] float32 in [0, 1], a fixed 75/25 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
+    x, y = x[order], y[order]
+    cut = int(0.75 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+class DigitsCNN(nn.Module):
+    """A small conv net with BatchNorm, residual add and a pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.bn1(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"digits_cnn": DigitsCNN}
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def trained(name: str = "digits_cnn", factory=None, epochs: int = 30) -> nn.Module:
+    """A model trained on the digits train split, from the cache when it is there."""
+    factory = factory or MODELS[name]
+    path = CACHE / f"{name}-e{epochs}.pt"
+    torch.manual_seed(0)
+    model = factory()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    x, y, _, _ = load_digits_split()
+    train(model, x, y, epochs)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
