@@ -40,3 +40,19 @@ class GraphError(LowbitError):
 
 class TextParseError(LowbitError):
     """The text form of a graph could not be parsed."""
+
+
+class RuleLoopError(LowbitError):
+    """A rewrite rule set never reached a fixed point (a rule keeps undoing or redoing its work)."""
+
+
+class UnknownPassError(LowbitError):
+    """A pass was named that is not registered."""
+
+
+class PassError(LowbitError):
+    """A pass failed or left the graph invalid."""
+
+
+class DumpError(LowbitError):
+    """The dump directory cannot be written."""

@@ -16,7 +16,6 @@ Constant arrays are immutable: to change a weight, give the value a new array
 from __future__ import annotations
 
 import copy as _copy
-import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -175,8 +174,9 @@ class Graph:
         self._head: Node | None = None
         self._tail: Node | None = None
         self._count = 0
-        self._names: set[str] = set()
-        self._counter = itertools.count()
+        self._names: set[str] = set()  # value names
+        self._node_names: set[str] = set()
+        self._counters: dict[str, int] = {}
 
     # -- reading -------------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -208,13 +208,15 @@ class Graph:
         return next((v for v in self.values() if v.name == name), None)
 
     # -- names ---------------------------------------------------------------
-    def unique_name(self, hint: str) -> str:
-        """A name not used yet by any value or node of this graph, based on `hint`."""
-        hint = hint or "v"
+    def unique_name(self, hint: str, *, node: bool = False) -> str:
+        """A value name (or with node=True, a node name) not used yet in this graph, based on `hint`."""
+        taken = self._node_names if node else self._names
+        hint = hint or ("n" if node else "v")
         name = hint
-        while name in self._names:
-            name = f"{hint}_{next(self._counter)}"
-        self._names.add(name)
+        while name in taken:
+            self._counters[hint] = self._counters.get(hint, 0) + 1
+            name = f"{hint}_{self._counters[hint]}"
+        taken.add(name)
         return name
 
     def _claim(self, name: str) -> str:
@@ -244,11 +246,12 @@ class Graph:
                   before: Node | None = None, after: Node | None = None,
                   meta: dict[str, Any] | None = None) -> Node:
         """Create a node and insert it: at the end, or `before`/`after` a given node."""
-        name = self.unique_name(name or op_type.lower())
+        name = self.unique_name(name or op_type.lower(), node=True)
         if outputs is None:
             names = output_names or ([name] if num_outputs == 1 else [f"{name}_{i}" for i in range(num_outputs)])
             outputs = [Value(self.unique_name(n)) for n in names]
         node = Node(op_type, inputs, outputs, attrs, name=name, domain=domain, meta=meta)
+        infer_node(node)
         if before is not None:
             self.insert_before(before, node)
         elif after is not None:
@@ -261,7 +264,7 @@ class Graph:
         if node.graph is not None:
             raise GraphError(f"node {node.name!r} is already in a graph")
         node.graph = self
-        self._names.add(node.name)
+        self._node_names.add(node.name)
         for i, v in enumerate(node._inputs):
             if v is not None:
                 v._uses.append((node, i))
@@ -417,6 +420,7 @@ class Graph:
             new.inputs.append(c)
             new._input_set.add(c)
             new._names.add(c.name)
+        new._counters = dict(self._counters)
         for name, v in self.constants.items():
             new.constants[name] = clone(v)
             new._names.add(name)
@@ -435,6 +439,9 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self.inputs)} inputs, {self._count} nodes, {len(self.outputs)} outputs>"
+
+
+from .infer import infer_node  # noqa: E402  (infer.py imports Node and Value from here)
 
 
 def _toposort(graph: Graph) -> list[Node]:

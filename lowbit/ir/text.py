@@ -10,7 +10,9 @@ One statement a line, in topological order, so that two graphs diff line by line
     output %fc
 
 Names that are not plain identifiers are JSON-quoted (`%"onnx::Conv_3"`);
-`_` is an omitted optional input; attributes are JSON with sorted keys.
+`_` is an omitted optional input; attributes are JSON with sorted keys. A
+node's annotations (facts a pass recorded that are not semantics, such as
+its fusion group) follow as `# {"fused": ...}`.
 Constants of up to `INLINE_LIMIT` elements are written in full; larger ones by
 a digest of their bytes, so a changed weight shows in a diff. To parse those
 back, pass their arrays as `constants={name: array}`.
@@ -108,11 +110,17 @@ def attrs_text(attrs: dict[str, Any]) -> str:
     return json.dumps(_encode(attrs), sort_keys=True)
 
 
+# node.meta keys that are part of what a pass did, so the text form (and its diffs) show them
+ANNOTATIONS = ("fused",)
+
+
 def node_text(node: Node) -> str:
     ins = ", ".join("_" if v is None else f"%{_name(v.name)}" for v in node.inputs)
     attrs = f" {attrs_text(node.attrs)}" if node.attrs else ""
     outs = ", ".join(f"%{_name(v.name)}: {_type(v)}" for v in node.outputs)
-    return f"node {_name(node.name)} = {_name(node.qualified_op)}({ins}){attrs} -> {outs}"
+    notes = {k: node.meta[k] for k in ANNOTATIONS if k in node.meta}
+    tail = f"  # {json.dumps(notes, sort_keys=True)}" if notes else ""
+    return f"node {_name(node.name)} = {_name(node.qualified_op)}({ins}){attrs} -> {outs}{tail}"
 
 
 def print_graph(graph: Graph) -> str:
@@ -269,8 +277,12 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
                 if not c.peek(","):
                     break
                 c.expect(",")
+            meta = {}
+            if c.peek("#"):
+                c.expect("#")
+                meta = c.json()
             c.done()
-            graph.append(Node(op_type, inputs, outs, attrs, name=name, domain=domain))
+            graph.append(Node(op_type, inputs, outs, attrs, name=name, domain=domain, meta=meta))
             for v in outs:
                 if v.name in values:
                     raise TextParseError(f"line {lineno}: value %{v.name} is defined twice")

@@ -1,0 +1,100 @@
+"""Local type inference: the dtype and shape of a new node's outputs from its inputs.
+
+Passes create nodes through `Graph.make_node`, which calls `infer_node` so that
+new values print with their types and the writers can declare them. Only
+facts that follow from the inputs alone are inferred; anything else stays
+unknown (None), which every writer accepts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Node, Value
+from .types import Shape, from_onnx_dtype
+
+SAME_AS_INPUT = frozenset({
+    "Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu", "Elu", "Selu",
+    "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "BatchNormalization",
+    "LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax", "Dropout",
+    "Identity", "FakeQuantize",
+})
+BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+COMPARE = frozenset({"Equal", "Less", "Greater"})
+
+
+def broadcast(a: Shape, b: Shape) -> Shape:
+    if a is None or b is None:
+        return None
+    out = []
+    for x, y in zip(((1,) * (len(b) - len(a)) + tuple(a)), ((1,) * (len(a) - len(b)) + tuple(b))):
+        if x == 1 or x is None:
+            out.append(y if x == 1 else None)
+        elif y == 1 or x == y:
+            out.append(x)
+        else:  # symbolic against static: the static size wins; two different symbols: unknown
+            out.append(x if isinstance(x, int) else y if isinstance(y, int) else None)
+    return tuple(out)
+
+
+def _matmul(a: Shape, b: Shape) -> Shape:
+    if a is None or b is None or len(a) < 1 or len(b) < 2:
+        return None
+    batch = broadcast(tuple(a[:-2]), tuple(b[:-2])) if len(a) > 2 or len(b) > 2 else ()
+    return (*batch, *(a[-2:-1] if len(a) >= 2 else ()), b[-1])
+
+
+def infer_node(node: Node) -> None:
+    """Fill in the unknown dtype/shape of `node`'s outputs where its inputs determine them."""
+    outs = node.outputs
+    ins: list[Value | None] = list(node.inputs)
+    first = ins[0] if ins else None
+    op = node.op_type if node.domain in ("", "ai.onnx", "lowbit") else None
+    dtype: str | None = None
+    shape: Shape = None
+    if op in SAME_AS_INPUT and first is not None:
+        dtype, shape = first.dtype, first.shape
+    elif op in BROADCAST and len(ins) == 2 and all(v is not None for v in ins):
+        dtype, shape = first.dtype, broadcast(ins[0].shape, ins[1].shape)
+    elif op in COMPARE and len(ins) == 2 and all(v is not None for v in ins):
+        dtype, shape = "bool", broadcast(ins[0].shape, ins[1].shape)
+    elif op == "MatMul" and len(ins) == 2:
+        dtype, shape = first.dtype, _matmul(ins[0].shape, ins[1].shape)
+    elif op == "Cast" and "to" in node.attrs:
+        dtype, shape = from_onnx_dtype(node.attrs["to"]), first.shape
+    elif op == "Transpose" and first is not None and first.shape is not None:
+        perm = node.attrs.get("perm") or list(reversed(range(len(first.shape))))
+        dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
+    elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None:
+        dtype, shape = first.dtype, _reshape(first.shape, ins[1].const)
+    elif op == "QuantizeLinear" and len(ins) >= 3 and ins[2] is not None:
+        dtype, shape = ins[2].dtype, first.shape
+    elif op == "DequantizeLinear" and len(ins) >= 2 and ins[1] is not None:
+        dtype, shape = ins[1].dtype, first.shape
+    elif op == "Concat" and all(v is not None and v.shape is not None for v in ins):
+        axis = node.attrs.get("axis", 0)
+        dims = list(first.shape)
+        sizes = [v.shape[axis] for v in ins]
+        dims[axis] = sum(sizes) if all(isinstance(s, int) for s in sizes) else None
+        dtype, shape = first.dtype, tuple(dims)
+    if len(outs) >= 1:
+        if outs[0].dtype is None:
+            outs[0].dtype = dtype
+        if outs[0].shape is None:
+            outs[0].shape = shape
+
+
+def _reshape(shape: Shape, target: np.ndarray) -> Shape:
+    dims = [int(d) for d in target.reshape(-1)]
+    out: list = []
+    for i, d in enumerate(dims):
+        if d == 0:
+            out.append(shape[i] if shape is not None and i < len(shape) else None)
+        elif d == -1:
+            out.append(None)
+        else:
+            out.append(d)
+    if -1 in dims and shape is not None and all(isinstance(d, int) for d in shape):
+        known = int(np.prod([d for d in out if d is not None]))
+        out[dims.index(-1)] = int(np.prod(shape)) // max(known, 1)
+    return tuple(out)

@@ -1,0 +1,13 @@
+"""Passes (one per file), the PassManager that runs them, and the pass registry.
+
+    from lowbit.passes import Pass, PassResult, PassManager, register_pass
+"""
+
+from . import builtin  # noqa: F401
+from .base import PASSES, FunctionPass, Pass, PassContext, PassResult, register_pass, resolve
+from .manager import PassManager, StepRecord
+
+DEFAULT_PIPELINE = ["cleanup", "fold_bn", "fuse"]
+
+__all__ = ["PASSES", "DEFAULT_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
+           "StepRecord", "register_pass", "resolve"]

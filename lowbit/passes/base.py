@@ -1,0 +1,109 @@
+"""What a pass is: a small class with a `name` that rewrites a graph, and the registry of passes by name.
+
+    @register_pass
+    class MyPass(Pass):
+        name = "my_pass"
+        def __call__(self, graph, ctx):
+            fired = my_rules.apply(graph)
+            return PassResult(graph, changed=bool(fired), fired=fired)
+
+`requires(graph, ctx)` and `ensures(graph, ctx)` are hooks the PassManager
+calls before and after the pass; raise PassError from them to stop the
+pipeline with a message that names the broken precondition.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UnknownPassError
+from ..ir.graph import Graph
+
+
+@dataclass
+class PassContext:
+    """What passes share: the device config, the calibration data, options, and what ran before."""
+
+    hw: Any = "CPU"
+    dataset: Any = None
+    subset_size: int = 300
+    ignored_scope: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassResult:
+    """The graph after a pass, whether it changed, and how often each rule fired."""
+
+    graph: Graph
+    changed: bool
+    fired: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set `name` and implement `__call__`."""
+
+    name: str = ""
+    description: str = ""
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        """Raise PassError if the graph is not fit for this pass."""
+
+    def ensures(self, graph: Graph, ctx: PassContext) -> None:
+        """Raise PassError if the pass did not establish what it promises."""
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Make a pass available by name in pipelines (`passes=["my_pass"]`)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def resolve(spec: Pass | str | type[Pass]) -> Pass:
+    """A pass instance for a pass, a pass class or a registered name."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Pass):
+        return spec()
+    if isinstance(spec, str):
+        from . import builtin  # noqa: F401  (registers the built-in passes)
+
+        if spec not in PASSES:
+            import difflib
+
+            close = difflib.get_close_matches(spec, PASSES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownPassError(f"unknown pass {spec!r}.{hint} Known passes: {', '.join(sorted(PASSES))}")
+        return PASSES[spec]()
+    if callable(spec):
+        return FunctionPass(spec)
+    raise UnknownPassError(f"a pipeline entry must be a pass name, a Pass or a function, not {type(spec).__name__}")
+
+
+class FunctionPass(Pass):
+    """Wraps `fn(graph, ctx) -> bool | PassResult | None` as a pass named after the function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "function")
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        out = self.fn(graph, ctx)
+        if isinstance(out, PassResult):
+            return out
+        return PassResult(graph, changed=bool(out) if out is not None else True)

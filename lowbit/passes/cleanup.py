@@ -1,0 +1,90 @@
+"""cleanup: drop Identity and eval-mode Dropout, fold constants, remove dead nodes and unused constants.
+
+Constant folding evaluates, with ONNX's reference implementation, every
+standard node whose inputs are all constants (and `Shape` of a value whose
+shape is static), and replaces its outputs by constants. Nodes whose outputs
+nothing reads are removed, last to first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..ir.graph import Graph, Node
+from ..ir.onnx import _node_proto
+from ..patterns.library.cleanup import rules
+from .base import Pass, PassContext, PassResult, register_pass
+
+NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                        "Bernoulli", "Dropout"})
+MAX_FOLDED_ELEMENTS = 1 << 22
+
+
+def evaluate(node: Node, opset: int) -> list[np.ndarray]:
+    """Run one node on its constant inputs with onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = [onnx.numpy_helper.from_array(np.asarray(v.const), v.name) for v in node.inputs if v is not None]
+    outputs = [helper.make_empty_tensor_value_info(v.name) for v in node.outputs]
+    graph = helper.make_graph([_node_proto(node)], "fold", [], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return [np.asarray(a) for a in ReferenceEvaluator(model).run(None, {})]
+
+
+def _foldable(node: Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDED:
+        return False
+    if node.op_type == "Shape":
+        shape = node.input(0).shape
+        return shape is not None and all(isinstance(d, int) for d in shape)
+    return all(v is None or v.const is not None for v in node.inputs)
+
+
+def fold_constants(graph: Graph) -> int:
+    opset = graph.opset_imports.get("", 21)
+    folded = 0
+    for node in graph.nodes:
+        if not _foldable(node) or any(v.is_graph_output for v in node.outputs):
+            continue
+        if node.op_type == "Shape":
+            dims = np.array(node.input(0).shape, dtype=np.int64)
+            results = [dims[node.attrs.get("start", 0):node.attrs.get("end", len(dims))]]
+        else:
+            try:
+                results = evaluate(node, opset)
+            except Exception:  # an op the reference cannot run: leave it to the runtime
+                continue
+        if any(r.size > MAX_FOLDED_ELEMENTS for r in results):
+            continue
+        for value, array in zip(node.outputs, results):
+            const = graph.add_constant(f"{value.name}_folded", array)
+            graph.replace_all_uses(value, const)
+        graph.remove(node)
+        folded += 1
+    return folded
+
+
+def remove_dead_nodes(graph: Graph) -> int:
+    removed = 0
+    for node in reversed(graph.nodes):
+        if all(not v.uses and not v.is_graph_output for v in node.outputs):
+            graph.remove(node)
+            removed += 1
+    return removed
+
+
+@register_pass
+class Cleanup(Pass):
+    name = "cleanup"
+    description = "drop Identity/eval Dropout, fold constants, remove dead nodes"
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        fired = Counter(rules.apply(graph))
+        counts = {"fold_constants": fold_constants(graph), "remove_dead_nodes": remove_dead_nodes(graph),
+                  "remove_unused_constants": graph.remove_unused_constants()}
+        fired.update({k: v for k, v in counts.items() if v})
+        return PassResult(graph, changed=bool(fired), fired=fired)
