@@ -3,14 +3,19 @@
     graph = lowbit.lower(model, example_inputs=(x,))   # torch or ONNX -> IR
     print(graph)                                         # the text form
     onnx_model = lowbit.codegen(graph, "onnx")           # or "torch", "openvino"
+    fast = lowbit.compile(model, passes=["cleanup", "fold_bn", "fuse"], dump_dir="dumps/")
 """
 
-from . import ir
+from . import ir, passes, patterns
 from .api import codegen, lower
-from .errors import (CaptureError, GraphError, LowbitError, MissingExampleInputsError, ModelLoadError,
-                     TextParseError, UnknownTargetError, UnsupportedModelError, UnsupportedOpError)
+from .compiler import compile
+from .errors import (CaptureError, DumpError, GraphError, LowbitError, MissingExampleInputsError, ModelLoadError,
+                     PassError, RuleLoopError, TextParseError, UnknownPassError, UnknownTargetError,
+                     UnsupportedModelError, UnsupportedOpError)
 
 __version__ = "0.1.0"
 
-__all__ = ["lower", "codegen", "ir", "LowbitError", "CaptureError", "GraphError", "MissingExampleInputsError",
-           "ModelLoadError", "TextParseError", "UnknownTargetError", "UnsupportedModelError", "UnsupportedOpError"]
+__all__ = ["lower", "codegen", "compile", "ir", "passes", "patterns", "LowbitError", "CaptureError", "DumpError",
+           "GraphError", "MissingExampleInputsError", "ModelLoadError", "PassError", "RuleLoopError",
+           "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
+           "UnsupportedOpError"]

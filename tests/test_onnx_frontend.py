@@ -62,6 +62,8 @@ def _assert_same_structure(original, written):
     assert [n.name for n in written.graph.node] == [n.name for n in original.graph.node]
     assert [n.domain for n in written.graph.node] == [n.domain for n in original.graph.node]
     assert {i.name for i in written.graph.initializer} == {i.name for i in original.graph.initializer}
+    assert [i.name for i in written.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in written.graph.output] == [o.name for o in original.graph.output]
     assert _attr_types(written) == _attr_types(original)
 
 
@@ -82,10 +84,12 @@ def test_reference_models_round_trip_through_onnx_exactly(name):
 
 # -- hand-built models, one per opset ------------------------------------------------
 
-def build_model(opset: int) -> onnx.ModelProto:
+def build_model(opset: int, initializer_as_input: bool = True) -> onnx.ModelProto:
     """Conv-Relu-Split-Clip-Resize-ReduceMean-Mul-Flatten-Gemm-Unsqueeze-Squeeze in `opset`'s own forms.
 
     Outputs: Y [N, 10] and Z, the mean of every element of Y (reduced over an empty axes list).
+    With `initializer_as_input`, the initializer conv_b is also listed as a graph input (IR < 4 style: a
+    constant with a default the caller may override).
     """
     rng = np.random.default_rng(opset)
     f32 = np.float32
@@ -116,8 +120,11 @@ def build_model(opset: int) -> onnx.ModelProto:
                  if opset >= 12 else  # value_floats is new in opset 12
                  helper.make_node("Constant", [], ["scales"], name="scales_const",
                                   value=_init("scales_value", np.array(scales, f32))))
-    nodes.append(helper.make_node("Resize", ["a_clip", "", "scales"], ["a_small"], name="resize", mode="nearest",
-                                  coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+    if opset < 13:  # roi became optional in Resize-13
+        inits.append(_init("roi", np.zeros(0, f32)))
+    nodes.append(helper.make_node("Resize", ["a_clip", "roi" if opset < 13 else "", "scales"], ["a_small"],
+                                  name="resize", mode="nearest", coordinate_transformation_mode="asymmetric",
+                                  nearest_mode="floor"))
     # ReduceMean over H, W: axes attribute (< 18) or axes input (18+)
     if opset < 18:
         nodes.append(helper.make_node("ReduceMean", ["b"], ["b_mean"], name="reduce", axes=[2, 3], keepdims=1))
@@ -156,9 +163,8 @@ def build_model(opset: int) -> onnx.ModelProto:
 
     graph = helper.make_graph(
         nodes, f"opset{opset}",
-        # conv_b is an initializer listed as a graph input too (IR < 4 style: a constant with a default)
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, 8, 8]),
-         helper.make_tensor_value_info("conv_b", TensorProto.FLOAT, [4])],
+         *([helper.make_tensor_value_info("conv_b", TensorProto.FLOAT, [4])] if initializer_as_input else [])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 10]),
          helper.make_tensor_value_info("Z", TensorProto.FLOAT, [])],
         initializer=inits)
@@ -182,9 +188,10 @@ def test_hand_built_models_cover_every_common_attribute_type():
         assert (AttributeProto.INTS, True) in kinds, f"opset {opset}: no empty INTS attribute"
 
 
+@pytest.mark.parametrize("initializer_as_input", [False, True], ids=["plain", "initializer_as_input"])
 @pytest.mark.parametrize("opset", OPSETS)
-def test_hand_built_model_round_trips_exactly(opset):
-    model = build_model(opset)
+def test_hand_built_model_round_trips_exactly(opset, initializer_as_input):
+    model = build_model(opset, initializer_as_input)
     written = _round_trip(model)
     onnx.checker.check_model(written)
     _assert_same_structure(model, written)
@@ -213,21 +220,31 @@ def test_attribute_values_and_types_are_kept(opset):
     assert gemm["transB"].type == AttributeProto.INT and gemm["transB"].i == 1
 
 
-@pytest.mark.parametrize("opset", [13, 18])
-def test_optional_empty_inputs_and_initializer_inputs(opset):
-    model = build_model(opset)
-    graph = lowbit.lower(model)
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_optional_empty_inputs_are_kept_empty(opset):
+    graph = lowbit.lower(build_model(opset))
     clip = graph.find_node("clip")
     assert clip.input(1) is None and clip.input(2).name == "clip_max"
-    assert graph.find_node("resize").input(1) is None
-    # conv_b is listed as a graph input and an initializer: it is a constant, not something to feed
+    written = {n.name: n for n in lowbit.codegen(graph, "onnx").graph.node}
+    assert list(written["clip"].input) == ["a", "", "clip_max"]
+    assert list(written["resize"].input) == ["a_clip", "roi" if opset < 13 else "", "scales"]
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_initializer_listed_as_input_is_a_constant_that_stays_overridable(opset):
+    model = build_model(opset, initializer_as_input=True)
+    graph = lowbit.lower(model)
+    # conv_b is listed as a graph input and an initializer: in the IR it is a constant, not something to feed
     assert [v.name for v in graph.inputs] == ["X"]
-    assert np.array_equal(graph.constants["conv_b"].const, numpy_helper.to_array(model.graph.initializer[1]))
+    assert np.array_equal(graph.constants["conv_b"].const,
+                          numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "conv_b")))
     written = lowbit.codegen(graph, "onnx")
-    clip_out = next(n for n in written.graph.node if n.name == "clip")
-    assert list(clip_out.input) == ["a", "", "clip_max"]
-    resize_out = next(n for n in written.graph.node if n.name == "resize")
-    assert list(resize_out.input) == ["a_clip", "", "scales"]
+    # ... and the written model still lets a caller override it, as the original did
+    assert [i.name for i in written.graph.input] == ["X", "conv_b"]
+    assert "conv_b" in {i.name for i in written.graph.initializer}
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    bias = np.full(4, 0.5, np.float32)
+    _assert_same_outputs(model, written, {"X": x, "conv_b": bias})
 
 
 # -- custom domains, metadata ---------------------------------------------------------
@@ -269,6 +286,42 @@ def test_custom_domain_node_is_kept_with_its_attributes_and_opset():
             assert helper.get_attribute_value(got[a.name]) == helper.get_attribute_value(a), a.name
 
 
+def test_local_functions_and_subgraph_attributes_round_trip():
+    """A model-local function (custom domain) and an If whose branches read an outer-scope value."""
+    add_relu = helper.make_function(
+        "com.example", "AddRelu", ["a", "b"], ["y"],
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Relu", ["s"], ["y"])],
+        [helper.make_opsetid("", 17)])
+    then_branch = helper.make_graph([helper.make_node("Relu", ["h"], ["t"], name="then_relu")], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 3])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h"], ["e"], name="else_neg")], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 3])])
+    graph = helper.make_graph(
+        [helper.make_node("AddRelu", ["X", "X"], ["h"], name="fn", domain="com.example"),
+         helper.make_node("ReduceSum", ["X"], ["total"], name="sum", keepdims=0),
+         helper.make_node("Greater", ["total", "zero"], ["cond"], name="positive"),
+         helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+        "functions", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[_init("zero", np.array(0.0, np.float32))])
+    model = helper.make_model(graph, functions=[add_relu], opset_imports=[helper.make_opsetid("", 17),
+                                                                          helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    written = _round_trip(model)
+    _assert_same_structure(model, written)
+    assert [f.SerializeToString() for f in written.functions] == [add_relu.SerializeToString()]
+    branch = next(n for n in written.graph.node if n.name == "branch")
+    assert {a.name: a.type for a in branch.attribute} == {"then_branch": AttributeProto.GRAPH,
+                                                          "else_branch": AttributeProto.GRAPH}
+    branches = {a.name: a.g.SerializeToString() for a in branch.attribute}
+    assert branches == {"then_branch": then_branch.SerializeToString(),
+                        "else_branch": else_branch.SerializeToString()}
+    for sign in (1.0, -1.0):  # both branches
+        x = sign * np.abs(np.random.default_rng(5).standard_normal((4, 3))).astype(np.float32)
+        _assert_same_outputs(model, written, {"X": x})
+
+
 def test_metadata_and_producer_are_kept():
     model = build_model(17)
     model.producer_name, model.producer_version = "my-exporter", "4.2"
@@ -291,7 +344,10 @@ def test_symbolic_dims_and_inferred_types_reach_the_ir():
     a, b = graph.find_node("split").outputs
     assert a.shape == b.shape == ("N", 2, 8, 8)
     assert graph.find_node("reduce").output.shape == ("N", 2, 1, 1)
-    assert graph.find_node("gemm").output.shape == ("N", 10)
+    # ONNX shape inference cannot prove Resize keeps N (it scales by a float): it names a new dim
+    resized = graph.find_node("resize").output
+    assert resized.dtype == "float32" and resized.shape[1:] == (2, 4, 4) and isinstance(resized.shape[0], str)
+    assert graph.find_node("gemm").output.shape[1:] == (10,)
     assert graph.find_node("empty_const").output.dtype == "int64"
     assert graph.outputs[0].shape == ("N", 10) and graph.outputs[1].shape == ()
     dim0 = lowbit.codegen(graph, "onnx").graph.input[0].type.tensor_type.shape.dim[0]
@@ -342,7 +398,7 @@ def test_lowering_does_not_mutate_the_model_proto(make):
 
 
 def test_lowering_a_file_matches_lowering_the_proto(tmp_path):
-    model = build_model(18)
+    model = build_model(18, initializer_as_input=False)
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     from_file, from_proto = lowbit.lower(path), lowbit.lower(model)

@@ -50,7 +50,7 @@ def check_model(model: onnx.ModelProto, where: str = "the ONNX model") -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as e:
-        raise ModelLoadError(f"{where} is not a valid ONNX model: {str(e).strip().splitlines()[0]}; "
+        raise ModelLoadError(f"{where} is not a valid ONNX model: {' '.join(str(e).split())}; "
                              "fix or re-export it") from None
 
 
@@ -116,7 +116,8 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
             array[tuple(idx.T)] = vals
         values[sparse.values.name] = graph.add_constant(sparse.values.name, array, unique=False)
     for vi in g.input:
-        if vi.name in values:  # an initializer listed as input (IR < 4): a constant with a default
+        if vi.name in values:  # an initializer listed as input (IR < 4): a constant a caller may override
+            values[vi.name].meta["graph_input"] = True
             continue
         dtype, shape = _type_of(vi)
         values[vi.name] = graph.add_input(vi.name, dtype, shape)
@@ -198,7 +199,9 @@ def to_onnx(graph: Graph, *, opset: int | None = None) -> onnx.ModelProto:
     value_info = [_value_info(v) for n in graph for v in n.outputs
                   if id(v) not in known and (v.dtype is not None or v.shape is not None)]
     initializers = [numpy_helper.from_array(np.asarray(v.const), v.name) for v in graph.constants.values()]
-    g = helper.make_graph([_node_proto(n) for n in graph], graph.name, [_value_info(v) for v in graph.inputs],
+    overridable = [v for v in graph.constants.values() if v.meta.get("graph_input")]
+    g = helper.make_graph([_node_proto(n) for n in graph], graph.name,
+                          [_value_info(v) for v in [*graph.inputs, *overridable]],
                           [_value_info(v) for v in graph.outputs], initializer=initializers, value_info=value_info)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
                               producer_name=graph.meta.get("producer_name") or "lowbit",
