@@ -8,14 +8,16 @@
 
 from . import ir, passes, patterns
 from .api import codegen, lower
-from .compiler import compile
-from .errors import (CaptureError, DumpError, GraphError, LowbitError, MissingExampleInputsError, ModelLoadError,
-                     PassError, RuleLoopError, TextParseError, UnknownPassError, UnknownTargetError,
-                     UnsupportedModelError, UnsupportedOpError)
+from .compiler import compile, export, quantize
+from .quant import Dataset, IgnoredScope
+from .errors import (CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError,
+                     LowbitError, MissingExampleInputsError, ModelLoadError, PassError, RuleLoopError,
+                     TextParseError, UnknownPassError, UnknownTargetError, UnsupportedModelError,
+                     UnsupportedOpError)
 
 __version__ = "0.1.0"
 
-__all__ = ["lower", "codegen", "compile", "ir", "passes", "patterns", "LowbitError", "CaptureError", "DumpError",
-           "GraphError", "MissingExampleInputsError", "ModelLoadError", "PassError", "RuleLoopError",
+__all__ = ["lower", "codegen", "compile", "quantize", "export", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "CaptureError", "DumpError",
+           "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "MissingExampleInputsError", "ModelLoadError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]

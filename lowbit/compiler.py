@@ -1,8 +1,10 @@
-"""compile(): lower a model, run a pass pipeline over it, and give back the same kind of model.
+"""compile() and quantize(): lower a model, run a pass pipeline, give back the same kind of model; export().
 
-A torch model comes back as a torch module (an fx.GraphModule; trainable),
-an ONNX model (or .onnx path) as an onnx.ModelProto. With `dump_dir`, the
-PassManager writes what every pass did there.
+A torch model comes back as a torch module (an fx.GraphModule; trainable,
+with FakeQuantize modules after quantization), an ONNX model (or .onnx path)
+as an onnx.ModelProto (QDQ after quantization). With `dump_dir`, the
+PassManager writes what every pass did there. `export` writes what these
+return as ONNX QDQ (.onnx) or OpenVINO IR (.xml + .bin).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .api import codegen, lower
+from .errors import DatasetError, UnsupportedModelError
 from .ir.graph import Graph
-from .passes import DEFAULT_PIPELINE, Pass, PassContext, PassManager
+from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, Pass, PassContext, PassManager
+
+PRESETS = ("performance", "mixed")
+MODEL_TYPES = ("transformer",)
 
 
 def origin_target(model: Any) -> str:
@@ -25,8 +31,8 @@ def origin_target(model: Any) -> str:
 
 
 def default_pipeline(hw: Any = "CPU", dataset: Any = None) -> list[str]:
-    """The passes `compile` runs when none are named."""
-    return list(DEFAULT_PIPELINE)
+    """The passes `compile` runs when none are named: with calibration data, the full PTQ pipeline."""
+    return list(PTQ_PIPELINE if dataset is not None else DEFAULT_PIPELINE)
 
 
 def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassContext,
@@ -35,11 +41,109 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
     return pm.run(graph, ctx), pm
 
 
+def _example_from_dataset(dataset: Any) -> tuple:
+    from .quant.dataset import as_dataset
+
+    ds = as_dataset(dataset)
+    for index, item in enumerate(ds.get_data()):
+        x = ds.transform(item, index)
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    raise DatasetError("the calibration dataset is empty: give at least one item (NNCF uses 300)")
+
+
+def _writeback(graph: Graph, model: Any) -> Any:
+    result = codegen(graph, origin_target(model))
+    if origin_target(model) == "torch":
+        result.lowbit_graph = graph  # what export() writes; its constants follow the module's parameters
+    return result
+
+
 def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any = "CPU", dataset: Any = None,
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
-            dump_dir: str | Path | None = None) -> Any:
-    """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was."""
+            dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
+            range_estimator: str | None = None, progress: bool = True) -> Any:
+    """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
+
+    With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
+    quantization: cleanup, fold_bn, fuse, quantize, fast_bias_correction.
+    """
+    from .hw_configs import load_hw_config
+    from .quant.stats import RANGE_ESTIMATORS
+
+    load_hw_config(hw)  # an unknown device fails before any work
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)} or None")
+    if range_estimator is not None and range_estimator not in RANGE_ESTIMATORS:
+        raise ValueError(f"unknown range_estimator {range_estimator!r}: use one of {', '.join(RANGE_ESTIMATORS)}")
+    if example_inputs is None and dataset is not None and origin_target(model) == "torch":
+        example_inputs = _example_from_dataset(dataset)
     graph = lower(model, example_inputs)
-    ctx = PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope)
+    options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
+                                 ("range_estimator", range_estimator)) if v is not None}
+    options["progress"] = progress
+    ctx = PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
     graph, _ = run_pipeline(graph, passes, ctx, dump_dir)
-    return codegen(graph, origin_target(model))
+    return _writeback(graph, model)
+
+
+def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None, target_device: str = "ANY",
+             subset_size: int = 300, fast_bias_correction: bool = True, model_type: str | None = None,
+             ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None) -> Any:
+    """Post-training INT8 quantization, a drop-in for `nncf.quantize`.
+
+    A torch nn.Module comes back as a torch module with FakeQuantize modules
+    (its example inputs are the first dataset item unless given); an ONNX
+    model as an onnx.ModelProto in QDQ form.
+    """
+    passes = [p for p in PTQ_PIPELINE if fast_bias_correction or p != "fast_bias_correction"]
+    return compile(model, passes, hw=target_device, dataset=calibration_dataset, example_inputs=example_inputs,
+                   subset_size=subset_size, ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset,
+                   model_type=model_type)
+
+
+def graph_of(model: Any) -> Graph:
+    """The IR behind what compile/quantize returned, with a torch module's current weights and ranges."""
+    graph = getattr(model, "lowbit_graph", None)
+    if graph is None:
+        return lower(model)
+    import numpy as np
+
+    graph = graph.copy()
+    names = getattr(model, "lowbit_names", {})
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    for value in graph.constants.values():
+        attr = names.get(value.name)
+        if attr in state:
+            array = state[attr].detach().cpu().numpy()
+            value.const = array.T.copy() if value.meta.get("torch_transposed") else array.copy()
+    for node in graph:
+        attr = names.get(node.name)
+        if attr is not None and node.op_type == "FakeQuantize":
+            fq = model.get_submodule(attr)
+            for port, tensor in ((1, fq.low), (2, fq.high), (3, fq.low), (4, fq.high)):
+                fresh = graph.add_constant(f"{node.name}_range", tensor.detach().cpu().numpy().astype(np.float32))
+                node.set_input(port, fresh)
+    graph.remove_unused_constants()
+    return graph
+
+
+def export(model: Any, path: str | os.PathLike) -> Path:
+    """Write what compile/quantize returned as ONNX QDQ (.onnx) or OpenVINO IR (.xml and .bin)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".onnx", ".xml"):
+        raise UnsupportedModelError(f"cannot export to {path.name!r}: use a .onnx (ONNX QDQ) or .xml "
+                                    "(OpenVINO IR) path")
+    graph = graph_of(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".xml":
+        from .ir.openvino import save_openvino
+
+        save_openvino(graph, path)
+    else:
+        import onnx
+
+        onnx.save(codegen(graph, "onnx"), str(path))
+    return path

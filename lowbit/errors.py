@@ -56,3 +56,15 @@ class PassError(LowbitError):
 
 class DumpError(LowbitError):
     """The dump directory cannot be written."""
+
+
+class HardwareConfigError(LowbitError):
+    """An unknown device, or a hardware config file that fails its schema."""
+
+
+class DatasetError(LowbitError):
+    """The calibration dataset is empty, or an item does not fit the model."""
+
+
+class IgnoredScopeError(LowbitError):
+    """An ignored-scope entry matches nothing in the model."""

@@ -49,7 +49,7 @@ def infer_node(node: Node) -> None:
     outs = node.outputs
     ins: list[Value | None] = list(node.inputs)
     first = ins[0] if ins else None
-    op = node.op_type if node.domain in ("", "ai.onnx", "lowbit") else None
+    op = node.op_type if node.domain in ("", "ai.onnx", "org.openvinotoolkit") else None
     dtype: str | None = None
     shape: Shape = None
     if op in SAME_AS_INPUT and first is not None:

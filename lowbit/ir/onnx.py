@@ -181,9 +181,17 @@ def _node_proto(node: Node) -> onnx.NodeProto:
     return proto
 
 
-def to_onnx(graph: Graph, *, opset: int | None = None) -> onnx.ModelProto:
-    """Write a Graph as an onnx.ModelProto (the graph is not modified)."""
+def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq",
+            weight_dtype: str = "uint8") -> onnx.ModelProto:
+    """Write a Graph as an onnx.ModelProto (the graph is not modified).
+
+    FakeQuantize nodes are written as QuantizeLinear/DequantizeLinear
+    (fake_quantize="qdq", for ONNX Runtime) or kept as OpenVINO's
+    FakeQuantize (fake_quantize="openvino", for OpenVINO's ONNX reader).
+    """
     from .decompose import expand_for_opset
+    from .ops import QUANT_DOMAIN
+    from .qdq import fake_quantize_to_qdq
 
     opaque = [n for n in graph if is_opaque(n.domain)]
     if opaque:
@@ -195,6 +203,10 @@ def to_onnx(graph: Graph, *, opset: int | None = None) -> onnx.ModelProto:
     if opset is not None:
         opsets[""] = opset
     graph = expand_for_opset(graph, opsets.get("", 21))
+    if fake_quantize == "qdq":
+        graph = fake_quantize_to_qdq(graph, weight_dtype)
+    elif any(n.domain == QUANT_DOMAIN for n in graph):
+        opsets.setdefault(QUANT_DOMAIN, 1)
     known = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}
     value_info = [_value_info(v) for n in graph for v in n.outputs
                   if id(v) not in known and (v.dtype is not None or v.shape is not None)]

@@ -1,7 +1,8 @@
 """The OpenVINO writer: Graph -> openvino.Model, and .xml/.bin files.
 
 The graph is written as ONNX first (`onnx.py`) and read by OpenVINO's own
-ONNX frontend, which keeps symbolic dims dynamic and turns QDQ pairs into
+ONNX frontend, which keeps symbolic dims dynamic and reads lowbit's
+FakeQuantize (written in OpenVINO's `org.openvinotoolkit` ONNX domain) as
 OpenVINO FakeQuantize ops; then `openvino.save_model` writes the IR.
 """
 
@@ -19,7 +20,7 @@ def to_openvino(graph: Graph):
     """Write a Graph as an openvino.Model."""
     import openvino as ov
 
-    proto = to_onnx(graph)
+    proto = to_onnx(graph, fake_quantize="openvino")
     try:
         return ov.convert_model(io.BytesIO(proto.SerializeToString()))
     except Exception as e:  # OpenVINO raises its own GeneralFailure/OpConversionFailure

@@ -7,6 +7,11 @@ ONNX (opset 23/24) semantics because torch has them as single kernels:
 `Swish` (x * sigmoid(alpha * x)) and `Attention` (scaled dot-product
 attention); the ONNX writer expands them into opset-21 ops.
 
+Quantization is one op, `FakeQuantize` with OpenVINO's semantics (inputs x,
+input_low, input_high, output_low, output_high; attribute levels), in the
+domain `org.openvinotoolkit`; each writer materializes it (QDQ for ONNX, the
+native op for OpenVINO, a trainable module for torch).
+
 An op outside the vocabulary lives in its own domain (`torch` for an aten op
 lowbit does not map) and is emitted back only to that framework.
 """
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 
 IR_OPSET = 21
 TORCH_DOMAIN = "torch"
+# FakeQuantize (OpenVINO semantics) lives in OpenVINO's ONNX extension domain, which its ONNX reader takes.
+QUANT_DOMAIN = "org.openvinotoolkit"
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ VOCABULARY: dict[str, OpInfo] = _ops(
 def op_info(op_type: str, domain: str = "") -> OpInfo | None:
     """The facts about an op, or None for an op outside the vocabulary."""
     return VOCABULARY.get(op_type) if domain in ("", "ai.onnx") else None
+
+
+def is_fake_quantize(node) -> bool:
+    return node.op_type == "FakeQuantize" and node.domain == QUANT_DOMAIN
 
 
 def is_opaque(domain: str) -> bool:

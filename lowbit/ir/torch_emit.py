@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
-from .ops import TORCH_DOMAIN
+from .ops import TORCH_DOMAIN, is_fake_quantize
 from .types import is_float, to_torch_dtype
 
 aten = torch.ops.aten
@@ -60,6 +60,7 @@ class _Emitter:
         self.env: dict[int, Any] = {}
         self.root: dict[str, torch.Tensor] = {}
         self._modules: set[str] = set()  # submodule paths implied by dotted names in root
+        self.names: dict[str, str] = {}
         self.consumed: set[int] = set()
 
     # -- values ---------------------------------------------------------------
@@ -102,6 +103,7 @@ class _Emitter:
         self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
         parts = name.split(".")
         self._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        self.names.setdefault(v.name, name)
         return name
 
     def _clash(self, name: str) -> bool:
@@ -122,6 +124,8 @@ class _Emitter:
                 continue
             if node.domain == TORCH_DOMAIN:
                 outs = emit_opaque(self, node)
+            elif is_fake_quantize(node):
+                outs = emit_fake_quantize(self, node)
             elif node.domain in ("", "ai.onnx") and node.op_type in EMITTERS:
                 outs = EMITTERS[node.op_type](self, node)
             else:
@@ -139,6 +143,7 @@ class _Emitter:
             out = results[0] if len(results) == 1 else tuple(results)
         self.fx.output(out)
         gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule")
+        gm.lowbit_names = dict(self.names)  # IR constant / FakeQuantize node name -> attribute path in gm
         return gm
 
 
@@ -491,6 +496,25 @@ def _constant(e: _Emitter, n: Node):
     tmp = Value(n.output.name)
     tmp.const = np.asarray(value)
     return e.fx.get_attr(e._register(tmp))
+
+
+def emit_fake_quantize(e: _Emitter, n: Node):
+    from .torch_fq import FakeQuantize
+
+    low, high = n.input(1), n.input(2)
+    if low.const is None or high.const is None:
+        raise UnsupportedOpError(f"FakeQuantize {n.name!r}: the torch writer needs constant ranges")
+    x = e[n.input(0)]
+    name = re.sub(r"[^0-9A-Za-z_]", "_", n.name)
+    base, i = name, 0
+    while e._clash(name):
+        i += 1
+        name = f"{base}_{i}"
+    e.root[name] = FakeQuantize(int(n.attrs["levels"]), torch.from_numpy(np.array(low.const)),
+                                torch.from_numpy(np.array(high.const)))
+    e._modules.add(name)
+    e.names[n.name] = name
+    return e.fx.call_module(name, (x,))
 
 
 # -- opaque torch ops ---------------------------------------------------------------

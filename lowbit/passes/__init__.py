@@ -8,6 +8,7 @@ from .base import PASSES, FunctionPass, Pass, PassContext, PassResult, register_
 from .manager import PassManager, StepRecord
 
 DEFAULT_PIPELINE = ["cleanup", "fold_bn", "fuse"]
+PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction"]
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
+__all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
            "StepRecord", "register_pass", "resolve"]

@@ -49,6 +49,7 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
+        ctx.options["pipeline"] = [p.name for p in self.passes]
         graph = graph.copy()
         self.records = []
         before = Snapshot.of(graph) if self.dump else None

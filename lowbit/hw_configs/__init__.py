@@ -1,0 +1,121 @@
+"""Hardware configs: per device, which ops run quantized and with which quantizer configs.
+
+`load_hw_config("CPU")` reads `cpu.json` beside this file; `hw=` may also be
+the path of a user's own JSON. Every file is validated against `schema.json`;
+a config that fails names the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import HardwareConfigError
+
+HERE = Path(__file__).parent
+DEVICES = ("CPU", "GPU", "NPU", "ANY")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    name: str
+    bits: int
+    mode: str  # "symmetric" | "asymmetric"
+    granularity: str  # "per_tensor" | "per_channel"
+    narrow_range: bool = False
+    signed: bool | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.mode == "symmetric"
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    activations: tuple[QuantizerConfig, ...] = ()
+    weights: tuple[QuantizerConfig, ...] = ()
+    inputs: tuple[int, ...] | None = None
+    unified_scales: bool = False
+    propagate: bool = False
+
+
+@dataclass(frozen=True)
+class HwConfig:
+    device: str
+    ops: dict[str, OpConfig] = field(default_factory=dict)
+    source: str = ""
+
+    def op(self, op_type: str) -> OpConfig | None:
+        return self.ops.get(op_type)
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads((HERE / "schema.json").read_text())
+
+
+def _validate(data: Any, where: str) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        path = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise HardwareConfigError(f"hardware config {where} is invalid at {path}: {e.message}. "
+                                  f"See lowbit/hw_configs/schema.json for the format")
+
+
+def parse_hw_config(data: dict, where: str = "(dict)") -> HwConfig:
+    _validate(data, where)
+    quantizers = {name: QuantizerConfig(name, **spec) for name, spec in data["quantizers"].items()}
+
+    def configs(op: str, kind: str, names: list[str]) -> tuple[QuantizerConfig, ...]:
+        missing = [n for n in names if n not in quantizers]
+        if missing:
+            raise HardwareConfigError(f"hardware config {where} is invalid at ops/{op}/{kind}: unknown quantizer "
+                                      f"{missing[0]!r}; defined: {', '.join(sorted(quantizers))}")
+        return tuple(quantizers[n] for n in names)
+
+    ops = {op: OpConfig(activations=configs(op, "activations", spec.get("activations", [])),
+                        weights=configs(op, "weights", spec.get("weights", [])),
+                        inputs=tuple(spec["inputs"]) if "inputs" in spec else None,
+                        unified_scales=spec.get("unified_scales", False), propagate=spec.get("propagate", False))
+           for op, spec in data["ops"].items()}
+    return HwConfig(data["device"], ops, where)
+
+
+def load_hw_config(hw: str | os.PathLike | HwConfig | dict) -> HwConfig:
+    """A device name (CPU, GPU, NPU, ANY; any case), the path of a JSON file, a dict, or a HwConfig."""
+    if isinstance(hw, HwConfig):
+        return hw
+    if isinstance(hw, dict):
+        return parse_hw_config(hw)
+    text = str(hw)
+    if text.upper() in DEVICES and not Path(text).suffix:
+        return _builtin(text.upper())
+    path = Path(text)
+    if path.suffix.lower() != ".json":
+        raise HardwareConfigError(f"unknown device {text!r}: use one of {', '.join(DEVICES)} or the path of a "
+                                  "hardware config .json file")
+    if not path.exists():
+        raise HardwareConfigError(f"hardware config file {text!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HardwareConfigError(f"hardware config {text!r} is not valid JSON: {e}") from None
+    return parse_hw_config(data, repr(text))
+
+
+@lru_cache(maxsize=None)
+def _builtin(device: str) -> HwConfig:
+    path = HERE / f"{device.lower()}.json"
+    return parse_hw_config(json.loads(path.read_text()), path.name)

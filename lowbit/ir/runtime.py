@@ -1,0 +1,61 @@
+"""Runs a graph in its origin runtime and returns the values asked for ("taps").
+
+A torch-origin graph runs as the torch module `torch_emit` writes; an
+ONNX-origin graph runs in ONNX Runtime. Either way the tapped values become
+extra outputs of one model, so a batch is computed once, whatever the taps.
+Results come back as torch tensors (zero-copy from ONNX Runtime's arrays) so
+statistics can be reduced with torch's kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .graph import Graph, Value
+
+
+class GraphRunner:
+    """`runner(arrays) -> [tensor per tap]`; arrays are the graph inputs in order."""
+
+    def __init__(self, graph: Graph, taps: Sequence[Value], runtime: str | None = None):
+        self.runtime = runtime or ("onnx" if graph.meta.get("origin") == "onnx" else "torch")
+        inputs = [v.name for v in graph.inputs]
+        self.tap_names = [v.name for v in taps]
+        self.from_input = {i: inputs.index(n) for i, n in enumerate(self.tap_names) if n in inputs}
+        computed = [n for i, n in enumerate(self.tap_names) if i not in self.from_input]
+        tapped = graph.copy()
+        by_name = {v.name: v for v in tapped.values()}
+        tapped.outputs = [by_name[n] for n in dict.fromkeys(computed)]
+        tapped.meta.pop("out_spec", None)
+        self.order = list(dict.fromkeys(computed))
+        if self.runtime == "onnx":
+            import onnxruntime as ort
+
+            from .onnx import to_onnx
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(to_onnx(tapped).SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+            self.input_names = inputs
+        else:
+            from .torch_emit import to_torch
+
+            self.module = to_torch(tapped).eval()
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if not self.order:
+            outs = []
+        elif self.runtime == "onnx":
+            outs = [torch.from_numpy(np.asarray(o)) for o in
+                    self.session.run(self.order, dict(zip(self.input_names, arrays)))]
+        else:
+            with torch.no_grad():
+                result = self.module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+            outs = list(result) if isinstance(result, (tuple, list)) else [result]
+        by_name = dict(zip(self.order, outs))
+        return [torch.from_numpy(np.asarray(arrays[self.from_input[i]])) if i in self.from_input else by_name[n]
+                for i, n in enumerate(self.tap_names)]

@@ -1,0 +1,165 @@
+"""quantize: place quantizers as the hardware config says, calibrate their ranges, insert FakeQuantize.
+
+Placement is `lowbit.quant.placement` (merged, propagated, never inside a
+fused pattern, model outputs FP32). Activation ranges come from one run over
+the calibration data in the graph's origin runtime (`ir/runtime.py`),
+reduced on the fly by the range estimator; weight ranges from the weights
+(per channel where the config prefers it). Quantizers in one unified-scale
+group share the union of their ranges.
+
+Options (ctx.options): `preset` ("performance": symmetric activations;
+"mixed": asymmetric), `model_type` ("transformer": mixed preset by default,
+and element-wise Add/Mul stay FP32), `range_estimator` (see quant/stats.py),
+`batch_size` for calibration.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..hw_configs import load_hw_config
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import QUANT_DOMAIN
+from ..quant.dataset import as_dataset, batches
+from ..quant.placement import QuantPoint, place_quantizers
+from ..quant.ranges import fq_range
+from ..quant.stats import ChannelMean, RangeStats
+from .base import Pass, PassContext, PassResult, register_pass
+
+
+def preset_for(ctx: PassContext) -> str:
+    preset = ctx.options.get("preset")
+    if preset is None:
+        preset = "mixed" if ctx.options.get("model_type") == "transformer" else "performance"
+    return preset
+
+
+def calibrate(graph: Graph, ctx: PassContext, ranges: list[Value], channel_means: dict[str, tuple[Value, int]],
+              estimator: str) -> tuple[dict[str, RangeStats], dict[str, ChannelMean]]:
+    """One pass over the data: range statistics for `ranges`, per-channel means for `channel_means`."""
+    from ..ir.runtime import GraphRunner
+
+    taps = list({v.name: v for v in [*ranges, *(v for v, _ in channel_means.values())]}.values())
+    runner = GraphRunner(graph, taps)
+    range_stats = {v.name: RangeStats(estimator) for v in ranges}
+    mean_stats = {key: ChannelMean(axis) for key, (_, axis) in channel_means.items()}
+    dataset = as_dataset(ctx.dataset)
+    data = batches(graph, dataset, ctx.subset_size, ctx.options.get("batch_size", 32))
+    total = min(ctx.subset_size, len(dataset.data_source)) if hasattr(dataset.data_source, "__len__") else None
+    for arrays in _progress(data, total, ctx):
+        outs = dict(zip((v.name for v in taps), runner(arrays)))
+        for name, stats in range_stats.items():
+            stats.update(outs[name])
+        for key, stats in mean_stats.items():
+            stats.update(outs[channel_means[key][0].name])
+    return range_stats, mean_stats
+
+
+def _progress(iterable, total, ctx: PassContext):
+    if not ctx.options.get("progress", True):
+        yield from iterable
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed} batches"),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("calibrating", total=None)
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+def weight_range(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
+    w = point.value.const.astype(np.float64)
+    if not point.config.per_channel or w.ndim < 2:
+        return np.array(w.min()), np.array(w.max())
+    axis = point.axis % w.ndim
+    dims = tuple(d for d in range(w.ndim) if d != axis)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
+
+
+def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.ndarray, high: np.ndarray) -> Node:
+    v = point.value
+    lo = graph.add_constant(f"{v.name}_fq_low", low)
+    hi = graph.add_constant(f"{v.name}_fq_high", high)
+    where = {"after": v.producer} if v.producer is not None else {"before": min_consumer(graph, point)}
+    fq = graph.make_node("FakeQuantize", [v, lo, hi, lo, hi], {"levels": levels}, domain=QUANT_DOMAIN,
+                         name=f"{v.name}_fq", meta={"quantizer": point.kind, "config": point.config.name}, **where)
+    for node, port in point.consumers:
+        node.set_input(port, fq.output)
+    return fq
+
+
+def min_consumer(graph: Graph, point: QuantPoint) -> Node:
+    consumers = {id(n) for n, _ in point.consumers}
+    return next(n for n in graph if id(n) in consumers)
+
+
+def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
+    """(layer, its constant bias, the bias Add or None) for Conv/Gemm with a bias and MatMul + Add(bias)."""
+    found = []
+    for node in graph:
+        if node.domain:
+            continue
+        if node.op_type in ("Conv", "Gemm") and node.input(2) is not None and node.input(2).const is not None:
+            if node.input(2).const.ndim == 1:
+                found.append((node, node.input(2), None))
+        elif node.op_type == "MatMul" and node.input(1) is not None and len(node.output.uses) == 1:
+            add, _ = node.output.uses[0]
+            if add.op_type == "Add" and not add.domain:
+                other = add.input(1) if add.input(0) is node.output else add.input(0)
+                if other is not None and other.const is not None and other.const.ndim == 1:
+                    found.append((node, other, add))
+    return found
+
+
+def channel_axis(layer: Node) -> int:
+    """The channel axis of a layer's input and output activations."""
+    return 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
+
+
+@register_pass
+class Quantize(Pass):
+    name = "quantize"
+    description = "place, calibrate and insert FakeQuantize as the hardware config says"
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        hw = load_hw_config(ctx.hw)
+        ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
+        transformer = ctx.options.get("model_type") == "transformer"
+        points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
+                                  skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset())
+        if not points:
+            warnings.warn("lowbit: nothing to quantize in this model for this device; it is returned unchanged",
+                          stacklevel=2)
+            return PassResult(graph, changed=False, notes=["nothing to quantize"])
+        activations = [p for p in points if p.kind == "activation"]
+        means = {}
+        if "fast_bias_correction" in ctx.options.get("pipeline", []):
+            for layer, _, _ in biased_layers(graph):
+                means[layer.name] = (layer.input(0), channel_axis(layer))
+        range_stats, mean_stats = {}, {}
+        if activations or means:
+            range_stats, mean_stats = calibrate(graph, ctx, [p.value for p in activations], means,
+                                                ctx.options.get("range_estimator", "mean_min_max"))
+        ctx.options["input_channel_means"] = {k: s.mean() for k, s in mean_stats.items()}
+        group_range: dict[int, tuple[float, float]] = {}
+        for p in activations:
+            if p.group is not None:
+                lo, hi = range_stats[p.name].range()
+                old = group_range.get(p.group, (lo, hi))
+                group_range[p.group] = (min(old[0], lo), max(old[1], hi))
+        for p in points:
+            if p.kind == "weight":
+                lo, hi = weight_range(p)
+            else:
+                lo, hi = group_range[p.group] if p.group is not None else range_stats[p.name].range()
+            r = fq_range(p.config, lo, hi)
+            insert_fake_quantize(graph, p, r.levels, r.low, r.high)
+        counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
+                  "activation_quantizers": len(activations)}
+        return PassResult(graph, changed=True, fired=counts)

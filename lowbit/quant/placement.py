@@ -1,0 +1,189 @@
+"""Where quantizers go: requests at quantizable inputs, moved up through quantization-agnostic ops, merged.
+
+1. Every op the hardware config lists asks for a quantizer on each activation
+   input (the config's `inputs`, or every non-constant float input) and on
+   its constant weight. An input that comes from inside the op's own fused
+   group (the bias Add of a Conv, ...) is skipped: a quantizer never splits a
+   fused pattern. Ignored nodes ask for nothing.
+2. Requests move up, consumers first, through ops that do not change values'
+   grid (MaxPool, Reshape, Flatten, Transpose, Dropout, ..., and ops the
+   config marks `propagate`, such as Concat), but only when every consumer of
+   that op's output asked for one, the output is not a model output, and the
+   edge is a float edge: a quantizer never crosses an integer edge.
+3. All requests left on one value merge into one quantizer that feeds the
+   consumers that asked; model outputs stay FP32.
+4. Quantizers on the inputs of an op with `unified_scales` (Concat on every
+   device; Add and Mul on NPU) form one group that shares a range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..hw_configs import HwConfig, QuantizerConfig
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import op_info
+from ..ir.types import is_float
+
+
+@dataclass
+class QuantPoint:
+    """One quantizer: the value it reads, the edges that read its output, and its config."""
+
+    value: Value
+    consumers: list[tuple[Node, int]]
+    kind: str  # "activation" | "weight"
+    config: QuantizerConfig
+    axis: int | None = None  # per-channel axis of a weight
+    group: int | None = None  # unified-scale group
+
+    @property
+    def name(self) -> str:
+        return self.value.name
+
+
+@dataclass
+class _Request:
+    consumer: Node
+    port: int
+    configs: tuple[QuantizerConfig, ...]
+    groups: set[int] = field(default_factory=set)
+
+
+def _agnostic(node: Node, hw: HwConfig) -> bool:
+    info = op_info(node.op_type, node.domain)
+    cfg = hw.op(node.op_type)
+    return (info is not None and "agnostic" in info.traits) or (cfg is not None and cfg.propagate)
+
+
+def _data_inputs(node: Node) -> list[tuple[int, Value]]:
+    return [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.const is None]
+
+
+def weight_axis(node: Node) -> int:
+    """The output-channel axis of a weighted node's weight input."""
+    if node.op_type == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return -1
+    if node.op_type == "ConvTranspose":
+        return 1
+    return 0
+
+
+def _pick(configs: tuple[QuantizerConfig, ...], preset: str, kind: str) -> QuantizerConfig:
+    if kind == "activation":
+        want = "asymmetric" if preset == "mixed" else "symmetric"
+        for c in configs:
+            if c.mode == want:
+                return c
+    return configs[0]
+
+
+def _same_group(a: Node, b: Node) -> bool:
+    return "fused" in a.meta and a.meta.get("fused") == b.meta.get("fused")
+
+
+def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance", ignored: set[str] = frozenset(),
+                     skip_ops: frozenset[str] = frozenset()) -> list[QuantPoint]:
+    """The quantizers to insert into `graph` (which is not changed)."""
+    requests: dict[int, list[_Request]] = {}
+    values: dict[int, Value] = {}
+    weights: dict[int, QuantPoint] = {}
+    group_ids = iter(range(1, 1 << 30))
+
+    def ask(v: Value, req: _Request) -> None:
+        requests.setdefault(id(v), []).append(req)
+        values[id(v)] = v
+
+    nodes = graph.nodes
+    for node in nodes:
+        cfg = hw.op(node.op_type) if node.domain == "" else None
+        if cfg is None or node.name in ignored or node.op_type in skip_ops:
+            continue
+        info = op_info(node.op_type)
+        if cfg.weights and info is not None:
+            for port in info.weight_inputs:
+                w = node.input(port)
+                if w is not None and w.const is not None and is_float(w.dtype):
+                    point = weights.get(id(w))
+                    if point is None:
+                        weights[id(w)] = QuantPoint(w, [(node, port)], "weight", _pick(cfg.weights, preset, "weight"),
+                                                    axis=weight_axis(node))
+                    else:
+                        point.consumers.append((node, port))
+        if not cfg.activations:
+            continue
+        group = next(group_ids) if cfg.unified_scales else None
+        ports = cfg.inputs if cfg.inputs is not None else [i for i, _ in _data_inputs(node)]
+        for port in ports:
+            v = node.input(port)
+            if v is None or v.const is not None or not is_float(v.dtype):
+                continue
+            if v.producer is not None and _same_group(v.producer, node):
+                continue
+            ask(v, _Request(node, port, cfg.activations, {group} if group else set()))
+
+    # Move requests up through agnostic ops, consumers first.
+    for node in reversed(nodes):
+        if not _agnostic(node, hw) or node.name in ignored or len(node.outputs) != 1:
+            continue
+        out = node.output
+        reqs = requests.get(id(out))
+        if not reqs or out.is_graph_output or not is_float(out.dtype):
+            continue
+        asked = {(id(r.consumer), r.port) for r in reqs}
+        if any((id(user), port) not in asked for user, port in out.uses):
+            continue
+        sources = [(i, v) for i, v in _data_inputs(node) if is_float(v.dtype)]
+        if not sources or len(sources) != len(_data_inputs(node)):
+            continue
+        configs = _common(reqs)
+        if configs is None:
+            continue
+        cfg = hw.op(node.op_type)
+        groups = set().union(*(r.groups for r in reqs))
+        if cfg is not None and cfg.unified_scales and len(sources) > 1:
+            groups |= {next(group_ids)}
+        del requests[id(out)]
+        for port, v in sources:
+            ask(v, _Request(node, port, configs, set(groups)))
+
+    points: list[QuantPoint] = []
+    for key, reqs in requests.items():
+        configs = _common(reqs) or reqs[0].configs
+        v = values[key]
+        points.append(QuantPoint(v, [(r.consumer, r.port) for r in reqs], "activation",
+                                 _pick(configs, preset, "activation"),
+                                 group=min(set().union(*(r.groups for r in reqs)), default=None)))
+    _merge_groups(points, requests)
+    order = {id(n): i for i, n in enumerate(nodes)}
+    points.sort(key=lambda p: (order.get(id(p.value.producer), -1), p.name))
+    weight_points = sorted(weights.values(), key=lambda p: order[id(p.consumers[0][0])])
+    return weight_points + points
+
+
+def _common(reqs: list[_Request]) -> tuple[QuantizerConfig, ...] | None:
+    """The configs every request allows, in the first request's order; None if they share none."""
+    names = set.intersection(*({c.name for c in r.configs} for r in reqs))
+    common = tuple(c for c in reqs[0].configs if c.name in names)
+    return common or None
+
+
+def _merge_groups(points: list[QuantPoint], requests) -> None:
+    """Points that share any unified-scale group id end in one group (union-find over ids)."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for reqs in requests.values():
+        ids = sorted(set().union(*(r.groups for r in reqs)))
+        for a, b in zip(ids, ids[1:]):
+            parent[find(b)] = find(a)
+    for p in points:
+        if p.group is not None:
+            p.group = find(p.group)

@@ -1,0 +1,51 @@
+"""FakeQuantize ranges (OpenVINO semantics) for a quantizer config and observed value ranges.
+
+A FakeQuantize has `levels` and input/output low/high (here output = input):
+values are clipped to [low, high] and rounded to one of `levels` evenly
+spaced points. Conventions (as in NNCF, so the step is max/127 for 8 bits):
+
+- symmetric signed, 256 levels:   [-m * 128/127, m]     (int8, zero point 0)
+- symmetric signed, 255 levels:   [-m, m]               (narrow range; int8 [-127, 127])
+- symmetric unsigned, 256 levels: [0, m]                (uint8, zero point 0), when the minimum is >= 0
+- asymmetric, 256 levels:         [lo, hi] widened to contain 0, then shifted so 0 is a level (uint8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..hw_configs import QuantizerConfig
+
+EPS = 1e-8
+
+
+@dataclass
+class FQRange:
+    levels: int
+    low: np.ndarray
+    high: np.ndarray
+
+
+def fq_range(config: QuantizerConfig, lo, hi) -> FQRange:
+    """The range of a quantizer of `config` over values in [lo, hi] (scalars or per-channel arrays)."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    levels = 2 ** config.bits - (1 if config.narrow_range else 0)
+    if config.symmetric:
+        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
+        signed = config.signed if config.signed is not None else bool(np.any(lo < 0))
+        if not signed:
+            low, high = np.zeros_like(m), m
+        elif config.narrow_range:
+            low, high = -m, m
+        else:
+            half = 2 ** (config.bits - 1)
+            low, high = -m * half / (half - 1), m
+        return FQRange(levels, low.astype(np.float32), high.astype(np.float32))
+    width = np.maximum(hi - lo, EPS)
+    step = width / (levels - 1)
+    zero_point = np.round(-lo / step)
+    low = -zero_point * step
+    return FQRange(levels, low.astype(np.float32), (low + (levels - 1) * step).astype(np.float32))

@@ -1,0 +1,74 @@
+"""Statistics reduced on the fly, batch by batch: nothing keeps every activation.
+
+Range estimators for a per-tensor activation quantizer:
+- `min_max`: the smallest and largest value seen;
+- `mean_min_max` (default): the mean over samples of each sample's min and max,
+  which ignores rare outliers (NNCF's default for activations);
+- `percentile`: the mean over samples of each sample's 0.01th and 99.99th
+  percentiles.
+`ChannelMean` keeps the per-channel mean of a value (for bias correction).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RANGE_ESTIMATORS = ("mean_min_max", "min_max", "percentile")
+PERCENTILE = 99.99
+_QUANTILE_SAMPLE = 1 << 16  # torch.quantile is limited in size: subsample larger tensors
+
+
+class RangeStats:
+    """Per-sample minima and maxima of a value, reduced as the chosen estimator says."""
+
+    def __init__(self, estimator: str = "mean_min_max"):
+        self.estimator = estimator
+        self.count = 0
+        self.sum_lo = 0.0
+        self.sum_hi = 0.0
+        self.lo = float("inf")
+        self.hi = float("-inf")
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        flat = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+        if self.estimator == "percentile":
+            if flat.shape[1] > _QUANTILE_SAMPLE:
+                idx = torch.linspace(0, flat.shape[1] - 1, _QUANTILE_SAMPLE).long()
+                flat = flat.sort(dim=1).values[:, idx]
+            q = torch.tensor([1 - PERCENTILE / 100, PERCENTILE / 100], dtype=flat.dtype)
+            lo, hi = torch.quantile(flat, q, dim=1)
+        else:
+            lo, hi = flat.aminmax(dim=1)
+        self.count += lo.numel()
+        self.sum_lo += float(lo.sum())
+        self.sum_hi += float(hi.sum())
+        self.lo = min(self.lo, float(lo.min()))
+        self.hi = max(self.hi, float(hi.max()))
+
+    def range(self) -> tuple[float, float]:
+        if self.count == 0:
+            raise ValueError("no statistics collected")
+        if self.estimator == "min_max":
+            return self.lo, self.hi
+        return self.sum_lo / self.count, self.sum_hi / self.count
+
+
+class ChannelMean:
+    """The mean of a value per channel (`axis`), over every other axis and every sample."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        axis = self.axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        s = x.sum(dim=dims)
+        self.total = s if self.total is None else self.total + s
+        self.count += x.numel() // x.shape[axis]
+
+    def mean(self):
+        return (self.total / self.count).numpy()
