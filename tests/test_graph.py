@@ -71,21 +71,25 @@ def test_inserting_relative_to_a_node_of_another_graph_is_refused():
     assert len(g) == 0 and x.uses == []
 
 
-def test_unique_name_avoids_clashes_with_every_value_and_node():
+def test_unique_name_avoids_clashes_among_values_and_among_nodes():
     g = Graph("names")
     x = g.add_input("x", "float32", (2,))
     w = g.add_constant("w", np.zeros(2, np.float32))
     w2 = g.add_constant("w", np.ones(2, np.float32))
     assert w.name == "w" and w2.name != "w" and set(g.constants) == {w.name, w2.name}
-    r1 = g.make_node("Relu", [x], name="x")  # clashes with the input's name
+    r1 = g.make_node("Relu", [x], name="x")  # node names and value names are separate namespaces
     r2 = g.make_node("Relu", [x])
-    r3 = g.make_node("Relu", [x])
-    names = [x.name, w.name, w2.name] + [n.name for n in (r1, r2, r3)] + [n.output.name for n in (r1, r2, r3)]
-    assert len(set(names)) == len(names), names
-    assert r1.name != "x" and r1.name.startswith("x")
+    r3 = g.make_node("Relu", [x], name=r2.name)
+    nodes = [n.name for n in (r1, r2, r3)]
+    values = [x.name, w.name, w2.name] + [n.output.name for n in (r1, r2, r3)]
+    assert len(set(nodes)) == 3, nodes
+    assert len(set(values)) == 6, values
+    assert r1.output.name != "x" and r1.output.name.startswith("x")
     fresh = {g.unique_name("relu") for _ in range(50)}
-    assert len(fresh) == 50 and not fresh & set(names)
-    assert g.unique_name("") not in ("", *names)
+    assert len(fresh) == 50 and not fresh & set(values)
+    fresh_nodes = {g.unique_name("relu", node=True) for _ in range(50)}
+    assert len(fresh_nodes) == 50 and not fresh_nodes & set(nodes)
+    assert g.unique_name("") not in ("", *values)
     g.verify()
 
 
@@ -428,6 +432,16 @@ def test_copy_is_independent_of_the_original():
     assert print_graph(g) == text
     g.verify()
     assert g.find_node("conv").attrs == {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 1}
+
+
+def test_copy_does_not_share_nested_node_meta():
+    """The ONNX reader records attribute types in a nested meta dict; a pass on a copy must not edit the original's."""
+    g = _conv_graph()
+    conv = g.find_node("conv")
+    conv.meta["onnx_attr_types"] = {"group": 2, "pads": 7}
+    c = g.copy()
+    c.find_node("conv").meta["onnx_attr_types"]["group"] = 99
+    assert conv.meta["onnx_attr_types"] == {"group": 2, "pads": 7}
 
 
 def test_copy_shares_constant_arrays_read_only():

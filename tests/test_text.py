@@ -341,3 +341,16 @@ def test_float_attributes_are_exact(value):
     (node,) = parse_graph(print_graph(g)).nodes
     got = node.attrs["alpha"]
     assert type(got) is float and got == value and math.copysign(1, got) == math.copysign(1, value)
+
+
+def test_node_annotations_print_after_the_node_and_parse_back_into_meta():
+    g = Graph("notes")
+    x = g.add_input("x", "float32", (2,))
+    node = g.make_node("Relu", [x], name="r", output_names=["y"], meta={"fused": "conv_relu:r", "origin": "hidden"})
+    g.outputs = [node.output]
+    text = print_graph(g)
+    assert 'node r = Relu(%x) -> %y: float32[2]  # {"fused": "conv_relu:r"}\n' in text
+    assert "hidden" not in text  # only annotations are printed, not every meta key
+    (node,) = parse_graph(text).nodes
+    assert node.meta == {"fused": "conv_relu:r"}
+    assert print_graph(parse_graph(text)) == text

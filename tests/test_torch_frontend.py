@@ -180,7 +180,7 @@ def test_exported_program_and_graph_module_inputs():
 
 
 def test_a_batch_of_one_still_gives_a_dynamic_batch():
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(576, 3)).eval()
     graph = lowbit.lower(model, (torch.randn(1, 1, 14, 14),))
     assert graph.inputs[0].shape == ("batch", 1, 14, 14)
     x = torch.randn(7, 1, 14, 14)

@@ -306,11 +306,25 @@ class Graph:
 
     # -- rewriting -----------------------------------------------------------
     def replace_all_uses(self, old: Value, new: Value, *, outputs: bool = True) -> None:
-        """Make every consumer of `old` consume `new` (and the graph outputs, unless outputs=False)."""
+        """Make every consumer of `old` consume `new` (and the graph outputs, unless outputs=False).
+
+        A graph output keeps its name, since users fetch outputs by name: `new`
+        takes it over (an Identity carries it when `new` is an input, a
+        constant or another output).
+        """
         for node, i in list(old._uses):
             node.set_input(i, new)
-        if outputs:
-            self.outputs = [new if v is old else v for v in self.outputs]
+        if not outputs or not any(v is old for v in self.outputs):
+            return
+        if new.producer is not None and new.graph is self and not new.is_graph_output:
+            old.name, new.name = new.name, old.name
+            carrier = new
+        else:
+            name = old.name
+            old.name = self.unique_name(f"{name}_replaced")
+            carrier = Value(name, new.dtype, new.shape)
+            self.append(Node("Identity", [new], [carrier], name=self.unique_name(f"{name}_output", node=True)))
+        self.outputs = [carrier if v is old else v for v in self.outputs]
 
     def remove(self, node: Node, *, safe: bool = True) -> None:
         """Unlink `node`. With safe=True its outputs must be unused and not graph outputs."""
@@ -393,6 +407,9 @@ class Graph:
         if count != self._count:
             raise GraphError(f"graph {self.name!r} counts {self._count} nodes but links {count}")
         for v in self.values():
+            if len(set(v._uses)) != len(v._uses):
+                dup = next(u for u in v._uses if v._uses.count(u) > 1)
+                raise GraphError(f"value {v.name!r} lists node {dup[0].name!r} input {dup[1]} as a use twice")
             for user, i in v._uses:
                 if user.graph is not self or user.input(i) is not v:
                     raise GraphError(f"value {v.name!r} lists a stale use by node {user.name!r} input {i}")
@@ -409,7 +426,7 @@ class Graph:
 
         def clone(v: Value) -> Value:
             c = Value(v.name, v.dtype, v.shape)
-            c.meta = dict(v.meta)
+            c.meta = _copy.deepcopy(v.meta)
             c._const = v._const
             c.graph = new
             vmap[id(v)] = c
@@ -428,7 +445,7 @@ class Graph:
             outs = [clone(v) for v in node.outputs]
             ins = [None if v is None else vmap[id(v)] for v in node._inputs]
             new.append(Node(node.op_type, ins, outs, _copy.deepcopy(node.attrs), node.name, node.domain,
-                            dict(node.meta)))
+                            _copy.deepcopy(node.meta)))
         new.outputs = [vmap[id(v)] for v in self.outputs]
         return new
 

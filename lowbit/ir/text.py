@@ -225,14 +225,16 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
             graph = Graph(name, c.json())
             c.done()
             continue
-        if keyword == "input":
+        if keyword in ("input", "const"):
             name = c.value_name()
+            if name in values:
+                raise TextParseError(f"line {lineno}: value %{name} is defined twice")
+        if keyword == "input":
             c.expect(":")
             dtype, shape = c.type()
             c.done()
             values[name] = graph.add_input(name, dtype, shape)
         elif keyword == "const":
-            name = c.value_name()
             c.expect(":")
             dtype, shape = c.type()
             c.expect("=")
@@ -247,14 +249,21 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
                     raise TextParseError(f"line {lineno}: the array given for constant %{name} does not match "
                                          f"its digest {want}")
             else:
-                array = np.array(c.json(), dtype=dtype).reshape(shape)
+                data = c.json()
+                try:
+                    array = np.array(data, dtype=dtype).reshape(shape)
+                except (TypeError, ValueError):
+                    raise TextParseError(f"line {lineno}: constant %{name}: its data does not fit "
+                                         f"{dtype}{list(shape) if shape is not None else ''}") from None
             c.done()
             values[name] = graph.add_constant(name, array, unique=False)
         elif keyword == "node":
             name = c.word()
             c.expect("=")
             op = c.word(r"[^\s(]+")
-            domain, _, op_type = op.rpartition("::")
+            domain, sep, op_type = op.partition("::")
+            if not sep:
+                domain, op_type = "", op
             c.expect("(")
             inputs: list[Value | None] = []
             while not c.peek(")"):

@@ -88,7 +88,7 @@ class _Emitter:
             raise UnsupportedOpError(f"the torch writer needs {v.name!r} to be a constant")
         return [int(i) for i in v.const.reshape(-1)]
 
-    def _register(self, v: Value, array: np.ndarray | None = None) -> str:
+    def _register(self, v: Value, array: np.ndarray | None = None, kind: str | None = None) -> str:
         array = v.const if array is None else array
         name = v.meta.get("torch_name") or v.name
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name) or self._clash(name):
@@ -99,7 +99,7 @@ class _Emitter:
                 i += 1
                 name = f"{base}_{i}"
         tensor = torch.from_numpy(np.array(array, copy=True))
-        trainable = v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
+        trainable = kind or v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
         self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
         parts = name.split(".")
         self._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
@@ -300,6 +300,9 @@ def _softmax(e: _Emitter, n: Node):
 
 @emits("BatchNormalization")
 def _batch_norm(e: _Emitter, n: Node):
+    for stat in n.inputs[3:5]:  # running statistics are buffers, never trained
+        if stat.const is not None and id(stat) not in e.env:
+            e.env[id(stat)] = e.fx.get_attr(e._register(stat, kind=stat.meta.get("torch_kind", "buffer")))
     x, w, b, mean, var = (e[v] for v in n.inputs[:5])
     return e.call(aten.batch_norm.default, x, w, b, mean, var, False, 1.0 - n.attrs.get("momentum", 0.9),
                   n.attrs.get("epsilon", 1e-5), True)
