@@ -18,12 +18,18 @@ import torch.nn.functional as F
 CACHE = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
-def load_digits_split(seed: int = 0):
-    """(x_train, y_train, x_test, y_test): images as [N, 1, 8, 8] float32 in [0, 1], a fixed 75/25 split."""
+def load_digits_split(seed: int = 0, size: int = 8, channels: int = 1):
+    """(x_train, y_train, x_test, y_test): images as [N, channels, size, size] float32 in [0, 1], a fixed 75/25 split.
+
+    `size` > 8 upsamples bilinearly and `channels` > 1 repeats the gray channel, for models built for RGB.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, channels, 1, 1)
     y = torch.from_numpy(digits.target.astype(np.int64))
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
     x, y = x[order], y[order]
@@ -69,16 +75,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, 
     return model.eval()
 
 
-def trained(name: str = "digits_cnn", factory=None, epochs: int = 30) -> nn.Module:
-    """A model trained on the digits train split, from the cache when it is there."""
+def trained(name: str = "digits_cnn", factory=None, epochs: int = 30, size: int = 8, channels: int = 1) -> nn.Module:
+    """A model trained on the digits train split (at `size` x `size`, `channels`), from the cache when it is there."""
     factory = factory or MODELS[name]
-    path = CACHE / f"{name}-e{epochs}.pt"
+    path = CACHE / f"{name}-s{size}c{channels}-e{epochs}.pt"
     torch.manual_seed(0)
     model = factory()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    x, y, _, _ = load_digits_split()
+    x, y, _, _ = load_digits_split(size=size, channels=channels)
     train(model, x, y, epochs)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
