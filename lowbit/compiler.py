@@ -61,7 +61,7 @@ def _writeback(graph: Graph, model: Any) -> Any:
 def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any = "CPU", dataset: Any = None,
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
-            range_estimator: str | None = None, progress: bool = True) -> Any:
+            range_estimator: str | None = None, overflow_fix: str = "auto", progress: bool = True) -> Any:
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
@@ -77,12 +77,16 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
         raise ValueError(f"unknown model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)} or None")
     if range_estimator is not None and range_estimator not in RANGE_ESTIMATORS:
         raise ValueError(f"unknown range_estimator {range_estimator!r}: use one of {', '.join(RANGE_ESTIMATORS)}")
+    from .passes.quantize import OVERFLOW_FIX
+
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
     if example_inputs is None and dataset is not None and origin_target(model) == "torch":
         example_inputs = _example_from_dataset(dataset)
     graph = lower(model, example_inputs)
     options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
                                  ("range_estimator", range_estimator)) if v is not None}
-    options["progress"] = progress
+    options.update(progress=progress, overflow_fix=overflow_fix)
     ctx = PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
     graph, _ = run_pipeline(graph, passes, ctx, dump_dir)
     return _writeback(graph, model)
@@ -90,17 +94,19 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 
 def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None, target_device: str = "ANY",
              subset_size: int = 300, fast_bias_correction: bool = True, model_type: str | None = None,
-             ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None) -> Any:
+             ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None,
+             overflow_fix: str = "auto") -> Any:
     """Post-training INT8 quantization, a drop-in for `nncf.quantize`.
 
     A torch nn.Module comes back as a torch module with FakeQuantize modules
     (its example inputs are the first dataset item unless given); an ONNX
-    model as an onnx.ModelProto in QDQ form.
+    model as an onnx.ModelProto in QDQ form. `overflow_fix="auto"` uses 7-bit
+    weight grids when this CPU lacks VNNI (see passes/quantize.py).
     """
     passes = [p for p in PTQ_PIPELINE if fast_bias_correction or p != "fast_bias_correction"]
     return compile(model, passes, hw=target_device, dataset=calibration_dataset, example_inputs=example_inputs,
                    subset_size=subset_size, ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset,
-                   model_type=model_type)
+                   model_type=model_type, overflow_fix=overflow_fix)
 
 
 def graph_of(model: Any) -> Graph:

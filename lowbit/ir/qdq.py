@@ -45,16 +45,15 @@ def qdq_params(levels: int, low: np.ndarray, high: np.ndarray) -> QDQParams:
     low64, high64 = low64.reshape(-1), high64.reshape(-1)
     if axis is None:
         low64, high64 = low64[:1], high64[:1]
+    if not 2 <= levels <= 256:
+        raise UnsupportedOpError(f"QDQ writes grids of at most 8 bits; this FakeQuantize has {levels} levels")
     scale = np.maximum((high64 - low64) / (levels - 1), EPS)
     zp_unsigned = np.round(-low64 / scale)
-    if levels == 255:  # narrow range: int8 levels [-127, 127]
-        zp = (zp_unsigned - 127).astype(np.int8)
-    elif levels == 256 and np.all(zp_unsigned == 128):
+    center = levels // 2
+    if np.all(zp_unsigned == center):  # a symmetric signed grid: int8 around 0 ([-127, 127] for 255 levels)
         zp = np.zeros_like(zp_unsigned, dtype=np.int8)
-    elif levels == 256:
-        zp = np.clip(zp_unsigned, 0, 255).astype(np.uint8)
     else:
-        raise UnsupportedOpError(f"QDQ writes 8-bit grids only; this FakeQuantize has {levels} levels")
+        zp = np.clip(zp_unsigned, 0, 255).astype(np.uint8)
     if axis is None:
         return QDQParams(scale.astype(np.float32).reshape(()), zp.reshape(()), None)
     return QDQParams(scale.astype(np.float32), zp, axis)

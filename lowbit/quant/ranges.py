@@ -8,6 +8,7 @@ spaced points. Conventions (as in NNCF, so the step is max/127 for 8 bits):
 - symmetric signed, 255 levels:   [-m, m]               (narrow range; int8 [-127, 127])
 - symmetric unsigned, 256 levels: [0, m]                (uint8, zero point 0), when the minimum is >= 0
 - asymmetric, 256 levels:         [lo, hi] widened to contain 0, then shifted so 0 is a level (uint8)
+- half range (overflow fix), 127 levels: [-m, m]        (int8 [-63, 63])
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ class FQRange:
     high: np.ndarray
 
 
-def fq_range(config: QuantizerConfig, lo, hi) -> FQRange:
-    """The range of a quantizer of `config` over values in [lo, hi] (scalars or per-channel arrays)."""
+def fq_range(config: QuantizerConfig, lo, hi, half_range: bool = False) -> FQRange:
+    """The range of a quantizer of `config` over values in [lo, hi] (scalars or per-channel arrays).
+
+    half_range=True (the overflow fix, for signed symmetric weights) uses half
+    the integer grid, [-63, 63] for 8 bits, so that x86 kernels without VNNI,
+    which add pairs of u8 x s8 products in 16 bits, cannot saturate.
+    """
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     levels = 2 ** config.bits - (1 if config.narrow_range else 0)
+    if half_range and config.symmetric and config.signed is not False:
+        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
+        return FQRange(2 ** (config.bits - 1) - 1, (-m).astype(np.float32), m.astype(np.float32))
     if config.symmetric:
         m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
         signed = config.signed if config.signed is not None else bool(np.any(lo < 0))
