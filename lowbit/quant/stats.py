@@ -63,10 +63,10 @@ class ChannelMean:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().double()
+        x = x.detach()
         axis = self.axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
-        s = x.sum(dim=dims)
+        s = x.sum(dim=dims, dtype=torch.float64)
         self.total = s if self.total is None else self.total + s
         self.count += x.numel() // x.shape[axis]
 
