@@ -28,10 +28,14 @@ def _unclaimed(m: Match) -> bool:
     return len(m.nodes) > 1 and all("fused" not in n.meta for n in m.nodes)
 
 
+def _free(node) -> bool:
+    return "fused" not in node.meta
+
+
 def fusion_rules() -> RuleSet:
-    """One rule per root alternative of every registered fused pattern, in library order."""
-    return RuleSet(Rule(name, root, _mark(name), where=_unclaimed)
-                   for name, pattern in FUSED_PATTERNS for root in rooted(pattern))
+    """One rule per multi-node root alternative of every registered fused pattern, in library order."""
+    return RuleSet(Rule(name, root, _mark(name), where=_unclaimed, precheck=_free)
+                   for name, pattern in FUSED_PATTERNS for root in rooted(pattern) if root.size() > 1)
 
 
 def fusion_groups(graph: Graph) -> dict[str, list]:
@@ -51,5 +55,6 @@ class Fuse(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         for node in graph:
             node.meta.pop("fused", None)
-        fired = fusion_rules().apply(graph, reverse=True)
+        # One sweep is the fixed point: marking creates no new matches.
+        fired = fusion_rules().apply_once(graph, reverse=True)
         return PassResult(graph, changed=bool(fired), fired=fired)

@@ -56,7 +56,7 @@ def _bind(b: Bindings, name: str | None, obj: AnyType, trace: Trace, what: str) 
         return b
     if name in b:
         if b[name] is not obj:
-            trace.fail(f"{what} must be the same as capture {name!r}")
+            trace.fail(lambda: f"{what} must be the same as capture {name!r}")
             return None
         return b
     return {**b, name: obj}
@@ -85,10 +85,10 @@ class Const(Pattern):
 
     def match(self, value, b, trace):
         if value is None or value.const is None:
-            trace.fail(f"expected a constant, got {_describe(value)}")
+            trace.fail(lambda: f"expected a constant, got {_describe(value)}")
             return
         if self.where is not None and not self.where(value.const):
-            trace.fail(f"constant {value.name!r} fails its predicate")
+            trace.fail(lambda: f"constant {value.name!r} fails its predicate")
             return
         nb = _bind(b, self.name, value, trace, f"constant {value.name!r}")
         if nb is not None:
@@ -118,29 +118,29 @@ class P(Pattern):
     def match(self, value, b, trace):
         node = value.producer if value is not None else None
         if node is None or node.op_type not in self.ops or node.domain != self.domain:
-            trace.fail(f"expected {_ops_text(self.ops)}, got {_describe(value)}")
+            trace.fail(lambda: f"expected {_ops_text(self.ops)}, got {_describe(value)}")
             return
         if value.index != 0 and len(node.outputs) > 1:
-            trace.fail(f"expected output 0 of {node.name!r}, got output {value.index}")
+            trace.fail(lambda: f"expected output 0 of {node.name!r}, got output {value.index}")
             return
         yield from self.match_node(node, b, trace)
 
     def match_node(self, node: Node, b: Bindings, trace: Trace) -> Iterator[Bindings]:
         """Match this pattern rooted at `node` itself."""
         if node.op_type not in self.ops or node.domain != self.domain:
-            trace.fail(f"expected {_ops_text(self.ops)}, got {node.op_type} ({node.name!r})")
+            trace.fail(lambda: f"expected {_ops_text(self.ops)}, got {node.op_type} ({node.name!r})")
             return
         for key, want in self.attrs.items():
             have = node.attrs.get(key, _DEFAULTS.get((node.op_type, key)))
             ok = want(have) if callable(want) else have == want
             if not ok:
-                trace.fail(f"{node.op_type} {node.name!r}: attribute {key}={have!r} does not satisfy {want!r}")
+                trace.fail(lambda: f"{node.op_type} {node.name!r}: attribute {key}={have!r} does not satisfy {want!r}")
                 return
         if self.where is not None and not self.where(node):
-            trace.fail(f"{node.op_type} {node.name!r} fails its predicate")
+            trace.fail(lambda: f"{node.op_type} {node.name!r} fails its predicate")
             return
         if len(node.inputs) < len(self.inputs):
-            trace.fail(f"{node.op_type} {node.name!r} has {len(node.inputs)} inputs, the pattern wants "
+            trace.fail(lambda: f"{node.op_type} {node.name!r} has {len(node.inputs)} inputs, the pattern wants "
                        f"{len(self.inputs)}")
             return
         nb = _bind(b, self.name, node, trace, f"node {node.name!r}")
@@ -243,9 +243,11 @@ class Trace:
             self.depth -= 1
             self.path.pop()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason) -> None:
+        """Record why matching stopped; `reason` is a string or a function giving one (built only if enabled)."""
         if self.enabled and self.depth > self.best_depth:
-            self.best_depth, self.best_reason, self.best_path = self.depth, reason, list(self.path)
+            text = reason() if callable(reason) else reason
+            self.best_depth, self.best_reason, self.best_path = self.depth, text, list(self.path)
 
 
 NO_TRACE = Trace(False)

@@ -66,15 +66,16 @@ class Rule:
     `replace(match)` either returns the value(s) that replace the root's
     outputs (matched nodes left without users are then removed), or changes
     the graph itself and returns None; returning False declines.
-    `where(match)` can reject a structural match.
+    `where(match)` can reject a structural match; `precheck(root_node)` is a
+    cheap test run before any matching.
     """
 
     def __init__(self, name: str, pattern: P, replace: Replace, where: Callable[[Match], bool] | None = None,
-                 check_interior: bool = True):
+                 check_interior: bool = True, precheck: Callable[[Node], bool] | None = None):
         if not isinstance(pattern, P):
             raise TypeError(f"rule {name!r}: the root of a rule's pattern must be a P(...)")
         self.name, self.pattern, self.replace, self.where = name, pattern, replace, where
-        self.check_interior = check_interior
+        self.check_interior, self.precheck = check_interior, precheck
         self._input_ops = [p.ops if isinstance(p, P) else None for p in pattern.inputs]
 
     @property
@@ -83,6 +84,8 @@ class Rule:
 
     def quick_reject(self, node: Node) -> bool:
         """True when the node's inputs cannot match: cheap, before any backtracking."""
+        if self.precheck is not None and not self.precheck(node):
+            return True
         producers = [v.producer.op_type if v is not None and v.producer is not None else None for v in node.inputs]
         if self.pattern.commutative:
             return not all(ops is None or any(p in ops for p in producers[:2]) for ops in self._input_ops)
@@ -95,10 +98,10 @@ class Rule:
             if self.check_interior:
                 reason = interior_ok(node, list(m.nodes))
                 if reason is not None:
-                    trace.fail(f"the match would split a shared value: {reason}")
+                    trace.fail(lambda: f"the match would split a shared value: {reason}")
                     continue
             if self.where is not None and not self.where(m):
-                trace.fail(f"rule {self.name!r}: its where() rejected the match at {node.name!r}")
+                trace.fail(lambda: f"rule {self.name!r}: its where() rejected the match at {node.name!r}")
                 continue
             return m
         return None
