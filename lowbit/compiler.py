@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import codegen, lower
-from .errors import DatasetError, UnsupportedModelError
+from .errors import CaptureError, DatasetError, UnsupportedModelError
 from .ir.graph import Graph
 from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, Pass, PassContext, PassManager
 
@@ -81,9 +81,18 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
-    if example_inputs is None and dataset is not None and origin_target(model) == "torch":
+    from_dataset = example_inputs is None and dataset is not None and origin_target(model) == "torch"
+    if from_dataset:
         example_inputs = _example_from_dataset(dataset)
-    graph = lower(model, example_inputs)
+    try:
+        graph = lower(model, example_inputs)
+    except CaptureError as e:
+        if not from_dataset:
+            raise
+        got = ", ".join(f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}"
+                        for x in example_inputs)
+        raise DatasetError(f"dataset item 0 ({got}) cannot be fed to {type(model).__name__}: "
+                           f"{e.__cause__ or e}. Fix transform_fn so it returns what forward() takes") from e
     options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
                                  ("range_estimator", range_estimator)) if v is not None}
     options.update(progress=progress, overflow_fix=overflow_fix)

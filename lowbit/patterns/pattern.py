@@ -139,16 +139,15 @@ class P(Pattern):
         if self.where is not None and not self.where(node):
             trace.fail(lambda: f"{node.op_type} {node.name!r} fails its predicate")
             return
-        if len(node.inputs) < len(self.inputs):
-            trace.fail(lambda: f"{node.op_type} {node.name!r} has {len(node.inputs)} inputs, the pattern wants "
-                       f"{len(self.inputs)}")
-            return
         nb = _bind(b, self.name, node, trace, f"node {node.name!r}")
         if nb is None:
             return
         nb = {**nb, NODES: (*nb.get(NODES, ()), node)}
         trace.progress(node)
-        orders = [node.inputs[:2], node.inputs[1::-1]] if self.commutative else [node.inputs]
+        inputs = node.inputs
+        if len(inputs) < len(self.inputs):  # inputs left off the end are omitted optional inputs
+            inputs = inputs + (None,) * (len(self.inputs) - len(inputs))
+        orders = [inputs[:2], inputs[1::-1]] if self.commutative else [inputs]
         for inputs in orders:
             yield from _match_inputs(self.inputs, inputs, nb, trace)
         trace.retreat(node)
