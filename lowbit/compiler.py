@@ -54,7 +54,11 @@ def _example_from_dataset(dataset: Any) -> tuple:
 def _writeback(graph: Graph, model: Any) -> Any:
     result = codegen(graph, origin_target(model))
     if origin_target(model) == "torch":
+        from .ir.torch_emit import keep_on_copy
+
         result.lowbit_graph = graph  # what export() writes; its constants follow the module's parameters
+        keep_on_copy(result, "lowbit_graph")
+        result.train(bool(getattr(model, "training", False)))
     return result
 
 
@@ -81,6 +85,10 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 
     if overflow_fix not in OVERFLOW_FIX:
         raise ValueError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
+    from .passes import resolve
+
+    if passes is not None:
+        passes = [resolve(p) for p in passes]  # an unknown pass name fails before the model is captured
     from_dataset = example_inputs is None and dataset is not None and origin_target(model) == "torch"
     if from_dataset:
         example_inputs = _example_from_dataset(dataset)
@@ -122,6 +130,12 @@ def graph_of(model: Any) -> Graph:
     """The IR behind what compile/quantize returned, with a torch module's current weights and ranges."""
     graph = getattr(model, "lowbit_graph", None)
     if graph is None:
+        from .ir.torch_fq import FakeQuantize
+
+        if any(isinstance(m, FakeQuantize) for m in getattr(model, "modules", lambda: [])()):
+            raise UnsupportedModelError(
+                f"this {type(model).__name__} holds lowbit FakeQuantize modules but not the graph they came from "
+                "(lowbit_graph): export the module lowbit.compile/quantize returned, or a copy.deepcopy of it")
         return lower(model)
     import numpy as np
 

@@ -70,7 +70,12 @@ class _Emitter:
         if id(v) not in self.env:
             if v.const is None:
                 raise UnsupportedOpError(f"value {v.name!r} is used before it is computed")
-            self.env[id(v)] = self.fx.get_attr(self._register(v))
+            if v.meta.get("torch_transposed") and v.const.ndim == 2:
+                # a Linear weight the IR holds as W.T: the module keeps the user's layout, transposed on use
+                original = self.fx.get_attr(self._register(v, np.ascontiguousarray(v.const.T)))
+                self.env[id(v)] = self.call(aten.t.default, original)
+            else:
+                self.env[id(v)] = self.fx.get_attr(self._register(v))
         return self.env[id(v)]
 
     def scalar(self, v: Value | None) -> Any:
@@ -144,7 +149,13 @@ class _Emitter:
         self.fx.output(out)
         gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule")
         gm.lowbit_names = dict(self.names)  # IR constant / FakeQuantize node name -> attribute path in gm
+        keep_on_copy(gm, "lowbit_names")
         return gm
+
+
+def keep_on_copy(gm: fx.GraphModule, name: str) -> None:
+    """Make attribute `name` survive copy.deepcopy of the GraphModule (fx drops unknown attributes)."""
+    gm.meta.setdefault("_user_preserved_attributes", {})[name] = getattr(gm, name)
 
 
 def to_torch(graph: Graph) -> fx.GraphModule:

@@ -18,4 +18,6 @@ class FoldBatchNorm(Pass):
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         fired = rules.apply(graph)
+        if fired:
+            graph.remove_unused_constants()  # the folded BatchNormalizations' statistics
         return PassResult(graph, changed=bool(fired), fired=fired)

@@ -87,6 +87,11 @@ class IgnoredScope:
         if not self.validate:
             return
         close = difflib.get_close_matches(entry, candidates, n=5, cutoff=0.4)
-        hint = f"; closest: {', '.join(close)}" if close else ""
+        if close:
+            hint = f"; closest: {', '.join(close)}"
+        elif kind == "type":
+            hint = f"; the model has: {', '.join(candidates)}"
+        else:
+            hint = ""
         raise IgnoredScopeError(f"ignored scope {kind} {entry!r} matches no node of the model{hint}. Node names "
                                 "are those `print(lowbit.lower(model))` shows")

@@ -1,0 +1,439 @@
+"""The built-in passes, each checked for structure (exact node counts, rules fired, groups) and numerics.
+
+fold_bn must remove every foldable BatchNormalization and keep outputs within
+1e-5 of the original torch model (through torch codegen and ONNX Runtime);
+cleanup must drop what computes nothing and fold constants without changing
+outputs; fuse only annotates, so outputs stay bit-identical.
+"""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from conftest import run_onnx
+from models import REFERENCE_MODELS, randomize_batchnorm
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+from lowbit.ir.text import parse_graph
+from lowbit.passes import PassManager
+from lowbit.passes.fuse import fusion_groups
+from lowbit.patterns import Const, P
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# -- models -----------------------------------------------------------------------
+
+class ConvNoBiasBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class LinearBN(nn.Module):
+    """Linear (2D, a Gemm) + BatchNorm1d, with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.fc2 = nn.Linear(6, 4, bias=False)
+        self.bn2 = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
+
+
+class GroupedBN(nn.Module):
+    """Grouped conv + BN, then depthwise conv (no bias) + BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.depthwise(torch.relu(self.bn1(self.grouped(x)))))
+
+
+class SharedConv(nn.Module):
+    """The Conv output feeds the BN and a ReLU: folding would change what the ReLU sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + torch.relu(y)
+
+
+class ConvSwish(nn.Module):
+    """Conv -> BN -> y * sigmoid(y) written by hand, then Conv -> scale -> shift -> Tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(y)
+        return torch.tanh(self.conv2(y) * 2.0 + 1.0)
+
+
+def _small(cls):
+    def factory():
+        torch.manual_seed(0)
+        return randomize_batchnorm(cls()).eval()
+    return factory
+
+
+SMALL_MODELS = {
+    "conv_no_bias_bn": (_small(ConvNoBiasBN), (2, 3, 8, 8)),
+    "linear_bn": (_small(LinearBN), (4, 8)),
+    "grouped_depthwise_bn": (_small(GroupedBN), (2, 8, 6, 6)),
+    "shared_conv": (_small(SharedConv), (2, 3, 8, 8)),
+    "conv_swish": (_small(ConvSwish), (2, 3, 8, 8)),
+}
+ALL_MODELS = {**REFERENCE_MODELS, **SMALL_MODELS}
+
+
+@pytest.fixture(scope="module")
+def lowered():
+    """name -> (model, example input, lowered graph); each model is lowered once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            factory, shape = ALL_MODELS[name]
+            torch.manual_seed(1)
+            model, x = factory(), torch.randn(*shape)
+            cache[name] = (model, x, lowbit.lower(model, (x,)))
+        return cache[name]
+    return get
+
+
+def _count(graph, op):
+    return sum(1 for n in graph if n.op_type == op)
+
+
+def _run(passes, graph):
+    pm = PassManager(passes)
+    return pm.run(graph), pm.records
+
+
+def _ort(graph, *arrays):
+    return run_onnx(lowbit.codegen(graph, "onnx"), {v.name: a for v, a in zip(graph.inputs, arrays)})
+
+
+def _assert_same_as_torch(model, x, graph):
+    with torch.no_grad():
+        want = model(x).numpy()
+        got_torch = lowbit.codegen(graph, "torch")(x).numpy()
+    np.testing.assert_allclose(got_torch, want, **TOL)
+    (got_ort,) = _ort(graph, x.numpy())
+    np.testing.assert_allclose(got_ort, want, **TOL)
+
+
+# -- fold_bn --------------------------------------------------------------------------
+
+# name -> (BatchNormalization nodes before, after, rules fired)
+FOLD_BN = {
+    "resnet18": (20, 0, {"fold_bn_conv": 20}),
+    "mobilenet_v2": (52, 0, {"fold_bn_conv": 52}),
+    "concat": (13, 0, {"fold_bn_conv": 13}),
+    "se": (4, 0, {"fold_bn_conv": 4}),
+    "vit": (0, 0, {}),
+    "conv_no_bias_bn": (1, 0, {"fold_bn_conv": 1}),
+    "linear_bn": (2, 0, {"fold_bn_gemm": 2}),
+    "grouped_depthwise_bn": (2, 0, {"fold_bn_conv": 2}),
+    "shared_conv": (1, 1, {}),
+}
+
+
+def test_fold_bn_table_covers_every_reference_model():
+    assert set(REFERENCE_MODELS) <= set(FOLD_BN)
+
+
+@pytest.mark.parametrize("name", list(FOLD_BN))
+def test_fold_bn_counts_and_numerics(lowered, name):
+    model, x, graph = lowered(name)
+    before, after, fired = FOLD_BN[name]
+    assert _count(graph, "BatchNormalization") == before
+    folded, records = _run(["fold_bn"], graph)
+    folded.verify()
+    assert _count(folded, "BatchNormalization") == after
+    assert dict(records[0].fired) == fired
+    assert records[0].nodes_before - records[0].nodes_after == before - after
+    assert records[0].changed is bool(fired)
+    _assert_same_as_torch(model, x, folded)
+
+
+def test_fold_bn_gives_a_bias_to_a_conv_without_one(lowered):
+    _, _, graph = lowered("conv_no_bias_bn")
+    (before,) = [n for n in graph if n.op_type == "Conv"]
+    assert before.input(2) is None
+    folded, _ = _run(["fold_bn"], graph)
+    (conv,) = [n for n in folded if n.op_type == "Conv"]
+    assert len(conv.inputs) == 3 and conv.inputs[2].const is not None
+    assert conv.inputs[2].const.shape == (8,) and conv.inputs[2].const.dtype == np.float32
+    assert conv.output.users[0].op_type == "Relu"
+
+
+def test_fold_bn_leaves_a_conv_with_another_consumer_alone(lowered):
+    _, _, graph = lowered("shared_conv")
+    folded, records = _run(["fold_bn"], graph)
+    assert [n.op_type for n in folded] == [n.op_type for n in graph] == ["Conv", "BatchNormalization", "Relu", "Add"]
+    assert records[0].fired == {} and records[0].changed is False
+    conv = folded.nodes[0]
+    assert np.array_equal(conv.inputs[1].const, graph.nodes[0].inputs[1].const)
+
+
+def test_fold_bn_does_not_modify_the_graph_given_to_the_manager(lowered):
+    _, _, graph = lowered("resnet18")
+    text = str(graph)
+    weights = {name: v.const for name, v in graph.constants.items()}
+    folded, _ = _run(["fold_bn"], graph)
+    assert folded is not graph
+    assert str(graph) == text
+    assert _count(graph, "BatchNormalization") == 20
+    assert all(graph.constants[name].const is array for name, array in weights.items())
+    graph.verify()
+
+
+def _conv_bn_onnx():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "mean"),
+             numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "var")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_fold_bn_keeps_the_output_names_of_an_onnx_model():
+    model = _conv_bn_onnx()
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = lowbit.compile(model, passes=["fold_bn"])
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    np.testing.assert_allclose(run_onnx(out, {"x": x})[0], run_onnx(model, {"x": x})[0], **TOL)
+    assert [o.name for o in out.graph.output] == ["y"], "a user fetches outputs by name: folding must keep them"
+
+
+# -- cleanup -------------------------------------------------------------------------
+
+def _cleanup_onnx():
+    """Constant -> Add(const, const) -> Mul(x, .), Identity/Dropout inside and at the outputs, a dead node."""
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Constant", [], ["c1"], name="c1",
+                         value=numpy_helper.from_array(np.array([1.0, 2.0, 3.0], np.float32))),
+        helper.make_node("Constant", [], ["c2"], name="c2",
+                         value=numpy_helper.from_array(np.array([0.5, 0.5, 0.5], np.float32))),
+        helper.make_node("Add", ["c1", "c2"], ["s"], name="add_consts"),
+        helper.make_node("Identity", ["x"], ["xi"], name="ident"),
+        helper.make_node("Dropout", ["xi"], ["xd"], name="drop"),
+        helper.make_node("Mul", ["xd", "s"], ["m"], name="mul"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Neg", ["x"], ["dead"], name="dead_neg"),
+        helper.make_node("Dropout", ["r"], ["y"], name="drop_out"),
+        helper.make_node("Identity", ["m"], ["y2"], name="ident_out"),
+    ]
+    graph = helper.make_graph(nodes, "cleanup", [helper.make_tensor_value_info("x", f32, [2, 3])],
+                              [helper.make_tensor_value_info("y", f32, [2, 3]),
+                               helper.make_tensor_value_info("y2", f32, [2, 3])],
+                              initializer=[numpy_helper.from_array(np.ones(3, np.float32), "unused_w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_cleanup_structure():
+    graph = lowbit.lower(_cleanup_onnx())
+    assert len(graph) == 10 and "unused_w" in graph.constants
+    clean, records = _run(["cleanup"], graph)
+    clean.verify()
+    assert [(n.name, n.op_type) for n in clean] == [("mul", "Mul"), ("relu", "Relu"), ("drop_out", "Dropout"),
+                                                   ("ident_out", "Identity")]
+    assert dict(records[0].fired) == {"drop_identity": 1, "drop_eval_dropout": 1, "fold_constants": 3,
+                                      "remove_dead_nodes": 1, "remove_unused_constants": 3}
+    assert (records[0].nodes_before, records[0].nodes_after) == (10, 4)
+    mul = clean.find_node("mul")
+    assert mul.inputs[0] is clean.inputs[0]                     # Identity and Dropout bypassed
+    folded = mul.inputs[1]
+    assert folded.const is not None and folded.const.tolist() == [1.5, 2.5, 3.5]
+    assert list(clean.constants) == [folded.name]               # unused_w and the folded inputs are gone
+    assert [v.name for v in clean.outputs] == ["y", "y2"]       # output Dropout/Identity keep the names
+
+
+def test_cleanup_numerics_in_onnx_runtime():
+    model = _cleanup_onnx()
+    clean, _ = _run(["cleanup"], lowbit.lower(model))
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    want = run_onnx(model, {"x": x})
+    got = _ort(clean, x)
+    assert len(got) == 2
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_cleanup_drops_the_eval_dropout_of_mobilenet(lowered):
+    model, x, graph = lowered("mobilenet_v2")
+    assert _count(graph, "Dropout") == 1
+    clean, records = _run(["cleanup"], graph)
+    assert _count(clean, "Dropout") == 0
+    assert dict(records[0].fired) == {"drop_eval_dropout": 1}
+    assert records[0].nodes_after == records[0].nodes_before - 1
+    np.testing.assert_array_equal(_ort(clean, x.numpy())[0], _ort(graph, x.numpy())[0])
+
+
+def test_cleanup_keeps_a_training_dropout():
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y"], name="drop"),
+             helper.make_node("Relu", ["y"], ["z"], name="relu")]
+    graph = helper.make_graph(nodes, "train_drop", [helper.make_tensor_value_info("x", f32, [2, 3])],
+                              [helper.make_tensor_value_info("z", f32, [2, 3])],
+                              initializer=[numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                                           numpy_helper.from_array(np.array(True), "train")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    clean, records = _run(["cleanup"], lowbit.lower(model))
+    assert [n.op_type for n in clean] == ["Dropout", "Relu"]
+    assert "drop_eval_dropout" not in records[0].fired
+
+
+# -- fuse ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet_fused(lowered):
+    _, _, graph = lowered("resnet18")
+    folded, _ = _run(["fold_bn"], graph)
+    fused, records = _run(["fuse"], folded)
+    return folded, fused, records[0]
+
+
+def test_fuse_resnet18_conv_relu_pairs(resnet_fused):
+    _, fused, record = resnet_fused
+    groups = fusion_groups(fused)
+    pairs = {k: v for k, v in groups.items() if [n.op_type for n in v] == ["Conv", "Relu"]}
+    # conv1 + the first conv of each of the 8 BasicBlocks; the second conv meets the residual Add
+    assert len(pairs) == 9
+    for key, (conv, relu) in pairs.items():
+        assert key == f"linear_bn_act:{relu.name}"
+        assert relu.inputs[0] is conv.output
+    assert record.fired["linear_bn_act"] == 9
+
+
+def test_fuse_resnet18_residual_adds_and_their_relus_are_not_grouped(resnet_fused):
+    _, fused, _ = resnet_fused
+    adds = [n for n in fused if n.op_type == "Add"]
+    assert len(adds) == 8
+    assert all("fused" not in n.meta for n in adds)
+    relus_after_add = [n for n in fused if n.op_type == "Relu" and n.inputs[0].producer.op_type == "Add"]
+    assert len(relus_after_add) == 8 and all("fused" not in n.meta for n in relus_after_add)
+    assert all("fused" not in n.meta for n in fused if n.op_type in ("MaxPool", "GlobalAveragePool", "Flatten"))
+
+
+def test_fuse_resnet18_groups_only_chains_a_quantizer_could_split(resnet_fused):
+    """A lone layer has nothing a quantizer could split: only multi-node chains become groups."""
+    _, fused, _ = resnet_fused
+    layers = [n for n in fused if n.op_type in ("Conv", "Gemm")]
+    assert len(layers) == 21
+    groups = fusion_groups(fused)
+    assert len(groups) == 9 and all(len(nodes) == 2 for nodes in groups.values())  # the 9 Conv->Relu pairs
+    ungrouped = [n for n in layers if "fused" not in n.meta]
+    # the 8 second convs and 3 downsample convs feed a residual Add; the classifier Gemm is last
+    assert sorted(n.op_type for n in ungrouped) == ["Conv"] * 11 + ["Gemm"]
+    assert all(n.output.users[0].op_type == "Add" for n in ungrouped if n.op_type == "Conv")
+
+
+def test_fuse_does_not_change_numerics_and_annotations_parse_back(resnet_fused, lowered):
+    _, x, _ = lowered("resnet18")
+    folded, fused, _ = resnet_fused
+    assert [n.name for n in fused] == [n.name for n in folded]
+    for a, b in zip(folded, fused):
+        assert a.inputs and [v.name for v in a.inputs if v] == [v.name for v in b.inputs if v]
+    np.testing.assert_array_equal(_ort(fused, x.numpy())[0], _ort(folded, x.numpy())[0])
+    text = str(fused)
+    annotated = [line for line in text.splitlines() if '  # {"fused": "' in line]
+    assert len(annotated) == sum(1 for n in fused if "fused" in n.meta) > 0
+    assert '# {"fused": "linear_bn_act:relu"}' in text
+    parsed = parse_graph(text, constants={k: v.const for k, v in fused.constants.items()})
+    assert {n.name: n.meta.get("fused") for n in parsed} == {n.name: n.meta.get("fused") for n in fused}
+    assert str(parsed) == text
+
+
+def test_fuse_mobilenet_v2_conv_clip_groups(lowered):
+    _, _, graph = lowered("mobilenet_v2")
+    fused, records = _run(["fold_bn", "fuse"], graph)
+    groups = fusion_groups(fused)
+    clip_groups = {k: v for k, v in groups.items() if v[-1].op_type == "Clip"}
+    assert len(clip_groups) == _count(fused, "Clip") == 35
+    for key, nodes in clip_groups.items():
+        assert [n.op_type for n in nodes] == ["Conv", "Clip"]
+        assert key == f"linear_bn_act:{nodes[1].name}"
+    assert records[1].fired["linear_bn_act"] == 35
+    assert all("fused" not in n.meta for n in fused if n.op_type == "Add")
+
+
+def test_fuse_groups_x_times_sigmoid_x_with_its_conv(lowered):
+    _, x, graph = lowered("conv_swish")
+    fused, records = _run(["fold_bn", "fuse"], graph)
+    groups = fusion_groups(fused)
+    assert [n.op_type for n in groups["linear_bn_act:mul"]] == ["Conv", "Sigmoid", "Mul"]
+    assert [n.op_type for n in groups["scale_shift:add"]] == ["Mul", "Add"]
+    assert all(n.name != "tanh" for nodes in groups.values() for n in nodes)
+    # without fold_bn the BatchNormalization is inside the group
+    unfolded, _ = _run(["fuse"], graph)
+    assert [n.op_type for n in fusion_groups(unfolded)["linear_bn_act:mul"]] == [
+        "Conv", "BatchNormalization", "Sigmoid", "Mul"]
+    np.testing.assert_array_equal(_ort(unfolded, x.numpy())[0], _ort(graph, x.numpy())[0])
+
+
+def test_fuse_uses_a_registered_pattern_first():
+    from lowbit.patterns.library.fused import FUSED_PATTERNS, register_fused_pattern
+
+    factory, shape = SMALL_MODELS["conv_swish"]
+    graph = lowbit.lower(factory(), (torch.randn(*shape),))
+    pattern = P("Tanh", P("Add", P("Mul", P("Conv", name="conv"), Const()), Const()), name="tanh")
+    register_fused_pattern("conv_affine_tanh", pattern)
+    try:
+        assert FUSED_PATTERNS[0][0] == "conv_affine_tanh"
+        with pytest.raises(ValueError, match="exists already"):
+            register_fused_pattern("conv_affine_tanh", pattern)
+        fused, records = _run(["fuse"], graph)
+        groups = fusion_groups(fused)
+        assert [n.op_type for n in groups["conv_affine_tanh:tanh"]] == ["Conv", "Mul", "Add", "Tanh"]
+        assert "scale_shift:add" not in groups                   # the larger user pattern claimed those nodes
+        assert records[0].fired["conv_affine_tanh"] == 1
+    finally:
+        FUSED_PATTERNS[:] = [e for e in FUSED_PATTERNS if e[0] != "conv_affine_tanh"]
+    assert "conv_affine_tanh" not in dict(FUSED_PATTERNS)
+    again, _ = _run(["fuse"], graph)
+    assert "scale_shift:add" in fusion_groups(again)
+
+
+def test_fuse_rerun_recomputes_groups_instead_of_stacking_them(lowered):
+    _, _, graph = lowered("concat")
+    once, _ = _run(["fold_bn", "fuse"], graph)
+    twice, records = _run(["fuse"], once)
+    assert {n.name: n.meta.get("fused") for n in twice} == {n.name: n.meta.get("fused") for n in once}
+    assert Counter(k.split(":")[0] for k in fusion_groups(twice))["linear_bn_act"] == 13
+    assert records[0].fired["linear_bn_act"] == 13

@@ -1,0 +1,521 @@
+"""Quantizer placement: NNCF's published counts, where each quantizer sits, unified scales, integer edges,
+presets, model types and ignored scopes."""
+
+import collections
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from models import REFERENCE_MODELS, mobilenet_v2, resnet18
+from op_models import OP_MODELS
+
+import lowbit
+from lowbit.compiler import graph_of
+from lowbit.hw_configs import load_hw_config
+from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.passes import PassContext, PassManager
+from lowbit.quant.placement import place_quantizers
+from lowbit.quant.scope import IgnoredScope, Subgraph
+
+FUSE = ["cleanup", "fold_bn", "fuse"]
+PTQ = [*FUSE, "quantize"]
+
+# NNCF's figures for torchvision's models on CPU: (weight, activation) quantizers
+NNCF_COUNTS = {"resnet18": (21, 30), "mobilenet_v2": (53, 64)}
+FACTORIES = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return FACTORIES[name](num_classes=1000).eval()
+
+
+def _fused(model, *inputs):
+    return PassManager(FUSE).run(lowbit.lower(model, inputs))
+
+
+def _random_dataset(shape, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return lowbit.Dataset([torch.randn(*shape, generator=g) for _ in range(n)])
+
+
+def _fq_nodes(graph):
+    return [n for n in graph if n.op_type == "FakeQuantize"]
+
+
+def _fq_modules(module):
+    return [m for m in module.modules() if isinstance(m, FakeQuantize)]
+
+
+def _quantize_pass(graph, dataset, **ctx):
+    """Run only the `quantize` pass on an already fused graph (no re-lowering: fast)."""
+    options = {"progress": False, **ctx.pop("options", {})}
+    return PassManager(["quantize"]).run(graph, PassContext(dataset=dataset, options=options, **ctx))
+
+
+def _fed_by_fq(value):
+    return value.producer is not None and value.producer.op_type == "FakeQuantize"
+
+
+# --------------------------------------------------------------------------- NNCF's counts
+
+
+@pytest.fixture(scope="module")
+def fused():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _fused(_model(name), torch.randn(1, 3, 32, 32))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(NNCF_COUNTS))
+def test_placement_matches_nncf_counts(fused, name):
+    points = place_quantizers(fused(name), load_hw_config("CPU"))
+    weights, activations = NNCF_COUNTS[name]
+    kinds = collections.Counter(p.kind for p in points)
+    assert (kinds["weight"], kinds["activation"]) == (weights, activations)
+    assert len(points) == weights + activations
+    # one quantizer per value: merged at branches, never duplicated
+    assert len({id(p.value) for p in points}) == len(points)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_placement_counts_independent_of_input_size(name):
+    graph = _fused(_model(name), torch.randn(1, 3, 64, 64))
+    points = place_quantizers(graph, load_hw_config("CPU"))
+    assert len(points) == sum(NNCF_COUNTS[name])
+
+
+@pytest.fixture(scope="module")
+def compiled_resnet():
+    return lowbit.compile(_model("resnet18"), PTQ, dataset=_random_dataset((1, 3, 32, 32)),
+                          example_inputs=(torch.randn(1, 3, 32, 32),), overflow_fix="disable", progress=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_mobilenet():
+    return lowbit.compile(_model("mobilenet_v2"), PTQ, dataset=_random_dataset((1, 3, 32, 32)),
+                          example_inputs=(torch.randn(1, 3, 32, 32),), overflow_fix="disable", progress=False)
+
+
+def test_compiled_resnet18_has_51_fake_quantize_modules(compiled_resnet):
+    assert isinstance(compiled_resnet, torch.nn.Module)
+    fqs = _fq_modules(compiled_resnet)
+    assert len(fqs) == 51
+    assert sum(m.low.dim() > 0 for m in fqs) == 21  # weights: per channel
+    assert sum(m.low.dim() == 0 for m in fqs) == 30  # activations: per tensor
+    assert len(_fq_nodes(graph_of(compiled_resnet))) == 51
+
+
+def test_compiled_mobilenet_v2_has_117_fake_quantize_modules(compiled_mobilenet):
+    fqs = _fq_modules(compiled_mobilenet)
+    assert len(fqs) == 117
+    assert sum(m.low.dim() > 0 for m in fqs) == 53
+    assert sum(m.low.dim() == 0 for m in fqs) == 64
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_exported_onnx_qdq_counts(request, tmp_path, name):
+    q = request.getfixturevalue("compiled_resnet" if name == "resnet18" else "compiled_mobilenet")
+    path = lowbit.export(q, tmp_path / f"{name}.onnx")
+    model = onnx.load(str(path))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    weights, activations = NNCF_COUNTS[name]
+    # activations: QuantizeLinear -> DequantizeLinear; weights: integer initializer -> DequantizeLinear
+    assert ops["QuantizeLinear"] == activations
+    assert ops["DequantizeLinear"] == weights + activations
+    inits = {i.name: i for i in model.graph.initializer}
+    dq_of_init = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(dq_of_init) == weights
+    assert all(inits[n.input[0]].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) for n in dq_of_init)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert producers[node.input[1]].op_type == "DequantizeLinear", node.name  # no float weight is left
+
+
+# --------------------------------------------------------------------------- positions (ResNet18)
+
+
+def test_stem_quantizer_moves_up_through_maxpool(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    pools = [n for n in graph if n.op_type == "MaxPool"]
+    assert len(pools) == 1
+    pool = pools[0]
+    fq = pool.input(0).producer
+    assert fq.op_type == "FakeQuantize"
+    assert fq.input(0).producer.op_type == "Relu"
+    assert fq.output.users == [pool]
+    # the pool's consumers (a Conv and the first residual Add) read it directly
+    assert sorted(u.op_type for u in pool.output.users) == ["Add", "Conv"]
+    assert not any(u.op_type == "FakeQuantize" for u in pool.output.users)
+
+
+def test_branch_value_has_one_quantizer_for_conv_and_add(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    shared = 0
+    for add in (n for n in graph if n.op_type == "Add"):
+        for v in add.inputs:
+            if _fed_by_fq(v) and v.producer.input(0).producer.op_type == "Relu":
+                fq = v.producer
+                relu_out = fq.input(0)
+                assert relu_out.users == [fq]  # the Relu's only reader is its one quantizer
+                assert sorted(u.op_type for u in fq.output.users) == ["Add", "Conv"]
+                shared += 1
+    assert shared == 4  # the identity shortcuts of the four non-downsampling blocks
+    # no value anywhere has two quantizers
+    for v in graph.values():
+        assert sum(u.op_type == "FakeQuantize" and u.input(0) is v for u in v.users) <= 1, v.name
+
+
+def test_downsampling_convs_share_their_input_quantizer(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    two_convs = [n for n in _fq_nodes(graph) if [u.op_type for u in n.output.users] == ["Conv", "Conv"]]
+    assert len(two_convs) == 3  # layer2/3/4: the 1x1 downsample and the 3x3 conv read one quantized value
+
+
+def test_no_quantizer_inside_a_fused_group(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    for fq in _fq_nodes(graph):
+        src = fq.input(0).producer
+        for user in fq.output.users:
+            assert not (src is not None and "fused" in src.meta and src.meta["fused"] == user.meta.get("fused")), \
+                (src.name, user.name)
+    conv_relu = 0
+    for node in graph:
+        if node.op_type == "Conv" and [u.op_type for u in node.output.users] == ["Relu"]:
+            conv_relu += 1
+    # stem + the first conv of each of the 8 blocks read Conv -> Relu with nothing between them
+    assert conv_relu == 9
+
+
+def test_model_output_is_not_quantized(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    assert [v.producer.op_type for v in graph.outputs] == ["Gemm"]
+    out = [n for n in compiled_resnet.graph.nodes if n.op == "output"][0]
+    (result,) = out.args if not isinstance(out.args[0], (tuple, list)) else out.args[0]
+    assert result.op == "call_function" and "linear" in str(result.target)
+
+
+def test_weights_per_channel_activations_per_tensor(compiled_resnet):
+    graph = graph_of(compiled_resnet)
+    weight_fqs = [n for n in _fq_nodes(graph) if n.input(0).const is not None]
+    act_fqs = [n for n in _fq_nodes(graph) if n.input(0).const is None]
+    assert (len(weight_fqs), len(act_fqs)) == (21, 30)
+    for fq in weight_fqs:
+        w = fq.input(0).const
+        user = fq.output.users[0]
+        low, high = fq.input(1).const, fq.input(2).const
+        assert fq.attrs["levels"] == 255  # narrow range: int8 [-127, 127]
+        if user.op_type == "Conv":
+            assert low.shape == (w.shape[0], 1, 1, 1)
+        else:
+            assert user.op_type == "Gemm" and low.shape == (1000, 1)
+        np.testing.assert_array_equal(low, -high)  # symmetric
+        # each channel's range is its own max |w|
+        axes = tuple(range(1, w.ndim))
+        np.testing.assert_allclose(high.reshape(-1), np.abs(w).max(axis=axes), rtol=1e-6)
+    for fq in act_fqs:
+        assert fq.attrs["levels"] == 256
+        assert np.asarray(fq.input(1).const).shape == ()
+    for m in _fq_modules(compiled_resnet):
+        if m.low.dim() == 4:
+            assert m.levels == 255 and m.low.shape[1:] == (1, 1, 1)
+
+
+@pytest.mark.parametrize("mode,levels", [("enable", 127), ("disable", 255), ("auto", None)])
+def test_overflow_fix_sets_weight_levels(fused, mode, levels):
+    if levels is None:  # auto: the half grid only where this CPU's int8 kernels would saturate
+        from lowbit.hw_configs import host_cpu_has_vnni
+
+        levels = 255 if host_cpu_has_vnni() else 127
+    graph = _quantize_pass(fused("resnet18"), _random_dataset((1, 3, 32, 32), n=1), options={"overflow_fix": mode})
+    weight_fqs = [n for n in _fq_nodes(graph) if n.input(0).const is not None]
+    assert len(weight_fqs) == 21
+    assert {fq.attrs["levels"] for fq in weight_fqs} == {levels}
+    assert {fq.attrs["levels"] for fq in _fq_nodes(graph) if fq.input(0).const is None} == {256}
+
+
+# --------------------------------------------------------------------------- unified scales on Concat
+
+
+def _concat_model():
+    factory, shape = REFERENCE_MODELS["concat"]
+    return factory(), shape
+
+
+def test_concat_inputs_share_a_group():
+    model, shape = _concat_model()
+    graph = _fused(model, torch.randn(*shape))
+    points = place_quantizers(graph, load_hw_config("CPU"))
+    concats = [n for n in graph if n.op_type == "Concat"]
+    assert len(concats) == 2
+    groups = set()
+    for cat in concats:
+        feeding = [p for p in points if any(c is cat for c, _ in p.consumers)]
+        assert len(feeding) == len(cat.inputs) == 4
+        assert len({p.group for p in feeding}) == 1 and feeding[0].group is not None
+        groups.add(feeding[0].group)
+        # the quantizer asked for the Concat's output moved up to its inputs
+        assert not any(p.value is cat.output for p in points)
+    assert len(groups) == 2  # one group per Concat
+    assert all(p.group is None for p in points if not any(c.op_type == "Concat" for c, _ in p.consumers))
+
+
+def test_concat_ranges_identical_after_compile():
+    model, shape = _concat_model()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(*shape, generator=g) for _ in range(4)]
+    q = lowbit.compile(model, PTQ, dataset=lowbit.Dataset(data), progress=False)
+    cats = [n for n in q.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(cats) == 2
+    for cat in cats:
+        fqs = [q.get_submodule(a.target) for a in cat.args[0]]
+        assert all(isinstance(m, FakeQuantize) for m in fqs)
+        for m in fqs[1:]:
+            assert torch.equal(m.low, fqs[0].low) and torch.equal(m.high, fqs[0].high)
+    # the shared range is the union of the branches' ranges (mean over samples of each sample's max)
+    branch_max = collections.defaultdict(list)
+    hooks = [getattr(model.block1, b).register_forward_hook(
+        lambda mod, inp, out, b=b: branch_max[b].append(out.flatten(1).amax(1)))
+        for b in ("branch1", "branch2", "branch3", "branch4")]
+    with torch.no_grad():
+        model(torch.cat(data))
+    for h in hooks:
+        h.remove()
+    want = max(float(torch.cat(v).mean()) for v in branch_max.values())
+    first = q.get_submodule(cats[0].args[0][0].target)
+    assert first.low.item() == 0.0
+    assert first.high.item() == pytest.approx(want, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- integer edges
+
+
+class EmbedLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, tokens):
+        return self.fc(self.emb(tokens))
+
+
+def _int_model(name):
+    torch.manual_seed(0)
+    if name == "embed_linear":
+        return EmbedLinear().eval(), (torch.randint(0, 20, (2, 6)),)
+    if name == "vit":
+        factory, shape = REFERENCE_MODELS["vit"]
+        return factory(), (torch.randn(*shape),)
+    factory, inputs, _ = OP_MODELS[name]
+    return factory().eval(), inputs(2)
+
+
+@pytest.mark.parametrize("name", ["shapes", "embed_linear", "vit"])
+def test_integer_edges_are_never_quantized(name):
+    model, inputs = _int_model(name)
+    graph = _fused(model, *inputs)
+    int_values = [v for v in graph.values() if v.dtype is not None and v.dtype.startswith(("int", "uint", "bool"))]
+    assert int_values, "the model must have integer values for this test to mean anything"
+    points = place_quantizers(graph, load_hw_config("CPU"))
+    assert points
+    assert all(p.value.dtype.startswith("float") for p in points), [(p.name, p.value.dtype) for p in points]
+    # end to end too: no FakeQuantize reads an integer value, and the outputs are still computed
+    q = lowbit.compile(model, PTQ, dataset=lowbit.Dataset([inputs]), progress=False)
+    for fq in _fq_nodes(graph_of(q)):
+        assert fq.input(0).dtype.startswith("float"), fq.name
+    with torch.no_grad():
+        q(*inputs)
+
+
+def test_embedding_quantizer_stays_below_the_lookup():
+    model, inputs = _int_model("embed_linear")
+    graph = _fused(model, *inputs)
+    points = [p for p in place_quantizers(graph, load_hw_config("CPU")) if p.kind == "activation"]
+    assert len(points) == 1
+    (p,) = points
+    # the Gather's data is a constant and its indices are int64: the request cannot move above it
+    assert p.value.producer.op_type == "Gather"
+    assert p.value is not graph.inputs[0]
+
+
+# --------------------------------------------------------------------------- presets and model types
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from examples.digits import load_digits_split, trained
+
+    x_train, _, _, _ = load_digits_split()
+    return trained("digits_cnn"), lowbit.Dataset([x_train[i:i + 8] for i in range(0, 64, 8)])
+
+
+def _activation_ranges(q):
+    out = {}
+    for fq in _fq_nodes(graph_of(q)):
+        if fq.input(0).const is None:
+            out[fq.name] = (float(fq.input(1).const), float(fq.input(2).const), fq.meta.get("config"))
+    return out
+
+
+def test_performance_preset_gives_symmetric_activations(digits):
+    model, ds = digits
+    ranges = _activation_ranges(lowbit.compile(model, PTQ, dataset=ds, preset="performance", progress=False))
+    signed = 0
+    for name, (low, high, config) in ranges.items():
+        assert config == "a8_sym", name
+        if low == 0.0:
+            continue
+        signed += 1
+        assert low == pytest.approx(-high * 128 / 127, rel=1e-6), name
+    assert signed >= 1  # the residual conv's output is signed
+
+
+def test_mixed_preset_gives_asymmetric_signed_activations(digits):
+    model, ds = digits
+    perf = _activation_ranges(lowbit.compile(model, PTQ, dataset=ds, preset="performance", progress=False))
+    mixed = _activation_ranges(lowbit.compile(model, PTQ, dataset=ds, preset="mixed", progress=False))
+    assert perf.keys() == mixed.keys()
+    asymmetric = 0
+    for name, (low, high, config) in mixed.items():
+        assert config == "a8_asym", name
+        step = (high - low) / 255
+        zero_point = -low / step
+        assert zero_point == pytest.approx(round(zero_point), abs=1e-3), name  # 0.0 is exactly a level
+        if perf[name][0] < 0:
+            assert low < 0 < high
+            assert low != pytest.approx(-high * 128 / 127, rel=1e-3), name
+            # the asymmetric range is tighter than the symmetric one
+            assert high - low < perf[name][1] - perf[name][0]
+            asymmetric += 1
+        else:
+            assert low == 0.0
+    assert asymmetric >= 1
+
+
+def _vit():
+    factory, shape = REFERENCE_MODELS["vit"]
+    g = torch.Generator().manual_seed(0)
+    return factory(), lowbit.Dataset([torch.randn(*shape, generator=g) for _ in range(2)])
+
+
+def _elementwise_fed_by_fq(graph):
+    return [n.name for n in graph if n.op_type in ("Add", "Mul") and any(_fed_by_fq(v) for v in n.inputs if v)]
+
+
+def test_transformer_model_type_leaves_add_and_mul_fp32():
+    model, ds = _vit()
+    default = graph_of(lowbit.compile(model, PTQ, dataset=ds, progress=False))
+    transformer = graph_of(lowbit.compile(model, PTQ, dataset=ds, model_type="transformer", progress=False))
+    assert _elementwise_fed_by_fq(default)  # residual adds are quantized by default ...
+    assert _elementwise_fed_by_fq(transformer) == []  # ... and not for transformers
+    fqs = _fq_nodes(transformer)
+    assert fqs and len(fqs) < len(_fq_nodes(default))
+    assert sum(fq.input(0).const is not None for fq in fqs) == 10  # every linear's weight is still quantized
+    # the linears still read quantized weights, and the MatMuls quantized (LayerNorm/Gelu) activations
+    linears = [n for n in transformer if n.op_type in ("MatMul", "Gemm")]
+    assert len(linears) == 9 and all(_fed_by_fq(n.input(1)) for n in linears)
+    for matmul in (n for n in linears if n.op_type == "MatMul"):
+        v = matmul.input(0)
+        while v.producer.op_type in ("Reshape", "Transpose"):  # the attention projections: moved up through these
+            v = v.producer.input(0)
+        assert _fed_by_fq(v), matmul.name
+    # transformer implies the mixed preset: asymmetric activations
+    assert {fq.meta.get("config") for fq in fqs if fq.input(0).const is None} == {"a8_asym"}
+
+
+# --------------------------------------------------------------------------- ignored scopes
+
+
+@pytest.fixture(scope="module")
+def resnet_fused(fused):
+    return fused("resnet18"), _random_dataset((1, 3, 32, 32), n=1)
+
+
+def _count_with(resnet_fused, scope):
+    graph, ds = resnet_fused
+    return len(_fq_nodes(_quantize_pass(graph, ds, ignored_scope=scope))), graph
+
+
+def test_no_ignored_scope_gives_51(resnet_fused):
+    assert _count_with(resnet_fused, None)[0] == 51
+
+
+@pytest.mark.parametrize("scope,expected", [
+    (IgnoredScope(names=["conv2d_2"]), 51 - 2),  # its weight and its input (read by it alone)
+    (IgnoredScope(names=["add_1"]), 51 - 1),  # its conv branch; the shortcut's quantizer still feeds a Conv
+    (IgnoredScope(names=["linear"]), 51 - 2),  # the classifier's weight and its pooled input
+    (IgnoredScope(patterns=[r"add_[1-7]"]), 51 - 10),  # 7 conv branches + 3 downsampling shortcuts
+    (IgnoredScope(patterns=[r"^conv2d_1\d$"]), 51 - 10 - 6),  # conv2d_10..19: 10 weights, 6 inputs only they read
+    (IgnoredScope(types=["Add"]), 51 - 11),  # 8 conv branches + 3 downsampling shortcuts
+    (IgnoredScope(subgraphs=[Subgraph(inputs=["conv2d_1"], outputs=["add"])]), 51 - 5),
+])
+def test_ignored_scope_removes_exactly_those_quantizers(resnet_fused, scope, expected):
+    count, graph = _count_with(resnet_fused, scope)
+    assert count == expected
+    ignored = scope.resolve(graph)
+    q = _quantize_pass(graph, resnet_fused[1], ignored_scope=scope)
+    for node in q:
+        if node.name in ignored:
+            assert not any(_fed_by_fq(v) for v in node.inputs if v is not None), node.name
+
+
+def test_ignoring_a_pool_consumer_keeps_the_quantizer_below_the_pool(resnet_fused):
+    graph, ds = resnet_fused
+    q = _quantize_pass(graph, ds, ignored_scope=IgnoredScope(names=["conv2d_1"]))
+    assert len(_fq_nodes(q)) == 50  # only conv2d_1's weight is gone
+    pool = next(n for n in q if n.op_type == "MaxPool")
+    assert not _fed_by_fq(pool.input(0))  # the add alone asks now: its quantizer stays after the pool
+    users = pool.output.users
+    assert sorted(u.op_type for u in users) == ["Conv", "FakeQuantize"]
+    fq = next(u for u in users if u.op_type == "FakeQuantize")
+    assert [u.name for u in fq.output.users] == ["add"]
+
+
+def test_types_add_removes_add_input_quantizers(resnet_fused):
+    graph, ds = resnet_fused
+    q = _quantize_pass(graph, ds, ignored_scope=IgnoredScope(types=["Add"]))
+    adds = [n for n in q if n.op_type == "Add"]
+    assert len(adds) == 8
+    assert not any(_fed_by_fq(v) for n in adds for v in n.inputs)
+
+
+@pytest.mark.parametrize("scope,kind,closest", [
+    (IgnoredScope(names=["conv2d_99"]), "name", "conv2d_9"),
+    (IgnoredScope(names=["maxpool2d"]), "name", "max_pool2d"),
+    (IgnoredScope(types=["Conv2d"]), "type", "Conv"),
+    (IgnoredScope(patterns=["layer4.*conv"]), "pattern", None),
+    (IgnoredScope(subgraphs=[Subgraph(inputs=["conv2d_1"], outputs=["ad"])]), "subgraph node", "add"),
+])
+def test_ignored_scope_entry_matching_nothing(resnet_fused, scope, kind, closest):
+    graph, ds = resnet_fused
+    with pytest.raises(lowbit.IgnoredScopeError) as info:
+        _quantize_pass(graph, ds, ignored_scope=scope)
+    message = str(info.value)
+    assert f"ignored scope {kind} " in message and "matches no node" in message
+    if closest is not None:
+        assert "closest:" in message
+        assert closest in re.split(r"closest:", message)[1].split(".")[0].replace(" ", "").split(",")
+
+
+def test_ignored_scope_without_validation_ignores_unknown_entries(resnet_fused):
+    scope = IgnoredScope(names=["conv2d_2", "no_such_node"], validate=False)
+    assert _count_with(resnet_fused, scope)[0] == 49
+
+
+def test_ignored_scope_through_compile():
+    model, shape = _concat_model()
+    ds = lowbit.Dataset([torch.randn(*shape)])
+    full = lowbit.compile(model, PTQ, dataset=ds, progress=False)
+    part = lowbit.compile(model, PTQ, dataset=ds, ignored_scope=IgnoredScope(types=["Gemm"]), progress=False)
+    # the classifier's weight and the pooled input only it reads
+    assert len(_fq_modules(full)) - len(_fq_modules(part)) == 2
+    with pytest.raises(lowbit.IgnoredScopeError, match="closest: Gemm"):
+        lowbit.compile(model, PTQ, dataset=ds, ignored_scope=IgnoredScope(types=["Gem"]), progress=False)
