@@ -38,6 +38,8 @@ class GraphRunner:
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            # ORT's workers busy-wait after each run by default, starving the statistics reduced between runs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(to_onnx(tapped).SerializeToString(), options,
                                                 providers=["CPUExecutionProvider"])
             self.input_names = inputs
