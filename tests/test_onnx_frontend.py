@@ -230,6 +230,19 @@ def test_optional_empty_inputs_are_kept_empty(opset):
     assert list(written["resize"].input) == ["a_clip", "roi" if opset < 13 else "", "scales"]
 
 
+def test_omitted_trailing_optional_inputs_are_left_out():
+    """Conv without bias is written Conv(x, W), not Conv(x, W, ''): tools such as NNCF read '' as a bias name."""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = lowbit.lower(conv, (x,))
+    node = next(n for n in graph.nodes if n.op_type == "Conv")
+    written = lowbit.codegen(graph, "onnx")
+    proto = next(n for n in written.graph.node if n.op_type == "Conv")
+    assert list(proto.input) == [v.name for v in node.inputs if v is not None]
+    assert len(proto.input) == 2
+    np.testing.assert_allclose(run_onnx(written, {written.graph.input[0].name: x.numpy()})[0], conv(x).detach().numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("opset", [13, 18])
 def test_initializer_listed_as_input_is_a_constant_that_stays_overridable(opset):
     model = build_model(opset, initializer_as_input=True)

@@ -173,8 +173,11 @@ def _attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
 
 def _node_proto(node: Node) -> onnx.NodeProto:
     types = node.meta.get("onnx_attr_types", {})
-    proto = helper.make_node(node.op_type, ["" if v is None else v.name for v in node.inputs],
-                             [v.name for v in node.outputs], name=node.name, domain=node.domain or None)
+    inputs = ["" if v is None else v.name for v in node.inputs]
+    while inputs and inputs[-1] == "":  # an omitted trailing optional input is left out, as ONNX writers do
+        inputs.pop()
+    proto = helper.make_node(node.op_type, inputs, [v.name for v in node.outputs], name=node.name,
+                             domain=node.domain or None)
     proto.attribute.extend(_attribute(k, v, types.get(k)) for k, v in node.attrs.items())
     if "doc_string" in node.meta:
         proto.doc_string = node.meta["doc_string"]
