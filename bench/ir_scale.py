@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowbit
+import report
 from lowbit.ir.torch_fx import capture
 
 
@@ -117,6 +118,8 @@ def main(argv=None) -> list[dict]:
         per = lambda k: f"{r[k]:.2f} ({1e6 * r[k] / r['nodes']:.0f})"  # noqa: E731
         chain.add_row(str(r["nodes"]), per("lower"), per("text"), per("onnx"))
     console.print(chain)
+    command = " ".join(["python bench/ir_scale.py", *(argv or [])])
+    console.print(f"Markdown: {report.write('ir_scale', 'IR scale: lowering and codegen time per node', [table, chain], command)}")
     return rows
 
 

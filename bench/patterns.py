@@ -39,6 +39,8 @@ from lowbit.ir.graph import Graph, Value
 from lowbit.passes.fuse import fusion_groups, fusion_rules
 from lowbit.patterns.library.fused import ACTIVATION_OPS, LINEAR_OPS
 
+import report  # bench/report.py: the script's own directory is on sys.path
+
 NX_DEFAULT_LIMIT = 10_000  # networkx runs above this size only with --full
 
 
@@ -255,7 +257,10 @@ def main(argv=None) -> list[dict]:
             nx_cells = [f"{r['networkx']:.2f}", us(r["networkx"]), str(r["nx_groups"]), f"{r['nx_convert']:.2f}",
                         f"{r['networkx'] / r['lowbit']:.1f}x"]
         table.add_row(str(r["nodes"]), f"{r['lowbit']:.3f}", us(r["lowbit"]), str(r["groups"]), *nx_cells)
-    Console(width=140).print(table)
+    console = Console(width=140)
+    console.print(table)
+    command = " ".join(["python bench/patterns.py", *(argv or [])])
+    console.print(f"Markdown: {report.write('patterns', 'Fused-pattern matching: lowbit vs networkx', [table], command)}")
     return rows
 
 

@@ -6,6 +6,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import ir_scale  # noqa: E402
+import patterns  # noqa: E402
+import ptq  # noqa: E402
 
 if __name__ == "__main__":
     ir_scale.main([])
+    patterns.main([])
+    ptq.main([])
