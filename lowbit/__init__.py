@@ -11,13 +11,13 @@ from .api import codegen, lower
 from .compiler import compile, export, quantize
 from .quant import Dataset, IgnoredScope
 from .errors import (CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError,
-                     LowbitError, MissingExampleInputsError, ModelLoadError, PassError, RuleLoopError,
+                     LowbitError, MissingExampleInputsError, ModelLoadError, OptionError, PassError, RuleLoopError,
                      TextParseError, UnknownPassError, UnknownTargetError, UnsupportedModelError,
                      UnsupportedOpError)
 
 __version__ = "0.1.0"
 
 __all__ = ["lower", "codegen", "compile", "quantize", "export", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "CaptureError", "DumpError",
-           "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "MissingExampleInputsError", "ModelLoadError", "PassError", "RuleLoopError",
+           "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .api import codegen, lower
-from .errors import CaptureError, DatasetError, UnsupportedModelError
+from .errors import CaptureError, DatasetError, OptionError, UnsupportedModelError
 from .ir.graph import Graph
-from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, Pass, PassContext, PassManager
+from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, TRANSFORMER_PTQ_PIPELINE, Pass, PassContext, PassManager
 
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = ("transformer",)
@@ -30,14 +30,19 @@ def origin_target(model: Any) -> str:
     return "torch"
 
 
-def default_pipeline(hw: Any = "CPU", dataset: Any = None) -> list[str]:
-    """The passes `compile` runs when none are named: with calibration data, the full PTQ pipeline."""
-    return list(PTQ_PIPELINE if dataset is not None else DEFAULT_PIPELINE)
+def default_pipeline(hw: Any = "CPU", dataset: Any = None, model_type: str | None = None) -> list[str]:
+    """The passes `compile` runs when none are named: with calibration data, the full PTQ pipeline
+    (for transformers with smooth_quant before quantize, as NNCF does)."""
+    if dataset is None:
+        return list(DEFAULT_PIPELINE)
+    return list(TRANSFORMER_PTQ_PIPELINE if model_type == "transformer" else PTQ_PIPELINE)
 
 
 def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassContext,
                  dump_dir: str | Path | None = None) -> tuple[Graph, PassManager]:
-    pm = PassManager(default_pipeline(ctx.hw, ctx.dataset) if passes is None else passes, dump_dir=dump_dir)
+    if passes is None:
+        passes = default_pipeline(ctx.hw, ctx.dataset, ctx.options.get("model_type"))
+    pm = PassManager(passes, dump_dir=dump_dir)
     return pm.run(graph, ctx), pm
 
 
@@ -69,22 +74,23 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
-    quantization: cleanup, fold_bn, fuse, quantize, fast_bias_correction.
+    quantization: cleanup, fold_bn, fuse, quantize, fast_bias_correction (with
+    `model_type="transformer"`, smooth_quant before quantize).
     """
     from .hw_configs import load_hw_config
     from .quant.stats import RANGE_ESTIMATORS
 
     load_hw_config(hw)  # an unknown device fails before any work
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise OptionError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
     if model_type is not None and model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)} or None")
+        raise OptionError(f"unknown model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)} or None")
     if range_estimator is not None and range_estimator not in RANGE_ESTIMATORS:
-        raise ValueError(f"unknown range_estimator {range_estimator!r}: use one of {', '.join(RANGE_ESTIMATORS)}")
+        raise OptionError(f"unknown range_estimator {range_estimator!r}: use one of {', '.join(RANGE_ESTIMATORS)}")
     from .passes.quantize import OVERFLOW_FIX
 
     if overflow_fix not in OVERFLOW_FIX:
-        raise ValueError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
+        raise OptionError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
     from .passes import resolve
 
     if passes is not None:
@@ -120,7 +126,8 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
     model as an onnx.ModelProto in QDQ form. `overflow_fix="auto"` uses 7-bit
     weight grids when this CPU lacks VNNI (see passes/quantize.py).
     """
-    passes = [p for p in PTQ_PIPELINE if fast_bias_correction or p != "fast_bias_correction"]
+    pipeline = default_pipeline(target_device, calibration_dataset, model_type)
+    passes = [p for p in pipeline if fast_bias_correction or p != "fast_bias_correction"]
     return compile(model, passes, hw=target_device, dataset=calibration_dataset, example_inputs=example_inputs,
                    subset_size=subset_size, ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset,
                    model_type=model_type, overflow_fix=overflow_fix)

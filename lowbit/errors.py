@@ -68,3 +68,7 @@ class DatasetError(LowbitError):
 
 class IgnoredScopeError(LowbitError):
     """An ignored-scope entry matches nothing in the model."""
+
+
+class OptionError(LowbitError, ValueError):
+    """An option of compile/quantize or of a pass has a value lowbit does not know."""

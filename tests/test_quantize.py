@@ -345,9 +345,15 @@ def test_percentile_ranges(by_estimator):
             assert torch.equal(m.high, by_estimator["min_max"][name].high)
 
 
-def test_unknown_range_estimator(model, calibration):
-    with pytest.raises(ValueError, match="min_max"):
-        lowbit.compile(model, PTQ, dataset=calibration, range_estimator="max")
+@pytest.mark.parametrize("option, value, known", [
+    ("range_estimator", "max", "mean_min_max, min_max, percentile"),
+    ("preset", "fast", "performance, mixed"),
+    ("model_type", "llm", "transformer"),
+    ("overflow_fix", "on", "auto, enable, first_layer, disable"),
+])
+def test_unknown_option_values_are_lowbit_errors_that_list_the_known_ones(model, calibration, option, value, known):
+    with pytest.raises(lowbit.OptionError, match=f"unknown {option} '{value}': use one of {known}"):
+        lowbit.compile(model, PTQ, dataset=calibration, **{option: value})
 
 
 # --------------------------------------------------------------------------- the user's model is never mutated

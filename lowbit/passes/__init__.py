@@ -9,6 +9,8 @@ from .manager import PassManager, StepRecord
 
 DEFAULT_PIPELINE = ["cleanup", "fold_bn", "fuse"]
 PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction"]
+# model_type="transformer" (as NNCF's): smooth activation outliers into the weights before placing quantizers
+TRANSFORMER_PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "smooth_quant", "quantize", "fast_bias_correction"]
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
+__all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "TRANSFORMER_PTQ_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
            "StepRecord", "register_pass", "resolve"]

@@ -37,24 +37,29 @@ def preset_for(ctx: PassContext) -> str:
     return preset
 
 
-def calibrate(graph: Graph, ctx: PassContext, ranges: list[Value], channel_means: dict[str, tuple[Value, int]],
-              estimator: str) -> tuple[dict[str, RangeStats], dict[str, ChannelMean]]:
-    """One pass over the data: range statistics for `ranges`, per-channel means for `channel_means`."""
+def collect(graph: Graph, ctx: PassContext, requests: list[tuple[Value, object]]) -> None:
+    """One pass over the calibration data, feeding each tapped value to its statistic's `update`."""
     from ..ir.runtime import GraphRunner
 
-    taps = list({v.name: v for v in [*ranges, *(v for v, _ in channel_means.values())]}.values())
+    taps = list({v.name: v for v, _ in requests}.values())
     runner = GraphRunner(graph, taps)
-    range_stats = {v.name: RangeStats(estimator) for v in ranges}
-    mean_stats = {key: ChannelMean(axis) for key, (_, axis) in channel_means.items()}
     dataset = as_dataset(ctx.dataset)
     data = batches(graph, dataset, ctx.subset_size, ctx.options.get("batch_size", 32))
     total = min(ctx.subset_size, len(dataset.data_source)) if hasattr(dataset.data_source, "__len__") else None
     for arrays in _progress(data, total, ctx):
         outs = dict(zip((v.name for v in taps), runner(arrays)))
-        for name, stats in range_stats.items():
-            stats.update(outs[name])
-        for key, stats in mean_stats.items():
-            stats.update(outs[channel_means[key][0].name])
+        for value, stat in requests:
+            stat.update(outs[value.name])
+
+
+def calibrate(graph: Graph, ctx: PassContext, ranges: list[Value], channel_means: dict[str, tuple[Value, int]],
+              estimator: str) -> tuple[dict[str, RangeStats], dict[str, ChannelMean]]:
+    """One pass over the data: range statistics for `ranges`, per-channel means for `channel_means`."""
+    range_stats = {v.name: RangeStats(estimator) for v in ranges}
+    mean_stats = {key: ChannelMean(axis) for key, (_, axis) in channel_means.items()}
+    requests = [(v, range_stats[v.name]) for v in ranges]
+    requests += [(v, mean_stats[key]) for key, (v, _) in channel_means.items()]
+    collect(graph, ctx, requests)
     return range_stats, mean_stats
 
 
@@ -154,6 +159,7 @@ class Quantize(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         hw = load_hw_config(ctx.hw)
         ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
+        ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
         transformer = ctx.options.get("model_type") == "transformer"
         points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
                                   skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset())

@@ -6,7 +6,8 @@ Range estimators for a per-tensor activation quantizer:
   which ignores rare outliers (NNCF's default for activations);
 - `percentile`: the mean over samples of each sample's 0.01th and 99.99th
   percentiles.
-`ChannelMean` keeps the per-channel mean of a value (for bias correction).
+`ChannelMean` keeps the per-channel mean of a value (for bias correction),
+`ChannelAbsMax` its per-channel largest magnitude (for smooth quantization).
 """
 
 from __future__ import annotations
@@ -72,3 +73,22 @@ class ChannelMean:
 
     def mean(self):
         return (self.total / self.count).numpy()
+
+
+class ChannelAbsMax:
+    """The largest |value| per channel (`axis`), over every other axis and every sample."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.peak: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        axis = self.axis % x.dim()
+        peak = x.abs().movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+
+    def max(self):
+        if self.peak is None:
+            raise ValueError("no statistics collected")
+        return self.peak.numpy()

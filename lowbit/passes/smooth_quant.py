@@ -1,0 +1,147 @@
+"""smooth_quant: move activation outliers into the weights of MatMul / Gemm layers before quantization.
+
+Transformers' activations have a few channels far larger than the rest, so a
+per-tensor activation quantizer spends its grid on them; weights, quantized
+per output channel, have room to spare. For a layer y = x W with a constant
+W, scaling input channel j of x by 1/s_j and row j of W by s_j leaves y
+unchanged, and with
+
+    s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)
+
+the activation's channels come out flatter (SmoothQuant, Xiao et al. 2023;
+NNCF applies it with alpha 0.95 to MatMuls of transformer models, and so does
+lowbit's default pipeline for `model_type="transformer"`).
+
+Layers that read the same activation share one s (their weights' maxima are
+combined). 1/s is folded into the producer when that is a
+LayerNormalization whose output only these layers read; otherwise a `Mul`
+node (meta "smooth_quant") computes x / s, and the `quantize` pass keeps it
+in FP32 and quantizes its output. Layers in the ignored scope, layers whose
+weight is not a constant, and MatMuls between two activations are left alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from ..errors import PassError
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import is_fake_quantize
+from ..quant.stats import ChannelAbsMax
+from .base import Pass, PassContext, PassResult, register_pass
+from .quantize import collect
+
+DEFAULT_ALPHA = 0.95
+SCALE_LIMITS = (1e-4, 1e4)
+
+
+def smoothable(node: Node) -> tuple[Value, int] | None:
+    """(the constant weight, its input-channel axis) of a MatMul / Gemm whose input 0 is an activation."""
+    if node.domain or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or x.const is not None or w.const is None or w.const.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None
+        return w, 1 if node.attrs.get("transB", 0) else 0
+    return w, 0
+
+
+def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s per input channel; 1 where a channel never fired or its weights are all zero."""
+    act = act_max.astype(np.float64)
+    wgt = weight_max.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(act, alpha) / np.power(wgt, 1 - alpha)
+    s = np.where((act > 0) & (wgt > 0) & np.isfinite(s), s, 1.0)
+    return np.clip(s, *SCALE_LIMITS)
+
+
+@register_pass
+class SmoothQuant(Pass):
+    name = "smooth_quant"
+    description = "rescale MatMul/Gemm input channels so activation outliers move into the weights"
+
+    def __init__(self, alpha: float | None = None):
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            from ..errors import OptionError
+
+            raise OptionError(f"smooth_quant alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        if any(is_fake_quantize(n) for n in graph):
+            raise PassError("smooth_quant must run before quantize: the graph already holds FakeQuantize nodes")
+        if ctx.dataset is None:
+            raise PassError("smooth_quant needs calibration data: pass dataset= to compile")
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        alpha = self.alpha if self.alpha is not None else ctx.options.get("smooth_quant_alpha", DEFAULT_ALPHA)
+        ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
+        groups: dict[str, list[Node]] = defaultdict(list)
+        for node in graph:
+            if node.name not in ignored and smoothable(node) is not None:
+                groups[node.input(0).name].append(node)
+        if not groups:
+            return PassResult(graph, changed=False)
+        stats = {name: ChannelAbsMax(-1) for name in groups}
+        collect(graph, ctx, [(layers[0].input(0), stats[name]) for name, layers in groups.items()])
+        position = {id(node): i for i, node in enumerate(graph)}
+        fired = defaultdict(int)
+        for name, layers in groups.items():
+            x = layers[0].input(0)
+            weight_max = np.max([_row_abs_max(*smoothable(n)) for n in layers], axis=0)
+            act_max = stats[name].max()
+            if act_max.shape != weight_max.shape:
+                continue  # the channel axis is not the last one (e.g. a MatMul over a transposed view)
+            s = smoothing_scale(act_max, weight_max, alpha)
+            for layer in layers:
+                _scale_weight(graph, layer, s)
+            if _fold_into_layer_norm(x, layers, 1.0 / s):
+                fired["folded_into_layer_norm"] += 1
+            else:
+                _insert_mul(graph, x, min(layers, key=lambda n: position[id(n)]), layers, 1.0 / s)
+                fired["mul_inserted"] += 1
+            fired["layers_smoothed"] += len(layers)
+        return PassResult(graph, changed=bool(fired), fired=fired)
+
+
+def _row_abs_max(weight: Value, axis: int) -> np.ndarray:
+    return np.abs(weight.const).max(axis=1 - axis)
+
+
+def _scale_weight(graph: Graph, layer: Node, s: np.ndarray) -> None:
+    weight, axis = smoothable(layer)
+    shape = [-1, 1] if axis == 0 else [1, -1]
+    scaled = (weight.const.astype(np.float64) * s.reshape(shape)).astype(weight.const.dtype)
+    if len(weight.uses) == 1 and not weight.is_graph_output:
+        weight.const = scaled
+    else:  # a tied weight: the other users keep theirs
+        fresh = graph.add_constant(f"{weight.name}_smoothed", scaled)
+        fresh.meta.update(weight.meta)
+        layer.set_input(1, fresh)
+
+
+def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bool:
+    norm = x.producer
+    if norm is None or norm.op_type != "LayerNormalization" or norm.domain or x.is_graph_output:
+        return False
+    if {id(n) for n in x.users} != {id(n) for n in layers} or norm.attrs.get("axis", -1) not in (-1, len(x.shape or ()) - 1):
+        return False
+    params = [v for v in norm.inputs[1:3] if v is not None]
+    if not params or any(v.const is None or v.const.shape != inv_s.shape or len(v.uses) != 1 for v in params):
+        return False
+    for v in params:
+        v.const = (v.const.astype(np.float64) * inv_s).astype(v.const.dtype)
+    return True
+
+
+def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> None:
+    factor = graph.add_constant(f"{x.name}_smooth_scale", inv_s.astype(np.float32))
+    mul = graph.make_node("Mul", [x, factor], name=f"{x.name}_smooth", before=first, meta={"smooth_quant": True})
+    for layer in layers:
+        layer.set_input(0, mul.output)
