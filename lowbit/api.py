@@ -7,6 +7,8 @@ compile, quantize) stand on these two.
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,30 @@ from .ir.graph import Graph
 TARGETS = ("torch", "onnx", "openvino")
 
 
+def _gc_paused(fn):
+    """Run `fn` with Python's cyclic garbage collector paused.
+
+    Building a graph allocates many objects that all stay alive, and each
+    full collection rescans the whole heap (torch's captured program
+    included): at 22k nodes that made lowering 1.7x slower than with the
+    collector paused (1.46 s vs 0.85 s, bench/ir_scale.py at 1024 layers), so
+    time per node grew with graph size. Nothing here needs cycles collected.
+    """
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def lower(model: Any, example_inputs: Any = None) -> Graph:
     """Lower a model into a lowbit Graph. The model is never modified.
 
@@ -73,6 +99,7 @@ def _lower_torch(model: Any, example_inputs: Any) -> Graph:
                                 "ExportedProgram or an fx.GraphModule")
 
 
+@_gc_paused
 def codegen(graph: Graph, target: str) -> Any:
     """Write `graph` as a model for `target`: "torch" (fx.GraphModule), "onnx" (ModelProto) or "openvino"."""
     if not isinstance(graph, Graph):
