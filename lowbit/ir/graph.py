@@ -421,7 +421,10 @@ class Graph:
     def copy(self) -> Graph:
         """A structural deep copy; constant arrays (immutable) are shared."""
         new = Graph(self.name, self.opset_imports)
-        new.meta = _copy.deepcopy(self.meta)
+        # torch's pytree specs (the "out_spec" of a torch-origin graph) are immutable: shared, not copied
+        # (deep-copying one also trips a torch FutureWarning)
+        shared = {id(v): v for v in self.meta.values() if type(v).__module__.startswith("torch.utils._pytree")}
+        new.meta = _copy.deepcopy(self.meta, shared)
         vmap: dict[int, Value] = {}
 
         def clone(v: Value) -> Value:
