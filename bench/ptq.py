@@ -77,7 +77,6 @@ from digits import CACHE, load_digits_split, trained  # noqa: E402
 from models import TinyViT, mobilenet_v2, resnet18  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "ptq.md"
-NOTES: list[str] = []  # what the bench had to do to make a comparison possible; printed under the tables
 N_CALIB = 300
 N_CALIB_224 = 64
 ACC_TOL = 0.5  # points of top-1
@@ -494,13 +493,6 @@ def render(all_tables, console) -> str:
         md += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
         md += [""] + [f"[{i}] {note}  " for i, note in enumerate(notes, 1)] + ([""] if notes else [])
-    if NOTES:
-        console.print("Notes:")
-        md += ["Notes:", ""]
-        for note in NOTES:
-            console.print(f"- {note}", markup=False, highlight=False)
-            md.append(f"- {note}")
-        md.append("")
     return "\n".join(md)
 
 
@@ -544,7 +536,6 @@ def main(argv=None) -> list[dict]:
     if use_nncf:
         prepare_nncf(console)
     rows: list[dict] = []
-    NOTES.clear()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         made = {}

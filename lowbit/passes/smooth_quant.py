@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..errors import PassError
+from ..errors import OptionError, PassError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
 from ..quant.stats import ChannelAbsMax
@@ -68,8 +68,6 @@ class SmoothQuant(Pass):
 
     def __init__(self, alpha: float | None = None):
         if alpha is not None and not 0.0 <= alpha <= 1.0:
-            from ..errors import OptionError
-
             raise OptionError(f"smooth_quant alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
 
@@ -130,7 +128,8 @@ def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bo
     norm = x.producer
     if norm is None or norm.op_type != "LayerNormalization" or norm.domain or x.is_graph_output:
         return False
-    if {id(n) for n in x.users} != {id(n) for n in layers} or norm.attrs.get("axis", -1) not in (-1, len(x.shape or ()) - 1):
+    normalizes_last_axis = norm.attrs.get("axis", -1) in (-1, len(x.shape or ()) - 1)
+    if {id(n) for n in x.users} != {id(n) for n in layers} or not normalizes_last_axis:
         return False
     params = [v for v in norm.inputs[1:3] if v is not None]
     if not params or any(v.const is None or v.const.shape != inv_s.shape or len(v.uses) != 1 for v in params):
