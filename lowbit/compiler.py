@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .api import codegen, lower
-from .errors import CaptureError, DatasetError, OptionError, UnsupportedModelError
+from .api import codegen, graph_of, lower
+from .errors import CaptureError, DatasetError, OptionError, OutputPathError
 from .ir.graph import Graph
 from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, TRANSFORMER_PTQ_PIPELINE, Pass, PassContext, PassManager
 
@@ -70,7 +70,7 @@ def _writeback(graph: Graph, model: Any) -> Any:
 def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any = "CPU", dataset: Any = None,
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
-            range_estimator: str | None = None, overflow_fix: str = "auto", progress: bool = True) -> Any:
+            range_estimator: str | None = None, overflow_fix: str = "first_layer", progress: bool = True) -> Any:
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
@@ -118,13 +118,14 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None, target_device: str = "ANY",
              subset_size: int = 300, fast_bias_correction: bool = True, model_type: str | None = None,
              ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None,
-             overflow_fix: str = "auto") -> Any:
+             overflow_fix: str = "first_layer") -> Any:
     """Post-training INT8 quantization, a drop-in for `nncf.quantize`.
 
     A torch nn.Module comes back as a torch module with FakeQuantize modules
     (its example inputs are the first dataset item unless given); an ONNX
-    model as an onnx.ModelProto in QDQ form. `overflow_fix="auto"` uses 7-bit
-    weight grids when this CPU lacks VNNI (see passes/quantize.py).
+    model as an onnx.ModelProto in QDQ form. `overflow_fix` ("first_layer", as
+    NNCF; "enable" for models deployed on x86 CPUs without VNNI; "disable")
+    says which weights use a 7-bit grid (see passes/quantize.py).
     """
     pipeline = default_pipeline(target_device, calibration_dataset, model_type)
     passes = [p for p in pipeline if fast_bias_correction or p != "fast_bias_correction"]
@@ -133,47 +134,21 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
                    model_type=model_type, overflow_fix=overflow_fix)
 
 
-def graph_of(model: Any) -> Graph:
-    """The IR behind what compile/quantize returned, with a torch module's current weights and ranges."""
-    graph = getattr(model, "lowbit_graph", None)
-    if graph is None:
-        from .ir.torch_fq import FakeQuantize
+def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> Path:
+    """Write a model as ONNX (.onnx) or OpenVINO IR (.xml and .bin beside it).
 
-        if any(isinstance(m, FakeQuantize) for m in getattr(model, "modules", lambda: [])()):
-            raise UnsupportedModelError(
-                f"this {type(model).__name__} holds lowbit FakeQuantize modules but not the graph they came from "
-                "(lowbit_graph): export the module lowbit.compile/quantize returned, or a copy.deepcopy of it")
-        return lower(model)
-    import numpy as np
-
-    graph = graph.copy()
-    names = getattr(model, "lowbit_names", {})
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    for value in graph.constants.values():
-        attr = names.get(value.name)
-        if attr in state:
-            array = state[attr].detach().cpu().numpy()
-            value.const = array.T.copy() if value.meta.get("torch_transposed") else array.copy()
-    for node in graph:
-        attr = names.get(node.name)
-        if attr is not None and node.op_type == "FakeQuantize":
-            fq = model.get_submodule(attr)
-            for port, tensor in ((1, fq.low), (2, fq.high), (3, fq.low), (4, fq.high)):
-                fresh = graph.add_constant(f"{node.name}_range", tensor.detach().cpu().numpy().astype(np.float32))
-                node.set_input(port, fresh)
-    graph.remove_unused_constants()
-    return graph
-
-
-def export(model: Any, path: str | os.PathLike) -> Path:
-    """Write what compile/quantize returned as ONNX QDQ (.onnx) or OpenVINO IR (.xml and .bin)."""
+    `model` is what compile/quantize returned (quantizers are written as QDQ in
+    ONNX and as FakeQuantize in OpenVINO IR), or an FP32 model of any kind
+    `lower` takes: an nn.Module with `example_inputs` (its batch dim stays
+    dynamic), an ExportedProgram, an onnx.ModelProto or an .onnx path. Nothing
+    is run through a pass: a QDQ model keeps its quantization as it is.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".onnx", ".xml"):
-        raise UnsupportedModelError(f"cannot export to {path.name!r}: use a .onnx (ONNX QDQ) or .xml "
-                                    "(OpenVINO IR) path")
-    graph = graph_of(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise OutputPathError(f"cannot export to {path.name!r}: use a .onnx (ONNX) or .xml (OpenVINO IR) path")
+    graph = lower(model, example_inputs)
+    writable_parent(path)
     if suffix == ".xml":
         from .ir.openvino import save_openvino
 
@@ -183,3 +158,16 @@ def export(model: Any, path: str | os.PathLike) -> Path:
 
         onnx.save(codegen(graph, "onnx"), str(path))
     return path
+
+
+def writable_parent(path: Path) -> None:
+    """Create `path`'s folder, or raise OutputPathError naming why it cannot be written there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {str(path)!r}: its folder cannot be created ({e.strerror or e})") \
+            from None
+    if path.is_dir():
+        raise OutputPathError(f"cannot write {str(path)!r}: it is a folder; give a file path")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputPathError(f"cannot write {str(path)!r}: its folder {str(path.parent)!r} is not writable")

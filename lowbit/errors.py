@@ -58,12 +58,20 @@ class DumpError(LowbitError):
     """The dump directory cannot be written."""
 
 
+class OutputPathError(LowbitError):
+    """An output path (export, the command line's -o) has the wrong suffix or cannot be written."""
+
+
 class HardwareConfigError(LowbitError):
     """An unknown device, or a hardware config file that fails its schema."""
 
 
 class DatasetError(LowbitError):
     """The calibration dataset is empty, or an item does not fit the model."""
+
+
+class AlreadyQuantizedError(LowbitError):
+    """A model that already holds quantizers (QDQ, FakeQuantize) was given to be quantized again."""
 
 
 class IgnoredScopeError(LowbitError):

@@ -5,6 +5,7 @@ Pure ``torch.nn`` (no torchvision) so tests can build real topologies offline:
 * ``resnet18`` and ``mobilenet_v2`` reproduce torchvision's architectures
   (same module names, so a torchvision ``state_dict`` loads, and the same
   parameter counts and initialisation).
+* ``DenseNet`` is torchvision's DenseNet topology, small (growing Concats).
 * ``ConcatNet``, ``SENet`` and ``TinyViT`` are small models that exercise
   graph patterns the compiler must handle: ``torch.cat`` joins, squeeze-excite
   gating with SiLU/Hardswish/Hardsigmoid and depthwise convs, and hand-written
@@ -341,6 +342,61 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class DenseLayer(nn.Module):
+    """torchvision's _DenseLayer: BN-ReLU-1x1 conv-BN-ReLU-3x3 conv over the concat of all earlier features."""
+
+    def __init__(self, in_ch, growth, bn_size):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_ch)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_ch, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, layers, in_ch, growth, bn_size):
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(in_ch + i * growth, growth, bn_size) for i in range(layers))
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class DenseNet(nn.Module):
+    """torchvision's DenseNet topology, small: a stem, dense blocks whose layers read the Concat of every
+    earlier feature map (growing Concats, pre-activation BN after each), transitions with 1x1 conv + avg pool."""
+
+    def __init__(self, num_classes=10, in_ch=3, growth=12, blocks=(3, 3, 3), stem=24, bn_size=4):
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv0", nn.Conv2d(in_ch, stem, 3, padding=1, bias=False))
+        self.features.add_module("norm0", nn.BatchNorm2d(stem))
+        self.features.add_module("relu0", nn.ReLU())
+        ch = stem
+        for i, n in enumerate(blocks):
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(n, ch, growth, bn_size))
+            ch += n * growth
+            if i != len(blocks) - 1:
+                self.features.add_module(f"transition{i + 1}", nn.Sequential(
+                    nn.BatchNorm2d(ch), nn.ReLU(), nn.Conv2d(ch, ch // 2, 1, bias=False), nn.AvgPool2d(2, 2)))
+                ch //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(ch))
+        self.classifier = nn.Linear(ch, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.features(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 # --------------------------------------------------------------------------- #
 # Registry of deterministic, eval-mode reference models
 # --------------------------------------------------------------------------- #
@@ -372,4 +428,5 @@ REFERENCE_MODELS = {
     "concat": (_reference(lambda: ConcatNet(num_classes=10, in_ch=1)), (2, 1, 8, 8)),
     "se": (_reference(lambda: SENet(num_classes=10, in_ch=1)), (2, 1, 8, 8)),
     "vit": (_reference(lambda: TinyViT(num_classes=10, image_size=8, in_ch=1)), (2, 1, 8, 8)),
+    "densenet": (_reference(lambda: DenseNet(num_classes=10, in_ch=3)), (2, 3, 32, 32)),
 }

@@ -157,6 +157,7 @@ FOLD_BN = {
     "concat": (13, 0, {"fold_bn_conv": 13}),
     "se": (4, 0, {"fold_bn_conv": 4}),
     "vit": (0, 0, {}),
+    "densenet": (22, 12, {"fold_bn_conv": 10}),  # BNs after a Concat (pre-activation) stay
     "conv_no_bias_bn": (1, 0, {"fold_bn_conv": 1}),
     "linear_bn": (2, 0, {"fold_bn_gemm": 2}),
     "grouped_depthwise_bn": (2, 0, {"fold_bn_conv": 2}),

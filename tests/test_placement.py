@@ -228,17 +228,59 @@ def test_weights_per_channel_activations_per_tensor(compiled_resnet):
             assert m.levels == 255 and m.low.shape[1:] == (1, 1, 1)
 
 
-@pytest.mark.parametrize("mode,levels", [("enable", 127), ("disable", 255), ("auto", None)])
-def test_overflow_fix_sets_weight_levels(fused, mode, levels):
-    if levels is None:  # auto: the half grid only where this CPU's int8 kernels would saturate
-        from lowbit.hw_configs import host_cpu_has_vnni
+def _weight_grid_use(graph) -> dict[str, int]:
+    """For each weight FakeQuantize (by the node it feeds): the largest integer its weight takes on the grid."""
+    used = {}
+    for fq in _fq_nodes(graph):
+        w = fq.input(0).const
+        if w is not None:
+            step = (fq.input(2).const - fq.input(1).const) / (fq.attrs["levels"] - 1)
+            used[fq.output.uses[0][0].name] = int(np.round((np.abs(w) / step).max()))
+    return used
 
-        levels = 255 if host_cpu_has_vnni() else 127
-    graph = _quantize_pass(fused("resnet18"), _random_dataset((1, 3, 32, 32), n=1), options={"overflow_fix": mode})
+
+@pytest.mark.parametrize("mode", ["enable", "first_layer", "disable", None])
+def test_overflow_fix_uses_half_the_weight_grid_where_asked(fused, mode):
+    options = {} if mode is None else {"overflow_fix": mode}
+    graph = _quantize_pass(fused("resnet18"), _random_dataset((1, 3, 32, 32), n=1), options=options)
     weight_fqs = [n for n in _fq_nodes(graph) if n.input(0).const is not None]
     assert len(weight_fqs) == 21
-    assert {fq.attrs["levels"] for fq in weight_fqs} == {levels}
+    # the half grid keeps 255 levels (OpenVINO runs only 255/256-level weights as INT8) and uses [-63, 63]
+    assert {fq.attrs["levels"] for fq in weight_fqs} == {255}
     assert {fq.attrs["levels"] for fq in _fq_nodes(graph) if fq.input(0).const is None} == {256}
+    used = _weight_grid_use(graph)
+    first_conv = next(n.name for n in graph if n.op_type == "Conv")
+    half = {"enable": set(used), "disable": set(), "first_layer": {first_conv}, None: {first_conv}}[mode]
+    assert {name for name, u in used.items() if u == 63} == half
+    assert {name for name, u in used.items() if u == 127} == set(used) - half
+
+
+class _TwoStems(torch.nn.Module):
+    """Two inputs; x feeds two convolutions directly, y reaches one only through a Linear and a reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 4, 1)
+        self.lin = torch.nn.Linear(12, 48)
+        self.c = torch.nn.Conv2d(3, 4, 1)
+        self.d = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, y):
+        z = self.c(self.lin(y).reshape(-1, 3, 4, 4))
+        return self.d(self.a(x) + self.b(x)) + z
+
+
+def test_first_layer_overflow_fix_takes_the_first_convolutions_from_every_input():
+    example = (torch.randn(2, 3, 4, 4), torch.randn(2, 12))
+    graph = _fused(_TwoStems().eval(), *example)
+    data = lowbit.Dataset([(torch.randn(1, 3, 4, 4), torch.randn(1, 12)) for _ in range(4)])
+    graph = _quantize_pass(graph, data, options={"overflow_fix": "first_layer"})
+    used = _weight_grid_use(graph)
+    kinds = {n.name: (n.op_type, n.input(1).name) for n in graph if n.op_type in ("Conv", "Gemm")}
+    half = sorted(kinds[name][1].split("_fq")[0] for name, u in used.items() if u == 63)
+    # the walk passes the Linear (not a convolution) and stops at the first convolutions
+    assert half == ["a.weight", "b.weight", "c.weight"], kinds
 
 
 # --------------------------------------------------------------------------- unified scales on Concat

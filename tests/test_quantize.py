@@ -349,7 +349,7 @@ def test_percentile_ranges(by_estimator):
     ("range_estimator", "max", "mean_min_max, min_max, percentile"),
     ("preset", "fast", "performance, mixed"),
     ("model_type", "llm", "transformer"),
-    ("overflow_fix", "on", "auto, enable, first_layer, disable"),
+    ("overflow_fix", "auto", "enable, first_layer, disable"),
 ])
 def test_unknown_option_values_are_lowbit_errors_that_list_the_known_ones(model, calibration, option, value, known):
     with pytest.raises(lowbit.OptionError, match=f"unknown {option} '{value}': use one of {known}"):

@@ -115,20 +115,6 @@ def load_hw_config(hw: str | os.PathLike | HwConfig | dict) -> HwConfig:
     return parse_hw_config(data, repr(text))
 
 
-@lru_cache(maxsize=1)
-def host_cpu_has_vnni() -> bool:
-    """True when this machine's CPU has integer dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX).
-
-    Without them, x86 int8 kernels add pairs of u8 x s8 products in
-    saturating 16-bit lanes (see the overflow fix in quant/ranges.py).
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: assume a modern CPU and keep the full grid
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 @lru_cache(maxsize=None)
 def _builtin(device: str) -> HwConfig:
     path = HERE / f"{device.lower()}.json"

@@ -184,8 +184,7 @@ def _node_proto(node: Node) -> onnx.NodeProto:
     return proto
 
 
-def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq",
-            weight_dtype: str = "uint8") -> onnx.ModelProto:
+def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq") -> onnx.ModelProto:
     """Write a Graph as an onnx.ModelProto (the graph is not modified).
 
     FakeQuantize nodes are written as QuantizeLinear/DequantizeLinear
@@ -207,7 +206,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
         opsets[""] = opset
     graph = expand_for_opset(graph, opsets.get("", 21))
     if fake_quantize == "qdq":
-        graph = fake_quantize_to_qdq(graph, weight_dtype)
+        graph = fake_quantize_to_qdq(graph)
     elif any(n.domain == QUANT_DOMAIN for n in graph):
         opsets.setdefault(QUANT_DOMAIN, 1)
     known = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}

@@ -94,6 +94,19 @@ def is_fake_quantize(node) -> bool:
     return node.op_type == "FakeQuantize" and node.domain == QUANT_DOMAIN
 
 
+# Standard ONNX ops that only a quantized model holds: its quantizers and its integer kernels.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
+def is_quantizer(node) -> bool:
+    """True for a node that makes a graph already quantized: FakeQuantize, QDQ, an integer kernel, or
+    torch's own fake-quantize and quantize ops (kept opaque)."""
+    if node.domain == TORCH_DOMAIN:
+        return "fake_quantize" in node.op_type or "quantize_per" in node.op_type
+    return is_fake_quantize(node) or (node.op_type in QUANTIZED_OPS and node.domain in ("", "ai.onnx"))
+
+
 def is_opaque(domain: str) -> bool:
     """True for nodes that only their origin framework can run."""
     return domain == TORCH_DOMAIN

@@ -3,15 +3,16 @@
 A FakeQuantize on an activation becomes QuantizeLinear -> DequantizeLinear;
 one on a constant weight becomes an integer initializer -> DequantizeLinear,
 the form ONNX Runtime's QDQ fusions turn into integer kernels. Symmetric
-activation grids use int8 with zero point 0, others uint8; per-channel ranges
-give per-axis scales.
+grids (weights, and signed symmetric activations) use int8 with zero point 0,
+others uint8; per-channel ranges give per-axis scales.
 
-Weights are written as uint8 by default, a symmetric grid shifted to zero
-point 128 (the same dequantized values as int8 with zero point 0). On x86
-CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in
-saturating 16-bit lanes and lose accuracy badly (measured here: 13 dB output
-SQNR on a 3-layer CNN); its u8 x u8 kernels do not. `weight_dtype="int8"`
-writes int8 weights, which are faster on CPUs with VNNI.
+Weights are always int8 with zero point 0: it is the only weight form that
+OpenVINO's low-precision transformations run as INT8 (a uint8 weight with
+zero point 128, the same grid shifted, made OpenVINO run every Convolution in
+f32), and the form ONNX Runtime's x86 QDQ fusions expect. What is written
+never depends on the CPU that writes it; the saturation of u8 x s8 kernels on
+CPUs without VNNI is guarded against by the overflow fix (the weight grid,
+see quant/ranges.py), not by the storage type.
 """
 
 from __future__ import annotations
@@ -69,32 +70,19 @@ def quantize_array(x: np.ndarray, p: QDQParams) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(p.zero_point.dtype)
 
 
-WEIGHT_DTYPES = ("uint8", "int8")
-
-
-def fake_quantize_to_qdq(graph: Graph, weight_dtype: str = "uint8") -> Graph:
+def fake_quantize_to_qdq(graph: Graph) -> Graph:
     """A copy of `graph` with every FakeQuantize written as QDQ (the graph itself if it has none)."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, not {weight_dtype!r}")
     if not any(is_fake_quantize(n) for n in graph):
         return graph
     graph = graph.copy()
     for node in graph.nodes:
         if is_fake_quantize(node):
-            _rewrite(graph, node, weight_dtype)
+            _rewrite(graph, node)
     graph.remove_unused_constants()
     return graph
 
 
-def as_uint8(p: QDQParams, q: np.ndarray) -> tuple[QDQParams, np.ndarray]:
-    """The same grid on uint8: int8 values and zero points shifted by 128."""
-    if p.zero_point.dtype != np.int8:
-        return p, q
-    shifted = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
-    return shifted, (q.astype(np.int16) + 128).astype(np.uint8)
-
-
-def _rewrite(graph: Graph, node: Node, weight_dtype: str) -> None:
+def _rewrite(graph: Graph, node: Node) -> None:
     x, low, high, out_low, out_high = node.inputs[:5]
     if any(v is None or v.const is None for v in (low, high, out_low, out_high)):
         raise UnsupportedOpError(f"FakeQuantize {node.name!r} has non-constant ranges; QDQ needs constants")
@@ -103,11 +91,7 @@ def _rewrite(graph: Graph, node: Node, weight_dtype: str) -> None:
                                  "cannot express")
     p = qdq_params(int(node.attrs["levels"]), low.const, high.const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
-    quantized = None
-    if x.const is not None:
-        quantized = quantize_array(x.const, p)
-        if weight_dtype == "uint8":
-            p, quantized = as_uint8(p, quantized)
+    quantized = quantize_array(x.const, p) if x.const is not None else None
     scale = graph.add_constant(f"{node.name}_scale", p.scale)
     zero_point = graph.add_constant(f"{node.name}_zero_point", p.zero_point)
     if quantized is not None:

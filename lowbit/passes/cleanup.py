@@ -2,8 +2,10 @@
 
 Constant folding evaluates, with ONNX's reference implementation, every
 standard node whose inputs are all constants (and `Shape` of a value whose
-shape is static), and replaces its outputs by constants. Nodes whose outputs
-nothing reads are removed, last to first.
+shape is static), and replaces its outputs by constants, except a
+DequantizeLinear: an integer weight and its DequantizeLinear are how a QDQ
+model says a layer runs in INT8, so folding it would silently dequantize the
+model. Nodes whose outputs nothing reads are removed, last to first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
 
 NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                        "Bernoulli", "Dropout"})
+                        "Bernoulli", "Dropout", "DequantizeLinear"})
 MAX_FOLDED_ELEMENTS = 1 << 22
 
 

@@ -10,7 +10,7 @@ group share the union of their ranges.
 Options (ctx.options): `preset` ("performance": symmetric activations;
 "mixed": asymmetric), `model_type` ("transformer": mixed preset by default,
 and element-wise Add/Mul stay FP32), `range_estimator` (see quant/stats.py),
-`overflow_fix` ("auto", "enable", "first_layer", "disable"), `batch_size`
+`overflow_fix` ("enable", "first_layer" (default), "disable"), `batch_size`
 for calibration.
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 
 from ..hw_configs import load_hw_config
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import QUANT_DOMAIN
+from ..errors import AlreadyQuantizedError
+from ..ir.ops import QUANT_DOMAIN, is_quantizer
 from ..quant.dataset import as_dataset, batches
 from ..quant.placement import QuantPoint, place_quantizers
 from ..quant.ranges import fq_range
@@ -128,27 +129,58 @@ def channel_axis(layer: Node) -> int:
     return 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
 
 
-OVERFLOW_FIX = ("auto", "enable", "first_layer", "disable")
+OVERFLOW_FIX = ("enable", "first_layer", "disable")
+DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
+CONVOLUTIONS = frozenset({"Conv", "ConvTranspose"})
 
 
-def half_range_weights(points: list[QuantPoint], ctx: PassContext, device: str) -> set[int]:
+def first_quantized_convolutions(graph: Graph, weights: list[QuantPoint]) -> list[QuantPoint]:
+    """The weight quantizers of the first quantized convolutions met walking down from each graph input
+    (NNCF's "first_layer": the walk stops at a convolution whose weight is quantized)."""
+    by_layer = {id(node): p for p in weights for node, _ in p.consumers if node.op_type in CONVOLUTIONS}
+    found, seen = [], set()
+    queue = [node for v in graph.inputs for node, _ in v.uses]
+    while queue:
+        node = queue.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in by_layer:
+            found.append(by_layer[id(node)])
+            continue
+        queue.extend(user for out in node.outputs for user, _ in out.uses)
+    return found
+
+
+def half_range_weights(graph: Graph, points: list[QuantPoint], mode: str) -> set[int]:
     """The weight quantizers that use half the integer grid (the overflow fix; see quant/ranges.py).
 
-    "auto" enables it for CPU targets when this machine's CPU lacks VNNI/AMX:
-    there, both OpenVINO's and ONNX Runtime's int8 kernels saturate with full
-    8-bit weights (measured: 30 dB instead of 41 dB agreement on ResNet18).
+    x86 int8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of
+    u8 x s8 products in saturating 16-bit lanes: with full 8-bit weights both
+    OpenVINO's and ONNX Runtime's kernels lose accuracy there (measured on an
+    AVX2 host: 30 dB instead of 41 dB agreement on ResNet18). "enable" uses a
+    7-bit grid on every weight (safe on any x86 CPU), "first_layer" (the
+    default, as NNCF) only on the first convolutions, whose inputs are widest,
+    "disable" nowhere. The choice is the caller's: nothing here reads the CPU
+    that quantizes, since the model is deployed elsewhere.
     """
-    mode = ctx.options.get("overflow_fix", "auto")
-    if mode == "auto":
-        from ..hw_configs import host_cpu_has_vnni
-
-        mode = "enable" if device in ("CPU", "ANY") and not host_cpu_has_vnni() else "disable"
     weights = [p for p in points if p.kind == "weight"]
     if mode == "enable":
         return {id(p) for p in weights}
     if mode == "first_layer":
-        return {id(weights[0])} if weights else set()
+        return {id(p) for p in first_quantized_convolutions(graph, weights)}
     return set()
+
+
+def refuse_quantized(graph: Graph) -> None:
+    """Raise AlreadyQuantizedError when `graph` already holds quantizers: quantizing twice stacks them."""
+    found = [n for n in graph if is_quantizer(n)]
+    if found:
+        kinds = ", ".join(sorted({n.op_type for n in found}))
+        raise AlreadyQuantizedError(
+            f"graph {graph.name!r} is already quantized: it holds {len(found)} quantizer node(s) ({kinds}), "
+            f"the first {found[0].name!r}. Quantize the FP32 model instead, or export this one as it is "
+            "(its quantization is kept)")
 
 
 @register_pass
@@ -157,6 +189,7 @@ class Quantize(Pass):
     description = "place, calibrate and insert FakeQuantize as the hardware config says"
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        refuse_quantized(graph)
         hw = load_hw_config(ctx.hw)
         ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
         ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
@@ -183,7 +216,7 @@ class Quantize(Pass):
                 lo, hi = range_stats[p.name].range()
                 old = group_range.get(p.group, (lo, hi))
                 group_range[p.group] = (min(old[0], lo), max(old[1], hi))
-        half = half_range_weights(points, ctx, hw.device)
+        half = half_range_weights(graph, points, ctx.options.get("overflow_fix", DEFAULT_OVERFLOW_FIX))
         for p in points:
             if p.kind == "weight":
                 lo, hi = weight_range(p)

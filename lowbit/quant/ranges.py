@@ -8,7 +8,12 @@ spaced points. Conventions (as in NNCF, so the step is max/127 for 8 bits):
 - symmetric signed, 255 levels:   [-m, m]               (narrow range; int8 [-127, 127])
 - symmetric unsigned, 256 levels: [0, m]                (uint8, zero point 0), when the minimum is >= 0
 - asymmetric, 256 levels:         [lo, hi] widened to contain 0, then shifted so 0 is a level (uint8)
-- half range (overflow fix), 127 levels: [-m, m]        (int8 [-63, 63])
+- half range (overflow fix):      the config's own grid over [-m * 127/63, m * 127/63], so that values
+                                  in [-m, m] use only the integers [-63, 63] (still int8, zero point 0)
+
+The half range keeps the config's levels (255 or 256) rather than a 127-level
+grid: OpenVINO's low-precision transformations run only 255/256-level weight
+FakeQuantizes as INT8, and the QDQ writer gives the same int8 weights.
 """
 
 from __future__ import annotations
@@ -32,16 +37,18 @@ class FQRange:
 def fq_range(config: QuantizerConfig, lo, hi, half_range: bool = False) -> FQRange:
     """The range of a quantizer of `config` over values in [lo, hi] (scalars or per-channel arrays).
 
-    half_range=True (the overflow fix, for signed symmetric weights) uses half
-    the integer grid, [-63, 63] for 8 bits, so that x86 kernels without VNNI,
-    which add pairs of u8 x s8 products in 16 bits, cannot saturate.
+    half_range=True (the overflow fix, for signed symmetric weights of 3 bits
+    or more) uses half the integer grid, [-63, 63] for 8 bits, so that x86
+    kernels without VNNI, which add pairs of u8 x s8 products in 16 bits,
+    cannot saturate.
     """
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     levels = 2 ** config.bits - (1 if config.narrow_range else 0)
-    if half_range and config.symmetric and config.signed is not False:
-        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
-        return FQRange(2 ** (config.bits - 1) - 1, (-m).astype(np.float32), m.astype(np.float32))
+    if half_range and config.symmetric and config.signed is not False and config.bits >= 3:
+        full, half = 2 ** (config.bits - 1) - 1, 2 ** (config.bits - 2) - 1
+        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS) * (full / half)
+        lo, hi = -m, m
     if config.symmetric:
         m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
         signed = config.signed if config.signed is not None else bool(np.any(lo < 0))
