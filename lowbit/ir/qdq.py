@@ -2,9 +2,17 @@
 
 A FakeQuantize on an activation becomes QuantizeLinear -> DequantizeLinear;
 one on a constant weight becomes an integer initializer -> DequantizeLinear,
-the form ONNX Runtime's QDQ fusions turn into integer kernels. Symmetric
-grids (weights, and signed symmetric activations) use int8 with zero point 0,
-others uint8; per-channel ranges give per-axis scales.
+the form ONNX Runtime's QDQ fusions turn into integer kernels. Weights on
+symmetric grids use int8 with zero point 0, asymmetric ones uint8;
+activations are always uint8 (a signed symmetric grid is the same grid with
+zero point 128); per-channel ranges give per-axis scales.
+
+Activations are uint8 because ONNX Runtime fuses a QDQ Conv into QLinearConv
+only when its input and output have one type: a layer reading a signed
+activation and writing an unsigned one (a MobileNetV2 expand conv, after a
+linear bottleneck, before its ReLU6) stayed in float with int8 inputs; u8
+activations with s8 weights is also what its own quantizer writes for x86
+(U8S8), and OpenVINO runs them in INT8 all the same.
 
 Weights are always int8 with zero point 0: it is the only weight form that
 OpenVINO's low-precision transformations run as INT8 (a uint8 weight with
@@ -13,6 +21,16 @@ f32), and the form ONNX Runtime's x86 QDQ fusions expect. What is written
 never depends on the CPU that writes it; the saturation of u8 x s8 kernels on
 CPUs without VNNI is guarded against by the overflow fix (the weight grid,
 see quant/ranges.py), not by the storage type.
+
+A quantizer placed above value-preserving ops (Flatten, Reshape, Transpose,
+MaxPool, ...: placement moves quantizers up through them) leaves those ops
+between the DequantizeLinear and the layer, and ONNX Runtime's QDQ fusions
+only take a DequantizeLinear that feeds the layer itself. So the layer gets
+its own QuantizeLinear -> DequantizeLinear on the same grid, which changes no
+value (the values there are already on that grid) and lets the runtime fuse.
+Likewise ONNX Runtime has no integer Gemm with both a float bias and a float
+output (QGemm takes one or the other), so such a Gemm (a classifier head) is
+written as Gemm without bias -> Add(bias).
 """
 
 from __future__ import annotations
@@ -23,7 +41,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node
-from .ops import is_fake_quantize
+from .ops import is_fake_quantize, op_info
 
 EPS = 1e-8
 
@@ -78,8 +96,77 @@ def fake_quantize_to_qdq(graph: Graph) -> Graph:
     for node in graph.nodes:
         if is_fake_quantize(node):
             _rewrite(graph, node)
+    for node in graph.nodes:
+        if node.op_type == "DequantizeLinear" and node.input(0).const is None:
+            _requantize_before_layers(graph, node)
+    for node in graph.nodes:
+        if node.op_type == "Gemm" and not node.domain:
+            _split_float_bias(graph, node)
     graph.remove_unused_constants()
     return graph
+
+
+LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops whose outputs are some of their first input's values, rearranged: what is on a grid stays on it.
+VALUE_PRESERVING = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
+                              "GlobalMaxPool", "Identity", "Slice", "Gather", "Expand", "Tile",
+                              "DepthToSpace", "SpaceToDepth"})
+
+
+def _split_float_bias(graph: Graph, gemm: Node) -> None:
+    """Gemm(DQ a, DQ b, float bias) with a float output -> Gemm(DQ a, DQ b) -> Add(bias)."""
+    bias = gemm.input(2)
+    dequantized = all(v is not None and v.producer is not None and v.producer.op_type == "DequantizeLinear"
+                      for v in gemm.inputs[:2])
+    if not dequantized or bias is None or bias.const is None or gemm.attrs.get("beta", 1.0) != 1.0:
+        return
+    if any(user.op_type == "QuantizeLinear" for user in gemm.output.users):
+        return  # fused with its output quantizer, the bias is quantized by the runtime
+    product = graph.make_node("Gemm", list(gemm.inputs[:2]), dict(gemm.attrs), name=f"{gemm.name}_product",
+                              before=gemm).output
+    product.dtype, product.shape = gemm.output.dtype, gemm.output.shape
+    add = graph.make_node("Add", [product, bias], name=gemm.name, before=gemm)
+    graph.replace_all_uses(gemm.output, add.output)
+    add.output.dtype, add.output.shape = gemm.output.dtype, gemm.output.shape
+    graph.remove(gemm)
+
+
+def _joins_one_grid(node: Node, dq: Node) -> bool:
+    """A Concat of DequantizeLinear outputs that all share `dq`'s grid (a unified-scale group)."""
+    if node.op_type != "Concat":
+        return False
+    grid = [np.asarray(dq.input(i).const) for i in (1, 2)]
+    for v in node.inputs:
+        other = v.producer if v is not None else None
+        if other is None or other.op_type != "DequantizeLinear" or any(
+                other.input(i).const is None or not np.array_equal(other.input(i).const, g)
+                for i, g in zip((1, 2), grid)):
+            return False
+    return True
+
+
+def _requantize_before_layers(graph: Graph, dq: Node) -> None:
+    """Give every layer that reads `dq`'s per-tensor grid through value-preserving ops a Q -> DQ of its own."""
+    if dq.input(1).const is None or dq.input(1).const.size != 1:
+        return
+    stack = [(user, port) for user, port in dq.output.uses]
+    seen = set()
+    while stack:
+        node, port = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        preserving = node.op_type in VALUE_PRESERVING and port == 0
+        if (preserving or _joins_one_grid(node, dq)) and op_info(node.op_type, node.domain) is not None:
+            stack.extend(use for use in node.output.uses)
+        elif node.op_type in LAYERS and node.input(port).producer is not dq and not node.domain:
+            value = node.input(port)
+            q = graph.make_node("QuantizeLinear", [value, dq.input(1), dq.input(2)], name=f"{dq.name}_again",
+                                before=node).output
+            again = graph.make_node("DequantizeLinear", [q, dq.input(1), dq.input(2)], name=f"{dq.name}_again",
+                                    before=node).output
+            again.dtype, again.shape = value.dtype, value.shape
+            node.set_input(port, again)
 
 
 def _rewrite(graph: Graph, node: Node) -> None:
@@ -92,6 +179,8 @@ def _rewrite(graph: Graph, node: Node) -> None:
     p = qdq_params(int(node.attrs["levels"]), low.const, high.const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
     quantized = quantize_array(x.const, p) if x.const is not None else None
+    if quantized is None and p.zero_point.dtype == np.int8:
+        p = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
     scale = graph.add_constant(f"{node.name}_scale", p.scale)
     zero_point = graph.add_constant(f"{node.name}_zero_point", p.zero_point)
     if quantized is not None:

@@ -1,0 +1,114 @@
+"""What a runtime does with a quantized model: which layers it runs in INT8, read from its own compiled graph.
+
+Structural, so the answer does not depend on the CPU the test runs on:
+OpenVINO's compiled model reports each layer's runtime precision; ONNX
+Runtime writes the graph it will run (`optimized_model_filepath`), where the
+QDQ groups it runs as integer kernels have become QLinearConv, QGemm,
+QLinearMatMul, MatMulIntegerToFloat, ...
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
+ORT_INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger",
+                   "DynamicQuantizeMatMul", "QAttention")
+OV_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+
+
+def quantized_layers(model: onnx.ModelProto) -> dict[str, dict]:
+    """The Conv/Gemm/MatMul nodes of a QDQ model whose data inputs all come from DequantizeLinear (through
+    value-preserving ops), with whether their weight is a constant and whether their output is quantized."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            users[i].append(n)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def dequantized(name: str) -> bool:
+        """Read from a DequantizeLinear through value-preserving ops and Concats of dequantized values."""
+        node = producer.get(name)
+        while node is not None and node.op_type in PASS_THROUGH:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Concat":
+            return all(dequantized(i) for i in node.input)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    def constant_weight(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in PASS_THROUGH + ("DequantizeLinear",):
+            name = node.input[0]
+            node = producer.get(name)
+        return name in initializers
+
+    def quantized_output(name: str) -> bool:
+        """Read by a QuantizeLinear, directly or through a Relu/Clip (which ONNX Runtime folds into it)."""
+        following = users[name]
+        if len(following) == 1 and following[0].op_type in ("Relu", "Clip"):
+            following = users[following[0].output[0]]
+        return any(u.op_type == "QuantizeLinear" for u in following)
+
+    found = {}
+    for n in model.graph.node:
+        if n.op_type in LAYERS and all(dequantized(i) for i in n.input[:2]):
+            found[n.name] = {"op": n.op_type, "weight": constant_weight(n.input[1]),
+                             "quantized_output": quantized_output(n.output[0])}
+    return found
+
+
+def ort_optimized_ops(path: str | Path) -> collections.Counter:
+    """Op counts of the graph ONNX Runtime runs for the model at `path` (extended optimizations, CPU)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return collections.Counter(n.op_type for n in optimized.graph.node)
+
+
+def openvino_layer_precisions(path: str | Path) -> collections.Counter:
+    """(layer type, runtime precision) counts of the conv/matmul layers OpenVINO's CPU plugin runs."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    counts = collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str)
+        if kind in OV_LAYERS:
+            counts[kind, info["runtimePrecision"].astype(str)] += 1
+    return counts
+
+
+def int8_count(precisions: collections.Counter) -> int:
+    return sum(n for (_, precision), n in precisions.items() if precision in ("u8", "i8"))
+
+
+def sqnr(reference, x) -> float:
+    reference, x = np.asarray(reference, np.float64), np.asarray(x, np.float64)
+    return float(10 * np.log10((reference ** 2).sum() / max(((reference - x) ** 2).sum(), 1e-30)))
+
+
+def agreement(reference, x) -> float:
+    return float((np.asarray(reference).argmax(-1) == np.asarray(x).argmax(-1)).mean())
+
+
+def host_has_vnni() -> bool:
+    """Whether this test host's CPU has int8 dot-product instructions (its int8 kernels do not saturate)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
