@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from digits import accuracy, load_digits_split, trained  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.ir.openvino import save_openvino  # noqa: E402
 
 OUT = Path("out/demo")
 
@@ -56,7 +55,7 @@ def main() -> None:
     ptq_seconds = time.perf_counter() - start
 
     OUT.mkdir(parents=True, exist_ok=True)
-    save_openvino(lowbit.lower(model, (x_test[:1],)), OUT / "digits_fp32.xml")
+    lowbit.export(model, OUT / "digits_fp32.xml", example_inputs=(x_test[:1],))
     lowbit.export(qmodel, OUT / "digits_int8.xml")
     lowbit.export(qmodel, OUT / "digits_int8.onnx")
 

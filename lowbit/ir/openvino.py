@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 from ..errors import UnsupportedOpError
 from .graph import Graph
@@ -22,11 +23,23 @@ def to_openvino(graph: Graph):
 
     proto = to_onnx(graph, fake_quantize="openvino")
     try:
-        return ov.convert_model(io.BytesIO(proto.SerializeToString()))
+        model = ov.convert_model(io.BytesIO(proto.SerializeToString()))
     except Exception as e:  # OpenVINO raises its own GeneralFailure/OpConversionFailure
         first = str(e).strip().splitlines()
         raise UnsupportedOpError(f"OpenVINO could not convert graph {graph.name!r}: "
                                  f"{first[0] if first else type(e).__name__}") from e
+    ours = {n.name for n in graph} | {v.name for v in graph.values()}
+    _name_generated_ops(model, ours)
+    return model
+
+
+def _name_generated_ops(model, ours: set[str]) -> None:
+    """Name the ops OpenVINO made up (`Constant_3502`, `Reshape_4195`: a process-wide counter) by their place
+    in the model, so that the same graph gives the same .xml whenever and wherever it is written."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        name = op.get_friendly_name()
+        if name not in ours and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*_\d+", name):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
 
 
 def save_openvino(graph: Graph, path: str | os.PathLike, *, compress_to_fp16: bool = False) -> None:
