@@ -65,6 +65,22 @@ def quantized_layers(model: onnx.ModelProto) -> dict[str, dict]:
     return found
 
 
+def activation_quantizers(model: onnx.ModelProto) -> int:
+    """Distinct activation quantizers of a QDQ model: a QuantizeLinear repeated before a layer (on the same
+    grid, after value-preserving ops) shares its scale and zero point with the one it repeats."""
+    return len({tuple(n.input[1:3]) for n in model.graph.node if n.op_type == "QuantizeLinear"})
+
+
+def repeated_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The QuantizeLinear nodes that repeat an earlier one's grid."""
+    seen, repeats = set(), []
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            (repeats if tuple(n.input[1:3]) in seen else []).append(n)
+            seen.add(tuple(n.input[1:3]))
+    return repeats
+
+
 def ort_optimized_ops(path: str | Path) -> collections.Counter:
     """Op counts of the graph ONNX Runtime runs for the model at `path` (extended optimizations, CPU)."""
     import onnxruntime as ort
