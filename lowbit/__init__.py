@@ -10,14 +10,14 @@ from . import ir, passes, patterns
 from .api import codegen, lower
 from .compiler import compile, export, quantize
 from .quant import Dataset, IgnoredScope
-from .errors import (AlreadyQuantizedError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError,
+from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError,
                      LowbitError, MissingExampleInputsError, ModelLoadError, OptionError, OutputPathError, PassError, RuleLoopError,
                      TextParseError, UnknownPassError, UnknownTargetError, UnsupportedModelError,
                      UnsupportedOpError)
 
 __version__ = "0.1.0"
 
-__all__ = ["lower", "codegen", "compile", "quantize", "export", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CaptureError", "DumpError",
+__all__ = ["lower", "codegen", "compile", "quantize", "export", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "DumpError",
            "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "OutputPathError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]

@@ -1,8 +1,16 @@
-"""The `lowbit` command: compile a model, show its text form, or tabulate a dump.
+"""The `lowbit` command: quantize or compile a model, show its text form, tabulate a dump, list the passes.
 
+    lowbit quantize IN.onnx -o OUT.onnx|OUT.xml --data calib.npz|DIR [--subset-size N] [--preset P]
+                    [--target-device D] [--model-type transformer] [--ignored-scope a,b] [--overflow-fix F]
+                    [--no-fast-bias-correction] [--dump-dir DIR]
     lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR]
     lowbit show MODEL.onnx
     lowbit diff DIR
+    lowbit passes
+    lowbit --version
+
+Every option is checked before any work; a user's mistake prints
+`lowbit: error: ...` and exits with 2.
 """
 
 from __future__ import annotations
@@ -12,7 +20,59 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LowbitError
+from .errors import LowbitError, OutputPathError
+
+
+def _output(path: str) -> Path:
+    """The -o path, checked: a .onnx or .xml file whose folder can be written."""
+    from .compiler import writable_parent
+
+    out = Path(path)
+    if out.suffix.lower() not in (".onnx", ".xml"):
+        raise OutputPathError(f"cannot write {out.name!r}: the output must end in .onnx (ONNX) or .xml "
+                              "(OpenVINO IR)")
+    writable_parent(out)
+    return out
+
+
+def _quantize(args) -> int:
+    import time
+
+    from .api import lower
+    from .compiler import export, quantize
+    from .hw_configs import load_hw_config
+    from .quant import Dataset, IgnoredScope
+    from .quant.arrays import load_calibration_arrays
+
+    out = _output(args.output)
+    load_hw_config(args.target_device)
+    model = str(args.model)
+    items = load_calibration_arrays(args.data, lower(model))
+    scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()]) \
+        if args.ignored_scope else None
+    start = time.perf_counter()
+    qdq = quantize(model, Dataset(items), preset=args.preset, target_device=args.target_device,
+                   subset_size=args.subset_size, fast_bias_correction=args.fast_bias_correction,
+                   model_type=args.model_type, ignored_scope=scope, dump_dir=args.dump_dir,
+                   overflow_fix=args.overflow_fix)
+    seconds = time.perf_counter() - start
+    inits = {i.name for i in qdq.graph.initializer}
+    dequantize = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
+    weights = sum(n.input[0] in inits for n in dequantize)
+    activations = len({tuple(n.input[1:3]) for n in qdq.graph.node if n.op_type == "QuantizeLinear"})
+    export(qdq, out)
+    print(f"quantized {Path(model).name} on {min(len(items), args.subset_size)} samples in {seconds:.2f} s: "
+          f"{weights} weight and {activations} activation quantizers")
+    print(f"wrote {out}" + (f"; dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
+    return 0
+
+
+def _passes(args) -> int:
+    from .passes import PASSES
+
+    for name in sorted(PASSES):
+        print(f"{name:<24} {PASSES[name].description}")
+    return 0
 
 
 def _compile(args) -> int:
@@ -21,12 +81,9 @@ def _compile(args) -> int:
     from .ir.openvino import save_openvino
     from .passes import PassContext
 
-    out = Path(args.output)
-    if out.suffix.lower() not in (".onnx", ".xml"):
-        raise LowbitError(f"cannot write {out.name!r}: the output must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+    out = _output(args.output)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     graph, pm = run_pipeline(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".xml":
         save_openvino(graph, out)
     else:
@@ -64,9 +121,46 @@ def _diff(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv=None) -> int:
+    from .compiler import MODEL_TYPES, PRESETS
+    from .hw_configs import DEVICES
+    from .passes.quantize import DEFAULT_OVERFLOW_FIX, OVERFLOW_FIX
+
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
+    parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="post-training INT8 quantization of an ONNX model (as nncf.quantize)",
+                       description="Quantize IN.onnx on calibration data and write ONNX QDQ (.onnx) or OpenVINO "
+                                   "IR (.xml). --data is an .npz with one array per model input (named as the "
+                                   "input; any name for a one-input model), first axis = samples; or a folder of "
+                                   ".npy files, one sample per file (for several inputs, one subfolder per "
+                                   "input name).")
+    q.add_argument("model", help="input .onnx file (FP32)")
+    q.add_argument("-o", "--output", required=True, help="output .onnx (QDQ) or .xml (OpenVINO IR)")
+    q.add_argument("--data", required=True, help="calibration data: an .npz file or a folder of .npy files")
+    q.add_argument("--subset-size", type=int, default=300, help="calibration samples to use (default 300)")
+    q.add_argument("--preset", choices=PRESETS, help="performance (symmetric activations) or mixed")
+    q.add_argument("--target-device", "--hw", default="ANY",
+                   help=f"one of {', '.join(DEVICES)} or a hardware config .json (default ANY, as NNCF)")
+    q.add_argument("--model-type", choices=MODEL_TYPES, help="transformer: SmoothQuant and the mixed preset")
+    q.add_argument("--ignored-scope", help="comma-separated node names to keep in FP32")
+    q.add_argument("--overflow-fix", choices=OVERFLOW_FIX, default=DEFAULT_OVERFLOW_FIX,
+                   help="weights on a 7-bit grid: enable (for AVX2-only CPUs), first_layer (default), disable")
+    q.add_argument("--no-fast-bias-correction", dest="fast_bias_correction", action="store_false",
+                   help="skip fast bias correction")
+    q.add_argument("--dump-dir", help="write the graph after every pass, with diffs and index.html, here")
+    q.set_defaults(run=_quantize)
     c = sub.add_parser("compile", help="run passes over an ONNX model and write ONNX or OpenVINO IR")
     c.add_argument("model", help="input .onnx file")
     c.add_argument("-o", "--output", required=True, help="output .onnx or .xml")
@@ -80,6 +174,8 @@ def main(argv=None) -> int:
     d = sub.add_parser("diff", help="tabulate what each pass did in a dump directory")
     d.add_argument("dump_dir")
     d.set_defaults(run=_diff)
+    p = sub.add_parser("passes", help="list the registered passes")
+    p.set_defaults(run=_passes)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -74,6 +74,10 @@ class AlreadyQuantizedError(LowbitError):
     """A model that already holds quantizers (QDQ, FakeQuantize) was given to be quantized again."""
 
 
+class CalibrationDataError(DatasetError):
+    """Calibration data read from files (the command line's --data) is missing or does not fit the model."""
+
+
 class IgnoredScopeError(LowbitError):
     """An ignored-scope entry matches nothing in the model."""
 

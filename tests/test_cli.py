@@ -6,6 +6,7 @@ Most runs call `lowbit.cli.main([...])` in-process; one goes through
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,99 @@ def test_python_dash_m_lowbit_cli(onnx_file, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == f"wrote {out}"
     np.testing.assert_allclose(run_onnx(onnx.load(out), feeds)[0], want[0], **TOL)
+
+
+# --------------------------------------------------------------------------- lowbit quantize
+
+
+@pytest.fixture(scope="module")
+def calibration(onnx_file, tmp_path_factory):
+    """12 samples for the ConcatNet input x[?,1,8,8], as an .npz and as a folder of .npy files."""
+    folder = tmp_path_factory.mktemp("calib")
+    samples = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+    np.savez(folder / "calib.npz", x=samples)
+    (folder / "npy").mkdir()
+    for i, s in enumerate(samples):
+        np.save(folder / "npy" / f"{i:03d}.npy", s)
+    return folder
+
+
+@pytest.mark.parametrize("data,suffix", [("calib.npz", ".onnx"), ("npy", ".xml")])
+def test_quantize_writes_an_int8_model(onnx_file, calibration, data, suffix, tmp_path, capsys):
+    from deploy_checks import int8_count, openvino_layer_precisions, sqnr
+
+    src = onnx_file[0]
+    feeds = {"x": np.random.default_rng(1).random((16, 1, 8, 8), dtype=np.float32)}  # as the calibration data
+    want = run_onnx(onnx.load(src), feeds)
+    out = tmp_path / f"q{suffix}"
+    assert main(["quantize", str(src), "-o", str(out), "--data", str(calibration / data),
+                 "--subset-size", "8", "--target-device", "CPU"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("quantized concat.onnx on 8 samples in ")
+    assert lines[-2].endswith("14 weight and 15 activation quantizers")
+    assert lines[-1] == f"wrote {out}"
+    if suffix == ".onnx":
+        q = onnx.load(out)
+        assert _ops(q).count("DequantizeLinear") >= 14 + 15
+        assert sqnr(want[0], run_onnx(q, feeds)[0]) >= 20
+    else:
+        assert int8_count(openvino_layer_precisions(out)) == 14
+        import openvino as ov
+
+        assert sqnr(want[0], run_openvino(ov.Core().read_model(out), [feeds["x"]])[0]) >= 20
+
+
+def _quantize_error(capsys, *args) -> str:
+    assert main(["quantize", *map(str, args)]) == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_quantize_names_data_that_does_not_fit(onnx_file, tmp_path, capsys):
+    src = onnx_file[0]
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 32, 32)))
+    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "wrong.npz")
+    assert err == (f"lowbit: error: --data '{tmp_path / 'wrong.npz'}': input 'x' expects float32[?,1,8,8], got "
+                   "float64[4, 3, 32, 32] (axis 0 counts the samples); convert the data to what the model takes")
+    np.savez(tmp_path / "two.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.float32))
+    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "two.npz")
+    assert "the model's inputs are ['x']; arrays ['y'] match no input" in err
+    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "missing.npz")
+    assert err.endswith("missing.npz' does not exist: give an .npz file or a folder of .npy")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibration, tmp_path, capsys):
+    src, data = onnx_file[0], calibration / "calib.npz"
+    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--target-device", "TPU")
+    assert err.startswith("lowbit: error: unknown device 'TPU': use one of CPU, GPU, NPU, ANY")
+    (tmp_path / "file").write_text("")
+    err = _quantize_error(capsys, src, "-o", tmp_path / "file" / "q.onnx", "--data", data)
+    assert "cannot write" in err and "its folder cannot be created" in err
+    err = _quantize_error(capsys, src, "-o", tmp_path / "q.pt", "--data", data)
+    assert err == "lowbit: error: cannot write 'q.pt': the output must end in .onnx (ONNX) or .xml (OpenVINO IR)"
+
+
+def test_quantize_refuses_a_quantized_model(onnx_file, calibration, tmp_path, capsys):
+    src, data = onnx_file[0], calibration / "calib.npz"
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--data", str(data), "--subset-size", "4"]) == 0
+    err = _quantize_error(capsys, tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--data", data)
+    assert "is already quantized" in err
+
+
+def test_bad_option_values_are_refused_by_the_parser(onnx_file, calibration, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(onnx_file[0]), "-o", str(tmp_path / "q.onnx"), "--data", str(calibration),
+              "--overflow-fix", "auto"])
+    assert e.value.code == 2
+    assert re.search(r"argument --overflow-fix: invalid choice: 'auto' \(choose from '?enable'?, '?first_layer'?, "
+                     r"'?disable'?\)", capsys.readouterr().err)
+
+
+def test_version_and_passes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lowbit {lowbit.__version__}"
+    assert main(["passes"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(rows) == set(lowbit.passes.PASSES) and "quantize" in rows
+    assert rows["quantize"].startswith("place, calibrate and insert FakeQuantize")
