@@ -1,15 +1,24 @@
 """The `lowbit` command: quantize or compile a model, show its text form, tabulate a dump, list the passes.
 
-    lowbit quantize IN.onnx -o OUT.onnx|OUT.xml --data calib.npz|DIR [--subset-size N] [--preset P]
-                    [--target-device D] [--model-type transformer] [--ignored-scope a,b] [--overflow-fix F]
-                    [--no-fast-bias-correction] [--dump-dir DIR]
+    lowbit quantize IN.onnx -o OUT.onnx|OUT.xml --data calib.npz|DIR [--subset-size N]
+                    [--preset performance|mixed] [--target-device CPU|GPU|NPU|ANY|hw.json]
+                    [--model-type transformer] [--ignored-scope NAME[,NAME...]]
+                    [--overflow-fix enable|first_layer|disable] [--no-fast-bias-correction] [--dump-dir DIR]
     lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR]
     lowbit show MODEL.onnx
     lowbit diff DIR
     lowbit passes
     lowbit --version
 
-Every option is checked before any work; a user's mistake prints
+`quantize` is `lowbit.quantize` (NNCF's options and defaults) on calibration
+data read by `lowbit.quant.arrays` (an .npz keyed by input name, or a folder
+of .npy files, one per sample, `DIR/<input name>/*.npy`). `quantize` and
+`compile` run their pipeline over the graph and write it the same way:
+`.onnx` as ONNX (QDQ where quantized), `.xml` as OpenVINO IR (FakeQuantize).
+
+Every check comes before any work: the output suffix, the device, the data
+(against the model's inputs: names, dtypes, shapes), the ignored scope, then
+the output folder (created if needed). A user's mistake prints
 `lowbit: error: ...` and exits with 2.
 """
 
@@ -18,52 +27,104 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import LowbitError, OutputPathError
 
 
-def _output(path: str) -> Path:
-    """The -o path, checked: a .onnx or .xml file whose folder can be written."""
+QUANTIZE_HELP = """\
+Quantize IN.onnx (FP32) on calibration data, as nncf.quantize does, and write
+ONNX QDQ (-o x.onnx) or OpenVINO IR with FakeQuantize (-o x.xml and x.bin).
+
+--data is one of:
+  calib.npz   one array per model input, keyed by the input's name (any one
+              key for a one-input model); axis 0 counts the samples:
+              np.savez("calib.npz", x=samples)
+  calib/      one .npy file per sample in a subfolder per input,
+              calib/<input name>/*.npy, paired across inputs by file-name
+              order; a one-input model may keep its files in calib/ itself
+Each sample is one calibration item with a batch dim of 1; arrays must have
+the dtype and shape the model's inputs take. The device, the data and -o are
+checked before any work; a mistake prints `lowbit: error: ...`, exit code 2.
+"""
+
+
+def _output(path: str, *, create: bool = True) -> Path:
+    """The -o path, checked: a .onnx or .xml file whose folder can be created and written (with `create`)."""
     from .compiler import writable_parent
 
     out = Path(path)
     if out.suffix.lower() not in (".onnx", ".xml"):
         raise OutputPathError(f"cannot write {out.name!r}: the output must end in .onnx (ONNX) or .xml "
                               "(OpenVINO IR)")
-    writable_parent(out)
+    if create:
+        writable_parent(out)
     return out
 
 
+def _run_and_write(graph, passes, ctx, dump_dir, out: Path):
+    """Run the pipeline over `graph` and write the result to `out`: ONNX (QDQ where quantized) for .onnx, OpenVINO
+    IR (FakeQuantize) for .xml. `compile` and `quantize` share it; the PassManager's records come back."""
+    from .api import codegen
+    from .compiler import run_pipeline
+
+    graph, pm = run_pipeline(graph, passes, ctx, dump_dir)
+    if out.suffix.lower() == ".xml":
+        from .ir.openvino import save_openvino
+
+        save_openvino(graph, out)
+    else:
+        import onnx
+
+        onnx.save(codegen(graph, "onnx"), str(out))
+    return pm.records
+
+
+def _wrote(out: Path, dump_dir) -> str:
+    return f"wrote {out}" + (f"; dumps in {dump_dir}/index.html" if dump_dir else "")
+
+
 def _quantize(args) -> int:
+    """`lowbit.quantize` for an .onnx file, with its checks done first and its graph written as .onnx or .xml.
+
+    This is compiler.quantize -> compiler.compile with the pipeline run here, so that an .xml is written from the
+    quantized graph itself (as `compile -o x.xml` does) and the summary comes from the pass records.
+    """
     import time
 
     from .api import lower
-    from .compiler import export, quantize
+    from .compiler import default_pipeline
     from .hw_configs import load_hw_config
+    from .passes import PassContext
     from .quant import Dataset, IgnoredScope
-    from .quant.arrays import load_calibration_arrays
+    from .quant.arrays import check_data_path, load_calibration_arrays
 
-    out = _output(args.output)
+    # every check before any work: the cheap ones first, the output folder (which it creates) last
+    out = _output(args.output, create=False)
     load_hw_config(args.target_device)
-    model = str(args.model)
-    items = load_calibration_arrays(args.data, lower(model))
-    scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()]) \
-        if args.ignored_scope else None
+    check_data_path(args.data)
+    graph = lower(args.model)
+    items = load_calibration_arrays(args.data, graph, limit=args.subset_size)
+    scope = None
+    if args.ignored_scope:
+        scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()])
+        scope.resolve(graph)  # a name that matches no node fails now, not after the first passes
+    _output(args.output)
+
+    pipeline = default_pipeline(args.target_device, items, args.model_type)
+    passes = [p for p in pipeline if args.fast_bias_correction or p != "fast_bias_correction"]
+    options = {k: v for k, v in (("preset", args.preset), ("model_type", args.model_type)) if v is not None}
+    options.update(progress=True, overflow_fix=args.overflow_fix)
+    ctx = PassContext(hw=args.target_device, dataset=Dataset(items), subset_size=args.subset_size,
+                      ignored_scope=scope, options=options)
     start = time.perf_counter()
-    qdq = quantize(model, Dataset(items), preset=args.preset, target_device=args.target_device,
-                   subset_size=args.subset_size, fast_bias_correction=args.fast_bias_correction,
-                   model_type=args.model_type, ignored_scope=scope, dump_dir=args.dump_dir,
-                   overflow_fix=args.overflow_fix)
+    records = _run_and_write(graph, passes, ctx, args.dump_dir, out)
     seconds = time.perf_counter() - start
-    inits = {i.name for i in qdq.graph.initializer}
-    dequantize = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
-    weights = sum(n.input[0] in inits for n in dequantize)
-    activations = len({tuple(n.input[1:3]) for n in qdq.graph.node if n.op_type == "QuantizeLinear"})
-    export(qdq, out)
-    print(f"quantized {Path(model).name} on {min(len(items), args.subset_size)} samples in {seconds:.2f} s: "
-          f"{weights} weight and {activations} activation quantizers")
-    print(f"wrote {out}" + (f"; dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
+    fired = sum((r.fired for r in records if r.name == "quantize"), Counter())
+    print(f"quantized {Path(args.model).name} on {len(items)} samples in {seconds:.2f} s: "
+          f"{fired['weight_quantizers']} weight and {fired['activation_quantizers']} activation quantizers")
+    print(_wrote(out, args.dump_dir))
     return 0
 
 
@@ -76,22 +137,19 @@ def _passes(args) -> int:
 
 
 def _compile(args) -> int:
-    from .api import codegen, lower
-    from .compiler import run_pipeline
-    from .ir.openvino import save_openvino
-    from .passes import PassContext
+    from .api import lower
+    from .hw_configs import load_hw_config
+    from .passes import PassContext, resolve
 
-    out = _output(args.output)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
-    graph, pm = run_pipeline(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir)
-    if out.suffix.lower() == ".xml":
-        save_openvino(graph, out)
-    else:
-        out.write_bytes(codegen(graph, "onnx").SerializeToString())
-    for r in pm.records:
+    out = _output(args.output, create=False)
+    load_hw_config(args.hw)
+    passes = [resolve(p.strip()) for p in args.passes.split(",") if p.strip()] if args.passes else None
+    _output(args.output)
+    records = _run_and_write(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir, out)
+    for r in records:
         fired = ", ".join(f"{k} x{v}" for k, v in sorted(r.fired.items())) or "-"
         print(f"{r.index:02d} {r.name:<24} {1000 * r.seconds:8.1f} ms  {r.nodes_before:>6} -> {r.nodes_after:<6} {fired}")
-    print(f"wrote {out}" + (f"; dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
+    print(_wrote(out, args.dump_dir))
     return 0
 
 
@@ -132,6 +190,16 @@ def _version() -> str:
         return __version__
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def main(argv=None) -> int:
     from .compiler import MODEL_TYPES, PRESETS
     from .hw_configs import DEVICES
@@ -141,25 +209,26 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="post-training INT8 quantization of an ONNX model (as nncf.quantize)",
-                       description="Quantize IN.onnx on calibration data and write ONNX QDQ (.onnx) or OpenVINO "
-                                   "IR (.xml). --data is an .npz with one array per model input (named as the "
-                                   "input; any name for a one-input model), first axis = samples; or a folder of "
-                                   ".npy files, one sample per file (for several inputs, one subfolder per "
-                                   "input name).")
-    q.add_argument("model", help="input .onnx file (FP32)")
-    q.add_argument("-o", "--output", required=True, help="output .onnx (QDQ) or .xml (OpenVINO IR)")
-    q.add_argument("--data", required=True, help="calibration data: an .npz file or a folder of .npy files")
-    q.add_argument("--subset-size", type=int, default=300, help="calibration samples to use (default 300)")
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=QUANTIZE_HELP)
+    q.add_argument("model", metavar="IN.onnx", help="input .onnx file (FP32)")
+    q.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.xml",
+                   help="output .onnx (QDQ) or .xml (OpenVINO IR)")
+    q.add_argument("--data", required=True, metavar="NPZ|DIR",
+                   help="calibration data: an .npz file or a folder of .npy files")
+    q.add_argument("--subset-size", type=_positive, default=300, metavar="N",
+                   help="calibration samples to use (default 300)")
     q.add_argument("--preset", choices=PRESETS, help="performance (symmetric activations) or mixed")
-    q.add_argument("--target-device", "--hw", default="ANY",
+    q.add_argument("--target-device", "--hw", default="ANY", metavar="DEVICE",
                    help=f"one of {', '.join(DEVICES)} or a hardware config .json (default ANY, as NNCF)")
     q.add_argument("--model-type", choices=MODEL_TYPES, help="transformer: SmoothQuant and the mixed preset")
-    q.add_argument("--ignored-scope", help="comma-separated node names to keep in FP32")
+    q.add_argument("--ignored-scope", metavar="NAME[,NAME...]",
+                   help="node names to keep in FP32 (as `lowbit show` prints them)")
     q.add_argument("--overflow-fix", choices=OVERFLOW_FIX, default=DEFAULT_OVERFLOW_FIX,
                    help="weights on a 7-bit grid: enable (for AVX2-only CPUs), first_layer (default), disable")
     q.add_argument("--no-fast-bias-correction", dest="fast_bias_correction", action="store_false",
                    help="skip fast bias correction")
-    q.add_argument("--dump-dir", help="write the graph after every pass, with diffs and index.html, here")
+    q.add_argument("--dump-dir", metavar="DIR",
+                   help="write the graph after every pass, with diffs and index.html, here")
     q.set_defaults(run=_quantize)
     c = sub.add_parser("compile", help="run passes over an ONNX model and write ONNX or OpenVINO IR")
     c.add_argument("model", help="input .onnx file")

@@ -1,4 +1,4 @@
-"""The `lowbit` command line: compile (to .onnx and .xml), show, diff, and its exit codes.
+"""The `lowbit` command line: quantize and compile (to .onnx and .xml), show, diff, passes, --version, exit codes.
 
 Most runs call `lowbit.cli.main([...])` in-process; one goes through
 `python -m lowbit.cli` in a subprocess, as a user's shell would.
@@ -164,15 +164,58 @@ def test_python_dash_m_lowbit_cli(onnx_file, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def calibration(onnx_file, tmp_path_factory):
-    """12 samples for the ConcatNet input x[?,1,8,8], as an .npz and as a folder of .npy files."""
+def calibration(tmp_path_factory):
+    """12 float32 samples for the ConcatNet input x[batch,1,8,8]: calib.npz, npy/ (one (1,8,8) file per sample)
+    and npy_batched/ (one (1,1,8,8) file per sample)."""
     folder = tmp_path_factory.mktemp("calib")
     samples = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
     np.savez(folder / "calib.npz", x=samples)
-    (folder / "npy").mkdir()
-    for i, s in enumerate(samples):
-        np.save(folder / "npy" / f"{i:03d}.npy", s)
+    for name, add_batch_dim in (("npy", False), ("npy_batched", True)):
+        (folder / name).mkdir()
+        for i, s in enumerate(samples):
+            np.save(folder / name / f"{i:03d}.npy", s[None] if add_batch_dim else s)
     return folder
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(8, 32), torch.nn.Linear(4, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, a, b):
+        return self.head(torch.relu(self.a(a) + self.b(b)))
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory):
+    """A two-input model a[batch,8], b[batch,4] as .onnx, 10 samples as two.npz and as two/a/*.npy, two/b/*.npy."""
+    folder = tmp_path_factory.mktemp("two")
+    torch.manual_seed(0)
+    path = folder / "two.onnx"
+    onnx.save(lowbit.codegen(lowbit.lower(TwoInputs().eval(), (torch.randn(2, 8), torch.randn(2, 4))), "onnx"), path)
+    rng = np.random.default_rng(2)
+    data = {"a": 4 * rng.random((10, 8), dtype=np.float32), "b": rng.random((10, 4), dtype=np.float32)}
+    np.savez(folder / "two.npz", **data)
+    for name, samples in data.items():
+        (folder / "two" / name).mkdir(parents=True)
+        for i, s in enumerate(samples):
+            np.save(folder / "two" / name / f"{i:02d}.npy", s)
+    return path, folder, data
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if any pass runs: what is checked must be checked before any work."""
+    import lowbit.compiler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline ran before the error was found")
+
+    monkeypatch.setattr(lowbit.compiler, "run_pipeline", refuse)
+
+
+def _summary(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.strip()][-2:]
 
 
 @pytest.mark.parametrize("data,suffix", [("calib.npz", ".onnx"), ("npy", ".xml")])
@@ -182,75 +225,205 @@ def test_quantize_writes_an_int8_model(onnx_file, calibration, data, suffix, tmp
     src = onnx_file[0]
     feeds = {"x": np.random.default_rng(1).random((16, 1, 8, 8), dtype=np.float32)}  # as the calibration data
     want = run_onnx(onnx.load(src), feeds)
-    out = tmp_path / f"q{suffix}"
+    out = tmp_path / "new" / f"q{suffix}"
     assert main(["quantize", str(src), "-o", str(out), "--data", str(calibration / data),
                  "--subset-size", "8", "--target-device", "CPU"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[-2].startswith("quantized concat.onnx on 8 samples in ")
-    assert lines[-2].endswith("14 weight and 15 activation quantizers")
-    assert lines[-1] == f"wrote {out}"
+    summary, wrote = _summary(capsys)
+    assert re.fullmatch(r"quantized concat\.onnx on 8 samples in \d+\.\d\d s: 14 weight and 15 activation "
+                        r"quantizers", summary)
+    assert wrote == f"wrote {out}"
     if suffix == ".onnx":
         q = onnx.load(out)
-        assert _ops(q).count("DequantizeLinear") >= 14 + 15
-        assert sqnr(want[0], run_onnx(q, feeds)[0]) >= 20
+        assert _ops(q).count("QuantizeLinear") >= 15 and _ops(q).count("DequantizeLinear") >= 14 + 15
+        got = run_onnx(q, feeds)
+        assert sqnr(want[0], got[0]) >= 20
+        # what the command writes is what lowbit.quantize returns for the same data and options
+        from lowbit.quant.arrays import load_calibration_arrays
+
+        items = load_calibration_arrays(calibration / data, lowbit.lower(src))
+        api = lowbit.quantize(str(src), lowbit.Dataset(items), target_device="CPU", subset_size=8)
+        assert _ops(api) == _ops(q)
+        np.testing.assert_array_equal(run_onnx(api, feeds)[0], got[0])
     else:
-        assert int8_count(openvino_layer_precisions(out)) == 14
         import openvino as ov
 
-        assert sqnr(want[0], run_openvino(ov.Core().read_model(out), [feeds["x"]])[0]) >= 20
+        assert out.with_suffix(".bin").exists()
+        model = ov.Core().read_model(out)
+        # written from the quantized graph, not from its QDQ form: one FakeQuantize per activation quantizer
+        assert [op.get_type_name() for op in model.get_ordered_ops()].count("FakeQuantize") == 15
+        assert int8_count(openvino_layer_precisions(out)) == 14
+        assert sqnr(want[0], run_openvino(model, [feeds["x"]])[0]) >= 20
+
+
+@pytest.mark.parametrize("data", ["two.npz", "two"])
+def test_quantize_a_two_input_model(two_inputs, data, tmp_path, capsys):
+    src, folder, samples = two_inputs
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(src), "-o", str(out), "--data", str(folder / data), "--subset-size", "8",
+                 "--no-fast-bias-correction", "--preset", "mixed"]) == 0
+    assert _summary(capsys)[0].startswith("quantized two.onnx on 8 samples in ")
+    q = onnx.load(out)
+    assert _ops(q).count("QuantizeLinear") >= 2
+    scale = {i.name: float(onnx.numpy_helper.to_array(i)) for i in q.graph.initializer if i.name.endswith("_fq_scale")
+             and not i.dims}
+    assert 3 < scale["a_fq_scale"] / scale["b_fq_scale"] < 5  # each input calibrated on its own data (a = 4 b)
+    # sample i of a is paired with sample i of b: the same as lowbit.quantize on items built by hand
+    items = [{"a": samples["a"][i:i + 1], "b": samples["b"][i:i + 1]} for i in range(10)]
+    api = lowbit.quantize(str(src), lowbit.Dataset(items), subset_size=8, fast_bias_correction=False, preset="mixed")
+    np.testing.assert_array_equal(run_onnx(api, samples)[0], run_onnx(q, samples)[0])
+
+
+def test_calibration_items_are_batch_1_views_in_the_saved_dtype(onnx_file, calibration):
+    from lowbit.quant.arrays import load_calibration_arrays
+
+    graph = lowbit.lower(onnx_file[0])
+    saved = np.load(calibration / "calib.npz")["x"]
+    for data in ("calib.npz", "npy", "npy_batched"):
+        items = load_calibration_arrays(calibration / data, graph)
+        assert len(items) == 12
+        assert all(list(item) == ["x"] and item["x"].shape == (1, 1, 8, 8) and item["x"].dtype == np.float32
+                   for item in items)
+        np.testing.assert_array_equal(np.concatenate([item["x"] for item in items]), saved)
+        assert all(item["x"].base is not None and item["x"].base is items[0]["x"].base for item in items)  # views
+    assert len(load_calibration_arrays(calibration / "npy", graph, limit=5)) == 5
 
 
 def _quantize_error(capsys, *args) -> str:
     assert main(["quantize", *map(str, args)]) == 2
-    return capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err.strip()
 
 
-def test_quantize_names_data_that_does_not_fit(onnx_file, tmp_path, capsys):
+def test_quantize_names_data_that_does_not_fit(onnx_file, two_inputs, tmp_path, capsys, no_work):
     src = onnx_file[0]
+    out = tmp_path / "q.onnx"
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 32, 32)))
-    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "wrong.npz")
-    assert err == (f"lowbit: error: --data '{tmp_path / 'wrong.npz'}': input 'x' expects float32[?,1,8,8], got "
-                   "float64[4, 3, 32, 32] (axis 0 counts the samples); convert the data to what the model takes")
+    assert _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "wrong.npz") == (
+        f"lowbit: error: --data '{tmp_path / 'wrong.npz'}': input 'x' expects float32[batch,1,8,8], got "
+        "float64[4,3,32,32] (axis 0 counts the samples); save the data in the model's dtype and shape")
+    np.savez(tmp_path / "half.npz", x=np.zeros((4, 1, 8, 8), np.float16))
+    assert "input 'x' expects float32[batch,1,8,8], got float16[4,1,8,8]" in \
+        _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "half.npz")
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))
+    assert _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "empty.npz").endswith(
+        "empty.npz' holds no samples (axis 0 is empty)")
     np.savez(tmp_path / "two.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.float32))
-    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "two.npz")
-    assert "the model's inputs are ['x']; arrays ['y'] match no input" in err
-    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", tmp_path / "missing.npz")
-    assert err.endswith("missing.npz' does not exist: give an .npz file or a folder of .npy")
-    assert not (tmp_path / "q.onnx").exists()
+    assert _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "two.npz") == (
+        f"lowbit: error: --data '{tmp_path / 'two.npz'}': the model's inputs are ['x']; array(s) ['y'] match no "
+        "input. Name one array after each input")
+    assert _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "missing.npz") == (
+        f"lowbit: error: --data '{tmp_path / 'missing.npz'}' does not exist: give an .npz file or a folder of .npy "
+        "files")
+    (tmp_path / "calib.csv").write_text("1,2\n")
+    assert _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "calib.csv").endswith(
+        "calib.csv' is neither an .npz file nor a folder of .npy files")
+    (tmp_path / "mixed").mkdir()
+    np.save(tmp_path / "mixed" / "0.npy", np.zeros((1, 8, 8), np.float32))
+    np.save(tmp_path / "mixed" / "1.npy", np.zeros((1, 4, 4), np.float32))
+    assert "0.npy holds float32[1,8,8], 1.npy float32[1,4,4]" in \
+        _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "mixed")
+    (tmp_path / "none").mkdir()
+    assert "holds no .npy files for input 'x'" in _quantize_error(capsys, src, "-o", out, "--data", tmp_path / "none")
+
+    two, folder, samples = two_inputs
+    np.savez(tmp_path / "only_a.npz", a=samples["a"], c=samples["b"])
+    assert _quantize_error(capsys, two, "-o", out, "--data", tmp_path / "only_a.npz") == (
+        f"lowbit: error: --data '{tmp_path / 'only_a.npz'}': the model's inputs are ['a', 'b']; no array for "
+        "input(s) ['b']; array(s) ['c'] match no input. Name one array after each input")
+    np.savez(tmp_path / "short.npz", a=samples["a"], b=samples["b"][:7])
+    assert "the inputs have different numbers of samples {'a': 10, 'b': 7}" in \
+        _quantize_error(capsys, two, "-o", out, "--data", tmp_path / "short.npz")
+    (tmp_path / "ab" / "a").mkdir(parents=True)
+    np.save(tmp_path / "ab" / "a" / "0.npy", samples["a"][0])
+    assert _quantize_error(capsys, two, "-o", out, "--data", tmp_path / "ab") == (
+        f"lowbit: error: --data '{tmp_path / 'ab'}': the model's inputs are ['a', 'b']; no subfolder of .npy files "
+        "for input(s) ['b']. Name one subfolder of .npy files after each input")
+    assert not out.exists()
 
 
-def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibration, tmp_path, capsys):
+def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibration, tmp_path, capsys, no_work):
     src, data = onnx_file[0], calibration / "calib.npz"
-    err = _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--target-device", "TPU")
-    assert err.startswith("lowbit: error: unknown device 'TPU': use one of CPU, GPU, NPU, ANY")
+    assert _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--target-device", "TPU") == (
+        "lowbit: error: unknown device 'TPU': use one of CPU, GPU, NPU, ANY or the path of a hardware config .json "
+        "file")
+    assert _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--hw", "gpu.json") == (
+        "lowbit: error: hardware config file 'gpu.json' does not exist")
     (tmp_path / "file").write_text("")
     err = _quantize_error(capsys, src, "-o", tmp_path / "file" / "q.onnx", "--data", data)
-    assert "cannot write" in err and "its folder cannot be created" in err
-    err = _quantize_error(capsys, src, "-o", tmp_path / "q.pt", "--data", data)
-    assert err == "lowbit: error: cannot write 'q.pt': the output must end in .onnx (ONNX) or .xml (OpenVINO IR)"
+    assert err.startswith(f"lowbit: error: cannot write '{tmp_path / 'file' / 'q.onnx'}': its folder cannot be "
+                          "created (")
+    (tmp_path / "d.xml").mkdir()
+    assert _quantize_error(capsys, src, "-o", tmp_path / "d.xml", "--data", data) == (
+        f"lowbit: error: cannot write '{tmp_path / 'd.xml'}': it is a folder; give a file path")
+    assert _quantize_error(capsys, src, "-o", tmp_path / "q.pt", "--data", data) == (
+        "lowbit: error: cannot write 'q.pt': the output must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+    # bad data is found before the output folder is created
+    _quantize_error(capsys, src, "-o", tmp_path / "made" / "q.onnx", "--data", tmp_path / "missing.npz")
+    assert not (tmp_path / "made").exists()
+
+
+def test_quantize_refuses_a_read_only_output_folder(onnx_file, calibration, tmp_path, capsys, no_work, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: answer as the kernel does for any other user
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: not (Path(p) == locked and mode & os.W_OK)
+                            and access(p, mode, *a, **k))
+    try:
+        err = _quantize_error(capsys, onnx_file[0], "-o", locked / "q.onnx", "--data", calibration / "calib.npz")
+    finally:
+        locked.chmod(0o755)
+    assert err == f"lowbit: error: cannot write '{locked / 'q.onnx'}': its folder '{locked}' is not writable"
+
+
+def test_quantize_names_an_unknown_ignored_node_before_any_work(onnx_file, calibration, tmp_path, capsys, no_work):
+    err = _quantize_error(capsys, onnx_file[0], "-o", tmp_path / "q.onnx", "--data", calibration / "calib.npz",
+                          "--ignored-scope", "no_such_node")
+    assert err.startswith("lowbit: error: ignored scope name 'no_such_node' matches no node of the model")
 
 
 def test_quantize_refuses_a_quantized_model(onnx_file, calibration, tmp_path, capsys):
     src, data = onnx_file[0], calibration / "calib.npz"
     assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--data", str(data), "--subset-size", "4"]) == 0
+    capsys.readouterr()
     err = _quantize_error(capsys, tmp_path / "q.onnx", "-o", tmp_path / "qq.onnx", "--data", data)
     assert "is already quantized" in err
+    assert not (tmp_path / "qq.onnx").exists()
 
 
-def test_bad_option_values_are_refused_by_the_parser(onnx_file, calibration, tmp_path, capsys):
+@pytest.mark.parametrize("option,value,message", [
+    ("--overflow-fix", "auto", r"argument --overflow-fix: invalid choice: 'auto' \(choose from '?enable'?, "
+                               r"'?first_layer'?, '?disable'?\)"),
+    ("--subset-size", "0", r"argument --subset-size: '0' is not a positive integer"),
+    ("--preset", "fast", r"argument --preset: invalid choice: 'fast'"),
+])
+def test_bad_option_values_are_refused_by_the_parser(option, value, message, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["quantize", str(onnx_file[0]), "-o", str(tmp_path / "q.onnx"), "--data", str(calibration),
-              "--overflow-fix", "auto"])
+        main(["quantize", "m.onnx", "-o", "q.onnx", "--data", "calib.npz", option, value])
     assert e.value.code == 2
-    assert re.search(r"argument --overflow-fix: invalid choice: 'auto' \(choose from '?enable'?, '?first_layer'?, "
-                     r"'?disable'?\)", capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_quantize_help_gives_the_data_convention(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for part in ("calib.npz", "calib/<input name>/*.npy", "batch dim of 1", "--overflow-fix", "--target-device"):
+        assert part in text
 
 
 def test_version_and_passes(capsys):
+    from importlib.metadata import version
+
     with pytest.raises(SystemExit) as e:
         main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lowbit {lowbit.__version__}"
+    assert e.value.code == 0 and capsys.readouterr().out == f"lowbit {version('lowbit')}\n"
     assert main(["passes"]) == 0
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert set(rows) == set(lowbit.passes.PASSES) and "quantize" in rows
-    assert rows["quantize"].startswith("place, calibrate and insert FakeQuantize")
+    assert set(rows) == set(lowbit.passes.PASSES) >= {"cleanup", "fold_bn", "fuse", "quantize",
+                                                      "fast_bias_correction", "smooth_quant"}
+    assert rows["quantize"] == lowbit.passes.PASSES["quantize"].description
+    assert all(rows.values())
