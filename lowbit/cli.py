@@ -88,15 +88,15 @@ def _wrote(out: Path, dump_dir) -> str:
 def _quantize(args) -> int:
     """`lowbit.quantize` for an .onnx file, with its checks done first and its graph written as .onnx or .xml.
 
-    This is compiler.quantize -> compiler.compile with the pipeline run here, so that an .xml is written from the
-    quantized graph itself (as `compile -o x.xml` does) and the summary comes from the pass records.
+    The passes and context are those of compiler.quantize (`ptq_passes`, `pass_context`); the pipeline runs here
+    so that an .xml is written from the quantized graph itself (as `compile -o x.xml` does) and the summary
+    comes from the pass records.
     """
     import time
 
     from .api import lower
-    from .compiler import default_pipeline
+    from .compiler import pass_context, ptq_passes
     from .hw_configs import load_hw_config
-    from .passes import PassContext
     from .quant import Dataset, IgnoredScope
     from .quant.arrays import check_data_path, load_calibration_arrays
 
@@ -112,12 +112,10 @@ def _quantize(args) -> int:
         scope.resolve(graph)  # a name that matches no node fails now, not after the first passes
     _output(args.output)
 
-    pipeline = default_pipeline(args.target_device, items, args.model_type)
-    passes = [p for p in pipeline if args.fast_bias_correction or p != "fast_bias_correction"]
-    options = {k: v for k, v in (("preset", args.preset), ("model_type", args.model_type)) if v is not None}
-    options.update(progress=True, overflow_fix=args.overflow_fix)
-    ctx = PassContext(hw=args.target_device, dataset=Dataset(items), subset_size=args.subset_size,
-                      ignored_scope=scope, options=options)
+    dataset = Dataset(items)
+    passes = ptq_passes(dataset, args.model_type, args.fast_bias_correction)
+    ctx = pass_context(hw=args.target_device, dataset=dataset, subset_size=args.subset_size, ignored_scope=scope,
+                       preset=args.preset, model_type=args.model_type, overflow_fix=args.overflow_fix)
     start = time.perf_counter()
     records = _run_and_write(graph, passes, ctx, args.dump_dir, out)
     seconds = time.perf_counter() - start

@@ -67,6 +67,35 @@ def _writeback(graph: Graph, model: Any) -> Any:
     return result
 
 
+def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300, ignored_scope: Any = None,
+                 preset: str | None = None, model_type: str | None = None, range_estimator: str | None = None,
+                 overflow_fix: str = "first_layer", progress: bool = True) -> PassContext:
+    """The PassContext of a compile/quantize call, every option checked (an OptionError or
+    HardwareConfigError names the bad one) before any work."""
+    from .hw_configs import load_hw_config
+    from .passes.quantize import OVERFLOW_FIX
+    from .quant.stats import RANGE_ESTIMATORS
+
+    load_hw_config(hw)
+    for name, value, known in (("preset", preset, PRESETS), ("model_type", model_type, MODEL_TYPES),
+                               ("range_estimator", range_estimator, RANGE_ESTIMATORS)):
+        if value is not None and value not in known:
+            raise OptionError(f"unknown {name} {value!r}: use one of {', '.join(known)}"
+                              + (" or None" if name == "model_type" else ""))
+    if overflow_fix not in OVERFLOW_FIX:
+        raise OptionError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
+    options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
+                                 ("range_estimator", range_estimator)) if v is not None}
+    options.update(progress=progress, overflow_fix=overflow_fix)
+    return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
+
+
+def ptq_passes(dataset: Any, model_type: str | None = None, fast_bias_correction: bool = True) -> list[str]:
+    """The passes of nncf.quantize-style post-training quantization."""
+    pipeline = default_pipeline(dataset=dataset, model_type=model_type)
+    return [p for p in pipeline if fast_bias_correction or p != "fast_bias_correction"]
+
+
 def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any = "CPU", dataset: Any = None,
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
@@ -77,20 +106,9 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
     quantization: cleanup, fold_bn, fuse, quantize, fast_bias_correction (with
     `model_type="transformer"`, smooth_quant before quantize).
     """
-    from .hw_configs import load_hw_config
-    from .quant.stats import RANGE_ESTIMATORS
-
-    load_hw_config(hw)  # an unknown device fails before any work
-    if preset is not None and preset not in PRESETS:
-        raise OptionError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-    if model_type is not None and model_type not in MODEL_TYPES:
-        raise OptionError(f"unknown model_type {model_type!r}: use one of {', '.join(MODEL_TYPES)} or None")
-    if range_estimator is not None and range_estimator not in RANGE_ESTIMATORS:
-        raise OptionError(f"unknown range_estimator {range_estimator!r}: use one of {', '.join(RANGE_ESTIMATORS)}")
-    from .passes.quantize import OVERFLOW_FIX
-
-    if overflow_fix not in OVERFLOW_FIX:
-        raise OptionError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
+    ctx = pass_context(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, preset=preset,
+                       model_type=model_type, range_estimator=range_estimator, overflow_fix=overflow_fix,
+                       progress=progress)
     from .passes import resolve
 
     if passes is not None:
@@ -107,10 +125,6 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
                         for x in example_inputs)
         raise DatasetError(f"dataset item 0 ({got}) cannot be fed to {type(model).__name__}: "
                            f"{e.__cause__ or e}. Fix transform_fn so it returns what forward() takes") from e
-    options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
-                                 ("range_estimator", range_estimator)) if v is not None}
-    options.update(progress=progress, overflow_fix=overflow_fix)
-    ctx = PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
     graph, _ = run_pipeline(graph, passes, ctx, dump_dir)
     return _writeback(graph, model)
 
@@ -127,11 +141,10 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
     NNCF; "enable" for models deployed on x86 CPUs without VNNI; "disable")
     says which weights use a 7-bit grid (see passes/quantize.py).
     """
-    pipeline = default_pipeline(target_device, calibration_dataset, model_type)
-    passes = [p for p in pipeline if fast_bias_correction or p != "fast_bias_correction"]
-    return compile(model, passes, hw=target_device, dataset=calibration_dataset, example_inputs=example_inputs,
-                   subset_size=subset_size, ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset,
-                   model_type=model_type, overflow_fix=overflow_fix)
+    return compile(model, ptq_passes(calibration_dataset, model_type, fast_bias_correction), hw=target_device,
+                   dataset=calibration_dataset, example_inputs=example_inputs, subset_size=subset_size,
+                   ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset, model_type=model_type,
+                   overflow_fix=overflow_fix)
 
 
 def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> Path:
