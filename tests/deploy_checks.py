@@ -50,11 +50,15 @@ def quantized_layers(model: onnx.ModelProto) -> dict[str, dict]:
             node = producer.get(name)
         return name in initializers
 
+    zero_points = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
     def quantized_output(name: str) -> bool:
-        """Read by a QuantizeLinear, directly or through a Relu/Clip (which ONNX Runtime folds into it)."""
+        """Read by a QuantizeLinear, directly or through a Relu/Clip that ONNX Runtime folds into it (which it
+        does when the quantizer's grid starts at 0: zero point 0)."""
         following = users[name]
         if len(following) == 1 and following[0].op_type in ("Relu", "Clip"):
-            following = users[following[0].output[0]]
+            following = [u for u in users[following[0].output[0]] if u.op_type == "QuantizeLinear"
+                         and len(u.input) > 2 and not np.any(zero_points.get(u.input[2], 1))]
         return any(u.op_type == "QuantizeLinear" for u in following)
 
     found = {}

@@ -124,8 +124,8 @@ def test_onnx_runtime_runs_every_quantized_layer_it_can_in_int8(deployed, form):
     layers = quantized_layers(onnx.load(deployed.paths[form]))
     ops = ort_optimized_ops(deployed.paths[form])
     integer = sum(ops[op] for op in ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"))
-    # ONNX Runtime has no integer convolution with a float output: a Conv whose output feeds a float op
-    # (SiLU, a Concat, a pre-activation BN) runs as DequantizeLinear -> Conv (OpenVINO runs it in INT8).
+    # ONNX Runtime has no integer convolution with a float output: a Conv whose output feeds a float op (SiLU,
+    # Hardswish, or a Relu before a signed grid) runs as DequantizeLinear -> Conv (OpenVINO runs it in INT8).
     float_output_convs = sum(layer["op"] == "Conv" and not layer["quantized_output"] for layer in layers.values())
     assert len(layers) > 0
     assert integer == len(layers) - float_output_convs, (ops, layers)
