@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import deploy  # noqa: E402
 import ir_scale  # noqa: E402
 import patterns  # noqa: E402
 import ptq  # noqa: E402
@@ -13,3 +14,4 @@ if __name__ == "__main__":
     ir_scale.main([])
     patterns.main([])
     ptq.main([])
+    deploy.main([])
