@@ -149,3 +149,44 @@ def test_onnx_origin_openvino_agrees_with_onnx_runtime(deployed, form):
     got = deployed.openvino(form)
     assert agreement(reference, got) >= OPENVINO_TOP1.get(deployed.family, TOP1)
     assert sqnr(reference, got) >= SQNR_DB
+
+
+# --------------------------------------------------------------------------- attention in INT8
+
+
+def _attention_precisions(path) -> list[str]:
+    """Runtime precisions of the fused attention blocks (Subgraphs holding a Softmax) OpenVINO's CPU plugin runs."""
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    return [info["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+            if (info := op.get_rt_info())["layerType"].astype(str) == "Subgraph"
+            and "softmax" in info["originalLayersNames"].astype(str).lower()]
+
+
+@pytest.mark.parametrize("form", ["torch.xml", "torch.onnx", "onnx.onnx", "onnx.xml"])
+def test_openvino_runs_the_attention_in_int8(deployed, form):
+    """OpenVINO runs query x key in its INT8 attention kernel only on zero-point-free grids: the query and key
+    quantizers are symmetric and int8 (NNCF's transformer rule), and the probabilities x V MatMul stays FP32."""
+    if deployed.family != "transformer":
+        pytest.skip("attention only in the transformer family")
+    precisions = _attention_precisions(deployed.paths[form])
+    assert len(precisions) == 2 and set(precisions) <= {"i8", "u8"}, precisions
+
+
+def test_transformer_query_and_key_are_symmetric_int8_and_probabilities_stay_fp32(deployed):
+    if deployed.family != "transformer":
+        pytest.skip("attention only in the transformer family")
+    model = onnx.load(deployed.paths["onnx.onnx"])
+    producers = {o: n for n in model.graph.node for o in n.output}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"
+               and all(i not in constants and producers[i].op_type != "DequantizeLinear"
+                       or producers[i].op_type == "DequantizeLinear" and producers[i].input[0] not in constants
+                       for i in n.input)]
+    query_key = [n for n in matmuls if all(producers[i].op_type == "DequantizeLinear" for i in n.input)]
+    probabilities_v = [n for n in matmuls if any(producers[i].op_type == "Softmax" for i in n.input)]
+    assert len(query_key) == 2 and len(probabilities_v) == 2
+    for n in query_key:
+        for i in n.input:
+            zero_point = constants[producers[i].input[2]]
+            assert zero_point.dtype == np.int8 and not zero_point.any(), n.name
+    assert not any(producers[i].op_type == "DequantizeLinear" for n in probabilities_v for i in n.input)

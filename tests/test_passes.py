@@ -296,6 +296,41 @@ def test_cleanup_numerics_in_onnx_runtime():
         np.testing.assert_array_equal(g, w)
 
 
+def _head_scale_onnx():
+    """y = x * (1 / sqrt(x.shape[-1])) * x.shape[0]: the attention scale read from a shape with a dynamic batch
+    (as torch.onnx.export writes it), and a dimension that is dynamic."""
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "minus1", "big"], ["last"], name="slice_last"),
+        helper.make_node("Cast", ["last"], ["last_f"], to=f32, name="cast"),
+        helper.make_node("Sqrt", ["last_f"], ["root"], name="sqrt"),
+        helper.make_node("Div", ["one", "root"], ["scale"], name="div"),
+        helper.make_node("Mul", ["x", "scale"], ["scaled"], name="mul_scale"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0, name="gather_batch"),
+        helper.make_node("Cast", ["batch"], ["batch_f"], to=f32, name="cast_batch"),
+        helper.make_node("Mul", ["scaled", "batch_f"], ["y"], name="mul_batch"),
+    ]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(np.array([1 << 40], np.int64), "big"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([1.0], np.float32), "one")]
+    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", f32, ["batch", 4, 16])],
+                              [helper.make_tensor_value_info("y", f32, ["batch", 4, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_cleanup_folds_static_dimensions_read_from_a_shape_with_a_dynamic_batch():
+    model = _head_scale_onnx()
+    clean, records = _run(["cleanup"], lowbit.lower(model))
+    clean.verify()
+    # the head size (16) and everything computed from it fold; the batch size stays a runtime value
+    assert [n.name for n in clean] == ["shape", "mul_scale", "gather_batch", "cast_batch", "mul_batch"]
+    assert clean.find_node("mul_scale").input(1).const.tolist() == [0.25]
+    x = np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)
+    np.testing.assert_allclose(_ort(clean, x)[0], run_onnx(model, {"x": x})[0], rtol=1e-6)
+
+
 def test_cleanup_drops_the_eval_dropout_of_mobilenet(lowered):
     model, x, graph = lowered("mobilenet_v2")
     assert _count(graph, "Dropout") == 1

@@ -396,6 +396,37 @@ def test_embedding_quantizer_stays_below_the_lookup():
     assert p.value is not graph.inputs[0]
 
 
+class _SplitHeads(torch.nn.Module):
+    """qkv = linear(x); v = qkv[:, :, 2] (a Gather) feeds a MatMul; q and k feed others."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x, w):
+        qkv = self.qkv(x).unflatten(-1, (3, 8))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return torch.matmul(v, w) + torch.sigmoid(q) * k
+
+
+@pytest.mark.parametrize("select", ["Gather", "Slice"])
+def test_a_quantizer_stays_below_an_op_that_keeps_part_of_its_input(select):
+    """v = qkv[:, :, 2]: quantized at the select, on v's range, not above it on the whole fused qkv tensor."""
+    model = _SplitHeads()
+    if select == "Slice":
+        model.forward = lambda x, w: model.qkv(x)[:, :, 16:24] @ w + model.qkv(x)[:, :, :8]
+    x, w = torch.randn(2, 4, 8), torch.randn(8, 8)
+    graph = _fused(model, x, w)
+    matmul = next(n for n in graph if n.op_type == "MatMul" and n.input(1).const is None)
+    points = place_quantizers(graph, load_hw_config("CPU"))
+    (point,) = [p for p in points if any(c is matmul for c, _ in p.consumers) and p.kind == "activation"
+                and p.value is not matmul.input(1)] or [None]
+    producer = point.value.producer
+    while producer.op_type in ("Squeeze", "Unsqueeze", "Reshape"):  # a Gather may be written as Slice+Squeeze
+        producer = producer.input(0).producer
+    assert producer.op_type in ("Gather", "Slice"), producer.op_type
+
+
 # --------------------------------------------------------------------------- presets and model types
 
 
@@ -477,8 +508,15 @@ def test_transformer_model_type_leaves_add_and_mul_fp32():
         while v.producer.op_type in ("Reshape", "Transpose"):  # the attention projections: moved up through these
             v = v.producer.input(0)
         assert _fed_by_fq(v), matmul.name
-    # transformer implies the mixed preset: asymmetric activations
-    assert {fq.meta.get("config") for fq in fqs if fq.input(0).const is None} == {"a8_asym"}
+    # transformer implies the mixed preset: asymmetric activations, except the attention's query and key, which
+    # are symmetric (as NNCF's transformer model type; OpenVINO's INT8 attention needs zero-point-free grids)
+    attention = [n for n in transformer if n.op_type == "Attention"]
+    assert len(attention) == 2
+    query_key = {id(a.input(i).producer) for a in attention for i in (0, 1)}
+    activation_fqs = [fq for fq in fqs if fq.input(0).const is None]
+    assert all(fq.meta.get("config") == "a8_sym" for fq in activation_fqs if id(fq) in query_key)
+    assert len([fq for fq in activation_fqs if id(fq) in query_key]) == 4
+    assert {fq.meta.get("config") for fq in activation_fqs if id(fq) not in query_key} == {"a8_asym"}
 
 
 # --------------------------------------------------------------------------- ignored scopes

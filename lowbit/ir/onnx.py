@@ -86,7 +86,7 @@ def _attr_value(a: AttributeProto) -> Any:
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, tuple]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # custom ops or >2 GB models: fall back to what the file says
         inferred = model
     g = inferred.graph

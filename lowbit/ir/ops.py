@@ -50,6 +50,12 @@ ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "G
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
              "Concat", "Expand", "Tile", "Identity", "Shape", "Cast", "Pad", "DepthToSpace", "SpaceToDepth")
 
+# Shape ops a quantizer does not move up through: Shape and Cast change the dtype, Concat joins several grids
+# (the config's `propagate` decides), and Slice, Gather and Split keep a part of their input, whose range is
+# narrower: moved above them a quantizer would take the whole tensor's range (a ViT's value quantizer took the
+# fused query/key/value tensor's) and run on all of it.
+NOT_AGNOSTIC_SHAPE_OPS = ("Shape", "Cast", "Concat", "Slice", "Gather", "Split")
+
 VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Conv", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
     OpInfo("ConvTranspose", weight_inputs=(1,), channel_axis=1, traits=_t("weighted")),
@@ -80,7 +86,7 @@ VOCABULARY: dict[str, OpInfo] = _ops(
     *(OpInfo(n, traits=_t("elementwise", *(("commutative",) if n in ("Add", "Mul", "Max", "Min", "Equal") else ())))
       for n in ELEMENTWISE_BINARY),
     *(OpInfo(n, traits=_t("elementwise", "activation")) for n in ACTIVATIONS),
-    *(OpInfo(n, traits=_t("shape", *(("agnostic",) if n not in ("Shape", "Cast", "Concat") else ())))
+    *(OpInfo(n, traits=_t("shape", *(("agnostic",) if n not in NOT_AGNOSTIC_SHAPE_OPS else ())))
       for n in SHAPE_OPS),
 )
 

@@ -4,15 +4,25 @@ A FakeQuantize on an activation becomes QuantizeLinear -> DequantizeLinear;
 one on a constant weight becomes an integer initializer -> DequantizeLinear,
 the form ONNX Runtime's QDQ fusions turn into integer kernels. Weights on
 symmetric grids use int8 with zero point 0, asymmetric ones uint8;
-activations are always uint8 (a signed symmetric grid is the same grid with
-zero point 128); per-channel ranges give per-axis scales.
+activations on an unsigned grid are uint8, and a signed symmetric grid is
+int8 with zero point 0 unless ONNX Runtime needs it as uint8 (the same grid
+with zero point 128); per-channel ranges give per-axis scales.
 
-Activations are uint8 because ONNX Runtime fuses a QDQ Conv into QLinearConv
-only when its input and output have one type: a layer reading a signed
-activation and writing an unsigned one (a MobileNetV2 expand conv, after a
-linear bottleneck, before its ReLU6) stayed in float with int8 inputs; u8
-activations with s8 weights is also what its own quantizer writes for x86
-(U8S8), and OpenVINO runs them in INT8 all the same.
+ONNX Runtime fuses a QDQ layer into an integer kernel with a quantized output
+(QLinearConv, QLinearMatMul, QGemm) only when its input and output have one
+type, and on x86 it runs those kernels in u8 (U8S8, as its own quantizer
+writes). So the quantizers a fusable layer links (its activation inputs, its
+output, and everything sharing a grid with them through a Concat) form one
+group, and a group with an unsigned grid stores its signed grids as uint8
+(a MobileNetV2 expand conv reads a signed linear bottleneck and writes its
+ReLU6 output: with an int8 input it stayed in float). Every other signed grid
+is int8 with zero point 0, the form OpenVINO needs: it cannot move a
+dequantization with a zero point through a ReLU or into a fused attention
+block, and ran those parts in float (a ViT's query/key/value quantizers, a
+pre-activation DenseNet's BN-ReLU after each Concat). Where the two needs
+meet (DenseNet's convs read a ReLU and write a signed grid that a Concat
+joins to the next BN-ReLU), ONNX Runtime's wins: the .onnx runs those
+BN-ReLUs in float in OpenVINO; the .xml, written for OpenVINO, does not.
 
 Weights are always int8 with zero point 0: it is the only weight form that
 OpenVINO's low-precision transformations run as INT8 (a uint8 weight with
@@ -40,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UnsupportedOpError
-from .graph import Graph, Node
+from .graph import Graph, Node, Value
 from .ops import is_fake_quantize, op_info
 
 EPS = 1e-8
@@ -93,9 +103,10 @@ def fake_quantize_to_qdq(graph: Graph) -> Graph:
     if not any(is_fake_quantize(n) for n in graph):
         return graph
     graph = graph.copy()
+    as_uint8 = _signed_grids_stored_as_uint8(graph)
     for node in graph.nodes:
         if is_fake_quantize(node):
-            _rewrite(graph, node)
+            _rewrite(graph, node, id(node) in as_uint8)
     for node in graph.nodes:
         if node.op_type == "DequantizeLinear" and node.input(0).const is None:
             _requantize_before_layers(graph, node)
@@ -111,6 +122,67 @@ LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 VALUE_PRESERVING = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
                               "GlobalMaxPool", "Identity", "Slice", "Gather", "Expand", "Tile",
                               "DepthToSpace", "SpaceToDepth"})
+
+
+def _is_signed(fq: Node) -> bool:
+    low, high = fq.input(1).const, fq.input(2).const
+    return low is not None and high is not None and \
+        qdq_params(int(fq.attrs["levels"]), low, high).zero_point.dtype == np.int8
+
+
+def _source_quantizer(value: Value | None) -> Node | None:
+    """The activation FakeQuantize whose grid `value` is on, read through value-preserving ops, or None."""
+    while value is not None and value.producer is not None:
+        node = value.producer
+        if is_fake_quantize(node):
+            return node if node.input(0).const is None else None
+        if node.op_type not in VALUE_PRESERVING or node.domain:
+            return None
+        value = node.input(0)
+    return None
+
+
+def _output_quantizer(layer: Node) -> Node | None:
+    """The FakeQuantize that alone reads `layer`'s output (after a Relu or Clip ONNX Runtime drops), or None."""
+    value = layer.output
+    while len(value.uses) == 1:
+        user = value.users[0]
+        if is_fake_quantize(user):
+            return user
+        if user.op_type not in ("Relu", "Clip") or user.domain:
+            return None
+        value = user.output
+    return None
+
+
+def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
+    """ids of the activation FakeQuantize nodes on signed grids that must be stored as uint8 for ONNX Runtime.
+
+    The quantizers a fusable layer links (inputs and output) and a Concat joins are connected; a connected
+    group with any unsigned grid stores its signed ones as uint8.
+    """
+    import networkx as nx
+
+    links = nx.Graph()
+    for node in graph:
+        if node.domain:
+            continue
+        if node.op_type == "Concat":
+            quantizers = [_source_quantizer(v) for v in node.inputs]
+            if not quantizers or not all(quantizers):
+                continue
+        elif node.op_type in LAYERS and (out := _output_quantizer(node)) is not None:
+            quantizers = [out] + [q for v in node.inputs if (q := _source_quantizer(v)) is not None]
+        else:
+            continue
+        links.add_nodes_from(quantizers)
+        nx.add_path(links, quantizers)
+    as_uint8 = set()
+    for group in nx.connected_components(links):
+        signed = [q for q in group if _is_signed(q)]
+        if len(signed) < len(group):
+            as_uint8.update(id(q) for q in signed)
+    return as_uint8
 
 
 def _split_float_bias(graph: Graph, gemm: Node) -> None:
@@ -169,7 +241,7 @@ def _requantize_before_layers(graph: Graph, dq: Node) -> None:
             node.set_input(port, again)
 
 
-def _rewrite(graph: Graph, node: Node) -> None:
+def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
     x, low, high, out_low, out_high = node.inputs[:5]
     if any(v is None or v.const is None for v in (low, high, out_low, out_high)):
         raise UnsupportedOpError(f"FakeQuantize {node.name!r} has non-constant ranges; QDQ needs constants")
@@ -179,7 +251,7 @@ def _rewrite(graph: Graph, node: Node) -> None:
     p = qdq_params(int(node.attrs["levels"]), low.const, high.const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
     quantized = quantize_array(x.const, p) if x.const is not None else None
-    if quantized is None and p.zero_point.dtype == np.int8:
+    if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:
         p = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
     scale = graph.add_constant(f"{node.name}_scale", p.scale)
     zero_point = graph.add_constant(f"{node.name}_zero_point", p.zero_point)

@@ -2,7 +2,11 @@
 
 Constant folding evaluates, with ONNX's reference implementation, every
 standard node whose inputs are all constants (and `Shape` of a value whose
-shape is static), and replaces its outputs by constants, except a
+shape is static, and a Gather or Slice that picks only static dimensions out
+of a `Shape` of a value with dynamic ones: a transformer's head size, read
+from a shape whose batch is dynamic, becomes a constant, and so does the
+attention scale computed from it), and replaces its outputs by constants,
+except a
 DequantizeLinear: an integer weight and its DequantizeLinear are how a QDQ
 model says a layer runs in INT8, so folding it would silently dequantize the
 model. Nodes whose outputs nothing reads are removed, last to first.
@@ -26,11 +30,13 @@ NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "Ra
 MAX_FOLDED_ELEMENTS = 1 << 22
 
 
-def evaluate(node: Node, opset: int) -> list[np.ndarray]:
-    """Run one node on its constant inputs with onnx.reference."""
+def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run one node on its constant inputs (or `arrays`, by input index) with onnx.reference."""
     from onnx.reference import ReferenceEvaluator
 
-    inits = [onnx.numpy_helper.from_array(np.asarray(v.const), v.name) for v in node.inputs if v is not None]
+    arrays = arrays or {}
+    inits = [onnx.numpy_helper.from_array(np.asarray(arrays[i] if i in arrays else v.const), v.name)
+             for i, v in enumerate(node.inputs) if v is not None]
     outputs = [helper.make_empty_tensor_value_info(v.name) for v in node.outputs]
     graph = helper.make_graph([_node_proto(node)], "fold", [], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -46,13 +52,39 @@ def _foldable(node: Node) -> bool:
     return all(v is None or v.const is not None for v in node.inputs)
 
 
+DYNAMIC = -(1 << 40)  # marks a dynamic dimension in a partly known shape; no real dimension is negative
+
+
+def _static_part_of_shape(node: Node, opset: int) -> list[np.ndarray] | None:
+    """What a Gather or Slice gives when it picks only static dimensions out of Shape(x), else None."""
+    source = node.input(0)
+    shape_op = source.producer
+    if node.op_type not in ("Gather", "Slice") or shape_op is None or shape_op.op_type != "Shape" \
+            or shape_op.domain or any(v is not None and v.const is None for v in node.inputs[1:]):
+        return None
+    shape = shape_op.input(0).shape
+    if shape is None:
+        return None
+    dims = np.array([d if isinstance(d, int) else DYNAMIC - i for i, d in enumerate(shape)], dtype=np.int64)
+    dims = dims[shape_op.attrs.get("start", 0):shape_op.attrs.get("end", len(dims))]
+    try:
+        results = evaluate(node, opset, {0: dims})
+    except Exception:
+        return None
+    return None if any((r <= DYNAMIC).any() for r in results) else results
+
+
 def fold_constants(graph: Graph) -> int:
     opset = graph.opset_imports.get("", 21)
     folded = 0
     for node in graph.nodes:
-        if not _foldable(node) or any(v.is_graph_output for v in node.outputs):
+        if any(v.is_graph_output for v in node.outputs):
             continue
-        if node.op_type == "Shape":
+        if not _foldable(node):
+            results = _static_part_of_shape(node, opset)
+            if results is None:
+                continue
+        elif node.op_type == "Shape":
             dims = np.array(node.input(0).shape, dtype=np.int64)
             results = [dims[node.attrs.get("start", 0):node.attrs.get("end", len(dims))]]
         else:

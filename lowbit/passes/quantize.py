@@ -8,8 +8,9 @@ reduced on the fly by the range estimator; weight ranges from the weights
 group share the union of their ranges.
 
 Options (ctx.options): `preset` ("performance": symmetric activations;
-"mixed": asymmetric), `model_type` ("transformer": mixed preset by default,
-and element-wise Add/Mul stay FP32), `range_estimator` (see quant/stats.py),
+"mixed": asymmetric), `model_type` ("transformer", as NNCF's: mixed preset by
+default, element-wise Add/Mul and the attention-probabilities x V MatMul stay
+FP32, a MatMul of two activations gets symmetric quantizers), `range_estimator` (see quant/stats.py),
 `overflow_fix` ("enable", "first_layer" (default), "disable"), `batch_size`
 for calibration.
 """
@@ -25,7 +26,7 @@ from ..ir.graph import Graph, Node, Value
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import QUANT_DOMAIN, is_quantizer
 from ..quant.dataset import as_dataset, batches
-from ..quant.placement import QuantPoint, place_quantizers
+from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
 from ..quant.stats import ChannelMean, RangeStats
 from .base import Pass, PassContext, PassResult, register_pass
@@ -194,8 +195,11 @@ class Quantize(Pass):
         ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
         ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
         transformer = ctx.options.get("model_type") == "transformer"
+        if transformer:
+            ignored |= attention_output_matmuls(graph)
         points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
-                                  skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset())
+                                  skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset(),
+                                  transformer=transformer)
         if not points:
             warnings.warn("lowbit: nothing to quantize in this model for this device; it is returned unchanged",
                           stacklevel=2)

@@ -14,6 +14,12 @@
    consumers that asked; model outputs stay FP32.
 4. Quantizers on the inputs of an op with `unified_scales` (Concat on every
    device; Add and Mul on NPU) form one group that shares a range.
+
+For transformers (`transformer=True`), as NNCF's model type does: a MatMul of
+two activations (and an Attention's query and key) takes symmetric quantizers whatever the preset (OpenVINO runs
+a query-key product in its INT8 attention kernel only on zero-point-free
+grids), and `attention_output_matmuls` names the MatMuls that read a Softmax,
+which the quantize pass leaves in FP32.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class _Request:
     port: int
     configs: tuple[QuantizerConfig, ...]
     groups: set[int] = field(default_factory=set)
+    two_activation_matmul: bool = False  # asked for by a MatMul of two activations (maybe through agnostic ops)
 
 
 def _agnostic(node: Node, hw: HwConfig) -> bool:
@@ -84,8 +91,30 @@ def _same_group(a: Node, b: Node) -> bool:
     return "fused" in a.meta and a.meta.get("fused") == b.meta.get("fused")
 
 
+def attention_output_matmuls(graph: Graph) -> set[str]:
+    """MatMuls that read a Softmax, directly or through a Reshape or Transpose (attention probabilities x V)."""
+    names = set()
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain:
+            continue
+        for v in node.inputs:
+            producer = v.producer if v is not None else None
+            if producer is not None and producer.op_type in ("Reshape", "Transpose") and not producer.domain:
+                producer = producer.input(0).producer
+            if producer is not None and producer.op_type == "Softmax" and not producer.domain:
+                names.add(node.name)
+    return names
+
+
+def _reads_two_activations(node: Node) -> bool:
+    """A MatMul of two activations, or an Attention (query x key)."""
+    if node.domain:
+        return False
+    return node.op_type == "Attention" or (node.op_type == "MatMul" and len(_data_inputs(node)) == 2)
+
+
 def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance", ignored: set[str] = frozenset(),
-                     skip_ops: frozenset[str] = frozenset()) -> list[QuantPoint]:
+                     skip_ops: frozenset[str] = frozenset(), transformer: bool = False) -> list[QuantPoint]:
     """The quantizers to insert into `graph` (which is not changed)."""
     requests: dict[int, list[_Request]] = {}
     values: dict[int, Value] = {}
@@ -122,7 +151,7 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
                 continue
             if v.producer is not None and _same_group(v.producer, node):
                 continue
-            ask(v, _Request(node, port, cfg.activations, {group} if group else set()))
+            ask(v, _Request(node, port, cfg.activations, {group} if group else set(), _reads_two_activations(node)))
 
     # Move requests up through agnostic ops, consumers first.
     for node in reversed(nodes):
@@ -147,14 +176,15 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
             groups |= {next(group_ids)}
         del requests[id(out)]
         for port, v in sources:
-            ask(v, _Request(node, port, configs, set(groups)))
+            ask(v, _Request(node, port, configs, set(groups), any(r.two_activation_matmul for r in reqs)))
 
     points: list[QuantPoint] = []
     for key, reqs in requests.items():
         configs = _common(reqs) or reqs[0].configs
         v = values[key]
+        symmetric = transformer and any(r.two_activation_matmul for r in reqs)
         points.append(QuantPoint(v, [(r.consumer, r.port) for r in reqs], "activation",
-                                 _pick(configs, preset, "activation"),
+                                 _pick(configs, "performance" if symmetric else preset, "activation"),
                                  group=min(set().union(*(r.groups for r in reqs)), default=None)))
     _merge_groups(points, requests)
     order = {id(n): i for i, n in enumerate(nodes)}
