@@ -93,10 +93,10 @@ class Attention(nn.Module):
 
 
 class Opaque(nn.Module):
-    """Uses ops outside the vocabulary (cumsum, flip): they must survive as opaque nodes."""
+    """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
     def forward(self, x):
-        return torch.cumsum(x, dim=1).flip(-1) + 1
+        return torch.cummax(x, dim=1).values.flip(-1) + 1
 
 
 class Structured(nn.Module):

@@ -87,3 +87,42 @@ def test_no_module_reads_the_host_cpu():
     readers = [p.relative_to(LOWBIT) for p in LOWBIT.rglob("*.py")
                if any(s in p.read_text() for s in ("/proc/cpuinfo", "cpu_has", "cpuinfo", "platform.processor"))]
     assert readers == []
+
+
+class _SignedIntoTranspose(torch.nn.Module):
+    """Two convs' signed outputs (no activation) added after a permute: the Add's input quantizers move above
+    the permutes, so a signed activation grid's DequantizeLinear feeds a Transpose (as in ConvNeXt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.other = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x).permute(0, 2, 3, 1) + self.other(x).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("opset", [None, 21])
+def test_signed_activation_grids_load_in_onnx_runtime(tmp_path, opset):
+    """ONNX Runtime 1.32 refuses to load an opset-21 model with an int8 activation QDQ before a Transpose: lowbit
+    writes torch models at opset 20 and stores such grids as uint8 in a user's opset-21 model."""
+    import onnxruntime as ort
+
+    model = _SignedIntoTranspose().eval()
+    items = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    if opset is None:
+        path = lowbit.export(lowbit.quantize(model, lowbit.Dataset(items)), tmp_path / "q.onnx")
+    else:
+        fp32 = tmp_path / "fp32.onnx"
+        torch.onnx.export(model, (items[0],), str(fp32), dynamo=False, opset_version=opset, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+        qdq = lowbit.quantize(onnx.load(fp32), lowbit.Dataset([i.numpy() for i in items]))
+        path = tmp_path / "q.onnx"
+        onnx.save(qdq, path)
+    written = onnx.load(path)
+    assert any(n.op_type == "Transpose" and n.input[0].endswith("_dq") for n in written.graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: items[0].numpy()})[0]
+    with torch.no_grad():
+        want = model(items[0]).numpy()
+    assert 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum()) > 25  # quantization noise only

@@ -112,12 +112,12 @@ def test_opaque_ops_survive_to_torch_and_are_refused_by_onnx():
     with pytest.warns(UserWarning, match="no exact ONNX equivalent"):
         graph = lowbit.lower(model, (torch.randn(2, 5),))
     opaque = [n for n in graph if n.domain == "torch"]
-    assert sorted(n.op_type for n in opaque) == ["aten::cumsum.default", "aten::flip.default"]
-    cumsum = next(n for n in opaque if "cumsum" in n.op_type)
-    assert cumsum.attrs["args"] == [{"$input": 0}, 1]
+    assert sorted(n.op_type for n in opaque) == ["aten::cummax.default", "aten::flip.default"]
+    cummax = next(n for n in opaque if "cummax" in n.op_type)
+    assert cummax.attrs["args"] == [{"$input": 0}, 1]
     x = torch.randn(4, 5)
     assert torch.equal(lowbit.codegen(graph, "torch")(x), model(x))
-    with pytest.raises(lowbit.UnsupportedOpError, match=r"aten::cumsum\.default.*codegen\(graph, 'torch'\)"):
+    with pytest.raises(lowbit.UnsupportedOpError, match=r"aten::cummax\.default.*codegen\(graph, 'torch'\)"):
         lowbit.codegen(graph, "onnx")
     with pytest.raises(lowbit.UnsupportedOpError, match="opaque"):
         lowbit.codegen(graph, "openvino")

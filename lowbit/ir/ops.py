@@ -20,7 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IR_OPSET = 21
+# The default-domain opset of graphs lowered from torch. 20, not 21: ONNX Runtime (1.32) cannot load an
+# opset-21 model in which an int8 activation QuantizeLinear -> DequantizeLinear feeds a Transpose, Reshape,
+# MaxPool, ... (its QDQ propagation writes a QuantizeLinear whose output_dtype says int8 beside the uint8 zero
+# point it converted to); at opset 20 it runs them. Nothing lowbit writes needs 21.
+IR_OPSET = 20
 TORCH_DOMAIN = "torch"
 # FakeQuantize (OpenVINO semantics) lives in OpenVINO's ONNX extension domain, which its ONNX reader takes.
 QUANT_DOMAIN = "org.openvinotoolkit"
@@ -44,17 +48,19 @@ def _t(*names: str) -> frozenset[str]:
     return frozenset(names)
 
 
-ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "Where")
+ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "Where",
+                      "GreaterOrEqual", "LessOrEqual", "And", "Or")
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu",
                "Elu", "Selu", "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs")
-SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "GatherElements",
+             "GatherND", "Split",
              "Concat", "Expand", "Tile", "Identity", "Shape", "Cast", "Pad", "DepthToSpace", "SpaceToDepth")
 
 # Shape ops a quantizer does not move up through: Shape and Cast change the dtype, Concat joins several grids
 # (the config's `propagate` decides), and Slice, Gather and Split keep a part of their input, whose range is
 # narrower: moved above them a quantizer would take the whole tensor's range (a ViT's value quantizer took the
 # fused query/key/value tensor's) and run on all of it.
-NOT_AGNOSTIC_SHAPE_OPS = ("Shape", "Cast", "Concat", "Slice", "Gather", "Split")
+NOT_AGNOSTIC_SHAPE_OPS = ("Shape", "Cast", "Concat", "Slice", "Gather", "GatherElements", "GatherND", "Split")
 
 VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Conv", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
@@ -83,6 +89,7 @@ VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("TopK"),
     OpInfo("ArgMax"),
     OpInfo("CumSum"),
+    OpInfo("Not"),
     *(OpInfo(n, traits=_t("elementwise", *(("commutative",) if n in ("Add", "Mul", "Max", "Min", "Equal") else ())))
       for n in ELEMENTWISE_BINARY),
     *(OpInfo(n, traits=_t("elementwise", "activation")) for n in ACTIVATIONS),

@@ -23,6 +23,8 @@ pre-activation DenseNet's BN-ReLU after each Concat). Where the two needs
 meet (DenseNet's convs read a ReLU and write a signed grid that a Concat
 joins to the next BN-ReLU), ONNX Runtime's wins: the .onnx runs those
 BN-ReLUs in float in OpenVINO; the .xml, written for OpenVINO, does not.
+A model at opset 21 or later stores every signed activation grid as uint8:
+ONNX Runtime cannot load int8 activation QDQ there (see ops.IR_OPSET).
 
 Weights are always int8 with zero point 0: it is the only weight form that
 OpenVINO's low-precision transformations run as INT8 (a uint8 weight with
@@ -51,7 +53,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
-from .ops import is_fake_quantize, op_info
+from .ops import IR_OPSET, is_fake_quantize, op_info
 
 EPS = 1e-8
 
@@ -177,6 +179,8 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
             continue
         links.add_nodes_from(quantizers)
         nx.add_path(links, quantizers)
+    if graph.opset_imports.get("", IR_OPSET) > IR_OPSET:  # ONNX Runtime's opset-21 bug (see ops.IR_OPSET)
+        return {id(n) for n in graph if is_fake_quantize(n) and n.input(0).const is None and _is_signed(n)}
     as_uint8 = set()
     for group in nx.connected_components(links):
         signed = [q for q in group if _is_signed(q)]

@@ -744,3 +744,6 @@ def _to(lw, node, x, *args, **kwargs):
     from .types import to_onnx_dtype
 
     return lw.op("Cast", [lw.val(x)], {"to": to_onnx_dtype(from_torch_dtype(dst.dtype))})
+
+
+from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers and emitters)

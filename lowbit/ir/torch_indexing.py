@@ -1,0 +1,274 @@
+"""aten index, comparison, range and padding ops <-> IR, both ways: lowering handlers and torch emitters.
+
+These are the ops HuggingFace transformers models carry besides their layers:
+the attention mask built from `arange(seq) >= 0` (BERT, DistilBERT, ViT),
+`gather` of position ids (BERT), `pad` before a strided conv (MobileNetV2,
+Swin) and `x[:, index]` (Swin's window shifts). Lowered to their ONNX ops,
+they export to ONNX and OpenVINO and fold to constants where their inputs
+are static; left opaque, they blocked every export.
+
+Importing this module registers the handlers in torch_fx.HANDLERS and the
+emitters in torch_emit.EMITTERS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from .graph import Node
+from .torch_emit import _Emitter, emits
+from .torch_fx import handles
+from .types import from_torch_dtype, to_onnx_dtype
+
+aten = torch.ops.aten
+
+
+# -- lowering: aten -> IR ------------------------------------------------------------------------------------
+
+
+def _operands(lw, a, b):
+    """Two tensor operands of a comparison: a Python number takes the other operand's dtype."""
+    av = lw.val(a) if isinstance(a, fx.Node) else None
+    bv = lw.val(b) if isinstance(b, fx.Node) else None
+    if av is None:
+        av = lw.const(np.array(a, dtype=bv.dtype), "scalar")
+    if bv is None:
+        bv = lw.const(np.array(b, dtype=av.dtype), "scalar")
+    return (av, bv) if av.dtype == bv.dtype else None
+
+
+def _compare(op_type: str):
+    def handler(lw, node, a, b):
+        operands = _operands(lw, a, b)
+        if operands is None:  # mixed dtypes: ONNX comparisons take one type
+            return NotImplemented
+        if op_type != "NotEqual":
+            return lw.op(op_type, list(operands))
+        equal = lw.op("Equal", list(operands), suffix="_equal")
+        equal.dtype, equal.shape = "bool", lw.type_of(node.meta["val"])[1]
+        return lw.op("Not", [equal])
+    return handler
+
+
+for _packet, _op in ((aten.ge, "GreaterOrEqual"), (aten.le, "LessOrEqual"), (aten.ne, "NotEqual"),
+                     (aten.eq, "Equal"), (aten.lt, "Less"), (aten.gt, "Greater")):
+    handles(_packet.Scalar, _packet.Tensor)(_compare(_op))
+
+
+def _scalar_operand(lw, x, dtype: str, hint: str):
+    """A 0-d operand of Range: a constant for a Python number, a reshaped symbolic size for an fx node."""
+    if isinstance(x, fx.Node):
+        v = lw.val(x)
+        if v.shape != ():
+            v = lw.op("Reshape", [v, lw.ints([], f"{hint}_scalar")], suffix=f"_{hint}")
+            v.dtype, v.shape = lw.val(x).dtype, ()
+        if v.dtype != dtype:
+            v = lw.op("Cast", [v], {"to": to_onnx_dtype(dtype)}, suffix=f"_{hint}_cast")
+            v.dtype, v.shape = dtype, ()
+        return v
+    return lw.const(np.array(x, dtype=dtype), hint)
+
+
+@handles(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(lw, node, *args, **kwargs):
+    bounds = list(args) + [kwargs[k] for k in ("start", "end", "step") if k in kwargs]
+    bounds = [b for b in bounds if isinstance(b, (int, float, fx.Node))]
+    if not 1 <= len(bounds) <= 3:
+        return NotImplemented
+    start, end, step = ([0] + bounds + [1])[:3] if len(bounds) == 1 else (bounds + [1])[:3]
+    dtype = from_torch_dtype(node.meta["val"].dtype)
+    operands = [_scalar_operand(lw, b, dtype, hint) for b, hint in ((start, "start"), (end, "limit"),
+                                                                     (step, "delta"))]
+    return lw.op("Range", operands)
+
+
+@handles(aten.gather.default)
+def _gather_elements(lw, node, x, dim, index, sparse_grad=False):
+    return lw.op("GatherElements", [lw.val(x), lw.val(index)], {"axis": dim})
+
+
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _onnx_pads(pad: list[int], rank: int) -> list[int]:
+    """torch's (last dim first) begin/end pairs -> ONNX's begins of every dim, then ends."""
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    return begins + ends
+
+
+@handles(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(lw, node, x, pad, mode="constant", value=None):
+    if isinstance(mode, (int, float)):  # constant_pad_nd(x, pad, value)
+        mode, value = "constant", mode
+    if mode not in PAD_MODES or any(not isinstance(p, int) for p in pad):
+        return NotImplemented
+    xv = lw.val(x)
+    inputs = [xv, lw.ints(_onnx_pads(list(pad), len(xv.shape)), "pads")]
+    if mode == "constant" and value:
+        inputs.append(lw.const(np.array(value, dtype=xv.dtype), "value"))
+    return lw.op("Pad", inputs, {"mode": PAD_MODES[mode]})
+
+
+@handles(aten.index.Tensor)
+def _index(lw, node, x, indices):
+    picked = [(axis, i) for axis, i in enumerate(indices) if i is not None]
+    if any(lw.val(i).dtype not in ("int64", "int32") for _, i in picked):  # a boolean mask
+        return NotImplemented
+    if len(picked) == 1:
+        axis, index = picked[0]
+        return lw.op("Gather", [lw.val(x), lw.val(index)], {"axis": axis})
+    if [axis for axis, _ in picked] != list(range(len(picked))):  # advanced indices not leading: not a GatherND
+        return NotImplemented
+    return _gather_nd(lw, node, lw.val(x), [lw.val(i) for _, i in picked])
+
+
+def _gather_nd(lw, node, x, indices):
+    """x[i0, i1, ...] (index tensors on the leading dims, broadcast together) -> GatherND of the stacked indices."""
+    total = indices[0]
+    for k, index in enumerate(indices[1:]):  # Add broadcasts: its shape is the indices' common shape
+        total = lw.op("Add", [total, index], suffix=f"_broadcast{k}")
+    shape = lw.op("Shape", [total], suffix="_shape")
+    columns = []
+    for k, index in enumerate(indices):
+        expanded = lw.op("Expand", [index, shape], suffix=f"_expand{k}")
+        columns.append(lw.op("Unsqueeze", [expanded, lw.ints([-1], f"axis{k}")], suffix=f"_column{k}"))
+    stacked = lw.op("Concat", columns, {"axis": -1}, suffix="_stacked")
+    return lw.op("GatherND", [x, stacked])
+
+
+@handles(aten.cumsum.default)
+def _cumsum(lw, node, x, dim, dtype=None):
+    xv = lw.val(x)
+    out_dtype = from_torch_dtype(node.meta["val"].dtype)
+    if xv.dtype != out_dtype:  # torch sums bools and small ints as int64; ONNX CumSum keeps its input type
+        xv = lw.op("Cast", [xv], {"to": to_onnx_dtype(out_dtype)}, suffix="_cast")
+        xv.dtype, xv.shape = out_dtype, lw.val(x).shape
+    return lw.op("CumSum", [xv, lw.const(np.array(dim, dtype=np.int64), "axis")])
+
+
+@handles(aten.diff.default)
+def _diff(lw, node, x, n=1, dim=-1, prepend=None, append=None):
+    if n != 1:
+        return NotImplemented
+    parts = [lw.val(v) for v in (prepend, x, append) if v is not None]
+    xv = parts[0] if len(parts) == 1 else lw.op("Concat", parts, {"axis": dim}, suffix="_joined")
+    big = np.iinfo(np.int64).max
+    later = lw.op("Slice", [xv, lw.ints([1], "one"), lw.ints([big], "end"), lw.ints([dim], "dim")], suffix="_later")
+    earlier = lw.op("Slice", [xv, lw.ints([0], "zero"), lw.ints([-1], "last"), lw.ints([dim], "dim_")],
+                    suffix="_earlier")
+    return lw.op("Sub", [later, earlier])
+
+
+@handles(aten.new_ones.default, aten.new_zeros.default)
+def _new_filled(lw, node, x, size, dtype=None, layout=None, device=None, pin_memory=None):
+    if any(not isinstance(d, int) for d in size):
+        return NotImplemented
+    val = node.meta["val"]
+    fill = np.ones if node.target == aten.new_ones.default else np.zeros
+    return lw.op("Identity", [lw.const(fill(tuple(size), dtype=from_torch_dtype(val.dtype)), "filled")])
+
+
+for _packet, _op in ((aten.__and__, "And"), (aten.bitwise_and, "And"), (aten.logical_and, "And"),
+                     (aten.__or__, "Or"), (aten.bitwise_or, "Or"), (aten.logical_or, "Or")):
+    for _overload in ("Tensor", "default"):
+        if hasattr(_packet, _overload):
+            handles(getattr(_packet, _overload))(lambda lw, node, a, b, _op=_op: (
+                lw.op(_op, [lw.val(a), lw.val(b)]) if isinstance(a, fx.Node) and isinstance(b, fx.Node)
+                and lw.val(a).dtype == "bool" == lw.val(b).dtype else NotImplemented))
+
+
+# -- emitting: IR -> torch -----------------------------------------------------------------------------------
+
+
+def onnx_range(start, limit, delta) -> torch.Tensor:
+    """ONNX Range with 0-d tensor or number operands; the dtype is the operands'."""
+    dtype = start.dtype if isinstance(start, torch.Tensor) else None
+    bounds = [b.item() if isinstance(b, torch.Tensor) else b for b in (start, limit, delta)]
+    return torch.arange(*bounds, dtype=dtype)
+
+
+def onnx_gather_elements(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX GatherElements: torch.gather, negative indices counted from the end."""
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
+
+
+@emits("Range")
+def _emit_range(e: _Emitter, n: Node):
+    start, limit, delta = (e.scalar(v) for v in n.inputs)
+    if not any(isinstance(b, fx.Node) for b in (start, limit, delta)):
+        dtype = {"int64": torch.int64, "int32": torch.int32}.get(n.output.dtype, torch.float32)
+        return e.call(aten.arange.start_step, start, limit, delta, dtype=dtype)
+    return e.call(onnx_range, e[n.input(0)], e[n.input(1)], e[n.input(2)])
+
+
+COMPARE = {"GreaterOrEqual": (aten.ge.Tensor, aten.ge.Scalar), "LessOrEqual": (aten.le.Tensor, aten.le.Scalar)}
+
+
+@emits(*COMPARE)
+def _emit_compare(e: _Emitter, n: Node):
+    a, b = n.inputs
+    rhs = e.scalar(b)
+    tensor_op, scalar_op = COMPARE[n.op_type]
+    if not isinstance(rhs, fx.Node) and a.const is None:
+        return e.call(scalar_op, e[a], rhs)
+    return e.call(tensor_op, e[a], e[b])
+
+
+@emits("Not")
+def _emit_not(e: _Emitter, n: Node):
+    return e.call(aten.logical_not.default, e[n.input(0)])
+
+
+@emits("GatherElements")
+def _emit_gather_elements(e: _Emitter, n: Node):
+    return e.call(onnx_gather_elements, e[n.input(0)], e[n.input(1)], n.attrs.get("axis", 0))
+
+
+@emits("CumSum")
+def _emit_cumsum(e: _Emitter, n: Node):
+    if n.attrs.get("exclusive", 0) or n.attrs.get("reverse", 0):
+        raise UnsupportedOpError(f"CumSum {n.name!r} is exclusive or reversed, which the torch writer does not take")
+    return e.call(aten.cumsum.default, e[n.input(0)], int(e.ints(n.input(1))[0]))
+
+
+LOGICAL = {"And": aten.logical_and.default, "Or": aten.logical_or.default}
+
+
+@emits(*LOGICAL)
+def _emit_logical(e: _Emitter, n: Node):
+    return e.call(LOGICAL[n.op_type], e[n.input(0)], e[n.input(1)])
+
+
+def onnx_gather_nd(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """ONNX GatherND (batch_dims 0): x indexed on its leading dims by the last axis of `index`."""
+    return x[tuple(index.unbind(-1))]
+
+
+@emits("GatherND")
+def _emit_gather_nd(e: _Emitter, n: Node):
+    if n.attrs.get("batch_dims", 0):
+        raise UnsupportedOpError(f"GatherND {n.name!r} has batch_dims, which the torch writer does not take")
+    return e.call(onnx_gather_nd, e[n.input(0)], e[n.input(1)])
+
+
+@emits("Pad")
+def _emit_pad(e: _Emitter, n: Node):
+    x, pads = n.input(0), e.ints(n.input(1))
+    if len(n.inputs) > 3 and n.input(3) is not None:
+        raise UnsupportedOpError(f"Pad {n.name!r} pads only some axes: the torch writer takes pads for all axes")
+    rank = len(pads) // 2
+    begins, ends = pads[:rank], pads[rank:]
+    lead = next((i for i in range(rank) if begins[i] or ends[i]), rank)
+    torch_pad = [p for i in reversed(range(lead, rank)) for p in (begins[i], ends[i])]
+    mode = {v: k for k, v in PAD_MODES.items()}.get(n.attrs.get("mode", "constant"), None)
+    if mode is None:
+        raise UnsupportedOpError(f"Pad {n.name!r} has mode {n.attrs['mode']!r}, which torch cannot express")
+    if mode == "constant":
+        value = e.scalar(n.input(2)) if len(n.inputs) > 2 and n.input(2) is not None else 0.0
+        return e.call(aten.constant_pad_nd.default, e[x], torch_pad, value)
+    return e.call(aten.pad.default, e[x], torch_pad, mode)
