@@ -9,9 +9,11 @@ import deploy  # noqa: E402
 import ir_scale  # noqa: E402
 import patterns  # noqa: E402
 import ptq  # noqa: E402
+import zoo  # noqa: E402
 
 if __name__ == "__main__":
     ir_scale.main([])
     patterns.main([])
     ptq.main([])
     deploy.main([])
+    zoo.main([])

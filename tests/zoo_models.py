@@ -1,0 +1,114 @@
+"""HuggingFace transformers architectures built from their configs (random weights, no download).
+
+`build(name, size)` gives (module, make_input, model_type): the module returns
+the architecture's last hidden state as one tensor; make_input(batch) gives
+one input (token ids for the text models, an image for the vision ones).
+size="small" is a few layers and a narrow width, for the test suite;
+size="full" is the configuration's defaults (BERT-base, GPT-2 small, ViT-B/16,
+Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0), for bench/zoo.py.
+
+Weights are drawn wider than HuggingFace's initialiser (std 0.02, BatchNorm
+at identity): at that scale every branch is tiny next to the residual
+stream, a MobileNetV2 outputs ~1e-25, and any quantizer looks exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+TEXT = ("bert", "distilbert", "gpt2")
+VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2")
+ARCHITECTURES = TEXT + VISION
+TRANSFORMERS = ("bert", "distilbert", "gpt2", "vit", "swin")
+VOCAB, SEQ = 100, 12
+
+
+def _small_config(name: str):
+    import transformers as tf
+
+    return {
+        "bert": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, initializer_range=0.2),
+        "distilbert": lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                                  max_position_embeddings=64, initializer_range=0.2),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                      initializer_range=0.1, bos_token_id=0, eos_token_id=0),
+        "vit": lambda: tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, initializer_range=0.2),
+        "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                      window_size=4, initializer_range=0.2),
+        "convnext": lambda: tf.ConvNextConfig(image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                                              initializer_range=0.2),
+        "resnet": lambda: tf.ResNetConfig(image_size=32, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                          layer_type="bottleneck"),
+        "mobilenet_v2": lambda: tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, initializer_range=0.2),
+    }[name]()
+
+
+def _full_config(name: str):
+    import transformers as tf
+
+    return {"bert": tf.BertConfig, "distilbert": tf.DistilBertConfig, "gpt2": tf.GPT2Config, "vit": tf.ViTConfig,
+            "swin": tf.SwinConfig, "convnext": tf.ConvNextConfig, "resnet": tf.ResNetConfig,
+            "mobilenet_v2": tf.MobileNetV2Config}[name]()
+
+
+def _model_class(name: str):
+    import transformers as tf
+
+    return {"bert": tf.BertModel, "distilbert": tf.DistilBertModel, "gpt2": tf.GPT2Model, "vit": tf.ViTModel,
+            "swin": tf.SwinModel, "convnext": tf.ConvNextModel, "resnet": tf.ResNetModel,
+            "mobilenet_v2": tf.MobileNetV2Model}[name]
+
+
+class LastHiddenState(nn.Module):
+    """A transformers model as a plain tensor -> tensor module (its last hidden state, without the cache)."""
+
+    def __init__(self, model: nn.Module, text: bool):
+        super().__init__()
+        self.model = model
+        self.text = text
+
+    def forward(self, x):
+        out = self.model(x, use_cache=False) if self.text and "GPT2" in type(self.model).__name__ else self.model(x)
+        return out.last_hidden_state
+
+
+def _liven(model: nn.Module, seed: int) -> None:
+    """Convolutions and BatchNorms away from HuggingFace's near-identity initialisation (see the docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def build(name: str, size: str = "small", seed: int = 0):
+    """(module in eval mode, make_input(batch) -> tensor, model_type for lowbit/NNCF)."""
+    torch.manual_seed(seed)
+    config = _small_config(name) if size == "small" else _full_config(name)
+    model = _model_class(name)(config).eval()
+    if name in VISION:
+        _liven(model, seed)
+    module = LastHiddenState(model, name in TEXT).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    if name in TEXT:
+        seq = SEQ if size == "small" else 128
+        vocab = config.vocab_size
+
+        def make_input(batch: int = 1) -> torch.Tensor:
+            return torch.randint(0, vocab, (batch, seq), generator=g)
+    else:
+        side = getattr(config, "image_size", 224) if size == "small" else 224
+
+        def make_input(batch: int = 1) -> torch.Tensor:
+            return torch.randn(batch, 3, side, side, generator=g)
+    return module, make_input, "transformer" if name in TRANSFORMERS else None
