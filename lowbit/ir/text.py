@@ -16,11 +16,17 @@ its fusion group) follow as `# {"fused": ...}`.
 Constants of up to `INLINE_LIMIT` elements are written in full; larger ones by
 a digest of their bytes, so a changed weight shows in a diff. To parse those
 back, pass their arrays as `constants={name: array}`.
+
+The parser takes any string: whatever is wrong with it (bad syntax, JSON
+nested too deep, numbers too big, tagged attributes that do not decode, a
+graph that does not verify) raises `TextParseError` naming the line, and
+nothing else escapes.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import re
@@ -28,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TextParseError
+from ..errors import GraphError, TextParseError
 from .graph import Graph, Node, Value
-from .types import Shape
+from .types import DTYPES, Shape
 
 INLINE_LIMIT = 8
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 _DIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 # -- printing -------------------------------------------------------------------
@@ -87,18 +94,45 @@ def _encode(obj: Any) -> Any:
     return obj
 
 
+def _b64(data: Any, what: str) -> bytes:
+    if not isinstance(data, str):
+        raise ValueError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not valid base64") from None
+
+
 def _decode(obj: Any) -> Any:
+    """Undo `_encode`; raises ValueError naming what does not decode (the parser makes it a TextParseError)."""
     if isinstance(obj, dict):
         if "__ndarray__" in obj:
             spec = obj["__ndarray__"]
-            return np.array(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
+            if not (isinstance(spec, dict) and {"dtype", "shape", "data"} <= spec.keys()
+                    and isinstance(spec["dtype"], str) and isinstance(spec["shape"], list)
+                    and all(type(d) is int and 0 <= d <= INT64[1] for d in spec["shape"])):
+                raise ValueError('an "__ndarray__" needs {"dtype": a name, "shape": [ints >= 0], "data": [...]}')
+            try:
+                if np.dtype(spec["dtype"]).kind not in "biufc":  # no objects, raw bytes or huge string items
+                    raise TypeError(spec["dtype"])
+                return np.array(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f'"__ndarray__" data does not fit {spec["dtype"]}{spec["shape"]}') from None
         if "__bytes__" in obj:
-            return base64.b64decode(obj["__bytes__"])
+            return _b64(obj["__bytes__"], '"__bytes__"')
         if "__proto__" in obj:
             import onnx
+            from google.protobuf.message import DecodeError, Message
 
-            proto = getattr(onnx, obj["__proto__"])()
-            proto.ParseFromString(base64.b64decode(obj["data"]))
+            kind = obj["__proto__"]
+            cls = getattr(onnx, kind, None) if isinstance(kind, str) and kind.endswith("Proto") else None
+            if not (isinstance(cls, type) and issubclass(cls, Message)):
+                raise ValueError(f'"__proto__" {kind!r} is not an ONNX proto type (such as "TensorProto")')
+            proto = cls()
+            try:
+                proto.ParseFromString(_b64(obj.get("data"), '"__proto__" data'))
+            except DecodeError:
+                raise ValueError(f'"__proto__" data is not a serialized {kind}') from None
             return proto
         return {k: _decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -162,6 +196,10 @@ class _Cursor:
             obj, self.i = self._json.raw_decode(self.s, self.i)
         except json.JSONDecodeError as e:
             raise self.fail(f"JSON ({e.msg})") from None
+        except RecursionError:
+            raise self.fail("JSON (nested too deep)") from None
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise self.fail(f"JSON ({e})") from None
         return obj
 
     def word(self, pattern: str = r"[^\s,()\[\]{}=]+") -> str:
@@ -188,8 +226,14 @@ class _Cursor:
         while not self.peek("]"):
             if dims:
                 self.expect(",")
+            start = self.i
             d = self.word(r"[A-Za-z0-9_?\-]+")
-            dims.append(None if d == "?" else int(d) if re.fullmatch(r"-?\d+", d) else d)
+            if re.fullmatch(r"-?\d{1,19}", d) and INT64[0] <= int(d) <= INT64[1]:
+                d = int(d)
+            elif re.fullmatch(r"-?\d+", d):
+                self.i = start
+                raise self.fail("a dimension (an int64, a name or ?)")
+            dims.append(None if d == "?" else d)
         self.expect("]")
         return dtype, tuple(dims)
 
@@ -200,8 +244,23 @@ class _Cursor:
 
 
 def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Graph:
-    """Read the text form back into a Graph. Large constants come from `constants`."""
-    constants = constants or {}
+    """Read the text form back into a Graph. Large constants come from `constants`.
+
+    Raises TextParseError, naming the line, for anything wrong with `text`, and nothing else.
+    """
+    if not isinstance(text, str):
+        raise TextParseError(f"parse_graph takes the text form as a str, not {type(text).__name__}")
+    at: list[_Cursor] = []  # the line being parsed, for the message below
+    try:
+        return _parse(text, constants or {}, at)
+    except TextParseError:
+        raise
+    except Exception as e:  # a case the checks in _parse missed: still a parse error, never a crash
+        where = f"line {at[0].lineno}: cannot parse {at[0].s.strip()[:200]!r}" if at else "cannot parse the text"
+        raise TextParseError(f"{where} ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _parse(text: str, constants: dict[str, np.ndarray], at: list[_Cursor]) -> Graph:
     graph: Graph | None = None
     values: dict[str, Value] = {}
     outputs: list[str] = []
@@ -216,13 +275,19 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         c = _Cursor(line, lineno)
+        at[:] = [c]
         keyword = c.word(r"[a-z]+")
         if graph is None:
             if keyword != "graph":
                 raise c.fail("'graph' on the first line")
             name = c.json()
+            if not isinstance(name, str):
+                raise c.fail("the graph name as a JSON string")
             c.expect("opset")
-            graph = Graph(name, c.json())
+            opsets = c.json()
+            if not (isinstance(opsets, dict) and all(type(v) is int for v in opsets.values())):
+                raise c.fail('the opsets as a JSON object of domain -> version, such as {"": 21}')
+            graph = Graph(name, opsets)
             c.done()
             continue
         if keyword in ("input", "const"):
@@ -251,8 +316,13 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
             else:
                 data = c.json()
                 try:
-                    array = np.array(data, dtype=dtype).reshape(shape)
-                except (TypeError, ValueError):
+                    if dtype not in DTYPES:
+                        raise TypeError(dtype)
+                    array = np.array(data, dtype=dtype)
+                    array = array.reshape(shape if shape is not None else array.shape)
+                    if shape is not None and array.shape != shape:
+                        raise ValueError(shape)
+                except (TypeError, ValueError, OverflowError):
                     raise TextParseError(f"line {lineno}: constant %{name}: its data does not fit "
                                          f"{dtype}{list(shape) if shape is not None else ''}") from None
             c.done()
@@ -275,7 +345,14 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
                 else:
                     inputs.append(lookup(c, c.value_name()))
             c.expect(")")
-            attrs = _decode(c.json()) if c.peek("{") else {}
+            attrs = {}
+            if c.peek("{"):
+                start = c.i
+                try:
+                    attrs = _decode(c.json())
+                except (ValueError, RecursionError) as e:
+                    c.i = start
+                    raise c.fail(f"attributes that decode ({e})") from None
             c.expect("->")
             outs: list[Value] = []
             while True:
@@ -290,6 +367,8 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
             if c.peek("#"):
                 c.expect("#")
                 meta = c.json()
+                if not isinstance(meta, dict):
+                    raise c.fail("annotations as a JSON object")
             c.done()
             graph.append(Node(op_type, inputs, outs, attrs, name=name, domain=domain, meta=meta))
             for v in outs:
@@ -304,5 +383,8 @@ def parse_graph(text: str, constants: dict[str, np.ndarray] | None = None) -> Gr
             raise c.fail("one of graph, input, const, node, output")
     if graph is None:
         raise TextParseError("the text holds no graph: the first line must be 'graph \"name\" opset {...}'")
-    graph.verify()
+    try:
+        graph.verify()
+    except GraphError as e:
+        raise TextParseError(f"the text parses into a graph that is not valid: {e}") from None
     return graph

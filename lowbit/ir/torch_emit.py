@@ -533,12 +533,38 @@ def emit_fake_quantize(e: _Emitter, n: Node):
 
 # -- opaque torch ops ---------------------------------------------------------------
 
-def _resolve(op_name: str) -> Callable:
-    """'aten::cumsum.default' -> torch.ops.aten.cumsum.default"""
-    ns, _, rest = op_name.partition("::")
-    packet_name, _, overload = rest.partition(".")
-    packet = getattr(getattr(torch.ops, ns), packet_name)
-    return getattr(packet, overload or "default")
+_OP_PART = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*")  # an identifier, never a dunder
+
+
+def _resolve(op_name: str, node_name: str | None = None) -> Callable:
+    """'aten::cumsum.default' -> torch.ops.aten.cumsum.default, and nothing but a registered operator overload.
+
+    The name comes from a graph (an ONNX file, the text form), so it is not trusted: namespace, op and
+    overload must be identifiers (no dunders), each lookup step must give torch's own operator type
+    (namespace -> packet -> overload) and the overload must be the op it was asked for. Anything else
+    (`import_module::__self__.load_library`, `higher_order::cond`, a misspelt op) raises
+    UnsupportedOpError here, at codegen time, before any generated module can run.
+    """
+    ns, sep, rest = op_name.partition("::")
+    name, _, overload = rest.partition(".")
+    overload = overload or "default"
+    target = None
+    if sep and all(_OP_PART.fullmatch(p) for p in (ns, name, overload)):
+        try:
+            namespace = getattr(torch.ops, ns)
+            packet = getattr(namespace, name) if isinstance(namespace, torch._ops._OpNamespace) else None
+            if isinstance(packet, torch._ops.OpOverloadPacket):
+                target = getattr(packet, overload)
+        except (AttributeError, RuntimeError):
+            target = None
+    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == ns
+            and target._overloadpacket._qualified_op_name == f"{ns}::{name}"):
+        where = f"node {node_name!r}: " if node_name is not None else ""
+        raise UnsupportedOpError(
+            f"{where}opaque torch op {op_name!r} is not a registered torch operator overload "
+            "('namespace::op.overload', e.g. 'aten::cumsum.default'): only registered torch operators can be "
+            "emitted. Fix the op name, or load the library that registers the op before codegen")
+    return target
 
 
 def emit_opaque(e: _Emitter, n: Node):
@@ -559,7 +585,7 @@ def emit_opaque(e: _Emitter, n: Node):
             return [decode(x) for x in a]
         return a
 
-    target = _resolve(n.op_type)
+    target = _resolve(n.op_type, n.name)
     out = e.fx.call_function(target, tuple(decode(n.attrs.get("args", []))), decode(n.attrs.get("kwargs", {})))
     if n.attrs.get("multi_output"):
         import operator

@@ -5,6 +5,10 @@ For pass N the dump directory gets `NN-name.txt`, `NN-name.diff`,
 huge); `00-input.*` is the graph the pipeline started from. `index.html`
 lists every pass with its time, node counts, nodes added/removed/changed and
 the rules that fired, and shows each diff.
+
+Pass and rule names are the user's, so they are never trusted: a file name
+keeps only `[A-Za-z0-9._-]` of the pass name (bounded, never `..`, unique in
+the directory), and every string `index.html` shows is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import difflib
 import html
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from ..ir.graph import Graph
 from ..ir.text import _const_body, _type, node_text, print_graph
 
 SVG_NODE_LIMIT = 1500  # rendering larger graphs takes Graphviz minutes
+NAME_LIMIT = 60  # characters of a pass name kept in its file names
 
 
 @dataclass
@@ -98,7 +104,26 @@ def to_dot(graph: Graph, highlight: set[str] = frozenset()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def safe_stem(index: int, name: str, taken: set[str]) -> str:
+    """`NN-name` for a file name: only [A-Za-z0-9._-], no `..`, at most NAME_LIMIT name characters, not in `taken`."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
+    part = re.sub(r"\.{2,}", ".", part).strip("._-")[:NAME_LIMIT].strip("._-") or "pass"
+    stem, i = f"{index:02d}-{part}", 1
+    while stem.lower() in taken:  # case-insensitive file systems
+        i += 1
+        stem = f"{index:02d}-{part}-{i}"
+    taken.add(stem.lower())
+    return stem
+
+
+def _attr(text: str) -> str:
+    """`text` escaped for an HTML attribute value (quotes included)."""
+    return html.escape(str(text), quote=True)
+
+
 class DumpWriter:
+    """Writes the files of one pipeline's dump into `directory` (raises DumpError if it cannot)."""
+
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         try:
@@ -111,12 +136,16 @@ class DumpWriter:
                             "Pass a dump_dir you can write to") from None
         self.dot = shutil.which("dot")
         self.entries: list[dict] = []
+        self.stems: set[str] = {"index", "passes"}
 
     def _write(self, stem: str, graph: Graph, text: str, diff: str, highlight: set[str]) -> dict:
-        (self.dir / f"{stem}.txt").write_text(text)
-        (self.dir / f"{stem}.diff").write_text(diff)
         dot = to_dot(graph, highlight)
-        (self.dir / f"{stem}.dot").write_text(dot)
+        try:
+            for ext, content in (("txt", text), ("diff", diff), ("dot", dot)):
+                (self.dir / f"{stem}.{ext}").write_text(content)
+        except OSError as e:
+            raise DumpError(f"cannot write {stem}.{ext} in the dump directory {str(self.dir)!r}: "
+                            f"{e.strerror or e}. Pass a dump_dir you can write to") from None
         svg = None
         if self.dot and len(graph) <= SVG_NODE_LIMIT:
             try:
@@ -128,36 +157,45 @@ class DumpWriter:
         return {"stem": stem, "diff": diff, "svg": svg}
 
     def start(self, graph: Graph, snapshot: Snapshot) -> None:
-        entry = self._write("00-input", graph, snapshot.text, "# the graph the pipeline starts from\n", set())
+        stem = safe_stem(0, "input", self.stems)
+        entry = self._write(stem, graph, snapshot.text, "# the graph the pipeline starts from\n", set())
         entry.update(index=0, name="input", seconds=0.0, before=len(graph), after=len(graph), counts=(0, 0, 0),
                      fired={})
         self.entries.append(entry)
 
     def step(self, record, graph: Graph, snapshot: Snapshot, diff: GraphDiff) -> None:
         highlight = {line.split(" ", 2)[1] for line in diff.added} | {new.split(" ", 2)[1] for _, new in diff.changed}
-        entry = self._write(f"{record.index:02d}-{record.name}", graph, snapshot.text, diff.render(), highlight)
-        entry.update(index=record.index, name=record.name, seconds=record.seconds, before=record.nodes_before,
+        stem = safe_stem(record.index, record.name, self.stems)
+        entry = self._write(stem, graph, snapshot.text, diff.render(), highlight)
+        entry.update(index=record.index, name=str(record.name), seconds=record.seconds, before=record.nodes_before,
                      after=record.nodes_after, counts=diff.counts(), fired=dict(record.fired))
         self.entries.append(entry)
 
     def finish(self, records) -> None:
-        (self.dir / "index.html").write_text(render_index(self.entries))
-        (self.dir / "passes.json").write_text(json.dumps(
-            [{k: e[k] for k in ("index", "name", "seconds", "before", "after", "counts", "fired")}
-             for e in self.entries], indent=1))
+        try:
+            (self.dir / "index.html").write_text(render_index(self.entries))
+            (self.dir / "passes.json").write_text(json.dumps(
+                [{k: e[k] for k in ("index", "name", "seconds", "before", "after", "counts", "fired")}
+                 for e in self.entries], indent=1))
+        except OSError as e:
+            raise DumpError(f"cannot write index.html or passes.json in the dump directory {str(self.dir)!r}: "
+                            f"{e.strerror or e}. Pass a dump_dir you can write to") from None
 
 
 def render_index(entries: list[dict]) -> str:
+    """The index page; every name, stem, rule and diff in it is escaped (attributes with their quotes)."""
     rows, sections = [], []
     for e in entries:
         added, removed, changed = e["counts"]
-        fired = ", ".join(f"{k} &times;{v}" for k, v in sorted(e["fired"].items())) or "&ndash;"
-        rows.append(f"<tr><td>{e['index']:02d}</td><td><a href='#{e['stem']}'>{html.escape(e['name'])}</a></td>"
+        stem, name = _attr(e["stem"]), html.escape(str(e["name"]))
+        fired = ", ".join(f"{html.escape(str(rule))} &times;{html.escape(str(count))}"
+                          for rule, count in sorted(e["fired"].items(), key=lambda item: str(item[0])))
+        rows.append(f"<tr><td>{e['index']:02d}</td><td><a href='#{stem}'>{name}</a></td>"
                     f"<td>{1000 * e['seconds']:.1f}</td><td>{e['before']}</td><td>{e['after']}</td>"
-                    f"<td>+{added}</td><td>-{removed}</td><td>~{changed}</td><td>{fired}</td></tr>")
-        links = " &middot; ".join(f"<a href='{e['stem']}.{ext}'>{ext}</a>" for ext in ("txt", "diff", "dot"))
-        picture = f"<p><a href='{e['svg']}'>graph (svg)</a></p>" if e["svg"] else ""
-        sections.append(f"<h2 id='{e['stem']}'>{e['index']:02d} {html.escape(e['name'])}</h2><p>{links}</p>"
+                    f"<td>+{added}</td><td>-{removed}</td><td>~{changed}</td><td>{fired or '&ndash;'}</td></tr>")
+        links = " &middot; ".join(f"<a href='{stem}.{ext}'>{ext}</a>" for ext in ("txt", "diff", "dot"))
+        picture = f"<p><a href='{_attr(e['svg'])}'>graph (svg)</a></p>" if e["svg"] else ""
+        sections.append(f"<h2 id='{stem}'>{e['index']:02d} {name}</h2><p>{links}</p>"
                         f"{picture}<details{' open' if e['index'] else ''}><summary>diff</summary>"
                         f"<pre>{html.escape(e['diff'])}</pre></details>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>lowbit passes</title><style>"
