@@ -592,3 +592,6 @@ def emit_opaque(e: _Emitter, n: Node):
 
         return [e.call(operator.getitem, out, i) for i in range(len(n.outputs))]
     return out
+
+
+from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers and emitters)
