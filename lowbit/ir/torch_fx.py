@@ -29,6 +29,7 @@ import torch.fx as fx
 from ..errors import CaptureError, MissingExampleInputsError
 from .graph import Graph, Value
 from .ops import IR_OPSET, TORCH_DOMAIN
+from .torch_inplace import InplaceTracker, functional_of
 from .types import from_torch_dtype
 
 aten = torch.ops.aten
@@ -106,6 +107,7 @@ class _Lowerer:
         self.sym_names: dict[str, str] = {}
         self._dim_cache: dict[Any, int | str] = {}
         self.fx_node: fx.Node | None = None
+        self._inplace: InplaceTracker | None = None
 
     # -- helpers used by handlers -------------------------------------------------
     def dim(self, d: Any) -> int | str:
@@ -250,8 +252,14 @@ class _Lowerer:
             return item
         if target in _SYMBOLIC:
             return _SYMBOLIC[target](self, node)
-        packet = getattr(target, "overloadpacket", None)
-        handler = HANDLERS.get(target) or HANDLERS.get(packet)
+        functional = functional_of(target)
+        if functional is not None:
+            return self.call_inplace(node, functional)
+        return self.dispatch(node, target)
+
+    def dispatch(self, node: fx.Node, target: Any) -> Any:
+        """Lower a call of `target` (node.target, or the functional twin of an in-place node.target)."""
+        handler = HANDLERS.get(target) or HANDLERS.get(getattr(target, "overloadpacket", None))
         if handler is not None:
             try:
                 result = handler(self, node, *node.args, **node.kwargs)
@@ -259,17 +267,38 @@ class _Lowerer:
                 result = NotImplemented
             if result is not NotImplemented:
                 return result
-        folded = self.fold(node)
+        folded = self.fold(node, target)
         if folded is not None:
             return folded
-        return self.opaque(node)
+        return self.opaque(node, target)
 
-    def fold(self, node: fx.Node) -> Value | None:
+    def call_inplace(self, node: fx.Node, functional: Any) -> Any:
+        """`y.add_(b)` as `add(y, b)`, after which every name of `y` reads the result (see torch_inplace.py)."""
+        if self._inplace is None:
+            self._inplace = InplaceTracker(self.ep.graph)
+        if not self._inplace.exact(node) or not self._keeps_dtype(node):
+            return self.dispatch(node, node.target)  # aliased: an opaque in-place op, run in place by torch
+        result = self.dispatch(node, functional)
+        if isinstance(result, Value):
+            for name in self._inplace.chain(node.args[0]):
+                if name in self.env:
+                    self.env[name] = result
+        return result
+
+    def _keeps_dtype(self, node: fx.Node) -> bool:
+        """True if every tensor argument has the result's dtype (so the functional op computes the same type)."""
+        out = node.meta.get("val")
+        for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+            val = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(val, torch.Tensor) and (not isinstance(out, torch.Tensor) or val.dtype != out.dtype):
+                return False
+        return True
+
+    def fold(self, node: fx.Node, target: Any = None) -> Value | None:
         """Run an op whose tensor inputs are all non-parameter constants (torch.ones(n, n).tril(), ...)."""
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
             return None
-        args = []
         for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
             if isinstance(a, fx.Node):
                 v = self.env.get(a)
@@ -278,11 +307,12 @@ class _Lowerer:
         def to_tensor(a: Any) -> Any:
             return torch.from_numpy(np.array(self.env[a].const)) if isinstance(a, fx.Node) else a
         args, kwargs = torch.utils._pytree.tree_map(to_tensor, (node.args, node.kwargs))
-        out = node.target(*args, **kwargs)
+        out = (target or node.target)(*args, **kwargs)
         return self.const(out.detach().cpu().numpy(), "value")
 
-    def opaque(self, node: fx.Node) -> Any:
+    def opaque(self, node: fx.Node, target: Any = None) -> Any:
         """Keep an aten op lowbit does not map: tensor args become inputs, the rest a template."""
+        target = node.target if target is None else target
         inputs: list[Value] = []
 
         def encode(a: Any) -> Any:
@@ -318,9 +348,9 @@ class _Lowerer:
         val = node.meta.get("val")
         n_out = len(val) if isinstance(val, (tuple, list)) else 1
         attrs["multi_output"] = isinstance(val, (tuple, list))
-        warnings.warn(f"lowbit: {node.target} (node {node.name!r}) has no exact ONNX equivalent; it is kept as an "
+        warnings.warn(f"lowbit: {target} (node {node.name!r}) has no exact ONNX equivalent; it is kept as an "
                       "opaque torch op that only the torch backend can run", stacklevel=4)
-        return self.op(_opaque_name(node.target), inputs, attrs, num_outputs=n_out, domain=TORCH_DOMAIN)
+        return self.op(_opaque_name(target), inputs, attrs, num_outputs=n_out, domain=TORCH_DOMAIN)
 
 
 class _NotExact(Exception):
