@@ -11,6 +11,16 @@ Passes change a graph only through the mutation API here (`make_node`,
 `add_constant`, ...), which keeps the chains true; `verify()` checks them.
 Constant arrays are immutable: to change a weight, give the value a new array
 (`value.const = new_array`) rather than writing into the old one.
+
+Subgraphs (the `then_branch`/`else_branch` of an ONNX `If`, the `body` of a
+`Loop` or `Scan`) stay onnx GraphProto attributes, but the outer values they
+read by name (their captures, found recursively through nested subgraphs) are
+tracked like inputs: `node.captures` lists them and each one lists the node
+as a use at a negative port (`-1 - k` for capture k, so `node.input(port)` and
+`node.set_input(port, v)` work for every use). A value only a subgraph reads
+is therefore used, and rerouting it (`replace_all_uses`) renames what the
+subgraph reads, in a copy of the GraphProto: the user's model is never
+written to.
 """
 
 from __future__ import annotations
@@ -94,11 +104,12 @@ class Node:
     carries facts that are not semantics (origin op, source location, ...).
     """
 
-    __slots__ = ("op_type", "domain", "name", "_inputs", "outputs", "attrs", "meta", "graph", "_prev", "_next")
+    __slots__ = ("op_type", "domain", "name", "_inputs", "outputs", "attrs", "meta", "graph", "_prev", "_next",
+                 "_captures", "_capture_names")
 
     def __init__(self, op_type: str, inputs: Sequence[Value | None], outputs: Sequence[Value],
                  attrs: dict[str, Any] | None = None, name: str = "", domain: str = "",
-                 meta: dict[str, Any] | None = None):
+                 meta: dict[str, Any] | None = None, captures: Sequence[Value] | None = None):
         self.op_type = op_type
         self.domain = domain
         self.name = name
@@ -109,6 +120,12 @@ class Node:
         self.graph: Graph | None = None
         self._prev: Node | None = None
         self._next: Node | None = None
+        # the outer values the subgraph attributes read, and the names they read them by; None: not resolved
+        # yet (the graph resolves them by name when the node is attached)
+        self._captures: list[Value | None] | None = None if captures is None else list(captures)
+        self._capture_names: list[str] = [] if captures is None else [v.name for v in captures]
+        if captures is None and not any(True for _ in self.subgraphs()):
+            self._captures = []
         for i, v in enumerate(self.outputs):
             if v.producer is not None:
                 raise GraphError(f"value {v.name!r} is already produced by node {v.producer.name!r}")
@@ -130,10 +147,37 @@ class Node:
         return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
 
     def input(self, i: int) -> Value | None:
+        """Input `i`; a negative port `-1 - k` is capture k (see `captures`)."""
+        if i < 0:
+            k = -1 - i
+            return self._captures[k] if self._captures and k < len(self._captures) else None
         return self._inputs[i] if i < len(self._inputs) else None
 
+    # -- subgraphs -----------------------------------------------------------
+    def subgraphs(self) -> Iterator[tuple[str, Any]]:
+        """(attribute name, GraphProto) for every subgraph attribute (If branches, Loop/Scan bodies)."""
+        for key, value in self.attrs.items():
+            if _is_graph_proto(value):
+                yield key, value
+            elif isinstance(value, (list, tuple)) and value and all(_is_graph_proto(g) for g in value):
+                for g in value:
+                    yield key, g
+
+    @property
+    def captures(self) -> tuple[Value, ...]:
+        """The outer-scope values this node's subgraphs read (each a use of the value at port -1 - k)."""
+        return tuple(v for v in self._captures or () if v is not None)
+
+    @property
+    def capture_ports(self) -> list[tuple[int, Value]]:
+        """(port, value) for every capture: the ports a use of a captured value names."""
+        return [(-1 - k, v) for k, v in enumerate(self._captures or ()) if v is not None]
+
     def set_input(self, i: int, value: Value | None) -> None:
-        """Point input `i` at `value`, keeping both values' use lists true."""
+        """Point input `i` (or with a negative port, a capture) at `value`, keeping both use lists true."""
+        if i < 0:
+            self._set_capture(-1 - i, value)
+            return
         old = self._inputs[i]
         if old is value:
             return
@@ -143,13 +187,49 @@ class Node:
         if value is not None and self.graph is not None:
             value._uses.append((self, i))
 
+    def _set_capture(self, k: int, value: Value | None) -> None:
+        captures = self._captures or []
+        if k >= len(captures) or captures[k] is None:
+            raise GraphError(f"node {self.name!r} ({self.op_type}) has no capture {k}")
+        old = captures[k]
+        if old is value:
+            return
+        if value is None:
+            raise GraphError(f"cannot drop capture {old.name!r} of node {self.name!r} ({self.op_type}): "
+                             "its subgraph reads it; give it another value instead")
+        if self.graph is not None:
+            old._uses.remove((self, -1 - k))
+        inner = self._capture_names[k]
+        twin = next((j for j, v in enumerate(captures) if v is value), None)
+        if inner != value.name:
+            self.attrs = _renamed_attrs(self, {inner: value.name})
+            for j, name in enumerate(self._capture_names):
+                if name == inner:
+                    self._capture_names[j] = value.name
+        if twin is not None:  # the subgraph now reads `value` by one name: one capture, the other is dropped
+            captures[k] = None
+            return
+        captures[k] = value
+        self._capture_names[k] = value.name
+        if self.graph is not None:
+            value._uses.append((self, -1 - k))
+
+    def sync_captures(self) -> None:
+        """Rename what the subgraphs read where a captured value was renamed since (`value.name = ...`)."""
+        mapping = {inner: v.name for inner, v in zip(self._capture_names, self._captures or ())
+                   if v is not None and inner != v.name}
+        if mapping:
+            self.attrs = _renamed_attrs(self, mapping)
+            self._capture_names = [mapping.get(n, n) for n in self._capture_names]
+
     def append_input(self, value: Value | None) -> None:
         self._inputs.append(None)
         self.set_input(len(self._inputs) - 1, value)
 
     @property
     def predecessors(self) -> list[Node]:
-        return list(dict.fromkeys(v.producer for v in self._inputs if v is not None and v.producer is not None))
+        return list(dict.fromkeys(v.producer for v in [*self._inputs, *self.captures]
+                                  if v is not None and v.producer is not None))
 
     @property
     def successors(self) -> list[Node]:
@@ -263,15 +343,32 @@ class Graph:
     def _attach(self, node: Node) -> None:
         if node.graph is not None:
             raise GraphError(f"node {node.name!r} is already in a graph")
+        if node._captures is None:
+            self._resolve_captures(node)
         node.graph = self
         self._node_names.add(node.name)
         for i, v in enumerate(node._inputs):
             if v is not None:
                 v._uses.append((node, i))
+        for port, v in node.capture_ports:
+            v._uses.append((node, port))
+        for _, sub in node.subgraphs():  # names a subgraph defines are taken: unique_name never reuses them
+            self._names.update(subgraph_defined_names(sub))
         for v in node.outputs:
             v.graph = self
             self._names.add(v.name)
         self._count += 1
+
+    def _resolve_captures(self, node: Node) -> None:
+        """Bind the names `node`'s subgraphs read from outside to this graph's values of those names."""
+        names = list(dict.fromkeys(n for _, sub in node.subgraphs() for n in subgraph_free_names(sub)))
+        by_name = {v.name: v for v in self.values()} if names else {}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise GraphError(f"a subgraph of node {node.name!r} ({node.op_type}) reads {missing[0]!r}, "
+                             f"which graph {self.name!r} does not define")
+        node._captures = [by_name[n] for n in names]
+        node._capture_names = list(names)
 
     def append(self, node: Node) -> Node:
         self._attach(node)
@@ -318,6 +415,9 @@ class Graph:
             return
         if new.producer is not None and new.graph is self and not new.is_graph_output:
             old.name, new.name = new.name, old.name
+            for user in [*old.users, *new.users]:
+                if user._captures:
+                    user.sync_captures()
             carrier = new
         else:
             name = old.name
@@ -337,6 +437,8 @@ class Graph:
         for i, v in enumerate(node._inputs):
             if v is not None:
                 v._uses.remove((node, i))
+        for port, v in node.capture_ports:
+            v._uses.remove((node, port))
         if node._prev is None:
             self._head = node._next
         else:
@@ -400,6 +502,19 @@ class Graph:
                     raise GraphError(f"node {node.name!r} ({node.op_type}) input {i} {v.name!r} is defined by {where}")
                 if (node, i) not in v._uses:
                     raise GraphError(f"value {v.name!r} does not list node {node.name!r} input {i} as a use")
+            for port, v in node.capture_ports:
+                if id(v) not in defined:
+                    raise GraphError(f"a subgraph of node {node.name!r} ({node.op_type}) reads {v.name!r}, which is "
+                                     "defined by a later node or nowhere in this graph")
+                if (node, port) not in v._uses:
+                    raise GraphError(f"value {v.name!r} does not list node {node.name!r} (a subgraph's capture) "
+                                     "as a use")
+            if node._captures is not None:
+                read = {n for _, sub in node.subgraphs() for n in subgraph_free_names(sub)}
+                held = {name for name, v in zip(node._capture_names, node._captures) if v is not None}
+                if read != held:
+                    raise GraphError(f"the subgraphs of node {node.name!r} ({node.op_type}) read "
+                                     f"{sorted(read)} from outside, but the node captures {sorted(held)}")
             for i, v in enumerate(node.outputs):
                 if v.producer is not node or v.index != i:
                     raise GraphError(f"node {node.name!r} output {i} {v.name!r} does not name the node as its producer")
@@ -447,8 +562,12 @@ class Graph:
         for node in self:
             outs = [clone(v) for v in node.outputs]
             ins = [None if v is None else vmap[id(v)] for v in node._inputs]
-            new.append(Node(node.op_type, ins, outs, _copy.deepcopy(node.attrs), node.name, node.domain,
-                            _copy.deepcopy(node.meta)))
+            clone_node = Node(node.op_type, ins, outs, _copy.deepcopy(node.attrs), node.name, node.domain,
+                              _copy.deepcopy(node.meta))
+            if node._captures is not None and node._captures:
+                clone_node._captures = [None if v is None else vmap[id(v)] for v in node._captures]
+                clone_node._capture_names = list(node._capture_names)
+            new.append(clone_node)
         new.outputs = [vmap[id(v)] for v in self.outputs]
         return new
 
@@ -487,6 +606,103 @@ def _toposort(graph: Graph) -> list[Node]:
         stuck = next(n for n in nodes if indegree[id(n)] > 0)
         raise GraphError(f"graph {graph.name!r} has a cycle through node {stuck.name!r}")
     return order
+
+
+# -- subgraph attributes (onnx GraphProto, read by duck typing: ir/ imports no framework here) ---------------
+
+def _is_graph_proto(obj: Any) -> bool:
+    return type(obj).__name__ == "GraphProto" and hasattr(obj, "node") and hasattr(obj, "initializer")
+
+
+def _attr_graphs(attr: Any) -> list[Any]:
+    """The GraphProtos an onnx AttributeProto holds (a GRAPH or GRAPHS attribute), else []."""
+    graphs = list(attr.graphs)
+    if attr.HasField("g"):
+        graphs.insert(0, attr.g)
+    return graphs
+
+
+def _local_names(g: Any) -> set[str]:
+    names = {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    names |= {t.values.name for t in g.sparse_initializer}
+    names |= {o for n in g.node for o in n.output if o}
+    return names
+
+
+def subgraph_free_names(g: Any) -> list[str]:
+    """The names a GraphProto reads from its enclosing scopes, in first-read order (nested subgraphs included)."""
+    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    free: dict[str, None] = {}
+    for n in g.node:
+        for name in n.input:
+            if name and name not in defined:
+                free[name] = None
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                for name in subgraph_free_names(sub):
+                    if name not in defined:
+                        free[name] = None
+        defined.update(o for o in n.output if o)
+    for vi in g.output:
+        if vi.name not in defined:
+            free[vi.name] = None
+    return list(free)
+
+
+def subgraph_defined_names(g: Any) -> set[str]:
+    """Every value name a GraphProto and its nested subgraphs define."""
+    names = _local_names(g)
+    for n in g.node:
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                names |= subgraph_defined_names(sub)
+    return names
+
+
+def _rename_free(g: Any, mapping: dict[str, str]) -> None:
+    """Rename, in place, the names `g` reads from outside (a simultaneous mapping; shadowed names are kept)."""
+    local = _local_names(g)
+    clash = (set(mapping.values()) - set(mapping)) & subgraph_defined_names(g)
+    if clash:
+        raise GraphError(f"subgraph {g.name!r} defines {sorted(clash)[0]!r} itself, so it cannot read an outer "
+                         "value of that name: rename that outer value")
+    mapping = {k: v for k, v in mapping.items() if k not in local}
+    if not mapping:
+        return
+    for n in g.node:
+        for j, name in enumerate(n.input):
+            if name in mapping:
+                n.input[j] = mapping[name]
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                _rename_free(sub, mapping)
+    for vi in [*g.output, *g.value_info]:
+        if vi.name in mapping:
+            vi.name = mapping[vi.name]
+
+
+def _renamed_attrs(node: Node, mapping: dict[str, str]) -> dict[str, Any]:
+    """`node.attrs` with its subgraphs reading outer values by new names (renamed copies; nothing is mutated)."""
+    def renamed(g: Any) -> Any:
+        copy = type(g)()
+        copy.CopyFrom(g)
+        _rename_free(copy, mapping)
+        return copy
+
+    attrs = dict(node.attrs)
+    for key, value in node.attrs.items():
+        if _is_graph_proto(value):
+            attrs[key] = renamed(value)
+        elif isinstance(value, (list, tuple)) and value and all(_is_graph_proto(g) for g in value):
+            attrs[key] = [renamed(g) for g in value]
+    return attrs
+
+
+def renamed_attrs(node: Node) -> dict[str, Any]:
+    """`node.attrs`, with subgraphs reading each captured value by its current name (nothing is mutated)."""
+    mapping = {inner: v.name for inner, v in zip(node._capture_names, node._captures or ())
+               if v is not None and inner != v.name}
+    return _renamed_attrs(node, mapping) if mapping else node.attrs
 
 
 def iter_values(nodes: Iterable[Node]) -> Iterator[Value]:

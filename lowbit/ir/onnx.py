@@ -21,7 +21,7 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from ..errors import ModelLoadError, UnsupportedOpError
-from .graph import Graph, Node, Value
+from .graph import Graph, Node, Value, renamed_attrs, subgraph_free_names
 from .ops import is_opaque
 from .types import from_onnx_dtype, to_onnx_dtype
 
@@ -81,6 +81,16 @@ def _attr_value(a: AttributeProto) -> Any:
         return numpy_helper.to_array(a.t)
     if a.type == AttributeProto.TENSORS:
         return [numpy_helper.to_array(t) for t in a.tensors]
+    if a.type == AttributeProto.GRAPH:  # a copy: the IR renames what a subgraph reads, never the user's model
+        g = onnx.GraphProto()
+        g.CopyFrom(a.g)
+        return g
+    if a.type == AttributeProto.GRAPHS:
+        graphs = []
+        for sub in a.graphs:
+            graphs.append(onnx.GraphProto())
+            graphs[-1].CopyFrom(sub)
+        return graphs
     return helper.get_attribute_value(a)
 
 
@@ -135,9 +145,18 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
         for name in n.output:
             dtype, shape = types.get(name, (None, None))
             outs.append(Value(name or graph.unique_name(f"{n.name}_unused"), dtype, shape))
+        captures = None
+        subgraphs = [sub for a in n.attribute for sub in ([a.g] if a.type == AttributeProto.GRAPH else a.graphs)]
+        if subgraphs:  # the outer values the subgraphs read: tracked as uses, like inputs
+            captures = []
+            for name in dict.fromkeys(x for sub in subgraphs for x in subgraph_free_names(sub)):
+                if name not in values:
+                    raise ModelLoadError(f"a subgraph of ONNX node {n.name or n.op_type!r} reads {name!r}, which "
+                                         "nothing defines before the node: the model is broken")
+                captures.append(values[name])
         node = Node(n.op_type, inputs, outs, {a.name: _attr_value(a) for a in n.attribute},
                     name=n.name or graph.unique_name(f"{n.op_type.lower()}_{i}"), domain=n.domain,
-                    meta={"onnx_attr_types": {a.name: a.type for a in n.attribute}})
+                    meta={"onnx_attr_types": {a.name: a.type for a in n.attribute}}, captures=captures)
         if n.doc_string:
             node.meta["doc_string"] = n.doc_string
         graph.append(node)
@@ -178,7 +197,8 @@ def _node_proto(node: Node) -> onnx.NodeProto:
         inputs.pop()
     proto = helper.make_node(node.op_type, inputs, [v.name for v in node.outputs], name=node.name,
                              domain=node.domain or None)
-    proto.attribute.extend(_attribute(k, v, types.get(k)) for k, v in node.attrs.items())
+    attrs = renamed_attrs(node)  # subgraphs read captured values by their current names
+    proto.attribute.extend(_attribute(k, v, types.get(k)) for k, v in attrs.items())
     if "doc_string" in node.meta:
         proto.doc_string = node.meta["doc_string"]
     return proto

@@ -44,8 +44,8 @@ def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None
 
 
 def _foldable(node: Node) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDED:
-        return False
+    if node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDED or next(node.subgraphs(), None):
+        return False  # (a node with subgraphs, If/Loop/Scan, is left to the runtime)
     if node.op_type == "Shape":
         shape = node.input(0).shape
         return shape is not None and all(isinstance(d, int) for d in shape)
