@@ -228,3 +228,70 @@ def test_fp32_model_runs_in_openvino(case, tmp_path):
 def test_control_flow_cannot_be_written_to_torch_named_error(case):
     with pytest.raises(lowbit.UnsupportedOpError, match="(If|Loop).*torch writer cannot emit"):
         lowbit.codegen(lowbit.lower(case[1]), "torch")
+
+
+# -- torch.cat's legacy empty inputs (GPT-2 with use_cache=True) -------------------------------------------
+
+def _concat_with_legacy_empty():
+    """y = Concat(Mul(e, e), x, axis=-2) with e a 1-D empty constant: torch.cat skips e, ONNX refuses it."""
+    from lowbit.ir.graph import Graph
+
+    graph = Graph("cat", {"": 20})
+    x = graph.add_input("x", "float32", ("batch", 4, 8, 16))
+    e = graph.add_constant("e", np.zeros((0,), np.float32))
+    empty = graph.make_node("Mul", [e, e], name="empty").output
+    cat = graph.make_node("Concat", [empty, x], {"axis": -2}, name="cat")
+    graph.outputs.append(graph.make_node("Relu", [cat.output], name="relu").output)
+    return graph, cat
+
+
+def _cleanup(graph):
+    from lowbit.compiler import pass_context, run_pipeline
+
+    return run_pipeline(graph.copy(), ["cleanup"], pass_context())[0]
+
+
+def test_concat_shape_inference_skips_legacy_empty_inputs():
+    graph, cat = _concat_with_legacy_empty()
+    assert cat.output.shape == ("batch", 4, 8, 16)
+    graph.verify()
+
+
+def test_legacy_empty_concat_inputs_are_left_out_of_onnx_and_dropped_by_cleanup():
+    graph, _ = _concat_with_legacy_empty()
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 16)).astype(np.float32)
+    written = to_onnx(graph)  # the writer leaves the empty input out even without cleanup
+    onnx.checker.check_model(written, full_check=True)
+    np.testing.assert_array_equal(run_onnx(written, {"x": x})[0], np.maximum(x, 0))
+    cleaned = _cleanup(graph)
+    assert [n.op_type for n in cleaned] == ["Relu"] and cleaned.find_node("relu").input(0).name == "x"
+    np.testing.assert_array_equal(run_onnx(to_onnx(cleaned), {"x": x})[0], np.maximum(x, 0))
+
+
+def test_gpt2_with_its_default_kv_cache_lowers_and_runs_in_onnxruntime():
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from transformers.integrations.executorch import register_dynamic_cache_export_support
+
+    from lowbit.ir.torch_fx import from_exported_program
+
+    register_dynamic_cache_export_support()  # so torch.export can return the DynamicCache
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    graph = from_exported_program(torch.export.export(model, (ids,)), "GPT2Model")
+    cats = [n for n in graph if n.op_type == "Concat" and any(v.shape == (0,) for v in n.inputs)]
+    assert len(cats) == 4  # the key and value caches of two layers start from torch.tensor([])
+    assert all(n.output.shape == (1, 4, 8, 16) for n in cats)
+    with torch.no_grad():
+        want = model(ids)
+    wants = [want.last_hidden_state] + [t for layer in want.past_key_values.layers for t in (layer.keys, layer.values)]
+    cleaned = _cleanup(graph)
+    assert not any(v.shape == (0,) for n in cleaned if n.op_type == "Concat" for v in n.inputs)
+    for g in (graph, cleaned):
+        got = run_onnx(to_onnx(g), {g.inputs[0].name: ids.numpy()})
+        assert len(got) == 5
+        got = [got[0], *sorted(got[1:], key=lambda a: float(a.sum()))]
+        expected = [wants[0].numpy(), *sorted((t.numpy() for t in wants[1:]), key=lambda a: float(a.sum()))]
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -71,17 +71,32 @@ def infer_node(node: Node) -> None:
         dtype, shape = ins[2].dtype, first.shape
     elif op == "DequantizeLinear" and len(ins) >= 2 and ins[1] is not None:
         dtype, shape = ins[1].dtype, first.shape
-    elif op == "Concat" and all(v is not None and v.shape is not None for v in ins):
-        axis = node.attrs.get("axis", 0)
-        dims = list(first.shape)
-        sizes = [v.shape[axis] for v in ins]
-        dims[axis] = sum(sizes) if all(isinstance(s, int) for s in sizes) else None
-        dtype, shape = first.dtype, tuple(dims)
+    elif op == "Concat" and ins and all(v is not None and v.shape is not None for v in ins):
+        dtype, shape = first.dtype, _concat([v.shape for v in ins], node.attrs.get("axis", 0))
     if len(outs) >= 1:
         if outs[0].dtype is None:
             outs[0].dtype = dtype
         if outs[0].shape is None:
             outs[0].shape = shape
+
+
+def is_legacy_empty(shape: Shape) -> bool:
+    """A 1-D empty tensor: torch.cat skips one among inputs of any rank (a legacy rule ONNX does not have)."""
+    return shape is not None and len(shape) == 1 and shape[0] == 0
+
+
+def _concat(shapes: list, axis: int) -> Shape:
+    kept = [s for s in shapes if not is_legacy_empty(s)]
+    if not kept:
+        return shapes[0]
+    rank = len(kept[0])
+    if rank == 0 or any(len(s) != rank for s in kept) or not -rank <= axis < rank:
+        return None  # not a valid Concat: left unknown for the checker or the runtime to name
+    axis %= rank
+    dims = list(kept[0])
+    sizes = [s[axis] for s in kept]
+    dims[axis] = sum(sizes) if all(isinstance(d, int) for d in sizes) else None
+    return tuple(dims)
 
 
 def _reshape(shape: Shape, target: np.ndarray) -> Shape:

@@ -22,6 +22,7 @@ from onnx import AttributeProto, helper, numpy_helper
 
 from ..errors import ModelLoadError, UnsupportedOpError
 from .graph import Graph, Node, Value, renamed_attrs, subgraph_free_names
+from .infer import is_legacy_empty
 from .ops import is_opaque
 from .types import from_onnx_dtype, to_onnx_dtype
 
@@ -192,7 +193,11 @@ def _attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
 
 def _node_proto(node: Node) -> onnx.NodeProto:
     types = node.meta.get("onnx_attr_types", {})
-    inputs = ["" if v is None else v.name for v in node.inputs]
+    values = list(node.inputs)
+    if node.op_type == "Concat" and not node.domain and any(v is not None and is_legacy_empty(v.shape) for v in values) \
+            and any(v is not None and v.shape is not None and len(v.shape) != 1 for v in values):
+        values = [v for v in values if v is None or not is_legacy_empty(v.shape)]  # torch.cat skips them; ONNX won't
+    inputs = ["" if v is None else v.name for v in values]
     while inputs and inputs[-1] == "":  # an omitted trailing optional input is left out, as ONNX writers do
         inputs.pop()
     proto = helper.make_node(node.op_type, inputs, [v.name for v in node.outputs], name=node.name,

@@ -1,7 +1,10 @@
-"""Drop ops that compute nothing at inference: Identity, and Dropout in eval mode.
+"""Drop ops that compute nothing at inference: Identity, Dropout in eval mode, empty Concat inputs.
 
     Identity(x)        -> x
     Dropout(x)         -> x      (no training_mode input set to true, mask output unused)
+    Concat(e, x, ...)  -> Concat(x, ...), or x alone
+                                 (e a 1-D empty tensor beside inputs of another rank: torch.cat skips it, a
+                                 legacy rule ONNX does not have; transformers' DynamicCache starts from one)
 
 A node whose output is a graph output is kept, so the model's output names
 do not change.
@@ -9,6 +12,7 @@ do not change.
 
 from __future__ import annotations
 
+from ...ir.infer import is_legacy_empty
 from ..pattern import Any, P
 from ..rewrite import Match, Rule, RuleSet
 
@@ -30,7 +34,21 @@ def _input(m: Match):
     return [m["x"]] + [None] * (len(m.root.outputs) - 1)
 
 
+def _has_legacy_empty_input(node) -> bool:
+    shapes = [v.shape if v is not None else None for v in node.inputs]
+    return any(is_legacy_empty(s) for s in shapes) and any(s is not None and len(s) != 1 for s in shapes)
+
+
+def _without_empty_inputs(m: Match):
+    node = m.root
+    kept = [v for v in node.inputs if not is_legacy_empty(v.shape)]
+    if len(kept) == 1:
+        return kept[0] if kept[0].dtype == node.output.dtype else False
+    return m.graph.make_node("Concat", kept, dict(node.attrs), name=node.name, before=node).output
+
+
 rules = RuleSet([
+    Rule("drop_empty_concat_inputs", P("Concat"), _without_empty_inputs, precheck=_has_legacy_empty_input),
     Rule("drop_identity", P("Identity", Any("x")), lambda m: m["x"], where=_passes_through),
     Rule("drop_eval_dropout", P("Dropout", Any("x")), _input, where=_passes_through),
 ])
