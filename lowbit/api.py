@@ -88,7 +88,7 @@ def _lower_torch(model: Any, example_inputs: Any) -> Graph:
     if graph is not None:
         return graph
 
-    from .ir.torch_fx import capture, example_inputs_from_placeholders, from_exported_program
+    from .ir.torch_fx import capture_program, example_inputs_from_placeholders, from_exported_program
 
     if isinstance(model, torch.export.ExportedProgram):
         return from_exported_program(model, "exported_program")
@@ -98,7 +98,8 @@ def _lower_torch(model: Any, example_inputs: Any) -> Graph:
             raise MissingExampleInputsError(
                 "this fx.GraphModule carries no example values on its placeholders: pass example_inputs=(...)")
     if isinstance(model, torch.nn.Module):
-        return from_exported_program(capture(model, example_inputs), type(model).__name__)
+        captured = capture_program(model, example_inputs)
+        return from_exported_program(captured.program, type(model).__name__, captured.fixed_batch)
     raise UnsupportedModelError(f"lowbit cannot lower a torch {type(model).__name__}: pass an nn.Module, an "
                                 "ExportedProgram or an fx.GraphModule")
 

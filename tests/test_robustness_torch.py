@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import lowbit
 from conftest import run_onnx
+from lowbit.ir.torch_guard import InputShapeError
 
 
 def _lower_quietly(model, example):
@@ -99,3 +100,105 @@ def test_transformers_resnet_has_no_opaque_inplace_add():
     expected = model(x).detach().numpy()
     got = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# -- fixed batches, control flow, shape constraints ------------------------------------------
+
+
+class FixedBatch(nn.Module):
+    """Runs at batch 1 only: the usual `x.reshape(1, -1)` before a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
+
+
+class BatchBranch(nn.Module):
+    """Branches on the batch size: torch.export specializes the branch the example takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            return self.fc(x) * 2.0
+        return self.fc(x)
+
+
+class ValueBranch(nn.Module):
+    """Branches on tensor values: no capture of it can be exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -x
+
+
+def test_fixed_batch_model_is_captured_at_its_own_batch_and_refuses_others():
+    model, x = FixedBatch().eval(), torch.randn(1, 3, 8, 8)
+    graph = lowbit.lower(model, (x,))
+    assert graph.inputs[0].shape == (1, 3, 8, 8)
+    generated = lowbit.codegen(graph, "torch")
+    assert torch.equal(generated(x), model(x))
+    with pytest.raises(InputShapeError, match=r"input 'x' has size 2 in dim 0 .* captured for size 1 .* "
+                                              r"could not capture it with a dynamic batch"):
+        generated(torch.randn(2, 3, 8, 8))
+
+
+def test_fixed_batch_model_quantizes_from_batch_one_items():
+    model = FixedBatch().eval()
+    data = [torch.randn(1, 3, 8, 8) for _ in range(6)]
+    quantized = lowbit.quantize(model, lowbit.Dataset(data), subset_size=6)
+    for x in data[:2]:
+        want = model(x)
+        assert (quantized(x) - want).abs().max() < 0.05 * want.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("batch, other, span", [(2, 8, "2..4"), (1, 8, "2..4"), (8, 2, ">= 5")])
+def test_batch_branch_is_refused_outside_the_captured_batch(batch, other, span):
+    model, x = BatchBranch().eval(), torch.randn(batch, 4)
+    graph = lowbit.lower(model, (x,))
+    assert graph.inputs[0].shape == (batch, 4)
+    generated = lowbit.codegen(graph, "torch")
+    assert torch.equal(generated(x), model(x))
+    with pytest.raises(InputShapeError, match=rf"captured for size {batch} there, because its forward\(\) depends "
+                                              rf"on the batch size \(torch.export bounds it to {span}\)"):
+        generated(torch.randn(other, 4))
+    onnx_model = lowbit.codegen(graph, "onnx")
+    np.testing.assert_allclose(run_onnx(onnx_model, {"x": x.numpy()})[0], model(x).detach().numpy(), rtol=1e-6)
+    with pytest.raises(Exception, match="(?i)invalid|dimension"):  # ONNX Runtime refuses the static dim
+        run_onnx(onnx_model, {"x": torch.randn(other, 4).numpy()})
+
+
+def test_dynamic_batch_model_keeps_a_dynamic_batch_without_guard():
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(1, 4)
+    graph = lowbit.lower(model, (x,))
+    assert graph.inputs[0].shape == ("batch", 4) and "fixed_input_dims" not in graph.meta
+    big = torch.randn(7, 4)
+    assert torch.equal(lowbit.codegen(graph, "torch")(big), model(big))
+
+
+def test_data_dependent_control_flow_is_a_capture_error_naming_model_reason_and_line():
+    with pytest.raises(lowbit.CaptureError) as info:
+        lowbit.lower(ValueBranch(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "could not capture ValueBranch: its forward() branches on the values of a tensor" in message
+    assert "if x.sum() > 0:" in message and "test_robustness_torch.py" in message
+    assert "torch's reason: GuardOnDataDependentSymNode: Could not guard on data-dependent expression" in message
+    assert "torch.cond" in message and "transform_fn" not in message
+    assert info.value.blames_inputs is False
+
+
+def test_wrong_example_inputs_are_a_capture_error_that_blames_the_inputs():
+    with pytest.raises(lowbit.CaptureError, match=r"could not capture Linear: RuntimeError: .*example_inputs") as info:
+        lowbit.lower(nn.Linear(4, 4), (torch.randn(2, 5),))
+    assert info.value.blames_inputs is True

@@ -21,6 +21,7 @@ import torch.fx as fx
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
 from .ops import TORCH_DOMAIN, is_fake_quantize
+from .torch_guard import FIXED_DIMS, FIXED_REASON, check_input_dims
 from .types import is_float, to_torch_dtype
 
 aten = torch.ops.aten
@@ -122,8 +123,13 @@ class _Emitter:
 
     # -- driver ----------------------------------------------------------------
     def run(self) -> fx.GraphModule:
+        fixed = self.graph.meta.get(FIXED_DIMS) or {}
         for v in self.graph.inputs:
             self.env[id(v)] = self.fx.placeholder(re.sub(r"[^0-9A-Za-z_]", "_", v.name))
+            if v.name in fixed:  # refuse sizes the model was not captured for (torch_guard.py)
+                dims = tuple((int(axis), int(size)) for axis, size in fixed[v.name])
+                reason = str(self.graph.meta.get(FIXED_REASON, "the model fixes it"))
+                self.env[id(v)] = self.call(check_input_dims, self.env[id(v)], v.name, dims, reason)
         for node in self.graph:
             if id(node) in self.consumed:
                 continue

@@ -16,7 +16,6 @@ a Reshape where that says the same thing.
 
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
 from collections.abc import Callable
@@ -26,9 +25,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..errors import CaptureError, MissingExampleInputsError
+from ..errors import CaptureError
 from .graph import Graph, Value
 from .ops import IR_OPSET, TORCH_DOMAIN
+from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
+from .torch_guard import record_fixed_dims
 from .torch_inplace import InplaceTracker, functional_of
 from .types import from_torch_dtype
 
@@ -37,48 +38,6 @@ INT64_MAX = np.iinfo(np.int64).max
 
 
 # -- capture ------------------------------------------------------------------------
-
-def as_example_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return example_inputs
-
-
-def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """torch.export `model` with dim 0 of every tensor input dynamic where the model allows it.
-
-    The model is never changed: a model in training mode is copied and the copy
-    put in eval mode (lowbit compiles for inference).
-    """
-    if example_inputs is None:
-        raise MissingExampleInputsError(
-            f"lowbit needs example inputs to capture {type(model).__name__}: pass example_inputs=(tensor, ...) "
-            "with the shapes and dtypes the model takes (any batch size)")
-    args = as_example_tuple(example_inputs)
-    if not isinstance(args, tuple):
-        raise MissingExampleInputsError(f"example_inputs must be a tensor or a tuple of them, not "
-                                        f"{type(example_inputs).__name__}")
-    if model.training:
-        model = copy.deepcopy(model).eval()
-    # torch.export specializes a dim whose example size is 0 or 1: widen a batch of 1 to 2 so it stays dynamic
-    args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
-                 for a in args)
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
-                    for a in args)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(model, args, dynamic_shapes=dynamic)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {reason}. "
-            "Check that example_inputs match what forward() takes; data-dependent Python control flow must be "
-            "rewritten with torch.cond or removed; alternatively export the model to ONNX and pass the .onnx "
-            "file.") from e
-
 
 def example_inputs_from_placeholders(gm: fx.GraphModule) -> tuple | None:
     """Example inputs rebuilt from the fake values torch.export leaves on placeholders."""
@@ -370,9 +329,17 @@ def _get_attr(gm: torch.nn.Module, target: str) -> np.ndarray:
     return obj.detach().cpu().numpy().copy()
 
 
-def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main") -> Graph:
-    """Lower an ExportedProgram (training or inference IR) into a Graph."""
-    return _Lowerer(ep, name).run()
+def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main",
+                          fixed_batch: str | None = None) -> Graph:
+    """Lower an ExportedProgram (training or inference IR) into a Graph.
+
+    `fixed_batch` (from `capture_program`) says why the program's batch is static: the graph then records
+    its inputs' dim 0 as fixed, so that what lowbit writes refuses other batches (torch_guard.py).
+    """
+    graph = _Lowerer(ep, name).run()
+    if fixed_batch is not None:
+        record_fixed_dims(graph, fixed_batch)
+    return graph
 
 
 # -- symbolic ints ------------------------------------------------------------------------
