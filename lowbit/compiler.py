@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .api import codegen, graph_of, lower
-from .errors import CaptureError, DatasetError, OptionError, OutputPathError
+from .errors import CaptureError, DatasetError, OptionError, OutputPathError, UnsupportedModelError
 from .ir.graph import Graph
 from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, TRANSFORMER_PTQ_PIPELINE, Pass, PassContext, PassManager
 
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = ("transformer",)
+DATA_PASSES = ("smooth_quant", "quantize", "fast_bias_correction")  # the passes that read calibration data
 
 
 def origin_target(model: Any) -> str:
@@ -46,14 +47,27 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
     return pm.run(graph, ctx), pm
 
 
-def _example_from_dataset(dataset: Any) -> tuple:
-    from .quant.dataset import as_dataset
+def _example_from_dataset(data: Any) -> tuple:
+    """Item 0 of the calibration data, which stays in `data` for the passes (a generator is read once)."""
+    x = data.first()
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
-    ds = as_dataset(dataset)
-    for index, item in enumerate(ds.get_data()):
-        x = ds.transform(item, index)
-        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    raise DatasetError("the calibration dataset is empty: give at least one item (NNCF uses 300)")
+
+def refuse_low_precision_torch(model: Any) -> None:
+    """UnsupportedModelError, before any work, for a torch module with float16/bfloat16 weights: its
+    FakeQuantize simulation runs in float32 (ONNX float16 models are quantized; their scales stay float16)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} holds {kind} weights ({name!r}): lowbit quantizes float32 torch models "
+                f"(the quantized module simulates INT8 in float32). Quantize a float32 copy "
+                f"(copy.deepcopy(model).float(), with float32 calibration data) and deploy it through "
+                f"lowbit.export to .onnx or .xml, or quantize the {kind} model's ONNX export")
 
 
 def _writeback(graph: Graph, model: Any) -> Any:
@@ -76,7 +90,12 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     from .passes.quantize import OVERFLOW_FIX
     from .quant.stats import RANGE_ESTIMATORS
 
+    from .quant.dataset import CalibrationData, check_subset_size
+    from .quant.scope import as_ignored_scope
+
     load_hw_config(hw)
+    subset_size = check_subset_size(subset_size)
+    ignored_scope = as_ignored_scope(ignored_scope)
     for name, value, known in (("preset", preset, PRESETS), ("model_type", model_type, MODEL_TYPES),
                                ("range_estimator", range_estimator, RANGE_ESTIMATORS)):
         if value is not None and value not in known:
@@ -87,6 +106,8 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
                                  ("range_estimator", range_estimator)) if v is not None}
     options.update(progress=progress, overflow_fix=overflow_fix)
+    if dataset is not None:  # read once, lazily, and shared by capture and every pass that needs data
+        dataset = CalibrationData(dataset, subset_size)
     return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
 
 
@@ -113,9 +134,17 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 
     if passes is not None:
         passes = [resolve(p) for p in passes]  # an unknown pass name fails before the model is captured
+    if dataset is None and example_inputs is None and origin_target(model) == "torch" and passes is not None:
+        needs = [p.name for p in passes if p.name in DATA_PASSES]
+        if needs:
+            raise DatasetError(f"pass {needs[0]!r} needs calibration data: pass dataset=lowbit.Dataset(...) "
+                               "(the torch model is then captured with its first item)")
+    if origin_target(model) == "torch" and (passes is None and dataset is not None
+                                            or passes is not None and any(p.name == "quantize" for p in passes)):
+        refuse_low_precision_torch(model)
     from_dataset = example_inputs is None and dataset is not None and origin_target(model) == "torch"
     if from_dataset:
-        example_inputs = _example_from_dataset(dataset)
+        example_inputs = _example_from_dataset(ctx.dataset)
     try:
         graph = lower(model, example_inputs)
     except CaptureError as e:
@@ -141,6 +170,10 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
     NNCF; "enable" for models deployed on x86 CPUs without VNNI; "disable")
     says which weights use a 7-bit grid (see passes/quantize.py).
     """
+    if calibration_dataset is None:
+        raise DatasetError("lowbit.quantize needs a calibration dataset: pass lowbit.Dataset(items, transform_fn) "
+                           "with a few hundred representative inputs (NNCF uses 300); example_inputs alone cannot "
+                           "calibrate the quantizers")
     return compile(model, ptq_passes(calibration_dataset, model_type, fast_bias_correction), hw=target_device,
                    dataset=calibration_dataset, example_inputs=example_inputs, subset_size=subset_size,
                    ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset, model_type=model_type,

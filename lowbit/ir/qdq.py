@@ -257,7 +257,9 @@ def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
     quantized = quantize_array(x.const, p) if x.const is not None else None
     if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:
         p = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
-    scale = graph.add_constant(f"{node.name}_scale", p.scale)
+    # DequantizeLinear's output type is its scale's: a float16 model keeps float16 scales (opset >= 19)
+    scale_dtype = np.float16 if node.output.dtype == "float16" else np.float32
+    scale = graph.add_constant(f"{node.name}_scale", p.scale.astype(scale_dtype))
     zero_point = graph.add_constant(f"{node.name}_zero_point", p.zero_point)
     if quantized is not None:
         q = graph.add_constant(f"{x.name}_quantized", quantized)

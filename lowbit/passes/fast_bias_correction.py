@@ -29,14 +29,36 @@ def _unquantized(v: Value) -> tuple[Value, Node | None]:
     return v, None
 
 
-def _blob(value: Value, means: np.ndarray, axis: int) -> np.ndarray:
-    shape = [1 if i == 0 else d if isinstance(d, int) else SPATIAL_DEFAULT for i, d in enumerate(value.shape)]
-    channels = shape[axis]
-    if channels != means.size:
-        raise ValueError(f"{value.name}: {means.size} channel means for {channels} channels")
-    view = [1] * len(shape)
+def _blob(layer: Node, value: Value, means: np.ndarray, axis: int) -> np.ndarray | None:
+    """A one-sample input of `layer` whose every channel holds its mean; None where the shapes disagree.
+
+    The channel count is the measured one (the graph's shape may have lost it:
+    a Pad whose pads were computed at run time has a symbolic output shape);
+    other unknown dims get SPATIAL_DEFAULT (at least the Conv's kernel extent).
+    """
+    rank = len(value.shape)
+    axis = axis % rank
+    channels = means.size
+    if isinstance(value.shape[axis], int) and value.shape[axis] != channels:
+        return None
+    weight = _unquantized(layer.input(1))[0].const
+    kernel = list(weight.shape[2:]) if layer.op_type == "Conv" else []
+    dilations = list(layer.attrs.get("dilations", [1] * len(kernel)))
+    shape = []
+    for i, d in enumerate(value.shape):
+        if i == 0:
+            shape.append(1)
+        elif i == axis:
+            shape.append(channels)
+        elif isinstance(d, int):
+            shape.append(d)
+        else:
+            spatial = i - 2
+            extent = (kernel[spatial] - 1) * dilations[spatial] + 1 if 0 <= spatial < len(kernel) else 1
+            shape.append(max(SPATIAL_DEFAULT, extent))
+    view = [1] * rank
     view[axis] = -1
-    return np.broadcast_to(means.reshape(view), shape).astype(np.float32)
+    return np.broadcast_to(means.reshape(view).astype(np.float32), shape).copy()
 
 
 def _run_layer(layer: Node, x_fq: Node | None, w_fq: Node | None, blob: np.ndarray, quantized: bool) -> np.ndarray:
@@ -46,13 +68,13 @@ def _run_layer(layer: Node, x_fq: Node | None, w_fq: Node | None, blob: np.ndarr
     g = Graph("layer", {"": 21})
     x = g.add_input("x", "float32", blob.shape)
     if quantized and x_fq is not None:
-        ranges = [g.add_constant(f"r{i}", v.const) for i, v in enumerate(x_fq.inputs[1:5])]
+        ranges = [g.add_constant(f"r{i}", v.const.astype(np.float32)) for i, v in enumerate(x_fq.inputs[1:5])]
         x = g.make_node("FakeQuantize", [x, *ranges], dict(x_fq.attrs), domain=QUANT_DOMAIN).output
     weight = layer.input(1)
     w_value, _ = _unquantized(weight)
-    w = g.add_constant("w", w_value.const)
+    w = g.add_constant("w", w_value.const.astype(np.float32))  # float16 models: statistics in float32
     if quantized and w_fq is not None:
-        ranges = [g.add_constant(f"wr{i}", v.const) for i, v in enumerate(w_fq.inputs[1:5])]
+        ranges = [g.add_constant(f"wr{i}", v.const.astype(np.float32)) for i, v in enumerate(w_fq.inputs[1:5])]
         w = g.make_node("FakeQuantize", [w, *ranges], dict(w_fq.attrs), domain=QUANT_DOMAIN).output
     out = g.make_node(layer.op_type, [x, w], dict(layer.attrs)).output
     g.outputs.append(out)
@@ -87,7 +109,9 @@ class FastBiasCorrection(Pass):
         corrected = 0
         for layer, bias, add, x, x_fq, w_fq in layers:
             axis = channel_axis(layer)
-            blob = _blob(x, np.asarray(means[layer.name]), axis)
+            blob = _blob(layer, x, np.asarray(means[layer.name]), axis)
+            if blob is None:
+                continue
             fp32 = _channel_mean(_run_layer(layer, x_fq, w_fq, blob, quantized=False), axis)
             quant = _channel_mean(_run_layer(layer, x_fq, w_fq, blob, quantized=True), axis)
             shift = fp32 - quant

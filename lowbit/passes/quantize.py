@@ -23,9 +23,9 @@ import numpy as np
 
 from ..hw_configs import load_hw_config
 from ..ir.graph import Graph, Node, Value
-from ..errors import AlreadyQuantizedError
+from ..errors import AlreadyQuantizedError, DatasetError
 from ..ir.ops import QUANT_DOMAIN, is_quantizer
-from ..quant.dataset import as_dataset, batches
+from ..quant.dataset import batches, calibration_data
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
 from ..quant.stats import ChannelMean, RangeStats
@@ -45,10 +45,11 @@ def collect(graph: Graph, ctx: PassContext, requests: list[tuple[Value, object]]
 
     taps = list({v.name: v for v, _ in requests}.values())
     runner = GraphRunner(graph, taps)
-    dataset = as_dataset(ctx.dataset)
-    data = batches(graph, dataset, ctx.subset_size, ctx.options.get("batch_size", 32))
-    total = min(ctx.subset_size, len(dataset.data_source)) if hasattr(dataset.data_source, "__len__") else None
-    for arrays in _progress(data, total, ctx):
+    if ctx.dataset is None:
+        raise DatasetError("quantization needs calibration data: pass dataset=lowbit.Dataset(...)")
+    # every pass of the pipeline reads the same items, read once from the user's dataset (a generator works)
+    ctx.dataset = data = calibration_data(ctx.dataset, ctx.subset_size)
+    for arrays in _progress(batches(graph, data, ctx.options.get("batch_size", 32)), None, ctx):
         outs = dict(zip((v.name for v in taps), runner(arrays)))
         for value, stat in requests:
             stat.update(outs[value.name])

@@ -25,6 +25,19 @@ import numpy as np
 from ..hw_configs import QuantizerConfig
 
 EPS = 1e-8
+MIN_RANGE = 8e-5  # NNCF's floor for a quantizer's range: a zero or constant value still gets a usable scale
+RELATIVE_FLOOR = 0.01  # a channel's range is at least 1% of the tensor's widest (NNCF's fix_zero_filters)
+
+
+def _floor_magnitude(m: np.ndarray) -> np.ndarray:
+    """Magnitudes with degenerate ranges fixed: a channel that is all zero (a pruned filter, a dead ReLU) takes
+    the tensor's widest magnitude, or 1 when every channel is zero (its values are exactly on any grid, and a
+    wide scale keeps the runtimes' int32 bias, bias / (input scale x weight scale), in range); a nearly zero
+    one is raised to max(1% of the widest, MIN_RANGE). ONNX Runtime, OpenVINO and the torch simulation then
+    agree on it (with a 1e-8 range they did not: 3.5 dB)."""
+    top = float(m.max()) if m.size else 0.0
+    floor = max(top * RELATIVE_FLOOR, MIN_RANGE)
+    return np.where(m <= 0, top if top > 0 else 1.0, np.maximum(m, floor))
 
 
 @dataclass
@@ -47,10 +60,10 @@ def fq_range(config: QuantizerConfig, lo, hi, half_range: bool = False) -> FQRan
     levels = 2 ** config.bits - (1 if config.narrow_range else 0)
     if half_range and config.symmetric and config.signed is not False and config.bits >= 3:
         full, half = 2 ** (config.bits - 1) - 1, 2 ** (config.bits - 2) - 1
-        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS) * (full / half)
+        m = _floor_magnitude(np.maximum(np.abs(lo), np.abs(hi))) * (full / half)
         lo, hi = -m, m
     if config.symmetric:
-        m = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), EPS)
+        m = _floor_magnitude(np.maximum(np.abs(lo), np.abs(hi)))
         signed = config.signed if config.signed is not None else bool(np.any(lo < 0))
         if not signed:
             low, high = np.zeros_like(m), m
@@ -60,7 +73,13 @@ def fq_range(config: QuantizerConfig, lo, hi, half_range: bool = False) -> FQRan
             half = 2 ** (config.bits - 1)
             low, high = -m * half / (half - 1), m
         return FQRange(levels, low.astype(np.float32), high.astype(np.float32))
-    width = np.maximum(hi - lo, EPS)
+    width = hi - lo
+    widest = float(width.max()) if width.size else 0.0
+    fixed = np.where(width <= 0, widest if widest > 0 else 1.0,
+                     np.maximum(width, max(widest * RELATIVE_FLOOR, MIN_RANGE)))
+    hi = np.where(lo < 0, hi, lo + fixed)  # an all-zero or positive-only range grows upwards, else downwards
+    lo = np.where(lo < 0, hi - fixed, lo)
+    width = hi - lo
     step = width / (levels - 1)
     zero_point = np.round(-lo / step)
     low = -zero_point * step

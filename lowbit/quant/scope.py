@@ -43,7 +43,11 @@ class IgnoredScope:
                 self._missing("name", name, names)
             ignored.add(name)
         for pattern in self.patterns:
-            rx = re.compile(pattern)
+            try:
+                rx = re.compile(pattern)
+            except re.error as e:
+                raise IgnoredScopeError(f"ignored scope pattern {pattern!r} is not a valid regular expression: "
+                                        f"{e}") from None
             hits = {n for n in names if rx.fullmatch(n) or rx.search(n)}
             if not hits:
                 self._missing("pattern", pattern, names)
@@ -95,3 +99,56 @@ class IgnoredScope:
             hint = ""
         raise IgnoredScopeError(f"ignored scope {kind} {entry!r} matches no node of the model{hint}. Node names "
                                 "are those `print(lowbit.lower(model))` shows")
+
+
+def _names(value, field_name: str, kind: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise IgnoredScopeError(f"ignored_scope.{field_name} must be a list of {kind}s, got "
+                                f"{type(value).__name__} {value!r}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise IgnoredScopeError(f"ignored_scope.{field_name} must hold {kind}s (str), got "
+                                f"{type(bad[0]).__name__} {bad[0]!r}")
+    return list(value)
+
+
+def as_ignored_scope(scope) -> IgnoredScope | None:
+    """An IgnoredScope from what a user may pass as `ignored_scope`.
+
+    None; a lowbit IgnoredScope; a list (or tuple) of node names; or any object
+    with `names` / `patterns` / `types` / `subgraphs` attributes, as
+    `nncf.IgnoredScope` (duck-typed: nncf is never imported), whose subgraphs
+    have `inputs` and `outputs`. Anything else is an IgnoredScopeError naming
+    its type.
+    """
+    if scope is None or isinstance(scope, IgnoredScope):
+        return scope
+    if isinstance(scope, (list, tuple)):
+        return IgnoredScope(names=_names(scope, "names", "node name"))
+    fields = ("names", "patterns", "types", "subgraphs")
+    if isinstance(scope, (str, bytes, dict)) or not any(hasattr(scope, f) for f in fields):
+        raise IgnoredScopeError(
+            f"ignored_scope must be a lowbit.IgnoredScope (or nncf.IgnoredScope), or a list of node names, not "
+            f"{type(scope).__name__}" + (f" {scope!r}: wrap a single name as [{scope!r}]"
+                                         if isinstance(scope, str) else ""))
+    subgraphs = []
+    raw = getattr(scope, "subgraphs", None) or []
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
+        raise IgnoredScopeError(f"ignored_scope.subgraphs must be a list of subgraphs, got {type(raw).__name__}")
+    for sub in raw:
+        if isinstance(sub, dict):
+            inputs, outputs = sub.get("inputs"), sub.get("outputs")
+        else:
+            inputs, outputs = getattr(sub, "inputs", None), getattr(sub, "outputs", None)
+        if inputs is None or outputs is None:
+            raise IgnoredScopeError(f"an ignored_scope subgraph needs `inputs` and `outputs` (node names), got "
+                                    f"{type(sub).__name__} {sub!r}")
+        subgraphs.append(Subgraph(_names(inputs, "subgraphs[].inputs", "node name"),
+                                  _names(outputs, "subgraphs[].outputs", "node name")))
+    validate = getattr(scope, "validate", True)
+    return IgnoredScope(names=_names(getattr(scope, "names", None), "names", "node name"),
+                        patterns=_names(getattr(scope, "patterns", None), "patterns", "regular expression"),
+                        types=_names(getattr(scope, "types", None), "types", "op type"),
+                        subgraphs=subgraphs, validate=bool(validate) if isinstance(validate, bool) else True)
