@@ -114,6 +114,13 @@ def test_subgraph_captures_are_uses():
         conv.graph.remove(conv)
 
 
+def test_verify_names_a_subgraph_read_that_a_pass_broke():
+    graph = from_onnx(if_model())
+    graph.remove(graph.find_node("conv"), safe=False)  # what a careless pass would do
+    with pytest.raises(lowbit.GraphError, match="a subgraph of node 'if' \\(If\\) reads 'c'"):
+        graph.verify()
+
+
 def test_rerouting_a_captured_value_renames_what_the_subgraph_reads():
     model = loop_model(nested=True)
     before = model.SerializeToString()
