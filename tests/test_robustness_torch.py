@@ -202,3 +202,136 @@ def test_wrong_example_inputs_are_a_capture_error_that_blames_the_inputs():
     with pytest.raises(lowbit.CaptureError, match=r"could not capture Linear: RuntimeError: .*example_inputs") as info:
         lowbit.lower(nn.Linear(4, 4), (torch.randn(2, 5),))
     assert info.value.blames_inputs is True
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _state(model):
+    """Everything of the user's model that lowbit must leave alone."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {k: type(v) for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()])
+
+
+def _untouched(model, state) -> bool:
+    values, types, training = state
+    now = model.state_dict()
+    return (now.keys() == values.keys() and all(torch.equal(now[k], values[k]) for k in values)
+            and {k: type(v) for k, v in now.items()} == types and [m.training for m in model.modules()] == training
+            and all(type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in model.parameters()))
+
+
+def _run_threads(jobs, calls: int) -> list[str]:
+    """Run each job `calls` times in its own thread, all at once; the failures, as text."""
+    import threading
+    import traceback
+
+    failures: list[str] = []
+    start = threading.Barrier(len(jobs))
+
+    def worker(job):
+        start.wait()
+        for _ in range(calls):
+            try:
+                job()
+            except Exception:  # noqa: BLE001  (every failure is reported by the test)
+                failures.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=worker, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
+
+
+@pytest.fixture
+def warm():
+    """One capture first: imports register their warnings filters once, before the filters are compared."""
+    lowbit.lower(nn.Linear(2, 2), (torch.randn(1, 2),))
+
+
+def test_two_threads_quantize_torch_models_at_once_without_touching_them(warm):
+    torch.manual_seed(0)
+    models = [SmallConvNet(4).train(), SmallConvNet(6).eval()]  # one in training mode: that flag must stay
+    data = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+    x = torch.randn(2, 3, 8, 8)
+    expected = [lowbit.quantize(m, lowbit.Dataset(data), subset_size=4)(x) for m in models]
+    states, filters = [_state(m) for m in models], list(warnings.filters)
+    results: list[tuple[int, torch.Tensor]] = []
+
+    def job(i):
+        return lambda: results.append((i, lowbit.quantize(models[i], lowbit.Dataset(data), subset_size=4)(x)))
+
+    mkldnn = torch.backends.mkldnn.enabled
+    failures = _run_threads([job(0), job(1)], calls=3)
+    assert failures == []
+    assert len(results) == 6
+    for i, out in results:  # torch.export turns oneDNN off process-wide while it traces: last-bit differences
+        torch.testing.assert_close(out, expected[i], rtol=1e-5, atol=1e-6)
+    assert all(_untouched(m, s) for m, s in zip(models, states))
+    assert warnings.filters == filters
+    assert torch.backends.mkldnn.enabled == mkldnn  # two exports at once could leave it off: the lock keeps them apart
+
+
+def test_a_torch_and_an_onnx_model_quantize_in_two_threads(warm):
+    torch.manual_seed(1)
+    torch_model = SmallConvNet(4).eval()
+    onnx_model = lowbit.codegen(lowbit.lower(SmallConvNet(5).eval(), (torch.randn(1, 3, 8, 8),)), "onnx")
+    items = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+    state, filters = _state(torch_model), list(warnings.filters)
+    before = onnx_model.SerializeToString()
+    done: list[str] = []
+
+    def torch_job():
+        lowbit.quantize(torch_model, lowbit.Dataset(items), subset_size=4)
+        done.append("torch")
+
+    def onnx_job():
+        q = lowbit.quantize(onnx_model, lowbit.Dataset([x.numpy() for x in items]), subset_size=4)
+        assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+        done.append("onnx")
+
+    failures = _run_threads([torch_job, onnx_job], calls=3)
+    assert failures == []
+    assert sorted(done) == ["onnx"] * 3 + ["torch"] * 3
+    assert _untouched(torch_model, state) and onnx_model.SerializeToString() == before
+    assert warnings.filters == filters
+
+
+def test_capture_never_swaps_the_users_parameters(warm):
+    """torch.export traces a structural copy: a parameter read while capture runs is the user's own tensor."""
+    import threading
+
+    model = SmallConvNet(4).eval()
+    params = {k: p for k, p in model.named_parameters()}
+    seen: list[type] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.extend(type(p.data) for p in model.parameters())
+            seen.extend(type(p) for p in model.parameters())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(3):
+            lowbit.lower(model, (torch.randn(2, 3, 8, 8),))
+    finally:
+        stop.set()
+        watcher.join()
+    assert set(seen) <= {torch.Tensor, nn.Parameter}
+    assert all(params[k] is p for k, p in model.named_parameters())
