@@ -120,6 +120,31 @@ def test_natural_length_text_calibrates_on_the_onnx_path(bert_onnx):
     assert sqnr(reference, run_onnx(q, {"x": x.numpy()})[0]) >= 12  # 16.6 dB measured (random small BERT)
 
 
+class Text(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_natural_length_text_calibrates_on_the_torch_path_with_a_dynamic_sequence():
+    torch.manual_seed(0)
+    model = Text().eval()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    program = torch.export.export(model, (torch.randint(0, 50, (1, 8)),), dynamic_shapes=({1: seq},))
+    g = torch.Generator().manual_seed(0)
+    items = [torch.randint(0, 50, (1, n), generator=g) for n in (5, 9, 9, 3, 12)]
+    q = lowbit.quantize(program, lowbit.Dataset(items))
+    assert _fq_count(q) == 4
+    x = torch.randint(0, 50, (1, 7), generator=g)
+    with torch.no_grad():
+        assert sqnr(model(x).numpy(), q(x).numpy()) >= 18  # 21.9 dB measured (5 short calibration items)
+
+
 @pytest.fixture(scope="module")
 def fixed_batch_onnx(small, tmp_path_factory):
     path = tmp_path_factory.mktemp("fixed") / "fixed.onnx"
@@ -254,7 +279,7 @@ class Degenerate(nn.Module):
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
 def test_degenerate_ranges_agree_in_every_runtime(origin, tmp_path):
     torch.manual_seed(0)
-    model = Degenerate().eval()
+    model = fp32 = Degenerate().eval()
     items = _images(4, batch=2)
     if origin == "onnx":
         model = lowbit.codegen(lowbit.lower(model, (items[0],)), "onnx")
@@ -267,7 +292,7 @@ def test_degenerate_ranges_agree_in_every_runtime(origin, tmp_path):
     x = _images(1, batch=4, seed=7)[0]
     with torch.no_grad():
         simulation = lowbit.codegen(graph, "torch")(x).numpy()
-        assert sqnr(Degenerate().eval()(x).numpy() if False else simulation, simulation) > 100
+        assert sqnr(fp32(x).numpy(), simulation) >= 30  # 39 dB measured
     onnx.save(lowbit.codegen(graph, "onnx"), str(tmp_path / "d.onnx"))
     ort_out = run_onnx(onnx.load(str(tmp_path / "d.onnx")), {"x": x.numpy()})[0]
     ov_out = run_openvino(to_openvino(graph), [x.numpy()])[0]
@@ -363,8 +388,12 @@ def test_ignored_scope_of_a_wrong_type(small, bad, message):
 
 
 def test_quantizing_twice_in_one_pipeline_is_a_named_error(small):
-    with pytest.raises(lowbit.AlreadyQuantizedError, match="already quantized: it holds 4 quantizer node"):
+    with pytest.raises(lowbit.AlreadyQuantizedError, match=r"pass 'quantize' already ran in this pipeline \(step 2 "
+                       r"of fuse, quantize\): quantizing again would stack quantizers"):
         lowbit.compile(small, ["fuse", "quantize", "quantize"], dataset=lowbit.Dataset(_images(2)))
+    q = lowbit.quantize(small, lowbit.Dataset(_images(2)))
+    with pytest.raises(lowbit.AlreadyQuantizedError, match="already quantized: it holds 4 quantizer node"):
+        lowbit.compile(q, ["quantize"], dataset=lowbit.Dataset(_images(2)))
 
 
 # --------------------------------------------------------------------------- MobileNetV2 from the ONNX origin
@@ -393,3 +422,17 @@ def test_mobilenet_v2_onnx_with_runtime_pads(tmp_path):
         reference = module(x).numpy()
     # about as close to FP32 as the torch origin: 11.6 dB here, 12.4 dB from torch (random small model, 8 items)
     assert sqnr(reference, run_onnx(q, {"x": x.numpy()})[0]) >= 10.5
+
+
+class ValueBranch(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_data_dependent_control_flow_is_not_blamed_on_the_dataset():
+    with pytest.raises(lowbit.CaptureError) as info:
+        lowbit.quantize(ValueBranch(), lowbit.Dataset(_images(2)))
+    assert not isinstance(info.value, lowbit.DatasetError) and "transform_fn" not in str(info.value)
+    assert "could not capture ValueBranch" in str(info.value)

@@ -49,7 +49,7 @@ def collect(graph: Graph, ctx: PassContext, requests: list[tuple[Value, object]]
         raise DatasetError("quantization needs calibration data: pass dataset=lowbit.Dataset(...)")
     # every pass of the pipeline reads the same items, read once from the user's dataset (a generator works)
     ctx.dataset = data = calibration_data(ctx.dataset, ctx.subset_size)
-    for arrays in _progress(batches(graph, data, ctx.options.get("batch_size", 32)), None, ctx):
+    for arrays in _progress(batches(graph, data, batch_size=ctx.options.get("batch_size", 32)), None, ctx):
         outs = dict(zip((v.name for v in taps), runner(arrays)))
         for value, stat in requests:
             stat.update(outs[value.name])
@@ -191,6 +191,10 @@ class Quantize(Pass):
     description = "place, calibrate and insert FakeQuantize as the hardware config says"
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if "quantize" in ctx.history:
+            raise AlreadyQuantizedError(
+                f"pass 'quantize' already ran in this pipeline (step {ctx.history.index('quantize') + 1} of "
+                f"{', '.join(ctx.history)}): quantizing again would stack quantizers. Name it once")
         refuse_quantized(graph)
         hw = load_hw_config(ctx.hw)
         ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()

@@ -217,7 +217,8 @@ def _group_key(arrays: list[np.ndarray]):
     return tuple((a.shape[1:], a.dtype.str) for a in arrays)
 
 
-def batches(graph: Graph, data: CalibrationData, batch_size: int = 32) -> Iterator[list[np.ndarray]]:
+def batches(graph: Graph, data: Any, subset_size: int | None = None,
+            batch_size: int = 32) -> Iterator[list[np.ndarray]]:
     """Batches of the calibration items, as lists of arrays per graph input (every item checked first).
 
     Consecutive items of the same shapes are concatenated up to `batch_size`
@@ -225,8 +226,10 @@ def batches(graph: Graph, data: CalibrationData, batch_size: int = 32) -> Iterat
     the static batch dim B, every batch has exactly B samples (items are split
     or joined; a last group short of B is filled up by repeating its own
     samples). Items are fed one by one, as they are, to a graph whose inputs
-    disagree on dim 0.
+    disagree on dim 0. `data` is CalibrationData, or a dataset whose first
+    `subset_size` items are read.
     """
+    data = calibration_data(data, subset_size if subset_size is not None else 300)
     items = [item_arrays(graph, item, index) for index, item in enumerate(data.items())]
     mode = batch_mode(graph)
     if mode == "as_is":
