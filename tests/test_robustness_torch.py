@@ -335,3 +335,44 @@ def test_capture_never_swaps_the_users_parameters(warm):
         watcher.join()
     assert set(seen) <= {torch.Tensor, nn.Parameter}
     assert all(params[k] is p for k, p in model.named_parameters())
+
+
+# -- float16 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_float16_models_lower_and_round_trip_exactly(name):
+    from models import REFERENCE_MODELS
+
+    factory, shape = REFERENCE_MODELS[name]
+    torch.manual_seed(0)
+    model, x = factory().eval().half(), torch.randn(*shape).half()
+    graph = lowbit.lower(model, (x,))
+    assert graph.inputs[0].dtype == "float16" and _opaque(graph) == []
+    generated = lowbit.codegen(graph, "torch")
+    out = generated(x)
+    assert out.dtype == torch.float16 and torch.equal(out, model(x))
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # the user's model is still half
+
+
+def test_float16_scalars_keep_their_python_value():
+    """torch multiplies a half tensor by the unrounded Python scalar: 0.044715 is not rounded to float16 first."""
+
+    class GeluNew(nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0)))).clamp_(0.1, 1.9)
+
+    model, x = GeluNew(), torch.randn(64, 64).half()
+    graph = lowbit.lower(model, (x,))
+    assert torch.equal(lowbit.codegen(graph, "torch")(x), model(x))
+
+
+def test_fake_quantize_keeps_a_float16_input_in_float16():
+    from lowbit.ir.torch_fq import FakeQuantize
+
+    fq = FakeQuantize(256, torch.tensor(-1.0), torch.tensor(1.0))
+    x = torch.linspace(-1.5, 1.5, 101)
+    half = fq(x.half())
+    assert half.dtype == torch.float16
+    assert torch.equal(half, fq(x.half().float()).half())
+    assert fq(x).dtype == torch.float32

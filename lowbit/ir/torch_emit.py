@@ -82,8 +82,9 @@ class _Emitter:
     def scalar(self, v: Value | None) -> Any:
         """A Python number for a 0-d constant (as torch scalar args want), else the tensor."""
         if v is not None and v.const is not None and v.const.ndim == 0:
-            if "torch_scalar" in v.meta:
-                return v.meta["torch_scalar"]
+            exact = v.meta.get("torch_scalar")  # the unrounded Python number, while the constant still holds it
+            if exact is not None and np.array(exact, dtype=v.const.dtype) == v.const:
+                return exact
             return v.const.item()
         return self[v]
 

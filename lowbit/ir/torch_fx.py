@@ -106,7 +106,15 @@ class _Lowerer:
             return self.val(x)
         out_dtype = self.fx_node.meta["val"].dtype if isinstance(self.fx_node.meta.get("val"), torch.Tensor) else None
         dtype = from_torch_dtype(out_dtype) if out_dtype is not None else (like.dtype or "float32")
-        return self.const(np.array(x, dtype=dtype), "scalar")
+        return self.python_scalar(x, dtype, "scalar")
+
+    def python_scalar(self, x: Any, dtype: Any, hint: str) -> Value:
+        """A 0-d constant of `dtype` for the Python number `x`. Where `dtype` rounds it (0.044715 in float16),
+        meta["torch_scalar"] keeps `x`: torch computes with the unrounded scalar, and so does the torch writer."""
+        value = self.const(np.array(x, dtype=dtype), hint)
+        if isinstance(x, float) and float(value.const) != x:
+            value.meta["torch_scalar"] = x
+        return value
 
     def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, num_outputs: int = 1,
            domain: str = "", suffix: str = "") -> Value | list[Value]:
@@ -489,7 +497,7 @@ def _clip(lw, node, x, min=None, max=None):
     xv = lw.val(x)
     if (min is not None and isinstance(min, fx.Node)) or (max is not None and isinstance(max, fx.Node)):
         return NotImplemented
-    bound = [None if m is None else lw.const(np.array(m, dtype=xv.dtype), hint) for m, hint in
+    bound = [None if m is None else lw.python_scalar(m, xv.dtype, hint) for m, hint in
              ((min, "min"), (max, "max"))]
     return lw.op("Clip", [xv, *bound])
 
