@@ -376,3 +376,41 @@ def test_fake_quantize_keeps_a_float16_input_in_float16():
     assert half.dtype == torch.float16
     assert torch.equal(half, fq(x.half().float()).half())
     assert fq(x).dtype == torch.float32
+
+
+def test_an_input_written_in_place_is_lowered_functionally_and_left_alone():
+    class Normalize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            x /= 255.0
+            x.sub_(0.5)
+            return self.conv(x)
+
+    model, x = Normalize().eval(), torch.rand(2, 3, 8, 8) * 255
+    graph, _ = _lower_quietly(model, (x.clone(),))
+    assert _opaque(graph) == [] and [n.op_type for n in graph] == ["Div", "Sub", "Conv"]
+    given = x.clone()
+    out = lowbit.codegen(graph, "torch")(given)
+    assert torch.equal(given, x)  # the compiled model does not write the caller's tensor
+    assert torch.equal(out, model(x.clone()))
+
+
+def test_a_buffer_written_in_place_is_not_written_by_lowering():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(4))
+
+        def forward(self, x):
+            self.seen.add_(1.0)
+            return x * self.seen
+
+    model, x = Counter(), torch.randn(2, 4)
+    generated = lowbit.codegen(_lower_quietly(model, (x,))[0], "torch")
+    generated(x)
+    assert torch.equal(model.seen, torch.zeros(4))
+    assert torch.equal(generated(x), model(x))  # the model's first call

@@ -242,7 +242,7 @@ class _Lowerer:
     def call_inplace(self, node: fx.Node, functional: Any) -> Any:
         """`y.add_(b)` as `add(y, b)`, after which every name of `y` reads the result (see torch_inplace.py)."""
         if self._inplace is None:
-            self._inplace = InplaceTracker(self.ep.graph)
+            self._inplace = InplaceTracker(self.ep.graph, set(self.ep.graph_signature.user_inputs))
         if not self._inplace.exact(node) or not self._keeps_dtype(node):
             return self.dispatch(node, node.target)  # aliased: an opaque in-place op, run in place by torch
         result = self.dispatch(node, functional)

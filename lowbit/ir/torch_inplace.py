@@ -5,9 +5,11 @@ in the graph. `y.add_(b)` mutates `y` and returns it; the torch frontend lowers 
 the functional `add(y, b)` and from then on reads the result wherever the program
 reads `y` (or any in-place result of `y`). That is exact when no other alias of
 `y`'s storage, created before the mutation, is read after it: neither a view that
-`y` is part of, nor a view of `y`, nor a graph input, parameter or buffer (whose
-mutation the caller would see). Otherwise the op stays as it was (an opaque node
-that the torch writer calls in place again).
+`y` is part of, nor a view of `y`, nor a parameter or buffer (the module's state).
+Otherwise the op stays as it was (an opaque node that the torch writer calls in
+place again). An input written in place (`x /= 255`) is lowered functionally
+too: the outputs are the same, and the compiled model leaves the caller's
+tensor as it was.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def is_view(node: fx.Node) -> bool:
 class InplaceTracker:
     """Decides which in-place calls of one fx graph may be lowered functionally."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, user_inputs: set[str] | frozenset = frozenset()):
         self.position = {n: i for i, n in enumerate(graph.nodes)}
+        self.user_inputs = set(user_inputs)  # placeholders that are the caller's inputs (not weights, buffers)
 
     def chain(self, node: fx.Node) -> list[fx.Node]:
         """The nodes that name the same tensor as `node`: its first non-in-place ancestor and every in-place
@@ -98,8 +101,10 @@ class InplaceTracker:
         if not isinstance(target, fx.Node):
             return False
         base = self._storage(target)
-        if base.op != "call_function":
-            return False  # a graph input, parameter or buffer: the mutation is visible outside the graph
+        if base.op == "placeholder" and base.name not in self.user_inputs:
+            return False  # a parameter, buffer or constant: the module's state, which the mutation changes
+        if base.op not in ("call_function", "placeholder"):
+            return False
         at = self.position[node]
         chain = set(self.chain(target))
         for alias in self._aliases(base):
