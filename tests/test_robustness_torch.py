@@ -198,6 +198,15 @@ def test_data_dependent_control_flow_is_a_capture_error_naming_model_reason_and_
     assert info.value.blames_inputs is False
 
 
+def test_quantize_reports_data_dependent_control_flow_as_a_capture_error_not_a_dataset_error():
+    data = lowbit.Dataset([torch.randn(2, 4) for _ in range(3)], lambda item: item)
+    with pytest.raises(lowbit.CaptureError) as info:
+        lowbit.quantize(ValueBranch(), data, subset_size=3)
+    assert not isinstance(info.value, lowbit.DatasetError)
+    assert "could not capture ValueBranch: its forward() branches on the values of a tensor" in str(info.value)
+    assert "transform_fn" not in str(info.value)
+
+
 def test_wrong_example_inputs_are_a_capture_error_that_blames_the_inputs():
     with pytest.raises(lowbit.CaptureError, match=r"could not capture Linear: RuntimeError: .*example_inputs") as info:
         lowbit.lower(nn.Linear(4, 4), (torch.randn(2, 5),))
