@@ -81,8 +81,6 @@ def capture_program(model: torch.nn.Module, example_inputs: Any) -> Captured:
 def inference_view(model: torch.nn.Module) -> torch.nn.Module:
     """A structural copy of `model` in eval mode: new module objects and parameter/buffer dicts, the same
     tensors. torch.export may swap entries of the copy's dicts; the user's modules never see it."""
-    if isinstance(model, torch.fx.GraphModule):
-        return copy.deepcopy(model).eval() if model.training else model
     try:
         return _clone_tree(model, {})
     except Exception:  # a module that cannot be copied this way: a deep copy, as before

@@ -1,6 +1,7 @@
 """The torch frontend: torch.export programs (and the modules behind them) -> Graph.
 
-`capture` runs torch.export on an nn.Module with a dynamic batch dimension;
+`capture` (torch_capture.py) runs torch.export on an nn.Module with a dynamic
+batch dimension where the model allows it, serialized and on a structural copy;
 `from_exported_program` walks the exported aten graph and maps each op to its
 exact ONNX equivalent (the table `HANDLERS` below). An aten op with no exact
 equivalent becomes an opaque node in the `torch` domain that keeps the op and
