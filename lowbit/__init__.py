@@ -10,7 +10,7 @@ from . import ir, passes, patterns
 from .api import codegen, lower
 from .compiler import compile, export, quantize
 from .quant import Dataset, IgnoredScope
-from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError,
+from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError, InputShapeError,
                      LowbitError, MissingExampleInputsError, ModelLoadError, OptionError, OutputPathError, PassError, RuleLoopError,
                      TextParseError, UnknownPassError, UnknownTargetError, UnsupportedModelError,
                      UnsupportedOpError)
@@ -18,6 +18,6 @@ from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, 
 __version__ = "0.1.0"
 
 __all__ = ["lower", "codegen", "compile", "quantize", "export", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "DumpError",
-           "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "OutputPathError", "PassError", "RuleLoopError",
+           "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "InputShapeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "OutputPathError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]

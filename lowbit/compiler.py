@@ -153,8 +153,7 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
         got = ", ".join(f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}"
                         for x in example_inputs)
         raise DatasetError(f"dataset item 0 ({got}) cannot be fed to {type(model).__name__}: "
-                           f"{e.__cause__ or e}. Fix transform_fn so it returns what forward() takes "
-                           f"(capture failed with: {e})") from e
+                           f"{str(e).rstrip('.')}. Fix transform_fn so it returns what forward() takes") from e
     graph, _ = run_pipeline(graph, passes, ctx, dump_dir)
     return _writeback(graph, model)
 

@@ -84,3 +84,7 @@ class IgnoredScopeError(LowbitError):
 
 class OptionError(LowbitError, ValueError):
     """An option of compile/quantize or of a pass has a value lowbit does not know."""
+
+
+class InputShapeError(LowbitError, ValueError):
+    """A lowbit-generated module was called with an input size its model was not captured for."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import lowbit
 from conftest import run_onnx
-from lowbit.ir.torch_guard import InputShapeError
+from lowbit import InputShapeError
 
 
 def _lower_quietly(model, example):

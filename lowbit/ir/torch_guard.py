@@ -13,14 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import LowbitError
+from ..errors import InputShapeError
 
 FIXED_DIMS = "fixed_input_dims"  # graph.meta: {input name: [[axis, size], ...]}
 FIXED_REASON = "fixed_input_reason"  # graph.meta: why those dims are fixed (a sentence)
-
-
-class InputShapeError(LowbitError, ValueError):
-    """A lowbit-generated module was called with an input size its model was not captured for."""
 
 
 def record_fixed_dims(graph: Any, reason: str) -> None:

@@ -198,7 +198,12 @@ def calibration_data(dataset: Any, subset_size: int = 300) -> CalibrationData:
 
 def batch_mode(graph: Graph) -> int | str:
     """How items may be batched for `graph`: "any" (every input has a dynamic dim 0), an int B (every input
-    has the static dim 0 B: batches of exactly B samples), or "as_is" (anything else: items fed one by one)."""
+    has the static dim 0 B: batches of exactly B samples), or "as_is" (anything else: items fed one by one).
+
+    A graph with control flow (If/Loop/Scan) gets its items as they are: a condition may read the whole
+    batch (If(ReduceMean(x) > 0)), and a batch of several items would take one branch for all of them."""
+    if any(next(n.subgraphs(), None) is not None for n in graph):
+        return "as_is"
     dims = [v.shape[0] if v.shape else None for v in graph.inputs]
     if any(v.shape is not None and len(v.shape) == 0 for v in graph.inputs):
         return "as_is"
