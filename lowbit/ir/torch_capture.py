@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -196,8 +197,26 @@ def _where(e: BaseException) -> str:
     return ""
 
 
+def _unknown_output_type(e: BaseException) -> str | None:
+    """The class torch.export found in the model's output and cannot flatten ("Found <class 'X'> in output")."""
+    match = re.search(r"Found <class '([\w.]+)'> in output", str(e))
+    return match.group(1) if match else None
+
+
 def capture_error(name: str, e: BaseException) -> CaptureError:
     """The CaptureError for torch.export's failure `e` on model class `name`."""
+    output_type = _unknown_output_type(e)
+    if output_type is not None:
+        cache = "cache_utils" in output_type
+        error = CaptureError(
+            f"torch.export could not capture {name}: its forward() returns a {output_type}, which torch cannot "
+            "flatten into tensors. "
+            + ("It is transformers' key/value cache: build the model with use_cache=False "
+               "(config.use_cache = False, or from_pretrained(..., use_cache=False)), " if cache else
+               "Make forward() return tensors (or tuples/dicts of them), ")
+            + "or wrap the model in a module whose forward() returns only the tensors you need")
+        error.blames_inputs = False
+        return error
     if data_dependent(e):
         error = CaptureError(
             f"torch.export could not capture {name}: its forward() branches on the values of a tensor "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
@@ -149,15 +150,27 @@ class _Emitter:
                 self.env[id(v)] = o
         results = [self[v] for v in self.graph.outputs]
         spec = self.graph.meta.get("out_spec")
-        if spec is not None and spec.num_leaves == len(results):
-            out = torch.utils._pytree.tree_unflatten(results, spec)
+        if spec is not None and spec.num_leaves == len(results) and not spec.is_leaf():
+            # rebuilt when the module runs, from real tensors: the model's own output type (a transformers
+            # ModelOutput, a DynamicCache) cannot be built from fx Nodes at codegen
+            self.fx._codegen = _FlatInputsTreeOutput(_PyTreeInfo([], None, spec))
+            self.fx.output(results)
         else:
-            out = results[0] if len(results) == 1 else tuple(results)
-        self.fx.output(out)
+            self.fx.output(results[0] if len(results) == 1 else tuple(results))
         gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule")
         gm.lowbit_names = dict(self.names)  # IR constant / FakeQuantize node name -> attribute path in gm
         keep_on_copy(gm, "lowbit_names")
         return gm
+
+
+class _FlatInputsTreeOutput(_PyTreeCodeGen):
+    """fx codegen: forward() takes the graph inputs as they are and returns `tree_unflatten(outputs, out_spec)`."""
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        return list(inputs)
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **kwargs: Any) -> str:
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, **kwargs)
 
 
 def keep_on_copy(gm: fx.GraphModule, name: str) -> None:
