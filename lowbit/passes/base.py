@@ -10,6 +10,15 @@
 `requires(graph, ctx)` and `ensures(graph, ctx)` are hooks the PassManager
 calls before and after the pass; raise PassError from them to stop the
 pipeline with a message that names the broken precondition.
+
+Statistics: a pass that reads calibration statistics declares them in
+`statistics_needed(graph, ctx)` (a list of `lowbit.quant.summary.Need`) and
+reads them with `lowbit.quant.calibration.gather`; the first pass of a
+pipeline that gathers taps, in the same run over the data, what the passes
+after it declare, into `ctx.statistics`. The PassManager clears that cache
+after each pass whose `preserves_statistics` is False (the default): set it
+True only where the pass leaves every value's FP32 function unchanged, or
+updates the cache entries of the values it changes.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 
 from ..errors import UnknownPassError
 from ..ir.graph import Graph
+from ..quant.summary import Need, StatisticsCache
 
 
 @dataclass
@@ -32,6 +42,8 @@ class PassContext:
     ignored_scope: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    statistics: StatisticsCache = field(default_factory=StatisticsCache)  # see lowbit/quant/summary.py
+    upcoming: list[Any] = field(default_factory=list)  # the passes after the running one (set by the PassManager)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Pass:
 
     name: str = ""
     description: str = ""
+    preserves_statistics: bool = False  # True: ctx.statistics stays valid after this pass (see the module doc)
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -58,6 +71,10 @@ class Pass:
 
     def ensures(self, graph: Graph, ctx: PassContext) -> None:
         """Raise PassError if the pass did not establish what it promises."""
+
+    def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
+        """The statistics this pass will read if it ran on `graph` now (for an earlier pass to tap)."""
+        return []
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"

@@ -2,8 +2,8 @@
 
 For every Conv / Gemm / MatMul+Add with a constant bias whose input or weight
 is quantized: build an input whose every channel holds that channel's mean
-input (measured on the calibration data, in the `quantize` pass's run when it
-ran first), run the layer once in FP32 and once with its quantizers (torch functional
+input (measured on the calibration data: FP32 statistics from the shared
+cache, tapped in the pipeline's one run before `quantize` changed the graph), run the layer once in FP32 and once with its quantizers (torch functional
 ops, no code generation), and add
 the per-output-channel difference of the mean outputs to the bias. Cheap (one
 forward of one layer per layer) and it removes most of the systematic shift
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
 from .base import Pass, PassContext, PassResult, register_pass
-from .quantize import biased_layers, calibrate, channel_axis
+from ..quant.calibration import gather
+from ..quant.summary import Need
+from .quantize import biased_layers, channel_axis
 
 SPATIAL_DEFAULT = 8
 
@@ -141,25 +143,34 @@ def _channel_mean(y: np.ndarray, axis: int) -> np.ndarray:
     return y.astype(np.float64).mean(axis=tuple(d for d in range(y.ndim) if d != axis))
 
 
+def _layers(graph: Graph, quantized: bool) -> list[tuple[Node, Value, Node | None, Value, Node | None, Node | None]]:
+    """(layer, bias, bias Add, unquantized input, its FakeQuantize, the weight's FakeQuantize) of each biased
+    layer with a known input shape and a constant weight; with `quantized`, only those with a quantizer."""
+    layers = []
+    for layer, bias, add in biased_layers(graph):
+        x, x_fq = _unquantized(layer.input(0))
+        w, w_fq = _unquantized(layer.input(1))
+        if (not quantized or x_fq is not None or w_fq is not None) and x.shape is not None and w.const is not None:
+            layers.append((layer, bias, add, x, x_fq, w_fq))
+    return layers
+
+
 @register_pass
 class FastBiasCorrection(Pass):
     name = "fast_bias_correction"
     description = "shift biases so quantized layers keep their FP32 mean output"
 
+    def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
+        """The per-channel mean input of every biased layer (which of them get quantized is not known yet)."""
+        return [Need(x, channel_axis(layer), sums=True) for layer, _, _, x, _, _ in _layers(graph, quantized=False)]
+
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        layers = []
-        for layer, bias, add in biased_layers(graph):
-            x, x_fq = _unquantized(layer.input(0))
-            w, w_fq = _unquantized(layer.input(1))
-            if (x_fq is not None or w_fq is not None) and x.shape is not None and w.const is not None:
-                layers.append((layer, bias, add, x, x_fq, w_fq))
+        layers = _layers(graph, quantized=True)
         if not layers:
             return PassResult(graph, changed=False)
-        means = ctx.options.get("input_channel_means", {})
-        missing = {layer.name: (x, channel_axis(layer)) for layer, _, _, x, _, _ in layers if layer.name not in means}
-        if missing:
-            _, stats = calibrate(graph, ctx, [], missing, "mean_min_max")
-            means = {**means, **{k: s.mean() for k, s in stats.items()}}
+        # FP32 means: tapped before `quantize` changed the graph where it ran in this pipeline (it keeps them)
+        summaries = gather(graph, ctx, [Need(x, channel_axis(layer), sums=True) for layer, _, _, x, _, _ in layers])
+        means = {layer.name: s.channel_mean() for (layer, *_), s in zip(layers, summaries)}
         corrected = 0
         for layer, bias, add, x, x_fq, w_fq in layers:
             axis = channel_axis(layer)

@@ -5,7 +5,8 @@
     pm.records    # one StepRecord per pass: time, node counts, rules fired, diff counts
 
 Each pass's `requires` hook runs before it and `ensures` after it; then
-`graph.verify()`. A failure names the pass, the broken node and the passes
+`graph.verify()`; then the statistics cache (`ctx.statistics`) is cleared
+unless the pass declares `preserves_statistics`. A failure names the pass, the broken node and the passes
 already run. The input graph is never modified: the pipeline works on a copy.
 """
 
@@ -51,6 +52,7 @@ class PassManager:
         ctx = ctx or PassContext()
         ctx.options["pipeline"] = [p.name for p in self.passes]
         graph = graph.copy()
+        ctx.statistics.clear()  # statistics describe one run's graph
         self.records = []
         before = Snapshot.of(graph) if self.dump else None
         if self.dump:
@@ -58,6 +60,7 @@ class PassManager:
         for index, p in enumerate(self.passes, 1):
             n_before = len(graph)
             done = ", ".join(ctx.history) or "none"
+            ctx.upcoming = self.passes[index:]
             try:
                 p.requires(graph, ctx)
                 start = time.perf_counter()
@@ -78,6 +81,9 @@ class PassManager:
                 except GraphError as e:
                     raise PassError(f"pass {p.name!r} (step {index}) left the graph invalid: {e}. "
                                     f"Passes run before it: {done}") from None
+            ctx.upcoming = []
+            if not p.preserves_statistics:
+                ctx.statistics.clear()
             ctx.history.append(p.name)
             record = StepRecord(index, p.name, seconds, n_before, len(graph), result.changed, Counter(result.fired),
                                 notes=list(result.notes))

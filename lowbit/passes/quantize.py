@@ -3,7 +3,8 @@
 Placement is `lowbit.quant.placement` (merged, propagated, never inside a
 fused pattern, model outputs FP32). Activation ranges come from one run over
 the calibration data in the graph's origin runtime (`ir/runtime.py`),
-reduced on the fly by the range estimator; weight ranges from the weights
+reduced on the fly (`quant/summary.py`), shared with the other passes of the
+pipeline (an earlier pass that ran over the data tapped them already); weight ranges from the weights
 (per channel where the config prefers it). Quantizers in one unified-scale
 group share the union of their ranges.
 
@@ -23,12 +24,13 @@ import numpy as np
 
 from ..hw_configs import load_hw_config
 from ..ir.graph import Graph, Node, Value
-from ..errors import AlreadyQuantizedError, DatasetError
+from ..errors import AlreadyQuantizedError
 from ..ir.ops import QUANT_DOMAIN, is_quantizer
-from ..quant.dataset import batches, calibration_data
+from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
-from ..quant.stats import ChannelMean, RangeStats
+from ..quant.stats import RangeStats
+from ..quant.summary import DERIVABLE_ESTIMATORS, Need
 from .base import Pass, PassContext, PassResult, register_pass
 
 
@@ -37,47 +39,6 @@ def preset_for(ctx: PassContext) -> str:
     if preset is None:
         preset = "mixed" if ctx.options.get("model_type") == "transformer" else "performance"
     return preset
-
-
-def collect(graph: Graph, ctx: PassContext, requests: list[tuple[Value, object]]) -> None:
-    """One pass over the calibration data, feeding each tapped value to its statistic's `update`."""
-    from ..ir.runtime import GraphRunner
-
-    taps = list({v.name: v for v, _ in requests}.values())
-    runner = GraphRunner(graph, taps)
-    if ctx.dataset is None:
-        raise DatasetError("quantization needs calibration data: pass dataset=lowbit.Dataset(...)")
-    # every pass of the pipeline reads the same items, read once from the user's dataset (a generator works)
-    ctx.dataset = data = calibration_data(ctx.dataset, ctx.subset_size)
-    for arrays in _progress(batches(graph, data, batch_size=ctx.options.get("batch_size", 32)), None, ctx):
-        outs = dict(zip((v.name for v in taps), runner(arrays)))
-        for value, stat in requests:
-            stat.update(outs[value.name])
-
-
-def calibrate(graph: Graph, ctx: PassContext, ranges: list[Value], channel_means: dict[str, tuple[Value, int]],
-              estimator: str) -> tuple[dict[str, RangeStats], dict[str, ChannelMean]]:
-    """One pass over the data: range statistics for `ranges`, per-channel means for `channel_means`."""
-    range_stats = {v.name: RangeStats(estimator) for v in ranges}
-    mean_stats = {key: ChannelMean(axis) for key, (_, axis) in channel_means.items()}
-    requests = [(v, range_stats[v.name]) for v in ranges]
-    requests += [(v, mean_stats[key]) for key, (v, _) in channel_means.items()]
-    collect(graph, ctx, requests)
-    return range_stats, mean_stats
-
-
-def _progress(iterable, total, ctx: PassContext):
-    if not ctx.options.get("progress", True):
-        yield from iterable
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed} batches"),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("calibrating", total=None)
-        for item in iterable:
-            yield item
-            bar.advance(task)
 
 
 def weight_range(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
@@ -185,10 +146,50 @@ def refuse_quantized(graph: Graph) -> None:
             "(its quantization is kept)")
 
 
+def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
+    """The quantizers the pass places in `graph` (which is not changed), as ctx's options say."""
+    hw = load_hw_config(ctx.hw)
+    ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
+    ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
+    transformer = ctx.options.get("model_type") == "transformer"
+    if transformer:
+        ignored |= attention_output_matmuls(graph)
+    return place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
+                            skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset(),
+                            transformer=transformer)
+
+
+def activation_ranges(graph: Graph, ctx: PassContext, activations: list[QuantPoint]) -> dict[str, tuple[float, float]]:
+    """The observed range of each activation quantizer's value, by the context's range estimator.
+
+    "min_max" and "mean_min_max" are derived from the shared statistics
+    (`quant/summary.py`: tapped once for the whole pipeline); "percentile"
+    needs its own run over the data.
+    """
+    estimator = ctx.options.get("range_estimator", "mean_min_max")
+    if not activations:
+        return {}
+    if estimator in DERIVABLE_ESTIMATORS:
+        summaries = gather(graph, ctx, [Need(p.value) for p in activations])
+        return {p.name: s.range(estimator) for p, s in zip(activations, summaries)}
+    stats = {p.name: RangeStats(estimator) for p in activations}
+    gather(graph, ctx, [], extra=[(p.value, stats[p.name]) for p in activations])  # and the later passes' needs
+    return {name: s.range() for name, s in stats.items()}
+
+
 @register_pass
 class Quantize(Pass):
     name = "quantize"
     description = "place, calibrate and insert FakeQuantize as the hardware config says"
+    # FakeQuantize nodes are inserted, no value's FP32 function changes: statistics (FP32 ones) stay valid
+    preserves_statistics = True
+
+    def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
+        if "quantize" in ctx.history or any(is_quantizer(n) for n in graph):
+            return []
+        if ctx.options.get("range_estimator", "mean_min_max") not in DERIVABLE_ESTIMATORS:
+            return []
+        return [Need(p.value) for p in quant_points(graph, ctx) if p.kind == "activation"]
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         if "quantize" in ctx.history:
@@ -196,33 +197,17 @@ class Quantize(Pass):
                 f"pass 'quantize' already ran in this pipeline (step {ctx.history.index('quantize') + 1} of "
                 f"{', '.join(ctx.history)}): quantizing again would stack quantizers. Name it once")
         refuse_quantized(graph)
-        hw = load_hw_config(ctx.hw)
-        ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
-        ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
-        transformer = ctx.options.get("model_type") == "transformer"
-        if transformer:
-            ignored |= attention_output_matmuls(graph)
-        points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
-                                  skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset(),
-                                  transformer=transformer)
+        points = quant_points(graph, ctx)
         if not points:
             warnings.warn("lowbit: nothing to quantize in this model for this device; it is returned unchanged",
                           stacklevel=2)
             return PassResult(graph, changed=False, notes=["nothing to quantize"])
         activations = [p for p in points if p.kind == "activation"]
-        means = {}
-        if "fast_bias_correction" in ctx.options.get("pipeline", []):
-            for layer, _, _ in biased_layers(graph):
-                means[layer.name] = (layer.input(0), channel_axis(layer))
-        range_stats, mean_stats = {}, {}
-        if activations or means:
-            range_stats, mean_stats = calibrate(graph, ctx, [p.value for p in activations], means,
-                                                ctx.options.get("range_estimator", "mean_min_max"))
-        ctx.options["input_channel_means"] = {k: s.mean() for k, s in mean_stats.items()}
+        ranges = activation_ranges(graph, ctx, activations)
         group_range: dict[int, tuple[float, float]] = {}
         for p in activations:
             if p.group is not None:
-                lo, hi = range_stats[p.name].range()
+                lo, hi = ranges[p.name]
                 old = group_range.get(p.group, (lo, hi))
                 group_range[p.group] = (min(old[0], lo), max(old[1], hi))
         half = half_range_weights(graph, points, ctx.options.get("overflow_fix", DEFAULT_OVERFLOW_FIX))
@@ -230,7 +215,7 @@ class Quantize(Pass):
             if p.kind == "weight":
                 lo, hi = weight_range(p)
             else:
-                lo, hi = group_range[p.group] if p.group is not None else range_stats[p.name].range()
+                lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
             insert_fake_quantize(graph, p, r.levels, r.low, r.high)
         counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),

@@ -12,6 +12,11 @@ the activation's channels come out flatter (SmoothQuant, Xiao et al. 2023;
 NNCF applies it with alpha 0.95 to MatMuls of transformer models, and so does
 lowbit's default pipeline for `model_type="transformer"`).
 
+The per-channel maxima come from the pipeline's shared statistics
+(`quant/summary.py`): this pass's run over the data also taps what
+`quantize` and `fast_bias_correction` will read, and the summaries of the
+values it rescales are rescaled with them, so those passes run no forward.
+
 Layers that read the same activation share one s (their weights' maxima are
 combined). 1/s is folded into the producer when that is a
 LayerNormalization whose output only these layers read; otherwise a `Mul`
@@ -29,9 +34,9 @@ import numpy as np
 from ..errors import OptionError, PassError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
-from ..quant.stats import ChannelAbsMax
+from ..quant.calibration import cache_of, gather
+from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
-from .quantize import collect
 
 DEFAULT_ALPHA = 0.95
 SCALE_LIMITS = (1e-4, 1e4)
@@ -65,6 +70,9 @@ def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -
 class SmoothQuant(Pass):
     name = "smooth_quant"
     description = "rescale MatMul/Gemm input channels so activation outliers move into the weights"
+    # the values it rescales get their cached statistics rescaled too (`_rescale_statistics`); the layers' outputs
+    # keep their FP32 function
+    preserves_statistics = True
 
     def __init__(self, alpha: float | None = None):
         if alpha is not None and not 0.0 <= alpha <= 1.0:
@@ -77,35 +85,59 @@ class SmoothQuant(Pass):
         if ctx.dataset is None:
             raise PassError("smooth_quant needs calibration data: pass dataset= to compile")
 
+    def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
+        return [Need(layers[0].input(0), -1, extremes=True) for layers in _groups(graph, ctx).values()]
+
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         alpha = self.alpha if self.alpha is not None else ctx.options.get("smooth_quant_alpha", DEFAULT_ALPHA)
-        ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
-        groups: dict[str, list[Node]] = defaultdict(list)
-        for node in graph:
-            if node.name not in ignored and smoothable(node) is not None:
-                groups[node.input(0).name].append(node)
+        groups = _groups(graph, ctx)
         if not groups:
             return PassResult(graph, changed=False)
-        stats = {name: ChannelAbsMax(-1) for name in groups}
-        collect(graph, ctx, [(layers[0].input(0), stats[name]) for name, layers in groups.items()])
+        summaries = gather(graph, ctx, [Need(layers[0].input(0), -1, extremes=True) for layers in groups.values()])
+        stats = dict(zip(groups, summaries))
         position = {id(node): i for i, node in enumerate(graph)}
         fired = defaultdict(int)
         for name, layers in groups.items():
             x = layers[0].input(0)
             weight_max = np.max([_row_abs_max(*smoothable(n)) for n in layers], axis=0)
-            act_max = stats[name].max()
+            act_max = stats[name].channel_abs_max()
             if act_max.shape != weight_max.shape:
                 continue  # the channel axis is not the last one (e.g. a MatMul over a transposed view)
             s = smoothing_scale(act_max, weight_max, alpha)
             for layer in layers:
                 _scale_weight(graph, layer, s)
             if _fold_into_layer_norm(x, layers, 1.0 / s):
+                _rescale_statistics(ctx, x, x, 1.0 / s)
                 fired["folded_into_layer_norm"] += 1
             else:
-                _insert_mul(graph, x, min(layers, key=lambda n: position[id(n)]), layers, 1.0 / s)
+                mul = _insert_mul(graph, x, min(layers, key=lambda n: position[id(n)]), layers, 1.0 / s)
+                _rescale_statistics(ctx, x, mul.output, 1.0 / s)
                 fired["mul_inserted"] += 1
             fired["layers_smoothed"] += len(layers)
         return PassResult(graph, changed=bool(fired), fired=fired)
+
+
+def _groups(graph: Graph, ctx: PassContext) -> dict[str, list[Node]]:
+    """The smoothable layers not in the ignored scope, by the name of the activation they read."""
+    ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
+    groups: dict[str, list[Node]] = defaultdict(list)
+    for node in graph:
+        if node.name not in ignored and smoothable(node) is not None:
+            groups[node.input(0).name].append(node)
+    return groups
+
+
+def _rescale_statistics(ctx: PassContext, x: Value, out: Value, inv_s: np.ndarray) -> None:
+    """Cache `out` (= x / s per last-axis channel) as x's summaries scaled by inv_s; what cannot be scaled
+    (a summary without per-channel extremes along the last axis) is dropped, for a later run to tap."""
+    cache = cache_of(ctx)
+    last = {-1} | ({len(x.shape) - 1} if x.shape is not None else set())
+    scaled = [s.scaled(inv_s) if s.axis in last else None for s in cache.summaries(x)]
+    if out is x:
+        cache.discard(x)
+    for summary in scaled:
+        if summary is not None:
+            cache.put(out, summary)
 
 
 def _row_abs_max(weight: Value, axis: int) -> np.ndarray:
@@ -139,8 +171,9 @@ def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bo
     return True
 
 
-def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> None:
+def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> Node:
     factor = graph.add_constant(f"{x.name}_smooth_scale", inv_s.astype(np.float32))
     mul = graph.make_node("Mul", [x, factor], name=f"{x.name}_smooth", before=first, meta={"smooth_quant": True})
     for layer in layers:
         layer.set_input(0, mul.output)
+    return mul

@@ -1,0 +1,188 @@
+"""Per-value statistics summaries: one run over the calibration data serves every pass of a pipeline.
+
+A `ValueSummary` keeps, for one tapped value, what every statistic the
+passes use can be derived from exactly (up to float rounding):
+
+- per sample (a sample is a row of dim 0, as `RangeStats` counts them) the
+  minimum and maximum, per channel where asked (`[samples, channels]`), else
+  over the whole row (`[samples, 1]`);
+- where asked, the per-channel sum (float32 per batch, accumulated in float64)
+  and the count of elements per channel.
+
+From it: `range(estimator)` ("min_max", "mean_min_max": the estimators of
+`RangeStats`; "percentile" cannot be derived), `channel_mean()` (as
+`ChannelMean`), `channel_abs_max()` (as `ChannelAbsMax`), and `scaled(inv_s)`,
+the summary of the value times a positive per-channel factor (what
+smooth_quant makes of a value).
+
+A `StatisticsCache` (`PassContext.statistics`) holds summaries by value name.
+An entry describes the value's FP32 function (FakeQuantize taken as the
+identity): it remembers the value's producer node and is not handed out when
+another node produces that name now, nor for another Graph object; the
+PassManager clears it after any pass that does not declare
+`preserves_statistics`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ANY_AXIS = "any"
+DERIVABLE_ESTIMATORS = ("mean_min_max", "min_max")
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a pass will read of one value: its range, and per-channel facts along `axis` (1 or -1)."""
+
+    value: object  # ir Value
+    axis: int | None = None  # the channel axis; None: no per-channel statistic is needed
+    extremes: bool = False  # per-sample per-channel min/max (channel_abs_max, scaled)
+    sums: bool = False  # per-channel sums (channel_mean)
+
+
+class ValueSummary:
+    """Per-sample minima/maxima (per channel or per row) and per-channel sums of one value, batch by batch."""
+
+    def __init__(self, axis: int | None = None, extremes: bool = False, sums: bool = False):
+        self.axis = axis
+        self.extremes = extremes and axis is not None
+        self.sums = sums and axis is not None
+        self.lo: list[torch.Tensor] = []
+        self.hi: list[torch.Tensor] = []
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def covers(self, need: Need) -> bool:
+        """Whether this summary answers `need`."""
+        if not (need.extremes or need.sums):
+            return True
+        return (need.axis == self.axis and (not need.extremes or self.extremes) and (not need.sums or self.sums))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Reduce one batch of the value."""
+        x = x.detach()
+        if x.is_floating_point() and x.dtype != torch.float32 and x.dtype != torch.float64:
+            x = x.float()
+        elif not x.is_floating_point():
+            x = x.float()
+        x = x.reshape(1, -1) if x.dim() < 2 else x
+        axis = None if self.axis is None else self.axis % x.dim()
+        if axis == 0:
+            raise ValueError("the channel axis of a summary cannot be the sample axis")
+        others = tuple(d for d in range(1, x.dim()) if d != axis)
+        if self.extremes:
+            lo, hi = (x.amin(dim=others), x.amax(dim=others)) if others else (x, x)
+        else:  # amin + amax: torch's aminmax(dim=) is far slower on CPU
+            flat = x.reshape(x.shape[0], -1)
+            lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+        self.lo.append(lo.float())
+        self.hi.append(hi.float())
+        if self.sums:
+            dims = (0, *others)
+            s = x.sum(dim=dims, dtype=torch.float32).double()
+            self.total = s if self.total is None else self.total + s
+            self.count += x.numel() // x.shape[axis]
+
+    def _extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.lo:
+            raise ValueError("no statistics collected")
+        return torch.cat(self.lo), torch.cat(self.hi)
+
+    def range(self, estimator: str) -> tuple[float, float]:
+        """The range `RangeStats(estimator)` gives ("min_max" or "mean_min_max")."""
+        lo, hi = self._extremes()
+        if estimator == "min_max":
+            return float(lo.min()), float(hi.max())
+        if estimator != "mean_min_max":
+            raise ValueError(f"the {estimator!r} range cannot be derived from a summary")
+        return float(lo.amin(dim=1).double().mean()), float(hi.amax(dim=1).double().mean())
+
+    def channel_mean(self) -> np.ndarray:
+        """The per-channel mean (float64), as `ChannelMean(axis).mean()`."""
+        if self.total is None:
+            raise ValueError("no per-channel sums collected")
+        return (self.total / self.count).numpy()
+
+    def channel_abs_max(self) -> np.ndarray:
+        """The per-channel largest magnitude (float32), as `ChannelAbsMax(axis).max()`."""
+        if not self.extremes:
+            raise ValueError("no per-channel extremes collected")
+        lo, hi = self._extremes()
+        return torch.maximum(hi.amax(dim=0), -lo.amin(dim=0)).clamp_min(0).numpy()
+
+    def scaled(self, factor: np.ndarray) -> ValueSummary | None:
+        """The summary of the value times `factor` (> 0) per channel; None where this one cannot say."""
+        if not self.extremes or (self.sums and self.total is None):
+            return None
+        f = torch.from_numpy(np.asarray(factor, dtype=np.float64))
+        if f.numel() != self.lo[0].shape[1] or not bool((f > 0).all()):
+            return None
+        out = ValueSummary(self.axis, self.extremes, self.sums)
+        f32 = f.float()
+        out.lo = [lo * f32 for lo in self.lo]
+        out.hi = [hi * f32 for hi in self.hi]
+        out.total = None if self.total is None else self.total * f
+        out.count = self.count
+        return out
+
+
+class StatisticsCache:
+    """Summaries by value name, valid for one Graph object and for the node that produced each value."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._graph = None
+        self._entries: dict[str, list[tuple[object, ValueSummary]]] = {}
+
+    def bind(self, graph) -> None:
+        """Forget everything when `graph` is not the graph the entries were collected on."""
+        if self._graph is None or self._graph() is not graph:
+            self.clear()
+            self._graph = weakref.ref(graph)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def get(self, need: Need) -> ValueSummary | None:
+        """A summary of `need.value` that answers it, or None."""
+        if not self.enabled:
+            return None
+        for producer, summary in self._entries.get(need.value.name, []):
+            if producer is need.value.producer and summary.covers(need):
+                return summary
+        return None
+
+    def put(self, value, summary: ValueSummary) -> None:
+        """Store `summary` for `value` as it is produced now (entries for an earlier producer are dropped)."""
+        kept = [(p, s) for p, s in self._entries.get(value.name, []) if p is value.producer]
+        self._entries[value.name] = [(value.producer, summary), *kept]
+
+    def discard(self, value) -> None:
+        self._entries.pop(value.name, None)
+
+    def summaries(self, value) -> list[ValueSummary]:
+        """Every valid summary of `value`."""
+        return [s for p, s in self._entries.get(value.name, []) if p is value.producer]
+
+
+def merge_needs(needs: list[Need]) -> dict[str, list[Need]]:
+    """Needs grouped by value name, merged so that each value gets as few summaries as answer all of them."""
+    by_value: dict[str, dict[object, Need]] = {}
+    for n in needs:
+        slots = by_value.setdefault(n.value.name, {})
+        if n.axis is None or not (n.extremes or n.sums):
+            if not slots:
+                slots[None] = Need(n.value)
+            continue
+        old = slots.pop(n.axis, None) or Need(n.value, n.axis)
+        slots.pop(None, None)  # a per-channel summary answers ranges too
+        slots[n.axis] = Need(n.value, n.axis, old.extremes or n.extremes, old.sums or n.sums)
+    return {name: list(slots.values()) for name, slots in by_value.items()}
