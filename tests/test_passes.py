@@ -473,3 +473,31 @@ def test_fuse_rerun_recomputes_groups_instead_of_stacking_them(lowered):
     assert {n.name: n.meta.get("fused") for n in twice} == {n.name: n.meta.get("fused") for n in once}
     assert Counter(k.split(":")[0] for k in fusion_groups(twice))["linear_bn_act"] == 13
     assert records[0].fired["linear_bn_act"] == 13
+
+
+def test_cleanup_drops_zero_pads_and_gives_folded_pads_their_shape():
+    """Pads computed at run time (transformers' "same" padding: Cast of arithmetic on constants) fold to
+    constants; a Pad of zeros is then dropped, and the others get the static shape their pads imply
+    (ONNX shape inference had left every dim symbolic)."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Mul", ["p1", "one"], ["p1m"]), helper.make_node("Cast", ["p1m"], ["pads1"], to=i64),
+             helper.make_node("Pad", ["x", "pads1"], ["a"]),
+             helper.make_node("Conv", ["a", "w"], ["c"]),
+             helper.make_node("Mul", ["p0", "one"], ["p0m"]), helper.make_node("Cast", ["p0m"], ["pads0"], to=i64),
+             helper.make_node("Pad", ["c", "pads0"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    inits = {"p1": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.float32), "p0": np.zeros(8, np.float32),
+             "one": np.array(1.0, np.float32), "w": np.random.default_rng(0).standard_normal((4, 3, 3, 3))
+             .astype(np.float32)}
+    graph = helper.make_graph(nodes, "pads", [helper.make_tensor_value_info("x", f, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", f, ["N", 4, 8, 8])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cleaned = lowbit.compile(model, passes=["cleanup"])
+    g = lowbit.lower(cleaned)
+    pads = [n for n in g if n.op_type == "Pad"]
+    assert len(pads) == 1 and pads[0].output.shape == ("N", 3, 10, 10)
+    conv = next(n for n in g if n.op_type == "Conv")
+    assert conv.output.shape[1:] == (4, 8, 8)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(cleaned, {"x": x})[0], run_onnx(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

@@ -73,11 +73,32 @@ def infer_node(node: Node) -> None:
         dtype, shape = ins[1].dtype, first.shape
     elif op == "Concat" and ins and all(v is not None and v.shape is not None for v in ins):
         dtype, shape = first.dtype, _concat([v.shape for v in ins], node.attrs.get("axis", 0))
+    elif op == "Pad" and first is not None:
+        dtype, shape = first.dtype, pad_shape(node)
     if len(outs) >= 1:
         if outs[0].dtype is None:
             outs[0].dtype = dtype
         if outs[0].shape is None:
             outs[0].shape = shape
+
+
+def pad_shape(node: Node) -> Shape:
+    """A Pad's output shape when its pads (and axes) are constants: static dims grow by their pads, a
+    symbolic dim keeps its name where its pads are 0; None where the pads are computed at run time."""
+    x, pads = node.input(0), node.input(1)
+    axes = node.input(3) if len(node.inputs) > 3 else None
+    if x.shape is None or pads is None or pads.const is None or (axes is not None and axes.const is None):
+        return None
+    rank = len(x.shape)
+    chosen = [int(a) % rank for a in axes.const] if axes is not None else list(range(rank))
+    amounts = np.asarray(pads.const, dtype=np.int64).reshape(-1)
+    if amounts.size != 2 * len(chosen):
+        return None
+    grow = dict.fromkeys(range(rank), 0)
+    for i, axis in enumerate(chosen):
+        grow[axis] = int(amounts[i] + amounts[i + len(chosen)])
+    return tuple(d + grow[i] if isinstance(d, int) else (d if grow[i] == 0 else None)
+                 for i, d in enumerate(x.shape))
 
 
 def is_legacy_empty(shape: Shape) -> bool:

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from ..ir.graph import Graph, Node
+from ..ir.infer import pad_shape
 from ..ir.onnx import _node_proto
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
@@ -102,6 +103,22 @@ def fold_constants(graph: Graph) -> int:
     return folded
 
 
+def refine_pad_shapes(graph: Graph) -> int:
+    """Give a Pad whose pads folded into a constant the output shape they imply: shape inference saw pads
+    computed at run time (transformers' MobileNetV2 "same" padding) and left every dim symbolic, the channel
+    count included."""
+    refined = 0
+    for node in graph.nodes:
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
+            continue
+        shape, out = pad_shape(node), node.output
+        if shape is not None and shape != out.shape and (out.shape is None or len(out.shape) == len(shape)) and \
+                sum(isinstance(d, int) for d in shape) > sum(isinstance(d, int) for d in out.shape or ()):
+            out.shape = shape
+            refined += 1
+    return refined
+
+
 def remove_dead_nodes(graph: Graph) -> int:
     removed = 0
     for node in reversed(graph.nodes):
@@ -118,7 +135,11 @@ class Cleanup(Pass):
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         fired = Counter(rules.apply(graph))
-        counts = {"fold_constants": fold_constants(graph), "remove_dead_nodes": remove_dead_nodes(graph),
+        folded = fold_constants(graph)
+        if folded:  # what folding made constant (a Pad's pads, computed from shapes) may now match a rule
+            fired.update(rules.apply(graph))
+        counts = {"fold_constants": folded, "refine_pad_shapes": refine_pad_shapes(graph),
+                  "remove_dead_nodes": remove_dead_nodes(graph),
                   "remove_unused_constants": graph.remove_unused_constants()}
         fired.update({k: v for k, v in counts.items() if v})
         return PassResult(graph, changed=bool(fired), fired=fired)

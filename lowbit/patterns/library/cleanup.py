@@ -2,6 +2,7 @@
 
     Identity(x)        -> x
     Dropout(x)         -> x      (no training_mode input set to true, mask output unused)
+    Pad(x, zeros)      -> x      (constant pads that are all 0: MobileNetV2's 1x1 convolutions)
     Concat(e, x, ...)  -> Concat(x, ...), or x alone
                                  (e a 1-D empty tensor beside inputs of another rank: torch.cat skips it, a
                                  legacy rule ONNX does not have; transformers' DynamicCache starts from one)
@@ -11,6 +12,8 @@ do not change.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ...ir.infer import is_legacy_empty
 from ..pattern import Any, P
@@ -47,7 +50,14 @@ def _without_empty_inputs(m: Match):
     return m.graph.make_node("Concat", kept, dict(node.attrs), name=node.name, before=node).output
 
 
+def _pads_nothing(m: Match) -> bool:
+    pads = m.root.input(1)
+    return pads is not None and pads.const is not None and not np.asarray(pads.const).any() \
+        and _passes_through(m)
+
+
 rules = RuleSet([
+    Rule("drop_zero_pad", P("Pad"), lambda m: m.root.input(0), where=_pads_nothing),
     Rule("drop_empty_concat_inputs", P("Concat"), _without_empty_inputs, precheck=_has_legacy_empty_input),
     Rule("drop_identity", P("Identity", Any("x")), lambda m: m["x"], where=_passes_through),
     Rule("drop_eval_dropout", P("Dropout", Any("x")), _input, where=_passes_through),
