@@ -1,0 +1,154 @@
+"""The shared calibration statistics (lowbit/quant/summary.py): derived statistics equal the direct ones, a
+transformer pipeline runs over the data once and quantizes as with the cache off, a stale entry is never used."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.compiler import pass_context
+from lowbit.ir.graph import Value
+from lowbit.ir.ops import is_fake_quantize
+from lowbit.passes import TRANSFORMER_PTQ_PIPELINE, Pass, PassManager, PassResult
+from lowbit.quant.stats import ChannelAbsMax, ChannelMean, RangeStats
+from lowbit.quant.summary import Need, StatisticsCache, ValueSummary
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_models import build  # noqa: E402
+
+SHAPES = [(5, 7), (3, 6, 5), (2, 4, 5, 3)]
+
+
+def _batches(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [shape[0], 1, shape[0] + 2]  # batches of different sizes
+    return [torch.randn((n, *shape[1:]), generator=g) * 3 + 0.5 for n in sizes]
+
+
+def _close(a, b):
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_derived_statistics_equal_the_direct_ones(shape, axis):
+    xs = _batches(shape, len(shape) * 10 + axis)
+    summary, whole = ValueSummary(axis, extremes=True, sums=True), ValueSummary()
+    direct = {e: RangeStats(e) for e in ("min_max", "mean_min_max")}
+    mean, peak = ChannelMean(axis), ChannelAbsMax(axis)
+    for x in xs:
+        for stat in (summary, whole, mean, peak, *direct.values()):
+            stat.update(x)
+    for estimator, stat in direct.items():
+        _close(summary.range(estimator), stat.range())
+        _close(whole.range(estimator), stat.range())
+    _close(summary.channel_mean(), mean.mean())
+    _close(summary.channel_abs_max(), peak.max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_scaled_summary_is_the_summary_of_the_scaled_value(shape):
+    xs = _batches(shape, 7)
+    factor = np.linspace(0.1, 4.0, shape[-1])
+    summary, scaled_direct = ValueSummary(-1, extremes=True, sums=True), ValueSummary(-1, extremes=True, sums=True)
+    for x in xs:
+        summary.update(x)
+        scaled_direct.update(x * torch.from_numpy(factor).float())
+    scaled = summary.scaled(factor)
+    for estimator in ("min_max", "mean_min_max"):
+        _close(scaled.range(estimator), scaled_direct.range(estimator))
+    _close(scaled.channel_mean(), scaled_direct.channel_mean())
+    _close(scaled.channel_abs_max(), scaled_direct.channel_abs_max())
+    assert ValueSummary().scaled(factor) is None  # no per-channel extremes: cannot say
+
+
+@pytest.fixture(scope="module")
+def bert():
+    module, make_input, model_type = build("bert", "small")
+    items = [make_input(1) for _ in range(6)]
+    return lowbit.lower(module, (items[0],)), items, model_type
+
+
+def _context(items, model_type, enabled=True):
+    ctx = pass_context(dataset=lowbit.Dataset(items), subset_size=len(items), model_type=model_type, progress=False)
+    ctx.statistics = StatisticsCache(enabled=enabled)
+    return ctx
+
+
+def _fq_ranges(graph):
+    return {n.name: (n.input(1).const, n.input(2).const) for n in graph if is_fake_quantize(n)}
+
+
+def _count_runs(monkeypatch):
+    import lowbit.ir.runtime as runtime
+
+    runs = []
+    original = runtime.GraphRunner.__init__
+
+    def counting(self, graph, taps, *args, **kwargs):
+        runs.append(len(taps))
+        original(self, graph, taps, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.GraphRunner, "__init__", counting)
+    return runs
+
+
+def test_transformer_pipeline_runs_over_the_data_once_with_the_ranges_of_separate_runs(bert, monkeypatch):
+    graph, items, model_type = bert
+    runs = _count_runs(monkeypatch)
+    shared = PassManager(TRANSFORMER_PTQ_PIPELINE).run(graph, _context(items, model_type))
+    assert len(runs) == 1
+    separate = PassManager(TRANSFORMER_PTQ_PIPELINE).run(graph, _context(items, model_type, enabled=False))
+    assert len(runs) == 4  # smooth_quant, quantize, fast_bias_correction: one run each
+    a, b = _fq_ranges(shared), _fq_ranges(separate)
+    assert a.keys() == b.keys() and len(a) > 10
+    for name, (low, high) in a.items():
+        np.testing.assert_allclose(low, b[name][0], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(high, b[name][1], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+class _DoubleTheWeights(Pass):
+    """Changes values (every MatMul weight x 2) without declaring that statistics do not survive it."""
+
+    name = "double_the_weights"
+
+    def __call__(self, graph, ctx):
+        for node in graph:
+            if node.op_type == "MatMul" and node.input(1).const is not None:
+                node.input(1).const = node.input(1).const * 2
+        return PassResult(graph, changed=True)
+
+
+def test_a_pass_that_does_not_preserve_statistics_clears_them(bert, monkeypatch):
+    graph, items, model_type = bert
+    runs = _count_runs(monkeypatch)
+    pipeline = ["cleanup", "fold_bn", "fuse", "smooth_quant", _DoubleTheWeights(), "quantize"]
+    ctx = _context(items, model_type)
+    cached = PassManager(pipeline).run(graph, ctx)
+    assert len(runs) == 2  # quantize ran over the data again, on the changed graph
+    reference = PassManager(pipeline).run(graph, _context(items, model_type, enabled=False))
+    a, b = _fq_ranges(cached), _fq_ranges(reference)
+    for name, (low, high) in a.items():
+        np.testing.assert_allclose(high, b[name][1], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_an_entry_is_not_used_for_another_producer_or_another_graph(bert):
+    graph, _, _ = bert
+    g = graph.copy()
+    node = next(n for n in g if n.op_type == "MatMul")
+    cache = StatisticsCache()
+    cache.bind(g)
+    summary = ValueSummary()
+    summary.update(torch.ones(2, 3))
+    cache.put(node.output, summary)
+    assert cache.get(Need(node.output)) is summary
+    assert cache.get(Need(node.output, -1, sums=True)) is None  # it has no sums
+    other = next(n for n in g if n.op_type == "MatMul" and n is not node)
+    same_name = Value(node.output.name, node.output.dtype, node.output.shape)
+    same_name.producer = other  # the name now made by another node
+    assert cache.get(Need(same_name)) is None
+    cache.bind(g.copy())
+    assert cache.get(Need(node.output)) is None and len(cache) == 0
