@@ -43,13 +43,16 @@ def _gc_paused(fn):
 
 
 @_gc_paused
-def lower(model: Any, example_inputs: Any = None) -> Graph:
+def lower(model: Any, example_inputs: Any = None, *, dynamic_dims: Any = None) -> Graph:
     """Lower a model into a lowbit Graph. The model is never modified.
 
     `model` may be a torch.nn.Module (captured with torch.export from
     `example_inputs`, a tensor or tuple of tensors; dim 0 is made dynamic), a
     torch.export.ExportedProgram, a torch.fx.GraphModule, an onnx.ModelProto
-    or the path of an .onnx file.
+    or the path of an .onnx file. `dynamic_dims`, one collection of axes per
+    example input, names further dims a torch module is captured with as
+    dynamic (a sentence length): quantize passes the dims its calibration
+    items differ in.
     """
     if isinstance(model, (str, os.PathLike)):
         from .ir.onnx import from_onnx, load_model
@@ -66,7 +69,7 @@ def lower(model: Any, example_inputs: Any = None) -> Graph:
         check_model(model)
         return from_onnx(model)
     if kind == "torch" or _is_torch_module(model):
-        return _lower_torch(model, example_inputs)
+        return _lower_torch(model, example_inputs, dynamic_dims)
     raise UnsupportedModelError(
         f"lowbit cannot lower a {type(model).__module__}.{type(model).__name__}: pass a torch.nn.Module, "
         "torch.export.ExportedProgram, torch.fx.GraphModule, onnx.ModelProto or a path to an .onnx file")
@@ -80,7 +83,7 @@ def _is_torch_module(model: Any) -> bool:
     return isinstance(model, torch.nn.Module)
 
 
-def _lower_torch(model: Any, example_inputs: Any) -> Graph:
+def _lower_torch(model: Any, example_inputs: Any, dynamic_dims: Any = None) -> Graph:
     import torch
     import torch.fx
 
@@ -98,7 +101,7 @@ def _lower_torch(model: Any, example_inputs: Any) -> Graph:
             raise MissingExampleInputsError(
                 "this fx.GraphModule carries no example values on its placeholders: pass example_inputs=(...)")
     if isinstance(model, torch.nn.Module):
-        captured = capture_program(model, example_inputs)
+        captured = capture_program(model, example_inputs, dynamic_dims)
         return from_exported_program(captured.program, type(model).__name__, captured.fixed_batch)
     raise UnsupportedModelError(f"lowbit cannot lower a torch {type(model).__name__}: pass an nn.Module, an "
                                 "ExportedProgram or an fx.GraphModule")

@@ -53,6 +53,19 @@ def _example_from_dataset(data: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _varying_dims(data: Any, example: tuple) -> list[set[int]] | None:
+    """Per example input, the dims (besides the batch) in which the calibration items differ: natural-length
+    sentences. The torch model is captured with those dims dynamic so that every item can be fed."""
+    dims: list[set[int]] = [set() for _ in example]
+    for item in data.items()[1:]:
+        args = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+        for i, (a, b) in enumerate(zip(example, args)):
+            shape_a, shape_b = getattr(a, "shape", None), getattr(b, "shape", None)
+            if shape_a is not None and shape_b is not None and len(shape_a) == len(shape_b):
+                dims[i].update(d for d in range(1, len(shape_a)) if shape_a[d] != shape_b[d])
+    return dims if any(dims) else None
+
+
 def refuse_low_precision_torch(model: Any) -> None:
     """UnsupportedModelError, before any work, for a torch module with float16/bfloat16 weights: its
     FakeQuantize simulation runs in float32 (ONNX float16 models are quantized; their scales stay float16)."""
@@ -143,10 +156,12 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
                                             or passes is not None and any(p.name == "quantize" for p in passes)):
         refuse_low_precision_torch(model)
     from_dataset = example_inputs is None and dataset is not None and origin_target(model) == "torch"
+    dynamic_dims = None
     if from_dataset:
         example_inputs = _example_from_dataset(ctx.dataset)
+        dynamic_dims = _varying_dims(ctx.dataset, example_inputs)
     try:
-        graph = lower(model, example_inputs)
+        graph = lower(model, example_inputs, dynamic_dims=dynamic_dims)
     except CaptureError as e:
         if not from_dataset or getattr(e, "blames_inputs", True) is False:
             raise  # the model's fault (data-dependent control flow): no dataset item can fix it

@@ -437,3 +437,32 @@ def test_a_buffer_written_in_place_is_not_written_by_lowering():
     generated(x)
     assert torch.equal(model.seen, torch.zeros(4))
     assert torch.equal(generated(x), model(x))  # the model's first call
+
+
+# -- natural-length text ------------------------------------------------------------------
+
+
+def test_natural_length_sentences_calibrate_a_torch_bert_captured_with_a_dynamic_length(tmp_path):
+    """Items of different lengths: the module is captured with the length dynamic (x[:, :seq_len] included),
+    every item is fed at its own length, and the .onnx keeps the length dynamic and agrees in ONNX Runtime."""
+    pytest.importorskip("transformers")
+    from zoo_models import build
+
+    model, _, model_type = build("bert", "small")
+    g = torch.Generator().manual_seed(0)
+    items = [torch.randint(0, 100, (1, n), generator=g) for n in (12, 7, 9, 12, 5, 10, 7, 3)]
+    q = lowbit.quantize(model, lowbit.Dataset(items), model_type=model_type)
+    for x in (items[1], torch.randint(0, 100, (2, 6), generator=g)):
+        with torch.no_grad():
+            fp32, sim = model(x).numpy(), q(x).numpy()
+        assert sim.shape == fp32.shape
+        # measured 32 dB at a calibrated length, 19 dB on a random batch: a random 2-layer BERT, 8 items
+        assert 10 * np.log10((fp32 ** 2).sum() / ((fp32 - sim) ** 2).sum()) >= 15
+    path = lowbit.export(q, tmp_path / "bert.onnx")
+    import onnx
+
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, True]  # batch and length stay dynamic
+    got = run_onnx(onnx.load(path), {"x": items[2].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, q(items[2]).numpy(), rtol=1e-3, atol=1e-3)

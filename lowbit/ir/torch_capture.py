@@ -69,12 +69,34 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> torch.export.Exporte
     return capture_program(model, example_inputs).program
 
 
-def capture_program(model: torch.nn.Module, example_inputs: Any) -> Captured:
-    """torch.export `model` (never changed) for inference, at the batch it accepts (see the module doc)."""
+def capture_program(model: torch.nn.Module, example_inputs: Any, dynamic_dims: Any = None) -> Captured:
+    """torch.export `model` (never changed) for inference, at the batch it accepts (see the module doc).
+
+    `dynamic_dims` (one collection of axes per example input) are captured dynamic too where the model
+    allows it (a sentence length); where it does not, the capture is the one without them."""
     args = _example_args(model, example_inputs)
     with EXPORT_LOCK:
         traced = inference_view(model)
+        extra = _extra_dims(args, dynamic_dims)
+        if extra:
+            try:
+                captured = _export_at_accepted_batch(traced, args, type(model).__name__, extra)
+                if captured.fixed_batch is None:
+                    return captured
+            except CaptureError:
+                pass  # the model fixes those dims: captured as before, and items of other sizes are refused
         return _export_at_accepted_batch(traced, args, type(model).__name__)
+
+
+def _extra_dims(args: tuple, dynamic_dims: Any) -> tuple:
+    """Per example input, the axes besides the batch to capture dynamic: () when there are none."""
+    if not dynamic_dims:
+        return ()
+    extra = []
+    for a, dims in zip(args, list(dynamic_dims) + [()] * (len(args) - len(dynamic_dims))):
+        dims = sorted({int(d) % a.dim() for d in dims or ()} - {0}) if _batched(a) else []
+        extra.append([d for d in dims if a.shape[d] > 1])  # torch.export specializes sizes 0 and 1
+    return tuple(extra) if any(extra) else ()
 
 
 # -- the user's model stays untouched ---------------------------------------------------
@@ -111,14 +133,16 @@ def _batched(a: Any) -> bool:
     return isinstance(a, torch.Tensor) and a.dim() > 0
 
 
-def _dynamic_batch(args: tuple) -> tuple:
-    return tuple({0: torch.export.Dim.AUTO} if _batched(a) else None for a in args)
+def _dynamic_batch(args: tuple, extra: tuple = ()) -> tuple:
+    extra = list(extra) + [()] * (len(args) - len(extra))
+    return tuple({d: torch.export.Dim.AUTO for d in (0, *dims)} if _batched(a) else None
+                 for a, dims in zip(args, extra))
 
 
-def _export_at_accepted_batch(model: torch.nn.Module, args: tuple, name: str) -> Captured:
+def _export_at_accepted_batch(model: torch.nn.Module, args: tuple, name: str, extra: tuple = ()) -> Captured:
     """A dynamic capture where the model allows it, else a static one at the example's own batch."""
     try:
-        program = torch.export.export(model, _widened(args), dynamic_shapes=_dynamic_batch(args))
+        program = torch.export.export(model, _widened(args), dynamic_shapes=_dynamic_batch(args, extra))
     except Exception as e:
         if data_dependent(e):
             raise capture_error(name, e) from e

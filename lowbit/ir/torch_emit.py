@@ -36,6 +36,15 @@ def onnx_reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     return x.reshape(dims)
 
 
+def onnx_slice(x: torch.Tensor, starts: Any, ends: Any, axes: list[int], steps: list[int]) -> torch.Tensor:
+    """ONNX Slice whose starts/ends are runtime tensors (x[:, :seq_len] with a dynamic length)."""
+    starts = starts.tolist() if isinstance(starts, torch.Tensor) else list(starts)
+    ends = ends.tolist() if isinstance(ends, torch.Tensor) else list(ends)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        x = x[(slice(None),) * (axis % x.dim()) + (slice(int(start), int(end), int(step)),)]
+    return x
+
+
 def onnx_expand(x: torch.Tensor, shape: Any) -> torch.Tensor:
     """ONNX Expand: numpy-style broadcast of x against `shape`."""
     dims = shape.tolist() if isinstance(shape, torch.Tensor) else list(shape)
@@ -431,6 +440,13 @@ def _concat(e: _Emitter, n: Node):
 @emits("Slice")
 def _slice(e: _Emitter, n: Node):
     x = e[n.input(0)]
+    if n.input(1).const is None or n.input(2).const is None:  # runtime bounds
+        count = n.input(3).const.size if n.input(3) is not None and n.input(3).const is not None else None
+        axes = e.ints(n.input(3)) or list(range(count or 1))
+        steps = e.ints(n.input(4)) or [1] * len(axes)
+        if any(st < 1 for st in steps):
+            raise UnsupportedOpError(f"Slice {n.name!r} has a negative step: the torch writer takes positive steps")
+        return e.call(onnx_slice, x, e[n.input(1)], e[n.input(2)], axes, steps)
     starts, ends = e.ints(n.input(1)), e.ints(n.input(2))
     axes = e.ints(n.input(3)) or list(range(len(starts)))
     steps = e.ints(n.input(4)) or [1] * len(starts)

@@ -644,11 +644,15 @@ def _cat(lw, node, tensors, dim=0):
 
 @handles(aten.slice.Tensor)
 def _slice(lw, node, x, dim=0, start=None, end=None, step=1):
-    if any(isinstance(s, fx.Node) for s in (start, end, step)):
+    if isinstance(step, fx.Node):
         return NotImplemented
     start = 0 if start is None else start
-    end = INT64_MAX if end is None else min(end, INT64_MAX)
-    return lw.op("Slice", [lw.val(x), lw.ints([start], "starts"), lw.ints([end], "ends"), lw.ints([dim], "axes"),
+    end = INT64_MAX if end is None else end
+
+    def bound(b, name):  # a symbolic bound (x[:, :seq_len] with a dynamic length) is its [1]-shaped value
+        return lw.sym_value(b) if isinstance(b, fx.Node) else lw.ints([min(b, INT64_MAX)], name)
+
+    return lw.op("Slice", [lw.val(x), bound(start, "starts"), bound(end, "ends"), lw.ints([dim], "axes"),
                            lw.ints([step], "steps")])
 
 
