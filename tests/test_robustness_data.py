@@ -416,7 +416,10 @@ def test_mobilenet_v2_onnx_with_runtime_pads(tmp_path):
     pm = PassManager(ptq_passes(items))
     q = lowbit.codegen(pm.run(lowbit.lower(model), ctx), "onnx")
     fbc = next(r for r in pm.records if r.name == "fast_bias_correction")
-    assert fbc.fired["bias_corrected"] == 52  # every quantized conv, the stem's behind its Pad included
+    # every quantized conv is measured, the stem's behind its Pad included; NNCF's rule skips the shifts of
+    # 2x a bias value or more, and biases with a zero
+    assert fbc.fired["bias_corrected"] + fbc.fired["bias_shift_implausible"] == 52
+    assert fbc.fired["bias_corrected"] >= 40
     x = make_input(2)
     with torch.no_grad():
         reference = module(x).numpy()

@@ -150,9 +150,18 @@ def _layers(graph: Graph, quantized: bool) -> list[tuple[Node, Value, Node | Non
     for layer, bias, add in biased_layers(graph):
         x, x_fq = _unquantized(layer.input(0))
         w, w_fq = _unquantized(layer.input(1))
-        if (not quantized or x_fq is not None or w_fq is not None) and x.shape is not None and w.const is not None:
+        if (not quantized or w_fq is not None) and x.shape is not None and w.const is not None:
             layers.append((layer, bias, add, x, x_fq, w_fq))
     return layers
+
+
+SHIFT_LIMIT = 2.0  # NNCF's threshold: a shift of 2x a bias value or more is noise, not weight rounding
+
+
+def _plausible(bias: np.ndarray, shift: np.ndarray) -> bool:
+    """NNCF's rule: correct a layer only if no bias value is 0 and no shift is SHIFT_LIMIT times its bias."""
+    b = bias.astype(np.float64)
+    return bool(np.all(b != 0) and np.max(np.abs(shift / np.where(b == 0, 1, b))) < SHIFT_LIMIT)
 
 
 @register_pass
@@ -171,16 +180,19 @@ class FastBiasCorrection(Pass):
         # FP32 means: tapped before `quantize` changed the graph where it ran in this pipeline (it keeps them)
         summaries = gather(graph, ctx, [Need(x, channel_axis(layer), sums=True) for layer, _, _, x, _, _ in layers])
         means = {layer.name: s.channel_mean() for (layer, *_), s in zip(layers, summaries)}
-        corrected = 0
+        corrected = skipped = 0
         for layer, bias, add, x, x_fq, w_fq in layers:
             axis = channel_axis(layer)
             blob = _blob(layer, x, np.asarray(means[layer.name]), axis)
             if blob is None:
                 continue
             fp32 = _channel_mean(_run_layer(layer, x_fq, w_fq, blob, quantized=False), axis)
-            quant = _channel_mean(_run_layer(layer, x_fq, w_fq, blob, quantized=True), axis)
+            quant = _channel_mean(_run_layer(layer, None, w_fq, blob, quantized=True), axis)
             shift = fp32 - quant
             if shift.shape != bias.const.shape or not np.all(np.isfinite(shift)):
+                continue
+            if not _plausible(bias.const, shift):
+                skipped += 1
                 continue
             new_bias = (bias.const.astype(np.float64) + shift).astype(bias.const.dtype)
             owner = add if add is not None else layer
@@ -192,4 +204,5 @@ class FastBiasCorrection(Pass):
                 fresh.meta.update(bias.meta)
                 owner.set_input(port, fresh)
             corrected += 1
-        return PassResult(graph, changed=corrected > 0, fired={"bias_corrected": corrected} if corrected else {})
+        fired = {k: v for k, v in (("bias_corrected", corrected), ("bias_shift_implausible", skipped)) if v}
+        return PassResult(graph, changed=corrected > 0, fired=fired)
