@@ -67,20 +67,19 @@ def _varying_dims(data: Any, example: tuple) -> list[set[int]] | None:
 
 
 def refuse_low_precision_torch(model: Any) -> None:
-    """UnsupportedModelError, before any work, for a torch module with float16/bfloat16 weights: its
-    FakeQuantize simulation runs in float32 (ONNX float16 models are quantized; their scales stay float16)."""
+    """UnsupportedModelError, before any work, for a torch module with bfloat16 weights: ONNX Runtime has no
+    bfloat16 QDQ kernels to deploy it with (float16 modules quantize: statistics in float32, the simulation
+    and the exported scales in float16)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         return
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            kind = str(tensor.dtype).removeprefix("torch.")
+        if tensor.dtype == torch.bfloat16:
             raise UnsupportedModelError(
-                f"{type(model).__name__} holds {kind} weights ({name!r}): lowbit quantizes float32 torch models "
-                f"(the quantized module simulates INT8 in float32). Quantize a float32 copy "
-                f"(copy.deepcopy(model).float(), with float32 calibration data) and deploy it through "
-                f"lowbit.export to .onnx or .xml, or quantize the {kind} model's ONNX export")
+                f"{type(model).__name__} holds bfloat16 weights ({name!r}): lowbit quantizes float32 and float16 "
+                "torch models. Quantize a float32 copy (copy.deepcopy(model).float(), with float32 calibration "
+                "data) or a float16 one (.half())")
 
 
 def _writeback(graph: Graph, model: Any) -> Any:

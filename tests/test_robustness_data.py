@@ -15,6 +15,7 @@ from conftest import run_onnx, run_openvino
 from deploy_checks import sqnr
 
 import lowbit
+from lowbit.api import graph_of
 from lowbit.compiler import pass_context, ptq_passes, run_pipeline
 from lowbit.ir.graph import Graph
 from lowbit.ir.openvino import to_openvino
@@ -327,17 +328,53 @@ def test_float16_onnx_model_quantizes_with_float16_scales(tmp_path):
     assert sqnr(reference, out.astype(np.float32)) >= expected - 1.0  # as close as the float32 model's INT8
 
 
-def test_float16_torch_model_is_refused_before_any_work():
-    model = Small().eval().half()
+def test_float16_torch_model_quantizes_and_its_exports_agree(tmp_path):
+    """A .half() module: statistics in float32, the simulation in float16, float16 scales in the .onnx."""
+    torch.manual_seed(0)
+    model = Small().eval()
+    half = copy.deepcopy(model).half()
+    q = lowbit.quantize(half, lowbit.Dataset([t.half() for t in _images(8)]))
+    assert next(half.parameters()).dtype == torch.float16  # the user's model untouched
+    x = _images(1, batch=4, seed=5)[0]
+    with torch.no_grad():
+        reference, simulation = model(x).numpy(), q(x.half())
+    assert simulation.dtype == torch.float16
+    q32 = lowbit.quantize(model, lowbit.Dataset(_images(8)))
+    with torch.no_grad():
+        expected = sqnr(reference, q32(x).numpy())
+    assert sqnr(reference, simulation.float().numpy()) >= expected - 1.0  # as close as the float32 model's
+    path = lowbit.export(q, tmp_path / "half.onnx")
+    out = run_onnx(onnx.load(path), {"x": x.half().numpy()})[0]
+    assert out.dtype == np.float16
+    assert sqnr(simulation.float().numpy(), out.astype(np.float32)) >= 35
+
+
+def test_float16_transformer_smooths_in_float16():
+    """smooth_quant's scale Mul in a float16 graph is float16 (a float32 one broke the MatMul after it)."""
+    from zoo_models import build
+
+    model, make_input, model_type = build("bert", "small")
+    items = [make_input(1) for _ in range(4)]
+    q = lowbit.quantize(copy.deepcopy(model).half(), lowbit.Dataset(items), model_type=model_type)
+    smooth = [n for n in graph_of(q) if n.meta.get("smooth_quant")]
+    assert smooth and all(n.input(1).const.dtype == np.float16 for n in smooth)
+    x = make_input(2)
+    with torch.no_grad():
+        out = q(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_bfloat16_torch_model_is_refused_before_any_work():
+    model = Small().eval().to(torch.bfloat16)
     calls = []
 
     def transform(item):
         calls.append(item)
         return item
 
-    with pytest.raises(lowbit.UnsupportedModelError, match=r"Small holds float16 weights \('conv.weight'\).*float32"):
-        lowbit.quantize(model, lowbit.Dataset([t.half() for t in _images(2)], transform))
-    assert calls == [] and next(model.parameters()).dtype == torch.float16
+    with pytest.raises(lowbit.UnsupportedModelError, match=r"Small holds bfloat16 weights \('conv.weight'\)"):
+        lowbit.quantize(model, lowbit.Dataset([t.to(torch.bfloat16) for t in _images(2)], transform))
+    assert calls == [] and next(model.parameters()).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- messages

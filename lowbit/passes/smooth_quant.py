@@ -172,7 +172,8 @@ def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bo
 
 
 def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> Node:
-    factor = graph.add_constant(f"{x.name}_smooth_scale", inv_s.astype(np.float32))
+    dtype = np.float16 if x.dtype == "float16" else np.float32  # a float16 model keeps float16 arithmetic
+    factor = graph.add_constant(f"{x.name}_smooth_scale", inv_s.astype(dtype))
     mul = graph.make_node("Mul", [x, factor], name=f"{x.name}_smooth", before=first, meta={"smooth_quant": True})
     for layer in layers:
         layer.set_input(0, mul.output)
