@@ -9,6 +9,7 @@ import deploy  # noqa: E402
 import ir_scale  # noqa: E402
 import patterns  # noqa: E402
 import ptq  # noqa: E402
+import text  # noqa: E402
 import zoo  # noqa: E402
 
 if __name__ == "__main__":
@@ -17,3 +18,4 @@ if __name__ == "__main__":
     ptq.main([])
     deploy.main([])
     zoo.main([])
+    text.main([])
