@@ -152,3 +152,26 @@ def test_an_entry_is_not_used_for_another_producer_or_another_graph(bert):
     assert cache.get(Need(same_name)) is None
     cache.bind(g.copy())
     assert cache.get(Need(node.output)) is None and len(cache) == 0
+
+
+def test_a_flattened_batch_keeps_one_sample_per_item():
+    """[batch x sequence, channels] (a Reshape before GPT-2's Conv1D) gives the ranges of [batch, sequence,
+    channels]: rows are grouped by sample, so mean-min-max averages each sequence's extremes, not each token's."""
+    x = torch.randn(4, 16, 8) * torch.linspace(0.1, 3.0, 16).reshape(1, 16, 1)
+    whole, flat = ValueSummary(extremes=False), ValueSummary(extremes=False)
+    whole.update(x, samples=4)
+    flat.update(x.reshape(64, 8), samples=4)
+    for estimator in ("mean_min_max", "min_max"):
+        assert flat.range(estimator) == pytest.approx(whole.range(estimator), rel=1e-6)
+    per_token = ValueSummary(extremes=False)
+    per_token.update(x.reshape(64, 8))  # the old behaviour: every row a sample, a much narrower range
+    assert per_token.range("mean_min_max")[1] < 0.8 * whole.range("mean_min_max")[1]
+    channels_whole, channels_flat = ValueSummary(axis=-1, extremes=True), ValueSummary(axis=-1, extremes=True)
+    channels_whole.update(x, samples=4)
+    channels_flat.update(x.reshape(64, 8), samples=4)
+    np.testing.assert_allclose(channels_flat.channel_abs_max(), channels_whole.channel_abs_max())
+    stats = RangeStats("percentile")
+    stats.update(x.reshape(64, 8), samples=4)
+    reference = RangeStats("percentile")
+    reference.update(x)
+    assert stats.range() == pytest.approx(reference.range(), rel=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..errors import DatasetError, LowbitError
 from ..ir.graph import Graph
 from .dataset import batches, calibration_data
+from .stats import RangeStats
 from .summary import Need, StatisticsCache, ValueSummary, merge_needs
 
 
@@ -28,8 +29,18 @@ def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
     ctx.dataset = data = calibration_data(ctx.dataset, ctx.subset_size)
     for arrays in progress(batches(graph, data, batch_size=ctx.options.get("batch_size", 32)), ctx):
         outs = dict(zip((v.name for v in taps), runner(arrays)))
+        samples = _samples(arrays)
         for value, stat in requests:
-            stat.update(outs[value.name])
+            if isinstance(stat, (ValueSummary, RangeStats)):
+                stat.update(outs[value.name], samples)
+            else:
+                stat.update(outs[value.name])
+
+
+def _samples(arrays) -> int | None:
+    """How many samples a batch holds: the inputs' common leading dim (None if they have none)."""
+    sizes = {a.shape[0] for a in arrays if getattr(a, "ndim", 0) > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def progress(iterable, ctx):

@@ -30,9 +30,11 @@ class RangeStats:
         self.lo = float("inf")
         self.hi = float("-inf")
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, samples: int | None = None) -> None:
         x = x.detach().float()
         flat = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+        if samples and flat.shape[0] != samples and flat.shape[0] % samples == 0:
+            flat = flat.reshape(samples, -1)  # several rows per sample (a flattened batch x sequence)
         if self.estimator == "percentile":
             if flat.shape[1] > _QUANTILE_SAMPLE:
                 idx = torch.linspace(0, flat.shape[1] - 1, _QUANTILE_SAMPLE).long()

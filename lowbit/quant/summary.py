@@ -63,8 +63,8 @@ class ValueSummary:
             return True
         return (need.axis == self.axis and (not need.extremes or self.extremes) and (not need.sums or self.sums))
 
-    def update(self, x: torch.Tensor) -> None:
-        """Reduce one batch of the value."""
+    def update(self, x: torch.Tensor, samples: int | None = None) -> None:
+        """Reduce one batch of the value, which holds `samples` calibration samples (see `by_sample`)."""
         x = x.detach()
         if x.is_floating_point() and x.dtype != torch.float32 and x.dtype != torch.float64:
             x = x.float()
@@ -80,8 +80,8 @@ class ValueSummary:
         else:  # amin + amax: torch's aminmax(dim=) is far slower on CPU
             flat = x.reshape(x.shape[0], -1)
             lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-        self.lo.append(lo.float())
-        self.hi.append(hi.float())
+        self.lo.append(by_sample(lo.float(), samples, torch.amin))
+        self.hi.append(by_sample(hi.float(), samples, torch.amax))
         if self.sums:
             dims = (0, *others)
             s = x.sum(dim=dims, dtype=torch.float32).double()
@@ -129,6 +129,18 @@ class ValueSummary:
         out.total = None if self.total is None else self.total * f
         out.count = self.count
         return out
+
+
+def by_sample(rows: torch.Tensor, samples: int | None, reduce) -> torch.Tensor:
+    """Per-row statistics [rows, k] reduced to per-sample ones [samples, k].
+
+    A sample is one row of the batch fed to the model. A value whose leading dim holds several rows per
+    sample (a transformer's [batch x sequence, channels] after a flattening Reshape, GPT-2's Conv1D input)
+    has its rows grouped by sample, in order: otherwise mean-min-max would average each token's extremes,
+    a range far narrower than a sequence's, and clip (GPT-2: 17.7 dB instead of 29.7)."""
+    if not samples or rows.shape[0] == samples or rows.shape[0] % samples:
+        return rows
+    return reduce(rows.reshape(samples, rows.shape[0] // samples, *rows.shape[1:]), dim=1)
 
 
 class StatisticsCache:
