@@ -121,8 +121,8 @@ def test_module_torch_export_cannot_capture():
     assert type(cause).__name__ in msg
     assert str(cause).strip().split("\n")[0][:40] in msg
     assert re.search(r"data-dependent", msg, re.IGNORECASE)
-    # ... and what to do about it
-    assert re.search(r"example_inputs", msg) and re.search(r"torch\.cond|\.onnx", msg)
+    # ... and what to do about it: no example input can fix a branch on values, so they are not blamed
+    assert re.search(r"torch\.cond", msg) and re.search(r"\.onnx", msg) and "example_inputs" not in msg
 
 
 def test_example_inputs_that_do_not_fit_the_module():

@@ -426,7 +426,7 @@ def test_ignored_scope_of_a_wrong_type(small, bad, message):
 
 def test_quantizing_twice_in_one_pipeline_is_a_named_error(small):
     with pytest.raises(lowbit.AlreadyQuantizedError, match=r"pass 'quantize' already ran in this pipeline \(step 2 "
-                       r"of fuse, quantize\): quantizing again would stack quantizers"):
+                       r"of fuse, quantize\): the graph is already quantized, and quantizing again would stack quantizers"):
         lowbit.compile(small, ["fuse", "quantize", "quantize"], dataset=lowbit.Dataset(_images(2)))
     q = lowbit.quantize(small, lowbit.Dataset(_images(2)))
     with pytest.raises(lowbit.AlreadyQuantizedError, match="already quantized: it holds 4 quantizer node"):

@@ -195,7 +195,8 @@ class Quantize(Pass):
         if "quantize" in ctx.history:
             raise AlreadyQuantizedError(
                 f"pass 'quantize' already ran in this pipeline (step {ctx.history.index('quantize') + 1} of "
-                f"{', '.join(ctx.history)}): quantizing again would stack quantizers. Name it once")
+                f"{', '.join(ctx.history)}): the graph is already quantized, and quantizing again would stack "
+                "quantizers. Name the pass once")
         refuse_quantized(graph)
         points = quant_points(graph, ctx)
         if not points:
