@@ -144,7 +144,12 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
                        progress=progress)
     from .passes import resolve
 
+    if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+        raise OptionError(f"dump_dir is a {type(dump_dir).__name__}: pass a folder path (str or Path) or None")
     if passes is not None:
+        if isinstance(passes, (str, bytes)) or not hasattr(passes, "__iter__"):
+            raise OptionError(f"passes is a {type(passes).__name__}: pass a list of pass names or Pass objects, "
+                              "e.g. passes=['cleanup', 'fold_bn', 'fuse'] (`lowbit passes` lists them)")
         passes = [resolve(p) for p in passes]  # an unknown pass name fails before the model is captured
     if dataset is None and example_inputs is None and origin_target(model) == "torch" and passes is not None:
         needs = [p.name for p in passes if p.name in DATA_PASSES]
@@ -203,6 +208,9 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -
     dynamic), an ExportedProgram, an onnx.ModelProto or an .onnx path. Nothing
     is run through a pass: a QDQ model keeps its quantization as it is.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise OutputPathError(f"the export path is a {type(path).__name__}: pass a str or Path ending in .onnx "
+                              "or .xml")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".onnx", ".xml"):

@@ -65,6 +65,9 @@ def as_dataset(data: Any) -> Dataset:
         raise DatasetError("quantization needs calibration data: pass dataset=lowbit.Dataset(...)")
     if hasattr(data, "get_inference_data"):  # an nncf.Dataset
         return Dataset(data.get_inference_data())
+    if not hasattr(data, "__iter__") or isinstance(data, (str, bytes)):
+        raise DatasetError(f"the calibration dataset is a {type(data).__name__}: pass lowbit.Dataset(items), "
+                           "items being a list, a generator or a data loader of the model's inputs")
     return Dataset(data)
 
 
