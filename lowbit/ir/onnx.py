@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from ..errors import ModelLoadError, UnsupportedOpError
 from .graph import Graph, Node, Value, renamed_attrs, subgraph_free_names
@@ -95,9 +95,32 @@ def _attr_value(a: AttributeProto) -> Any:
     return helper.get_attribute_value(a)
 
 
+WEIGHT_ELEMENTS = 1024  # shape inference sees larger float initializers as typed inputs, without their data
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its large float initializers turned into typed graph inputs: shape inference (and its data
+    propagation, which reads small integer tensors) gives the same types without serializing the weights
+    (1.7 of DistilBERT's 7.9 s of PTQ from ONNX went there)."""
+    g = model.graph
+    floating = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    big = [i for i in g.initializer if i.data_type in floating and int(np.prod(i.dims)) > WEIGHT_ELEMENTS]
+    if not big:
+        return model
+    names = {i.name for i in big}
+    graph = helper.make_graph(list(g.node), g.name, [*g.input, *(helper.make_tensor_value_info(
+        i.name, i.data_type, list(i.dims)) for i in big if i.name not in {v.name for v in g.input})],
+        list(g.output), initializer=[i for i in g.initializer if i.name not in names],
+        value_info=list(g.value_info))
+    graph.sparse_initializer.extend(g.sparse_initializer)
+    light = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    return light
+
+
 def _infer_types(model: onnx.ModelProto) -> dict[str, tuple]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
     except Exception:  # custom ops or >2 GB models: fall back to what the file says
         inferred = model
     g = inferred.graph
