@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
-from .base import Pass, PassContext, PassResult, register_pass
 from ..quant.calibration import gather
+from ..quant.layers import biased_layers, channel_axis
 from ..quant.summary import Need
-from .quantize import biased_layers, channel_axis
+from .base import Pass, PassContext, PassResult, register_pass
 
 SPATIAL_DEFAULT = 8
 

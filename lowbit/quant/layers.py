@@ -1,0 +1,30 @@
+"""Layers as the passes after quantization see them: which have a constant bias, and their activations'
+channel axis. Shared by fast_bias_correction and the passes that correct or prune layers, so that no pass
+imports another."""
+
+from __future__ import annotations
+
+from ..ir.graph import Graph, Node, Value
+
+
+def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
+    """(layer, its constant bias, the bias Add or None) for Conv/Gemm with a bias and MatMul + Add(bias)."""
+    found = []
+    for node in graph:
+        if node.domain:
+            continue
+        if node.op_type in ("Conv", "Gemm") and node.input(2) is not None and node.input(2).const is not None:
+            if node.input(2).const.ndim == 1:
+                found.append((node, node.input(2), None))
+        elif node.op_type == "MatMul" and node.input(1) is not None and len(node.output.uses) == 1:
+            add, _ = node.output.uses[0]
+            if add.op_type == "Add" and not add.domain:
+                other = add.input(1) if add.input(0) is node.output else add.input(0)
+                if other is not None and other.const is not None and other.const.ndim == 1:
+                    found.append((node, other, add))
+    return found
+
+
+def channel_axis(layer: Node) -> int:
+    """The channel axis of a layer's input and output activations."""
+    return 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
