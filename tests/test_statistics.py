@@ -175,3 +175,19 @@ def test_a_flattened_batch_keeps_one_sample_per_item():
     reference = RangeStats("percentile")
     reference.update(x)
     assert stats.range() == pytest.approx(reference.range(), rel=1e-6)
+
+
+def test_a_streamed_torch_run_hands_each_tap_over_once_with_the_values_of_a_plain_run(bert):
+    """Calibration on the torch path streams each tapped value into its statistics as soon as it is computed
+    (nothing kept alive to the end of the forward): the same tensors a run returning them gives."""
+    from lowbit.ir.runtime import GraphRunner
+
+    graph, items, _ = bert
+    taps = [n.output for n in graph if n.op_type in ("MatMul", "LayerNormalization")][:12] + [graph.inputs[0]]
+    arrays = [np.asarray(items[0].numpy() if hasattr(items[0], "numpy") else items[0])]
+    returned = dict(zip([v.name for v in taps], GraphRunner(graph, taps)(arrays)))
+    streamed = []
+    GraphRunner(graph, taps, streaming=True).stream(arrays, lambda name, t: streamed.append((name, t.clone())))
+    assert sorted(name for name, _ in streamed) == sorted(returned)
+    for name, t in streamed:
+        torch.testing.assert_close(t, returned[name], rtol=0, atol=0)

@@ -20,7 +20,7 @@ from .graph import Graph, Value
 class GraphRunner:
     """`runner(arrays) -> [tensor per tap]`; arrays are the graph inputs in order."""
 
-    def __init__(self, graph: Graph, taps: Sequence[Value], runtime: str | None = None):
+    def __init__(self, graph: Graph, taps: Sequence[Value], runtime: str | None = None, streaming: bool = False):
         self.runtime = runtime or ("onnx" if graph.meta.get("origin") == "onnx" else "torch")
         inputs = [v.name for v in graph.inputs]
         self.tap_names = [v.name for v in taps]
@@ -46,7 +46,29 @@ class GraphRunner:
         else:
             from .torch_emit import to_torch
 
-            self.module = to_torch(tapped).eval()
+            self._sink = None
+            self.module = to_torch(tapped, on_value=self._dispatch if streaming else None).eval()
+        self.streaming = streaming and self.runtime == "torch"
+
+    def _dispatch(self, name: str, tensor: torch.Tensor) -> None:
+        self._sink(name, tensor)
+
+    def stream(self, arrays: Sequence[np.ndarray], sink) -> None:
+        """Call `sink(tap name, tensor)` for every tap of one batch. A torch graph built with `streaming`
+        hands each tap over as soon as it is computed, so it is not kept alive to the end of the forward."""
+        if not self.streaming:
+            for name, t in zip(self.tap_names, self(arrays)):
+                sink(name, t)
+            return
+        for i, name in enumerate(self.tap_names):
+            if i in self.from_input:
+                sink(name, torch.from_numpy(np.asarray(arrays[self.from_input[i]])))
+        self._sink = sink
+        try:
+            with torch.no_grad():
+                self.module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+        finally:
+            self._sink = None
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         if not self.order:

@@ -65,8 +65,9 @@ def shape_tensor(x: torch.Tensor, start: int = 0, end: int | None = None) -> tor
 
 
 class _Emitter:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None):
         self.graph = graph
+        self.on_value = on_value  # streaming: called with (name, tensor) for each graph output as computed
         self.fx = fx.Graph()
         self.env: dict[int, Any] = {}
         self.root: dict[str, torch.Tensor] = {}
@@ -132,6 +133,24 @@ class _Emitter:
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         return self.fx.call_function(target, args, kwargs)
 
+    _notified: set[int] = frozenset()
+
+    def _notify(self, v: Value) -> None:
+        if not self._notified:
+            self._notified = set()
+        self._notified.add(id(v))
+        self.call(self.on_value, v.name, self.env[id(v)])
+
+    def _streaming_module(self) -> fx.GraphModule:
+        """forward() hands each graph output to `on_value` as soon as it is computed and returns nothing,
+        so a tapped intermediate is freed once the model no longer needs it (a calibration run that kept every
+        tap alive spent a quarter of BERT's forward in page faults)."""
+        for v in self.graph.outputs:
+            if id(v) not in self._notified:
+                self._notify(v)
+        self.fx.output(None)
+        return fx.GraphModule(self.root, self.fx, class_name="LowbitStream")
+
     # -- driver ----------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         fixed = self.graph.meta.get(FIXED_DIMS) or {}
@@ -157,6 +176,10 @@ class _Emitter:
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for v, o in zip(node.outputs, outs):
                 self.env[id(v)] = o
+                if self.on_value is not None and v.is_graph_output and id(v) not in self._notified:
+                    self._notify(v)
+        if self.on_value is not None:
+            return self._streaming_module()
         results = [self[v] for v in self.graph.outputs]
         spec = self.graph.meta.get("out_spec")
         if spec is not None and spec.num_leaves == len(results) and not spec.is_leaf():
@@ -187,9 +210,12 @@ def keep_on_copy(gm: fx.GraphModule, name: str) -> None:
     gm.meta.setdefault("_user_preserved_attributes", {})[name] = getattr(gm, name)
 
 
-def to_torch(graph: Graph) -> fx.GraphModule:
-    """Write a Graph as an fx.GraphModule whose forward takes the graph inputs in order."""
-    return _Emitter(graph).run()
+def to_torch(graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None) -> fx.GraphModule:
+    """Write a Graph as an fx.GraphModule whose forward takes the graph inputs in order.
+
+    With `on_value`, forward() instead calls `on_value(name, tensor)` for each graph output as soon as it is
+    computed and returns None (how calibration streams tapped values into its statistics)."""
+    return _Emitter(graph, on_value).run()
 
 
 # -- emitters ---------------------------------------------------------------------

@@ -22,19 +22,25 @@ def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
     if not requests:
         return
     taps = list({v.name: v for v, _ in requests}.values())
-    runner = GraphRunner(graph, taps)
+    runner = GraphRunner(graph, taps, streaming=True)
     if ctx.dataset is None:
         raise DatasetError("quantization needs calibration data: pass dataset=lowbit.Dataset(...)")
     # every pass of the pipeline reads the same items, read once from the user's dataset (a generator works)
     ctx.dataset = data = calibration_data(ctx.dataset, ctx.subset_size)
+    by_name: dict[str, list] = {}
+    for value, stat in requests:
+        by_name.setdefault(value.name, []).append(stat)
     for arrays in progress(batches(graph, data, batch_size=ctx.options.get("batch_size", 32)), ctx):
-        outs = dict(zip((v.name for v in taps), runner(arrays)))
         samples = _samples(arrays)
-        for value, stat in requests:
-            if isinstance(stat, (ValueSummary, RangeStats)):
-                stat.update(outs[value.name], samples)
-            else:
-                stat.update(outs[value.name])
+
+        def sink(name, tensor, samples=samples):
+            for stat in by_name.get(name, ()):
+                if isinstance(stat, (ValueSummary, RangeStats)):
+                    stat.update(tensor, samples)
+                else:
+                    stat.update(tensor)
+
+        runner.stream(arrays, sink)
 
 
 def _samples(arrays) -> int | None:
