@@ -10,12 +10,28 @@ import ptq
 from deploy import machine_line
 
 
+class Cells:
+    """Table cells of per-tool figures: a tool that failed on a row gets "failed [n]" and the n-th note says why
+    (`where(row)` names the row in the note)."""
+
+    def __init__(self, where):
+        self.where = where
+        self.notes: list[str] = []
+
+    def __call__(self, row: dict, tool: str, key: str, fmt: str) -> str:
+        if f"{tool}_failed" in row:
+            self.notes.append(f"{tool}, {self.where(row)}: {row[f'{tool}_failed']}")
+            return f"failed [{len(self.notes)}]"
+        return ptq._f(row.get(f"{tool}_{key}"), fmt)
+
+
 class Run:
     """One bench run: `tools` ("lowbit", and "nncf" unless skipped or not installed), a console, the clock."""
 
-    def __init__(self, no_nncf: bool):
+    def __init__(self, script: str, argv: list[str] | None, no_nncf: bool):
         from rich.console import Console
 
+        self.command = f"python bench/{script}{' ' + ' '.join(argv) if argv else ''}"
         self.console = Console(width=200)
         warnings.filterwarnings("ignore")  # the bench's own process: torch/NNCF chatter would bury the tables
         self.tools = ["lowbit"]
@@ -31,8 +47,9 @@ class Run:
         self.console.print(self.header, markup=False, highlight=False)
         self.start = time.perf_counter()
 
-    def write(self, out: Path, title: str, command: str, method: str, tables) -> None:
+    def write(self, out: Path, title: str, method: str, tables) -> None:
         """Print `tables` and write them to `out` under `title`, with the command, method and machine."""
+        command = self.command
         markdown = ptq.render(tables, self.console)
         body = markdown[markdown.index("**"):]
         self.console.log(f"done in {time.perf_counter() - self.start:.0f} s")

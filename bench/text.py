@@ -148,13 +148,7 @@ def checks(rows: list[dict], use_nncf: bool) -> list[list[str]]:
 
 
 def tables(rows: list[dict], check_rows: list[list[str]], tools: list[str]):
-    notes: list[str] = []
-
-    def cell(r, tool, key, fmt):
-        if f"{tool}_failed" in r:
-            notes.append(f"{tool}, {r['origin']} {r['mode']}: {r[f'{tool}_failed']}")
-            return f"failed [{len(notes)}]"
-        return ptq._f(r.get(f"{tool}_{key}"), fmt)
+    cell = side_by_side.Cells(lambda r: f"{r['origin']} {r['mode']}")
 
     head = ["origin", "inputs"]
     for key in ("mean cosine", "NN agreement", "SQNR dB", "PTQ s"):
@@ -165,7 +159,7 @@ def tables(rows: list[dict], check_rows: list[list[str]], tools: list[str]):
         for key, fmt in (("cosine", ".5f"), ("nn", ".3f"), ("sqnr", ".1f"), ("s", ".1f")):
             cells += [cell(r, t, key, fmt) for t in tools]
         body.append(cells)
-    return [("Sentence embeddings, INT8 vs FP32 (held-out sentences)", head, body, notes),
+    return [("Sentence embeddings, INT8 vs FP32 (held-out sentences)", head, body, cell.notes),
             ("Checks", ["where", "measured", "figure", "result"], check_rows, [])]
 
 
@@ -177,7 +171,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    run = side_by_side.Run(args.no_nncf)
+    run = side_by_side.Run("text.py", argv, args.no_nncf)
     console, tools = run.console, run.tools
     encoder = sentences.encoder()
     corpus = sentences.sentences()
@@ -191,7 +185,6 @@ def main(argv=None) -> list[dict]:
             for origin in ("torch", "onnx"):
                 rows.append(rows_for(origin, mode, encoder, calib, held_out, tools, onnx_path, console))
     run.write(args.out, "Real text: sentence embeddings, lowbit vs NNCF",
-              f"python bench/text.py{' ' + ' '.join(argv) if argv else ''}",
               f"{args.calib} calibration sentences, {args.eval} held-out sentences.",
               tables(rows, checks(rows, "nncf" in tools), tools))
     return rows

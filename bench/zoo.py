@@ -153,13 +153,7 @@ def checks(rows: list[dict], use_nncf: bool) -> list[list[str]]:
 
 
 def tables(rows: list[dict], check_rows: list[list[str]], tools: list[str]):
-    notes: list[str] = []
-
-    def cell(r, tool, key, fmt):
-        if f"{tool}_failed" in r:
-            notes.append(f"{tool}, {r['model']} {r['origin']}: {r[f'{tool}_failed']}")
-            return f"failed [{len(notes)}]"
-        return ptq._f(r.get(f"{tool}_{key}"), fmt)
+    cell = side_by_side.Cells(lambda r: f"{r['model']} {r['origin']}")
 
     head = ["model", "origin", "FP32 ONNX from"] + [f"{t} SQNR dB" for t in tools] + [f"{t} PTQ s" for t in tools]
     if len(tools) == 2:
@@ -172,7 +166,7 @@ def tables(rows: list[dict], check_rows: list[list[str]], tools: list[str]):
             both = r.get("lowbit_s") and r.get("nncf_s")
             cells.append(f"{r['lowbit_s'] / r['nncf_s']:.2f}" if both else "-")
         body.append(cells)
-    return [("Output SQNR of INT8 vs FP32 (held-out inputs) and PTQ wall time", head, body, notes),
+    return [("Output SQNR of INT8 vs FP32 (held-out inputs) and PTQ wall time", head, body, cell.notes),
             ("Checks", ["where", "measured", "figure", "result"], check_rows, [])]
 
 
@@ -184,7 +178,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    run = side_by_side.Run(args.no_nncf)
+    run = side_by_side.Run("zoo.py", argv, args.no_nncf)
     console, tools = run.console, run.tools
     warm_up(tools, console)
     rows: list[dict] = []
@@ -192,7 +186,6 @@ def main(argv=None) -> list[dict]:
         for name in args.models:
             rows += rows_for(name, tools, args.calib, Path(tmp), console)
     run.write(args.out, "transformers architectures: lowbit vs NNCF",
-              f"python bench/zoo.py{' ' + ' '.join(argv) if argv else ''}",
               f"{args.calib} calibration items, {N_EVAL} held-out inputs.",
               tables(rows, checks(rows, "nncf" in tools), tools))
     return rows
