@@ -68,6 +68,7 @@ class _Emitter:
     def __init__(self, graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None):
         self.graph = graph
         self.on_value = on_value  # streaming: called with (name, tensor) for each graph output as computed
+        self._notified: set[int] = set()
         self.fx = fx.Graph()
         self.env: dict[int, Any] = {}
         self.root: dict[str, torch.Tensor] = {}
@@ -133,11 +134,7 @@ class _Emitter:
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
         return self.fx.call_function(target, args, kwargs)
 
-    _notified: set[int] = frozenset()
-
     def _notify(self, v: Value) -> None:
-        if not self._notified:
-            self._notified = set()
         self._notified.add(id(v))
         self.call(self.on_value, v.name, self.env[id(v)])
 
