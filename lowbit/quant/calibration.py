@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import DatasetError, LowbitError
 from ..ir.graph import Graph
-from .dataset import batches, calibration_data
+from .dataset import CALIBRATION_BATCH, batches, calibration_data
 from .stats import RangeStats
 from .summary import Need, StatisticsCache, ValueSummary, merge_needs
 
@@ -30,7 +30,7 @@ def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
     by_name: dict[str, list] = {}
     for value, stat in requests:
         by_name.setdefault(value.name, []).append(stat)
-    for arrays in progress(batches(graph, data, batch_size=ctx.options.get("batch_size", 32)), ctx):
+    for arrays in progress(batches(graph, data, batch_size=ctx.options.get("batch_size", CALIBRATION_BATCH)), ctx):
         samples = _samples(arrays)
 
         def sink(name, tensor, samples=samples):
