@@ -11,7 +11,6 @@ from __future__ import annotations
 from ..errors import DatasetError, LowbitError
 from ..ir.graph import Graph
 from .dataset import CALIBRATION_BATCH, batches, calibration_data
-from .stats import RangeStats
 from .summary import Need, StatisticsCache, ValueSummary, merge_needs
 
 
@@ -34,11 +33,8 @@ def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
         samples = _samples(arrays)
 
         def sink(name, tensor, samples=samples):
-            for stat in by_name.get(name, ()):
-                if isinstance(stat, (ValueSummary, RangeStats)):
-                    stat.update(tensor, samples)
-                else:
-                    stat.update(tensor)
+            for stat in by_name.get(name, ()):  # ValueSummary, or RangeStats for percentiles
+                stat.update(tensor, samples)
 
         runner.stream(arrays, sink)
 

@@ -6,8 +6,8 @@ Range estimators for a per-tensor activation quantizer:
   which ignores rare outliers (NNCF's default for activations);
 - `percentile`: the mean over samples of each sample's 0.01th and 99.99th
   percentiles.
-`ChannelMean` keeps the per-channel mean of a value (for bias correction),
-`ChannelAbsMax` its per-channel largest magnitude (for smooth quantization).
+Per-channel statistics (means for bias correction, largest magnitudes for
+smooth quantization) are derived from the summaries of `summary.py`.
 """
 
 from __future__ import annotations
@@ -56,41 +56,3 @@ class RangeStats:
             return self.lo, self.hi
         return self.sum_lo / self.count, self.sum_hi / self.count
 
-
-class ChannelMean:
-    """The mean of a value per channel (`axis`), over every other axis and every sample."""
-
-    def __init__(self, axis: int):
-        self.axis = axis
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        axis = self.axis % x.dim()
-        dims = [d for d in range(x.dim()) if d != axis]
-        s = x.sum(dim=dims, dtype=torch.float64)
-        self.total = s if self.total is None else self.total + s
-        self.count += x.numel() // x.shape[axis]
-
-    def mean(self):
-        return (self.total / self.count).numpy()
-
-
-class ChannelAbsMax:
-    """The largest |value| per channel (`axis`), over every other axis and every sample."""
-
-    def __init__(self, axis: int):
-        self.axis = axis
-        self.peak: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        axis = self.axis % x.dim()
-        peak = x.abs().movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
-        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
-
-    def max(self):
-        if self.peak is None:
-            raise ValueError("no statistics collected")
-        return self.peak.numpy()

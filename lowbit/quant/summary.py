@@ -10,8 +10,8 @@ passes use can be derived from exactly (up to float rounding):
   and the count of elements per channel.
 
 From it: `range(estimator)` ("min_max", "mean_min_max": the estimators of
-`RangeStats`; "percentile" cannot be derived), `channel_mean()` (as
-`ChannelMean`), `channel_abs_max()` (as `ChannelAbsMax`), and `scaled(inv_s)`,
+`RangeStats`; "percentile" cannot be derived), `channel_mean()`
+(per-channel mean), `channel_abs_max()` (per-channel largest magnitude), and `scaled(inv_s)`,
 the summary of the value times a positive per-channel factor (what
 smooth_quant makes of a value).
 
