@@ -407,7 +407,7 @@ def test_compile_with_dataset_runs_the_ptq_pipeline(model, data, tmp_path):
     q = lowbit.compile(model, dataset=ds, dump_dir=dump, progress=False)
     names = sorted(p.stem for p in dump.glob("*.txt"))
     assert [n for n in names if n[:2].isdigit() and n[:2] != "00"] == [
-        "01-cleanup", "02-fold_bn", "03-fuse", "04-quantize", "05-fast_bias_correction"]
+        "01-cleanup", "02-fold_bn", "03-fuse", "04-quantize", "05-fast_bias_correction", "06-snap_bias"]
     assert (dump / "index.html").exists()
     assert "FakeQuantize" in (dump / "04-quantize.txt").read_text()
     assert "FakeQuantize" not in (dump / "03-fuse.txt").read_text()

@@ -127,7 +127,7 @@ def test_transformer_default_pipeline_smooths(vit, dataset, tmp_path):
     lowbit.quantize(vit, dataset, dump_dir=tmp_path / "cnn")
     names = lambda d: [p["name"] for p in json.loads((d / "passes.json").read_text())]  # noqa: E731
     assert names(tmp_path / "t")[1:] == ["cleanup", "fold_bn", "fuse", "smooth_quant", "quantize",
-                                         "fast_bias_correction"]
+                                         "fast_bias_correction", "snap_bias"]
     assert "smooth_quant" not in names(tmp_path / "cnn")
 
 

@@ -8,9 +8,10 @@ from .base import PASSES, FunctionPass, Pass, PassContext, PassResult, register_
 from .manager import PassManager, StepRecord
 
 DEFAULT_PIPELINE = ["cleanup", "fold_bn", "fuse"]
-PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction"]
+PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction", "snap_bias"]
 # model_type="transformer" (as NNCF's): smooth activation outliers into the weights before placing quantizers
-TRANSFORMER_PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "smooth_quant", "quantize", "fast_bias_correction"]
+TRANSFORMER_PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "smooth_quant", "quantize", "fast_bias_correction",
+                            "snap_bias"]
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "TRANSFORMER_PTQ_PIPELINE", "FunctionPass", "Pass", "PassContext", "PassResult", "PassManager",
            "StepRecord", "register_pass", "resolve"]

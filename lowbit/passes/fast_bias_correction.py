@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
 from ..quant.calibration import gather
-from ..quant.layers import biased_layers, channel_axis
+from ..quant.layers import biased_layers, channel_axis, set_bias
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
 
@@ -195,14 +195,7 @@ class FastBiasCorrection(Pass):
                 skipped += 1
                 continue
             new_bias = (bias.const.astype(np.float64) + shift).astype(bias.const.dtype)
-            owner = add if add is not None else layer
-            port = next(i for i, v in enumerate(owner.inputs) if v is bias)
-            if len(bias.uses) == 1 and not bias.is_graph_output:
-                bias.const = new_bias
-            else:
-                fresh = graph.add_constant(f"{bias.name}_corrected", new_bias)
-                fresh.meta.update(bias.meta)
-                owner.set_input(port, fresh)
+            set_bias(graph, layer, bias, add, new_bias)
             corrected += 1
         fired = {k: v for k, v in (("bias_corrected", corrected), ("bias_shift_implausible", skipped)) if v}
         return PassResult(graph, changed=corrected > 0, fired=fired)

@@ -25,6 +25,17 @@ def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
     return found
 
 
+def set_bias(graph: Graph, layer: Node, bias: Value, add: Node | None, values) -> None:
+    """Give `layer` (or its bias Add) the bias `values`: in place where only it reads `bias`, else a new constant."""
+    owner = add if add is not None else layer
+    if len(bias.uses) == 1 and not bias.is_graph_output:
+        bias.const = values
+        return
+    fresh = graph.add_constant(f"{bias.name}_{layer.name}", values)
+    fresh.meta.update(bias.meta)
+    owner.set_input(next(i for i, v in enumerate(owner.inputs) if v is bias), fresh)
+
+
 def channel_axis(layer: Node) -> int:
     """The channel axis of a layer's input and output activations."""
     return 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
