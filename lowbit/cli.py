@@ -4,7 +4,8 @@
                     [--preset performance|mixed] [--target-device CPU|GPU|NPU|ANY|hw.json]
                     [--model-type transformer] [--ignored-scope NAME[,NAME...]]
                     [--overflow-fix enable|first_layer|disable] [--no-fast-bias-correction] [--dump-dir DIR]
-    lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR]
+                    [--runtime onnxruntime|openvino]
+    lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR] [--runtime ...]
     lowbit show MODEL.onnx
     lowbit diff DIR
     lowbit passes
@@ -50,24 +51,30 @@ checked before any work; a mistake prints `lowbit: error: ...`, exit code 2.
 """
 
 
-def _output(path: str, *, create: bool = True) -> Path:
-    """The -o path, checked: a .onnx or .xml file whose folder can be created and written (with `create`)."""
+def _output(path: str, runtime: str | None = None, *, create: bool = True) -> Path:
+    """The -o path, checked: a .onnx or .xml file whose folder can be created and written (with `create`), and
+    that `--runtime` can run."""
     from .compiler import writable_parent
+    from .errors import OptionError
 
     out = Path(path)
     if out.suffix.lower() not in (".onnx", ".xml"):
         raise OutputPathError(f"cannot write {out.name!r}: the output must end in .onnx (ONNX) or .xml "
                               "(OpenVINO IR)")
+    if out.suffix.lower() == ".xml" and runtime not in (None, "openvino"):
+        raise OptionError(f"--runtime {runtime} writes an .onnx; an .xml runs in OpenVINO: write {out.stem}.onnx, "
+                          "or leave --runtime out")
     if create:
         writable_parent(out)
     return out
 
 
-def _run_and_write(graph, passes, ctx, dump_dir, out: Path):
-    """Run the pipeline over `graph` and write the result to `out`: ONNX (QDQ where quantized) for .onnx, OpenVINO
-    IR (FakeQuantize) for .xml. `compile` and `quantize` share it; the PassManager's records come back."""
-    from .api import codegen
+def _run_and_write(graph, passes, ctx, dump_dir, out: Path, runtime: str | None):
+    """Run the pipeline over `graph` and write the result to `out`: ONNX (QDQ where quantized, in the form
+    `runtime` runs) for .onnx, OpenVINO IR (FakeQuantize) for .xml. `compile` and `quantize` share it; the
+    PassManager's records come back."""
     from .compiler import run_pipeline
+    from .ir.onnx import to_onnx
 
     graph, pm = run_pipeline(graph, passes, ctx, dump_dir)
     if out.suffix.lower() == ".xml":
@@ -77,7 +84,7 @@ def _run_and_write(graph, passes, ctx, dump_dir, out: Path):
     else:
         import onnx
 
-        onnx.save(codegen(graph, "onnx"), str(out))
+        onnx.save(to_onnx(graph, runtime=runtime or "onnxruntime"), str(out))
     return pm.records
 
 
@@ -101,7 +108,7 @@ def _quantize(args) -> int:
     from .quant.arrays import check_data_path, load_calibration_arrays
 
     # every check before any work: the cheap ones first, the output folder (which it creates) last
-    out = _output(args.output, create=False)
+    out = _output(args.output, args.runtime, create=False)
     load_hw_config(args.target_device)
     check_data_path(args.data)
     graph = lower(args.model)
@@ -117,7 +124,7 @@ def _quantize(args) -> int:
     ctx = pass_context(hw=args.target_device, dataset=dataset, subset_size=args.subset_size, ignored_scope=scope,
                        preset=args.preset, model_type=args.model_type, overflow_fix=args.overflow_fix)
     start = time.perf_counter()
-    records = _run_and_write(graph, passes, ctx, args.dump_dir, out)
+    records = _run_and_write(graph, passes, ctx, args.dump_dir, out, args.runtime)
     seconds = time.perf_counter() - start
     fired = sum((r.fired for r in records if r.name == "quantize"), Counter())
     print(f"quantized {Path(args.model).name} on {len(items)} samples in {seconds:.2f} s: "
@@ -139,11 +146,11 @@ def _compile(args) -> int:
     from .hw_configs import load_hw_config
     from .passes import PassContext, resolve
 
-    out = _output(args.output, create=False)
+    out = _output(args.output, args.runtime, create=False)
     load_hw_config(args.hw)
     passes = [resolve(p.strip()) for p in args.passes.split(",") if p.strip()] if args.passes else None
     _output(args.output)
-    records = _run_and_write(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir, out)
+    records = _run_and_write(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir, out, args.runtime)
     for r in records:
         fired = ", ".join(f"{k} x{v}" for k, v in sorted(r.fired.items())) or "-"
         print(f"{r.index:02d} {r.name:<24} {1000 * r.seconds:8.1f} ms  {r.nodes_before:>6} -> {r.nodes_after:<6} {fired}")
@@ -201,6 +208,7 @@ def _positive(text: str) -> int:
 def main(argv=None) -> int:
     from .compiler import MODEL_TYPES, PRESETS
     from .hw_configs import DEVICES
+    from .ir.qdq import RUNTIMES
     from .passes.quantize import DEFAULT_OVERFLOW_FIX, OVERFLOW_FIX
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
@@ -235,6 +243,10 @@ def main(argv=None) -> int:
     c.add_argument("--hw", default="CPU", help="target device or hardware config JSON (default CPU)")
     c.add_argument("--dump-dir", help="write the graph after every pass, with diffs and index.html, here")
     c.set_defaults(run=_compile)
+    for command in (q, c):
+        command.add_argument("--runtime", choices=RUNTIMES,
+                             help="the runtime an .onnx output is for (default onnxruntime): each runs another "
+                                  "QDQ form as INT8 (see lowbit/ir/qdq.py)")
     s = sub.add_parser("show", help="print the text form of a model's graph")
     s.add_argument("model", help=".onnx file")
     s.set_defaults(run=_show)

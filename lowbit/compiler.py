@@ -199,7 +199,7 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
                    overflow_fix=overflow_fix)
 
 
-def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> Path:
+def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, runtime: str | None = None) -> Path:
     """Write a model as ONNX (.onnx) or OpenVINO IR (.xml and .bin beside it).
 
     `model` is what compile/quantize returned (quantizers are written as QDQ in
@@ -207,7 +207,15 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -
     `lower` takes: an nn.Module with `example_inputs` (its batch dim stays
     dynamic), an ExportedProgram, an onnx.ModelProto or an .onnx path. Nothing
     is run through a pass: a QDQ model keeps its quantization as it is.
+
+    `runtime` says which runtime an .onnx is for: "onnxruntime" (the default)
+    or "openvino" (OpenVINO reading the .onnx). The grids are the same; the
+    storage type of signed activation grids differs, because each runtime
+    runs a different form as INT8 (see lowbit/ir/qdq.py). An .xml is for
+    OpenVINO. A QDQ model from `quantize` can be written again for the other.
     """
+    from .ir.qdq import RUNTIMES
+
     if not isinstance(path, (str, os.PathLike)):
         raise OutputPathError(f"the export path is a {type(path).__name__}: pass a str or Path ending in .onnx "
                               "or .xml")
@@ -215,6 +223,12 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -
     suffix = path.suffix.lower()
     if suffix not in (".onnx", ".xml"):
         raise OutputPathError(f"cannot export to {path.name!r}: use a .onnx (ONNX) or .xml (OpenVINO IR) path")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise OptionError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)} (the runtime the "
+                          ".onnx will run in)")
+    if suffix == ".xml" and runtime not in (None, "openvino"):
+        raise OptionError(f"an .xml runs in OpenVINO, not {runtime}: write {path.stem}.onnx for {runtime}, or "
+                          "leave runtime out")
     graph = lower(model, example_inputs)
     writable_parent(path)
     if suffix == ".xml":
@@ -224,7 +238,9 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -
     else:
         import onnx
 
-        onnx.save(codegen(graph, "onnx"), str(path))
+        from .ir.onnx import to_onnx
+
+        onnx.save(to_onnx(graph, runtime=runtime or "onnxruntime"), str(path))
     return path
 
 

@@ -363,6 +363,47 @@ def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibratio
     assert not (tmp_path / "made").exists()
 
 
+class DenseStep(torch.nn.Module):
+    """DenseNet's pattern: a ReLU output and a signed conv output joined by a Concat, then BN-ReLU-conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.grow = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.norm, self.head = torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        stem = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.norm(torch.cat([stem, self.grow(stem)], 1))))
+
+
+def test_quantize_writes_the_onnx_form_a_runtime_asks_for(calibration, tmp_path, capsys):
+    """--runtime openvino: the same grids, signed ones as int8 with zero point 0 (ONNX Runtime's form stores
+    those a Concat joins to unsigned ones as uint8 with zero point 128); both run the same values."""
+    torch.manual_seed(0)
+    src, data = tmp_path / "dense.onnx", calibration / "calib.npz"
+    onnx.save(lowbit.codegen(lowbit.lower(DenseStep().eval(), (torch.randn(2, 1, 8, 8),)), "onnx"), src)
+    outputs = {}
+    for runtime in ("onnxruntime", "openvino"):
+        out = tmp_path / f"{runtime}.onnx"
+        assert main(["quantize", str(src), "-o", str(out), "--data", str(data), "--subset-size", "8",
+                     "--runtime", runtime]) == 0
+        outputs[runtime] = onnx.load(out)
+    capsys.readouterr()
+    shifted = {rt: [t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+                    and t.name.endswith("zero_point") and (onnx.numpy_helper.to_array(t) == 128).all()]
+               for rt, m in outputs.items()}
+    assert shifted["onnxruntime"] and not shifted["openvino"]
+    feeds = {"x": np.random.default_rng(1).random((16, 1, 8, 8), dtype=np.float32)}
+    np.testing.assert_array_equal(run_onnx(outputs["openvino"], feeds)[0], run_onnx(outputs["onnxruntime"], feeds)[0])
+
+
+def test_quantize_refuses_a_runtime_for_an_xml_before_any_work(onnx_file, calibration, tmp_path, capsys, no_work):
+    err = _quantize_error(capsys, onnx_file[0], "-o", tmp_path / "q.xml", "--data", calibration / "calib.npz",
+                          "--runtime", "onnxruntime")
+    assert err == ("lowbit: error: --runtime onnxruntime writes an .onnx; an .xml runs in OpenVINO: write q.onnx, "
+                   "or leave --runtime out")
+
+
 def test_quantize_refuses_a_read_only_output_folder(onnx_file, calibration, tmp_path, capsys, no_work, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -424,6 +465,6 @@ def test_version_and_passes(capsys):
     assert main(["passes"]) == 0
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert set(rows) == set(lowbit.passes.PASSES) >= {"cleanup", "fold_bn", "fuse", "quantize",
-                                                      "fast_bias_correction", "smooth_quant"}
+                                                      "fast_bias_correction", "smooth_quant", "snap_bias"}
     assert rows["quantize"] == lowbit.passes.PASSES["quantize"].description
     assert all(rows.values())

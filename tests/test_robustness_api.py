@@ -60,7 +60,7 @@ def test_bad_calibration_data_is_a_dataset_error(model, data, message):
     (dict(model_type=5), lowbit.OptionError, "model_type"),
     (dict(overflow_fix=None), lowbit.OptionError, "overflow_fix"),
     (dict(ignored_scope=3), lowbit.IgnoredScopeError, "int"),
-    (dict(target_device=None), lowbit.HardwareConfigError, ""),
+    (dict(target_device=None), lowbit.HardwareConfigError, "unknown device .None.: use one of CPU, GPU, NPU, ANY"),
     (dict(dump_dir=3), lowbit.OptionError, "dump_dir is a int"),
 ])
 def test_bad_quantize_options_are_named_errors(model, options, error, message):
@@ -83,6 +83,16 @@ def test_bad_compile_options_are_named_errors(model, options, error, message):
 def test_bad_export_paths_are_output_path_errors(model, path):
     with pytest.raises(lowbit.OutputPathError):
         lowbit.export(model, path, example_inputs=(X,))
+
+
+@pytest.mark.parametrize("path, runtime, message", [
+    ("m.onnx", "tensorrt", "unknown runtime 'tensorrt': choose one of onnxruntime, openvino"),
+    ("m.xml", "onnxruntime", "an .xml runs in OpenVINO, not onnxruntime: write m.onnx for onnxruntime"),
+])
+def test_bad_export_runtimes_are_option_errors(model, tmp_path, path, runtime, message):
+    with pytest.raises(lowbit.OptionError, match=message):
+        lowbit.export(model, tmp_path / path, example_inputs=(X,), runtime=runtime)
+    assert not (tmp_path / path).exists()
 
 
 def test_bad_codegen_targets_and_graphs_are_named_errors(model):

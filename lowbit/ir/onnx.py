@@ -232,12 +232,14 @@ def _node_proto(node: Node) -> onnx.NodeProto:
     return proto
 
 
-def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq") -> onnx.ModelProto:
+def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq",
+            runtime: str = "onnxruntime") -> onnx.ModelProto:
     """Write a Graph as an onnx.ModelProto (the graph is not modified).
 
     FakeQuantize nodes are written as QuantizeLinear/DequantizeLinear
-    (fake_quantize="qdq", for ONNX Runtime) or kept as OpenVINO's
-    FakeQuantize (fake_quantize="openvino", for OpenVINO's ONNX reader).
+    (fake_quantize="qdq", in the form `runtime` runs as INT8: "onnxruntime"
+    or "openvino", see qdq.py) or kept as OpenVINO's FakeQuantize
+    (fake_quantize="openvino", for OpenVINO's ONNX reader).
     """
     from .decompose import expand_for_opset
     from .ops import QUANT_DOMAIN
@@ -254,7 +256,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
         opsets[""] = opset
     graph = expand_for_opset(graph, opsets.get("", 21))
     if fake_quantize == "qdq":
-        graph = fake_quantize_to_qdq(graph)
+        graph = fake_quantize_to_qdq(graph, runtime)
     elif any(n.domain == QUANT_DOMAIN for n in graph):
         opsets.setdefault(QUANT_DOMAIN, 1)
     known = {id(v) for v in graph.inputs} | {id(v) for v in graph.outputs}

@@ -22,9 +22,23 @@ block, and ran those parts in float (a ViT's query/key/value quantizers, a
 pre-activation DenseNet's BN-ReLU after each Concat). Where the two needs
 meet (DenseNet's convs read a ReLU and write a signed grid that a Concat
 joins to the next BN-ReLU), ONNX Runtime's wins: the .onnx runs those
-BN-ReLUs in float in OpenVINO; the .xml, written for OpenVINO, does not.
-A model at opset 21 or later stores every signed activation grid as uint8:
-ONNX Runtime cannot load int8 activation QDQ there (see ops.IR_OPSET).
+BN-ReLUs in float in OpenVINO (twice NNCF's latency for a DenseNet); the
+.xml, written for OpenVINO, does not. Hence the two forms of QDQ file
+(`runtime`): "onnxruntime" (the default) as above, and "openvino", for an
+.onnx deployed in OpenVINO, where every signed grid is int8 with zero point
+0 (ONNX Runtime then runs the layers those groups link in float). Both hold
+the same grids: only the storage type of the signed ones differs.
+A model at opset 21 or later stores every signed activation grid as uint8
+for ONNX Runtime: it cannot load int8 activation QDQ there (see ops.IR_OPSET).
+
+A Relu between a layer and a signed grid stored as uint8 (zero point 128)
+would keep ONNX Runtime from fusing the Relu into the integer layer: it drops
+a Relu only before a quantizer whose zero point is the type's minimum. So the
+ReLU output is written as Q -> DQ on the unsigned grid of the same scale, then
+requantized onto the signed one: layer -> Q -> DQ (unsigned) -> Relu -> Q -> DQ
+(signed). The values are the same (the unsigned grid clips at 0 as the ReLU
+does, and the signed grid's clip at 127 steps comes second), and the layer
+runs as QLinearConv (a DenseNet stem: Conv -> ReLU -> Concat).
 
 Weights are always int8 with zero point 0: it is the only weight form that
 OpenVINO's low-precision transformations run as INT8 (a uint8 weight with
@@ -100,12 +114,25 @@ def quantize_array(x: np.ndarray, p: QDQParams) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(p.zero_point.dtype)
 
 
-def fake_quantize_to_qdq(graph: Graph) -> Graph:
-    """A copy of `graph` with every FakeQuantize written as QDQ (the graph itself if it has none)."""
+RUNTIMES = ("onnxruntime", "openvino")  # the runtimes a QDQ .onnx can be written for
+
+
+def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
+    """A copy of `graph` with every FakeQuantize written as QDQ (the graph itself if it has none), in the form
+    `runtime` (one of RUNTIMES) runs as INT8."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: one of {RUNTIMES}")
+    if runtime == "openvino" and _shifted_signed_pairs(graph):
+        graph = graph.copy()
+        for q in _shifted_signed_pairs(graph):
+            zero = graph.add_constant(f"{q.name}_int8_zero_point", np.zeros_like(q.input(2).const, np.int8))
+            for node in [q, *q.output.users]:
+                node.set_input(2, zero)
+        graph.remove_unused_constants()
     if not any(is_fake_quantize(n) for n in graph):
         return graph
     graph = graph.copy()
-    as_uint8 = _signed_grids_stored_as_uint8(graph)
+    as_uint8 = _signed_grids_stored_as_uint8(graph) if runtime == "onnxruntime" else set()
     for node in graph.nodes:
         if is_fake_quantize(node):
             _rewrite(graph, node, id(node) in as_uint8)
@@ -132,7 +159,7 @@ def _is_signed(fq: Node) -> bool:
         qdq_params(int(fq.attrs["levels"]), low, high).zero_point.dtype == np.int8
 
 
-def _source_quantizer(value: Value | None) -> Node | None:
+def source_quantizer(value: Value | None) -> Node | None:
     """The activation FakeQuantize whose grid `value` is on, read through value-preserving ops, or None."""
     while value is not None and value.producer is not None:
         node = value.producer
@@ -170,11 +197,11 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
         if node.domain:
             continue
         if node.op_type == "Concat":
-            quantizers = [_source_quantizer(v) for v in node.inputs]
+            quantizers = [source_quantizer(v) for v in node.inputs]
             if not quantizers or not all(quantizers):
                 continue
         elif node.op_type in LAYERS and (out := _output_quantizer(node)) is not None:
-            quantizers = [out] + [q for v in node.inputs if (q := _source_quantizer(v)) is not None]
+            quantizers = [out] + [q for v in node.inputs if (q := source_quantizer(v)) is not None]
         else:
             continue
         links.add_nodes_from(quantizers)
@@ -187,6 +214,24 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
         if len(signed) < len(group):
             as_uint8.update(id(q) for q in signed)
     return as_uint8
+
+
+def _shifted_signed_pairs(graph: Graph) -> list[Node]:
+    """The activation QuantizeLinear nodes of a QDQ graph (one already written for ONNX Runtime) that store a
+    signed grid as uint8 with zero point 128, read only by DequantizeLinear nodes on the same grid: int8 with
+    zero point 0 is the same grid (q - 128), the form OpenVINO runs."""
+    found = []
+    for q in graph:
+        if q.op_type != "QuantizeLinear" or q.domain or q.input(0).const is not None or len(q.inputs) < 3:
+            continue
+        scale, zero = q.input(1), q.input(2)
+        if zero is None or zero.const is None or zero.const.dtype != np.uint8 or not np.all(zero.const == 128):
+            continue
+        users = q.output.users
+        if users and all(u.op_type == "DequantizeLinear" and u.input(1) is scale and u.input(2) is zero
+                         and u.attrs.get("axis") == q.attrs.get("axis") for u in users):
+            found.append(q)
+    return found
 
 
 def _split_float_bias(graph: Graph, gemm: Node) -> None:
@@ -245,6 +290,30 @@ def _requantize_before_layers(graph: Graph, dq: Node) -> None:
             node.set_input(port, again)
 
 
+def _reads_layer_relu(x: Value) -> bool:
+    """`x`, read by nothing else, is the output of a Relu that alone reads an integer-fusable layer's output."""
+    relu = x.producer
+    if relu is None or relu.op_type != "Relu" or relu.domain or len(x.uses) != 1:
+        return False
+    layer = relu.input(0).producer
+    return layer is not None and layer.op_type in LAYERS and not layer.domain and len(relu.input(0).uses) == 1
+
+
+def _unsigned_first(graph: Graph, node: Node, relu: Node, p: QDQParams, attrs: dict) -> None:
+    """layer -> Relu -> (signed grid) becomes layer -> Q -> DQ (unsigned grid, `p`'s scale, zero point 0) -> Relu
+    -> (signed grid); see the module doc. The Relu, a no-op after the unsigned grid, stays between the two pairs:
+    ONNX Runtime would merge two adjacent Q -> DQ pairs into one on another scale."""
+    scale_dtype = np.float16 if node.output.dtype == "float16" else np.float32
+    scale = graph.add_constant(f"{node.name}_relu_scale", p.scale.astype(scale_dtype))
+    zero = graph.add_constant(f"{node.name}_relu_zero_point", np.zeros_like(p.zero_point))
+    x = relu.input(0)
+    q = graph.make_node("QuantizeLinear", [x, scale, zero], attrs, name=f"{node.name}_relu_q", before=relu).output
+    dq = graph.make_node("DequantizeLinear", [q, scale, zero], attrs, name=f"{node.name}_relu_dq",
+                         before=relu).output
+    dq.dtype, dq.shape = x.dtype, x.shape
+    relu.set_input(0, dq)
+
+
 def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
     x, low, high, out_low, out_high = node.inputs[:5]
     if any(v is None or v.const is None for v in (low, high, out_low, out_high)):
@@ -257,6 +326,8 @@ def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
     quantized = quantize_array(x.const, p) if x.const is not None else None
     if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:
         p = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
+        if _reads_layer_relu(x):
+            _unsigned_first(graph, node, x.producer, p, attrs)
     # DequantizeLinear's output type is its scale's: a float16 model keeps float16 scales (opset >= 19)
     scale_dtype = np.float16 if node.output.dtype == "float16" else np.float32
     scale = graph.add_constant(f"{node.name}_scale", p.scale.astype(scale_dtype))
