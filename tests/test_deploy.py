@@ -138,6 +138,18 @@ def test_onnx_runtime_runs_every_quantized_layer_it_can_in_int8(deployed, form):
         assert float_output_convs == []
 
 
+@pytest.mark.parametrize("form", ["torch.onnx", "onnx.onnx"])
+def test_onnx_runtime_runs_resnet_stem_pool_and_every_residual_add_on_integers(deployed, form):
+    """The stem's quantizer sits above its MaxPool, which two ops read: the first conv and the first residual
+    Add. One requantization after the MaxPool serves both, so ONNX Runtime runs the MaxPool in uint8 and all 8
+    residual Adds as QLinearAdd (with a requantization per conv, the MaxPool and that Add ran in float)."""
+    if deployed.family != "residual":
+        pytest.skip("the stem MaxPool read by a conv and a residual Add is ResNet's")
+    ops = ort_optimized_ops(deployed.paths[form])
+    assert ops["QLinearAdd"] == 8, ops
+    assert ops["MaxPool"] + ops["NhwcMaxPool"] == 1 and ops["DequantizeLinear"] <= 1, ops
+
+
 # --------------------------------------------------------------------------- agreement with the simulation
 
 

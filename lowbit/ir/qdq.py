@@ -51,9 +51,14 @@ see quant/ranges.py), not by the storage type.
 A quantizer placed above value-preserving ops (Flatten, Reshape, Transpose,
 MaxPool, ...: placement moves quantizers up through them) leaves those ops
 between the DequantizeLinear and the layer, and ONNX Runtime's QDQ fusions
-only take a DequantizeLinear that feeds the layer itself. So the layer gets
-its own QuantizeLinear -> DequantizeLinear on the same grid, which changes no
-value (the values there are already on that grid) and lets the runtime fuse.
+only take a DequantizeLinear that feeds the layer itself. So the output of the
+last such op gets a QuantizeLinear -> DequantizeLinear on the same grid, which
+changes no value (the values there are already on that grid), shared by the
+ops that read it and that ONNX Runtime fuses with a DequantizeLinear (layers,
+Add, Mul, pooling; OpenVINO needs none of this): a ResNet's stem MaxPool then runs in uint8 (DQ -> MaxPool -> Q)
+and both its readers, the first conv and the residual Add, fuse (QLinearConv,
+QLinearAdd; with one Q -> DQ per conv the Add stayed in float, and the
+MaxPool with it: 1.7x NNCF's ONNX Runtime latency).
 Likewise ONNX Runtime has no integer Gemm with both a float bias and a float
 output (QGemm takes one or the other), so such a Gemm (a classifier head) is
 written as Gemm without bias -> Add(bias).
@@ -137,8 +142,8 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
         if is_fake_quantize(node):
             _rewrite(graph, node, id(node) in as_uint8)
     for node in graph.nodes:
-        if node.op_type == "DequantizeLinear" and node.input(0).const is None:
-            _requantize_before_layers(graph, node)
+        if runtime == "onnxruntime" and node.op_type == "DequantizeLinear" and node.input(0).const is None:
+            _requantize_after_preserving(graph, node)
     for node in graph.nodes:
         if node.op_type == "Gemm" and not node.domain:
             _split_float_bias(graph, node)
@@ -147,6 +152,9 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
 
 
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops ONNX Runtime fuses with the DequantizeLinear nodes they read (QLinearConv, QLinearAdd, ...): the readers
+# a requantization after value-preserving ops is for
+FUSED_READERS = LAYERS | {"Add", "Mul", "AveragePool", "GlobalAveragePool"}
 # Ops whose outputs are some of their first input's values, rearranged: what is on a grid stays on it.
 VALUE_PRESERVING = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
                               "GlobalMaxPool", "Identity", "Slice", "Gather", "Expand", "Tile",
@@ -266,11 +274,12 @@ def _joins_one_grid(node: Node, dq: Node) -> bool:
     return True
 
 
-def _requantize_before_layers(graph: Graph, dq: Node) -> None:
-    """Give every layer that reads `dq`'s per-tensor grid through value-preserving ops a Q -> DQ of its own."""
+def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
+    """Requantize, once, the output of each value-preserving op (or one-grid Concat) that `dq`'s per-tensor grid
+    reaches, for every op that reads it other than further value-preserving ops (see the module doc)."""
     if dq.input(1).const is None or dq.input(1).const.size != 1:
         return
-    stack = [(user, port) for user, port in dq.output.uses]
+    stack = [(user, port) for user, port in dq.output.uses if port >= 0]
     seen = set()
     while stack:
         node, port = stack.pop()
@@ -278,16 +287,26 @@ def _requantize_before_layers(graph: Graph, dq: Node) -> None:
             continue
         seen.add(id(node))
         preserving = node.op_type in VALUE_PRESERVING and port == 0
-        if (preserving or _joins_one_grid(node, dq)) and op_info(node.op_type, node.domain) is not None:
-            stack.extend(use for use in node.output.uses)
-        elif node.op_type in LAYERS and node.input(port).producer is not dq and not node.domain:
-            value = node.input(port)
-            q = graph.make_node("QuantizeLinear", [value, dq.input(1), dq.input(2)], name=f"{dq.name}_again",
-                                before=node).output
+        if not (preserving or _joins_one_grid(node, dq)) or op_info(node.op_type, node.domain) is None:
+            continue
+        out = node.output
+        onward, readers = [], []
+        for user, at in out.uses:
+            if at < 0 or user.op_type == "QuantizeLinear":
+                continue  # a subgraph's capture, or a quantizer already on the grid
+            if user.op_type in VALUE_PRESERVING and at == 0 or _joins_one_grid(user, dq):
+                onward.append((user, at))
+            elif user.op_type in FUSED_READERS and not user.domain:
+                readers.append((user, at))
+        stack.extend(onward)
+        if readers and not out.is_graph_output:
+            q = graph.make_node("QuantizeLinear", [out, dq.input(1), dq.input(2)], name=f"{dq.name}_again",
+                                after=node).output
             again = graph.make_node("DequantizeLinear", [q, dq.input(1), dq.input(2)], name=f"{dq.name}_again",
-                                    before=node).output
-            again.dtype, again.shape = value.dtype, value.shape
-            node.set_input(port, again)
+                                    after=q.producer).output
+            again.dtype, again.shape = out.dtype, out.shape
+            for user, at in readers:
+                user.set_input(at, again)
 
 
 def _reads_layer_relu(x: Value) -> bool:
