@@ -345,6 +345,40 @@ def test_requires_raising_stops_the_pipeline(small):
     assert ran == ["needy", "after"]
 
 
+def test_a_missing_prerequisite_is_named_before_any_pass_runs(small):
+    """quantize needs fuse (a quantizer between a MatMul and its bias Add would split the fused pattern)."""
+    _, _, graph = small
+    ran = []
+
+    def spy(graph, ctx):
+        ran.append("spy")
+
+    pm = PassManager([spy, "cleanup", "quantize"])
+    with pytest.raises(lowbit.PassError) as e:
+        pm.run(graph, PassContext(dataset=lowbit.Dataset([torch.zeros(1, 1, 8, 8)])))
+    assert str(e.value) == (
+        "pass 'quantize' needs 'fuse' to have run before it, and it has not (pipeline: spy, cleanup, quantize; run "
+        "on this graph before: none). Run passes=['spy', 'cleanup', 'fuse', 'quantize']")
+    assert ran == [] and pm.records == []
+    with pytest.raises(lowbit.PassError, match="pass 'fast_bias_correction' needs 'quantize'"):
+        lowbit.compile(small[0], ["cleanup", "fuse", "fast_bias_correction"], example_inputs=(small[1],))
+
+
+def test_prerequisites_run_in_an_earlier_pipeline_count(small):
+    """The graph records the passes run on it, so a fused graph (or a module compile returned) can be quantized
+    in a pipeline of its own."""
+    _, x, graph = small
+    fused = PassManager(["cleanup", "fuse"]).run(graph)
+    assert fused.meta["passes_run"] == ["cleanup", "fuse"]
+    assert "passes_run" not in graph.meta  # the input graph is never modified
+    data = lowbit.Dataset([x])
+    quantized = PassManager(["quantize"]).run(fused, PassContext(dataset=data, options={"progress": False}))
+    assert quantized.meta["passes_run"] == ["cleanup", "fuse", "quantize"]
+    module = lowbit.compile(small[0], ["cleanup", "fuse"], example_inputs=(x,))
+    q = lowbit.compile(module, ["quantize", "snap_bias"], dataset=data, progress=False)
+    assert sum(1 for n in q.lowbit_graph if n.op_type == "FakeQuantize") > 0
+
+
 def test_a_plain_exception_from_requires_or_ensures_becomes_a_pass_error(small):
     _, _, graph = small
 

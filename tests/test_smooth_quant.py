@@ -171,6 +171,6 @@ def test_bad_alpha_and_misplaced_pass(vit, dataset):
     with pytest.raises(lowbit.OptionError, match=r"alpha must be in \[0, 1\], got 1.5"):
         SmoothQuant(alpha=1.5)
     with pytest.raises(lowbit.PassError, match="smooth_quant must run before quantize"):
-        lowbit.compile(vit, ["quantize", "smooth_quant"], dataset=dataset, progress=False)
+        lowbit.compile(vit, ["fuse", "quantize", "smooth_quant"], dataset=dataset, progress=False)
     with pytest.raises(lowbit.PassError, match="smooth_quant needs calibration data"):
         lowbit.compile(vit, ["smooth_quant"], example_inputs=(torch.zeros(1, 1, 8, 8),))

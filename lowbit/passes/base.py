@@ -62,6 +62,7 @@ class Pass:
     name: str = ""
     description: str = ""
     preserves_statistics: bool = False  # True: ctx.statistics stays valid after this pass (see the module doc)
+    prerequisites: tuple[str, ...] = ()  # passes that must have run on the graph before this one (any pipeline)
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError

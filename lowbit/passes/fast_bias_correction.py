@@ -167,6 +167,7 @@ def _plausible(bias: np.ndarray, shift: np.ndarray) -> bool:
 @register_pass
 class FastBiasCorrection(Pass):
     name = "fast_bias_correction"
+    prerequisites = ("quantize",)
     description = "shift biases so quantized layers keep their FP32 mean output"
 
     def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:

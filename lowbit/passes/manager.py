@@ -4,7 +4,11 @@
     graph = pm.run(graph, PassContext(hw="CPU"))
     pm.records    # one StepRecord per pass: time, node counts, rules fired, diff counts
 
-Each pass's `requires` hook runs before it and `ensures` after it; then
+Before any work, every pass's `prerequisites` (the passes that must have
+run before it, in this pipeline or in one that produced the graph: the graph
+records them in `meta["passes_run"]`) are checked; a missing one is a
+PassError naming it and the pipeline that would work. Each pass's
+`requires` hook runs before it and `ensures` after it; then
 `graph.verify()`; then the statistics cache (`ctx.statistics`) is cleared
 unless the pass declares `preserves_statistics`. A failure names the pass, the broken node and the passes
 already run. The input graph is never modified: the pipeline works on a copy.
@@ -48,8 +52,23 @@ class PassManager:
         self.verify = verify
         self.records: list[StepRecord] = []
 
+    def check_prerequisites(self, graph: Graph) -> None:
+        """Raise PassError if a pass's prerequisites have not run on `graph` nor earlier in this pipeline."""
+        ran = list(graph.meta.get("passes_run", []))
+        names = [p.name for p in self.passes]
+        for index, p in enumerate(self.passes):
+            missing = [need for need in p.prerequisites if need not in ran]
+            if missing:
+                fixed = names[:index] + missing + names[index:]
+                raise PassError(f"pass {p.name!r} needs {missing[0]!r} to have run before it, and it has not "
+                                f"(pipeline: {', '.join(names)}; run on this graph before: "
+                                f"{', '.join(graph.meta.get('passes_run', [])) or 'none'}). "
+                                f"Run passes={fixed}")
+            ran.append(p.name)
+
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
+        self.check_prerequisites(graph)
         ctx.options["pipeline"] = [p.name for p in self.passes]
         graph = graph.copy()
         ctx.statistics.clear()  # statistics describe one run's graph
@@ -85,6 +104,7 @@ class PassManager:
             if not p.preserves_statistics:
                 ctx.statistics.clear()
             ctx.history.append(p.name)
+            graph.meta["passes_run"] = [*graph.meta.get("passes_run", []), p.name]
             record = StepRecord(index, p.name, seconds, n_before, len(graph), result.changed, Counter(result.fired),
                                 notes=list(result.notes))
             if self.dump:

@@ -157,6 +157,7 @@ def activation_ranges(graph: Graph, ctx: PassContext, activations: list[QuantPoi
 @register_pass
 class Quantize(Pass):
     name = "quantize"
+    prerequisites = ("fuse",)
     description = "place, calibrate and insert FakeQuantize as the hardware config says"
     # FakeQuantize nodes are inserted, no value's FP32 function changes: statistics (FP32 ones) stay valid
     preserves_statistics = True

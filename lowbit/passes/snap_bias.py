@@ -41,6 +41,7 @@ def _scale(fq) -> np.ndarray | None:
 @register_pass
 class SnapBias(Pass):
     name = "snap_bias"
+    prerequisites = ("quantize",)
     description = "round quantized layers' biases to the int32 grid integer kernels add them on"
     preserves_statistics = True  # a bias moves by under half an accumulator step: no statistic depends on it
 
