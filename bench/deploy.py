@@ -26,7 +26,11 @@ device ANY, fast bias correction; the ViT with model_type "transformer").
   and its output quantizer, and ONNX Runtime then ran all of NNCF's
   convolutions in FP32 (lowbit folds it).
 - `.xml` runs in OpenVINO; `.onnx` runs in ONNX Runtime and in OpenVINO (which
-  reads .onnx directly).
+  reads .onnx directly). lowbit writes an .onnx for the runtime it is meant
+  for: the ONNX Runtime rows run `lowbit.export(q, "m.onnx")` (or the QDQ
+  model `quantize` returns), the OpenVINO rows `lowbit.export(q, "m.onnx",
+  runtime="openvino")` (the same grids; signed ones int8, never uint8 with
+  zero point 128: see lowbit/ir/qdq.py). NNCF writes one .onnx for both.
 - FP32 baselines: `openvino.convert_model` of the module (.xml) and the FP32
   ONNX model above (.onnx); one per form, shared by both origins.
 - All exports keep the batch dimension dynamic.
@@ -180,6 +184,11 @@ class Made:
             self.missing[form] = str(ptq.Failed(e))
 
 
+def deployed(made: Made, form: str, runtime: str) -> Path | None:
+    """The file a tool deploys as `form` in `runtime`: lowbit's .onnx for OpenVINO is the one written for it."""
+    return made.paths.get(f"{form}@{runtime}") or made.paths.get(form)
+
+
 def fp32_forms(model, example: torch.Tensor, workdir: Path, tag: str) -> dict[str, Path]:
     """The FP32 baselines, also the ONNX origin: openvino.convert_model of the module (.xml) and
     torch.onnx.export of it (.onnx; BatchNorm folded into Conv, as a user's FP32 ONNX model has it)."""
@@ -221,6 +230,8 @@ def quantize_and_write(tool: str, origin: str, source, items: list, workdir: Pat
         return made
     q = made.model
     xml, onnx_path = f"{stem}.xml", f"{stem}.onnx"
+    if tool == "lowbit":  # the .onnx lowbit writes for OpenVINO (runtime="openvino"), from either origin
+        made.attempt("onnx@OpenVINO", lambda: lowbit.export(q, f"{stem}.ov.onnx", runtime="openvino"))
     if origin == "onnx":
         made.attempt("onnx", lambda: (onnx.save(q, onnx_path), onnx_path)[1])
         if tool == "lowbit":
@@ -320,10 +331,10 @@ def accuracy_rows(name: str, tools: list[str], workdir: Path) -> list[dict]:
         row = dict(model=name, origin=origin, form=form, runtime=runtime, fp32_top1=fp32_top1[form, runtime])
         for tool in tools:
             m = made[tool, origin]
-            if form not in m.paths:
-                row[f"{tool}_missing"] = m.missing.get(form, "n/a")
+            path = deployed(m, form, runtime)
+            if path is None:
+                row[f"{tool}_missing"] = m.missing.get(f"{form}@{runtime}") or m.missing.get(form, "n/a")
                 continue
-            path = m.paths[form]
             try:
                 got = logits(path, runtime, x)
                 row[f"{tool}_int8"] = int8_structure(path, runtime)
@@ -359,8 +370,8 @@ def latency_rows(name: str, tools: list[str], rounds: int, processes: int, workd
         specs = {f"fp32|{form}": fp32[form] for form in ("xml", "onnx") if runtime == "OpenVINO" or form == "onnx"}
         for origin, form, rt in DEPLOYMENTS:
             for tool in tools:
-                if rt == runtime and form in made[tool, origin].paths:
-                    specs[f"{tool}|{origin}|{form}"] = made[tool, origin].paths[form]
+                if rt == runtime and (path := deployed(made[tool, origin], form, rt)) is not None:
+                    specs[f"{tool}|{origin}|{form}"] = path
         try:
             measured[runtime] = run_latency(specs, runtime, workdir / "input.npy", rounds, processes)
         except RuntimeError as e:
