@@ -30,3 +30,63 @@ def test_no_pass_imports_another_pass():
     offenders = {p.stem: sorted(_imported_siblings(p) & passes) for p in PASSES.glob("*.py")
                  if p.stem in passes and _imported_siblings(p) & passes}
     assert offenders == {}
+
+
+# --------------------------------------------------------------------------- one op table
+
+PACKAGE = PASSES.parent
+OP_TABLES = {PACKAGE / "ir" / "ops.py", PACKAGE / "ir" / "torch_ops.py"}  # the op table and its aten mapping
+
+
+def _op_sets(path: Path, vocabulary: set[str]) -> list[str]:
+    """`file:line` of every set, tuple or list literal in `path`, or dict literal of constants, that names two or
+    more ops."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Set, ast.Tuple, ast.List)):
+            items = node.elts
+        elif isinstance(node, ast.Dict) and all(isinstance(v, ast.Constant) for v in node.values):
+            items = [k for k in node.keys if k is not None]  # a table of facts (a dispatch table maps to code)
+        else:
+            continue
+        names = [e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        if sum(name in vocabulary for name in names) >= 2:
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return found
+
+
+def test_only_the_op_table_defines_op_sets():
+    """Facts about ops (groups, axes, defaults, channel flow) live in lowbit/ir/ops.py; a module that writes its
+    own set of op names would drift from it (they used to disagree: five activation lists, two UNARY tables)."""
+    from lowbit.ir.ops import VOCABULARY
+
+    vocabulary = set(VOCABULARY) | {"FakeQuantize", "QuantizeLinear", "DequantizeLinear"}
+    offenders = [hit for path in sorted(PACKAGE.rglob("*.py")) if path not in OP_TABLES
+                 for hit in _op_sets(path, vocabulary)]
+    assert offenders == []
+    # and the check sees one: the table itself is full of them
+    assert len(_op_sets(PACKAGE / "ir" / "ops.py", vocabulary)) >= 5
+
+
+def test_the_op_table_knows_each_ops_channel_flow_and_axes():
+    from lowbit.ir.ops import FLOWS, VOCABULARY, activation_axis, channel_flow, weight_in_axis, weight_out_axis
+
+    assert all(info.flow in FLOWS for info in VOCABULARY.values())
+    from lowbit.ir.graph import Graph
+
+    graph = Graph("g")
+    x = graph.add_input("x", "float32", (1, 4, 8, 8))
+
+    def node(op, **attrs):
+        return graph.make_node(op, [x], attrs)
+
+    gemm, gemm_t = node("Gemm"), node("Gemm", transB=1)
+    assert (weight_out_axis(gemm), weight_in_axis(gemm)) == (1, 0)
+    assert (weight_out_axis(gemm_t), weight_in_axis(gemm_t)) == (0, 1)
+    conv, depthwise = node("Conv"), node("Conv", group=4)
+    assert (weight_out_axis(conv), weight_in_axis(conv), activation_axis(conv)) == (0, 1, 1)
+    assert (channel_flow(conv), channel_flow(depthwise)) == ("layer", "grouped")
+    assert (weight_out_axis(node("MatMul")), activation_axis(node("MatMul"))) == (-1, -1)
+    assert [channel_flow(node(op)) for op in ("Relu", "Concat", "Split", "Flatten", "MaxPool", "ReduceMean")] == [
+        "elementwise", "concat", "split", "reshape", "pool", "reduce"]
+    assert weight_out_axis(node("Relu")) is None

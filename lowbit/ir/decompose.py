@@ -17,18 +17,21 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node
+from .ops import op_info
 
-# op type -> the first default-domain opset that has it
-INTRODUCED_IN = {"Swish": 24, "Attention": 23}
+def _newer_than(node: Node, opset: int) -> bool:
+    """`node` is a default-domain op that the ONNX opset `opset` does not have yet (ops.OpInfo.since_opset)."""
+    info = op_info(node.op_type, node.domain) if node.domain == "" else None
+    return info is not None and (info.since_opset or 0) > opset
 
 
 def expand_for_opset(graph: Graph, opset: int) -> Graph:
     """`graph` itself if it needs nothing expanded, else a copy with the expansions made."""
-    if not any(n.domain == "" and INTRODUCED_IN.get(n.op_type, 0) > opset for n in graph):
+    if not any(_newer_than(n, opset) for n in graph):
         return graph
     graph = graph.copy()
     for node in graph.nodes:
-        if node.domain == "" and INTRODUCED_IN.get(node.op_type, 0) > opset:
+        if _newer_than(node, opset):
             EXPANSIONS[node.op_type](graph, node)
             graph.remove(node)
     return graph

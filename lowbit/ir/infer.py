@@ -11,16 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Node, Value
+from .ops import op_info
 from .types import Shape, from_onnx_dtype
 
-SAME_AS_INPUT = frozenset({
-    "Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu", "Elu", "Selu",
-    "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "BatchNormalization",
-    "LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax", "Dropout",
-    "Identity", "FakeQuantize",
-})
-BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
-COMPARE = frozenset({"Equal", "Less", "Greater"})
 
 
 def broadcast(a: Shape, b: Shape) -> Shape:
@@ -50,13 +43,15 @@ def infer_node(node: Node) -> None:
     ins: list[Value | None] = list(node.inputs)
     first = ins[0] if ins else None
     op = node.op_type if node.domain in ("", "ai.onnx", "org.openvinotoolkit") else None
+    info = op_info(node.op_type, node.domain)
+    rule = "same" if node.op_type == "FakeQuantize" and op else info.shape_rule if info is not None else None
     dtype: str | None = None
     shape: Shape = None
-    if op in SAME_AS_INPUT and first is not None:
+    if rule == "same" and first is not None:
         dtype, shape = first.dtype, first.shape
-    elif op in BROADCAST and len(ins) == 2 and all(v is not None for v in ins):
+    elif rule == "broadcast" and len(ins) == 2 and all(v is not None for v in ins):
         dtype, shape = first.dtype, broadcast(ins[0].shape, ins[1].shape)
-    elif op in COMPARE and len(ins) == 2 and all(v is not None for v in ins):
+    elif rule == "compare" and len(ins) == 2 and all(v is not None for v in ins):
         dtype, shape = "bool", broadcast(ins[0].shape, ins[1].shape)
     elif op == "MatMul" and len(ins) == 2:
         dtype, shape = first.dtype, _matmul(ins[0].shape, ins[1].shape)

@@ -32,12 +32,28 @@ QUANT_DOMAIN = "org.openvinotoolkit"
 
 @dataclass(frozen=True)
 class OpInfo:
-    """What passes need to know about an op type."""
+    """What passes need to know about an op type. This table is the only place such facts are written:
+    every module reads them from here (tests/test_layout.py fails on an op set defined elsewhere)."""
 
     name: str
     weight_inputs: tuple[int, ...] = ()  # inputs that hold weights when constant
-    channel_axis: int | None = None  # output-channel axis of the weight input (per-channel quantization)
     traits: frozenset[str] = field(default_factory=frozenset)
+    flow: str = "opaque"  # how channels flow through the op: one of FLOWS (see channel_flow for attributes)
+    shape_rule: str | None = None  # how infer.py derives the output: "same", "broadcast", "compare" or None
+    defaults: tuple[tuple[str, object], ...] = ()  # ONNX attribute defaults that passes read
+    since_opset: int | None = None  # the ONNX opset that introduced the op, where newer than IR_OPSET
+    bias_input: int | None = None  # the input that holds a bias added to the output channels
+
+
+# How channels flow through an op, for passes that follow channels (per-channel statistics, pruning):
+# "layer" consumes its input channels and makes new output channels (a weighted op); "grouped" is a layer whose
+# groups tie input to output channels (a depthwise Conv); "elementwise" keeps channels, tying those of all its
+# inputs (broadcast); "normalize" keeps them, with per-channel parameters (BatchNormalization) or over an axis;
+# "pool" keeps them and changes the spatial size; "reduce" may remove the axis it reduces; "concat" and
+# "split" join and cut along an axis (attribute `axis`); "reshape" moves them (Reshape, Flatten, Transpose, ...);
+# "index" picks some (Gather); "opaque" is anything a pass cannot follow.
+FLOWS = ("layer", "grouped", "elementwise", "normalize", "pool", "reduce", "concat", "split", "reshape", "index",
+         "opaque")
 
 
 def _ops(*infos: OpInfo) -> dict[str, OpInfo]:
@@ -50,52 +66,134 @@ def _t(*names: str) -> frozenset[str]:
 
 ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "Where",
                       "GreaterOrEqual", "LessOrEqual", "And", "Or")
+ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")  # broadcast, output of the inputs' type
+COMPARISONS = ("Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual")  # broadcast, bool output
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu",
                "Elu", "Selu", "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs")
+# Activations that a hardware config fuses into the layer before them (fuse.py's patterns)
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "Swish", "HardSwish", "HardSigmoid", "Gelu",
+                                 "LeakyRelu", "Elu"})
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "GatherElements",
              "GatherND", "Split",
              "Concat", "Expand", "Tile", "Identity", "Shape", "Cast", "Pad", "DepthToSpace", "SpaceToDepth")
+SHAPE_FLOW = {"Slice": "split", "Split": "split", "Concat": "concat", "Gather": "index", "GatherElements": "index",
+              "GatherND": "index", "Identity": "elementwise", "Cast": "elementwise", "Shape": "opaque",
+              "Pad": "pool"}
 
 # Shape ops a quantizer does not move up through: Shape and Cast change the dtype, Concat joins several grids
 # (the config's `propagate` decides), and Slice, Gather and Split keep a part of their input, whose range is
 # narrower: moved above them a quantizer would take the whole tensor's range (a ViT's value quantizer took the
 # fused query/key/value tensor's) and run on all of it.
 NOT_AGNOSTIC_SHAPE_OPS = ("Shape", "Cast", "Concat", "Slice", "Gather", "GatherElements", "GatherND", "Split")
+# Ops whose outputs are some of their first input's values, rearranged: what is on a quantizer's grid stays on
+# it (the QDQ writer requantizes after them; see qdq.py)
+KEEPS_VALUES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool", "Identity",
+                "Slice", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth")
+# Ops cleanup never constant-folds: random ones, Dropout (kept for training) and DequantizeLinear (what keeps a
+# quantized model's integer weights)
+RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+COMMUTATIVE_OPS = ("Add", "Mul", "Max", "Min", "Equal")
+NORMALIZE_SAME = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+                  "Softmax", "LogSoftmax")
 
 VOCABULARY: dict[str, OpInfo] = _ops(
-    OpInfo("Conv", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
-    OpInfo("ConvTranspose", weight_inputs=(1,), channel_axis=1, traits=_t("weighted")),
-    OpInfo("Gemm", weight_inputs=(1,), channel_axis=0, traits=_t("weighted")),
-    OpInfo("MatMul", weight_inputs=(1,), channel_axis=-1, traits=_t("weighted")),
-    OpInfo("BatchNormalization"),
-    OpInfo("LayerNormalization"),
-    OpInfo("InstanceNormalization"),
-    OpInfo("GroupNormalization"),
-    OpInfo("Softmax"),
-    OpInfo("LogSoftmax"),
-    OpInfo("MaxPool", traits=_t("agnostic")),
-    OpInfo("AveragePool"),
-    OpInfo("GlobalAveragePool"),
-    OpInfo("GlobalMaxPool", traits=_t("agnostic")),
-    OpInfo("ReduceMean"),
-    OpInfo("ReduceSum"),
-    OpInfo("ReduceMax"),
-    OpInfo("Attention"),
-    OpInfo("Dropout", traits=_t("agnostic")),
+    OpInfo("Conv", weight_inputs=(1,), traits=_t("weighted", "convolution"), flow="layer",
+           defaults=(("group", 1),), bias_input=2),
+    OpInfo("ConvTranspose", weight_inputs=(1,), traits=_t("weighted", "convolution"), flow="layer",
+           defaults=(("group", 1),), bias_input=2),
+    OpInfo("Gemm", weight_inputs=(1,), traits=_t("weighted"), flow="layer",
+           defaults=(("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0)), bias_input=2),
+    OpInfo("MatMul", weight_inputs=(1,), traits=_t("weighted"), flow="layer"),
+    *(OpInfo(n, flow="normalize", shape_rule="same") for n in NORMALIZE_SAME),
+    OpInfo("MaxPool", traits=_t("agnostic", "keeps_values"), flow="pool"),
+    OpInfo("AveragePool", flow="pool"),
+    OpInfo("GlobalAveragePool", flow="pool"),
+    OpInfo("GlobalMaxPool", traits=_t("agnostic", "keeps_values"), flow="pool"),
+    OpInfo("ReduceMean", flow="reduce"),
+    OpInfo("ReduceSum", flow="reduce"),
+    OpInfo("ReduceMax", flow="reduce"),
+    OpInfo("Attention", since_opset=23),
+    OpInfo("Dropout", traits=_t("agnostic", "never_folded"), flow="elementwise", shape_rule="same"),
     OpInfo("Constant"),
-    OpInfo("Resize", traits=_t("agnostic")),
+    OpInfo("Resize", traits=_t("agnostic"), flow="pool"),
     OpInfo("Range"),
     OpInfo("ConstantOfShape"),
     OpInfo("TopK"),
-    OpInfo("ArgMax"),
+    OpInfo("ArgMax", flow="reduce"),
     OpInfo("CumSum"),
-    OpInfo("Not"),
-    *(OpInfo(n, traits=_t("elementwise", *(("commutative",) if n in ("Add", "Mul", "Max", "Min", "Equal") else ())))
+    OpInfo("Not", flow="elementwise"),
+    OpInfo("DequantizeLinear", traits=_t("never_folded")),
+    *(OpInfo(n, traits=_t("never_folded")) for n in RANDOM),
+    *(OpInfo(n, traits=_t("elementwise", *(("commutative",) if n in COMMUTATIVE_OPS else ())), flow="elementwise",
+             shape_rule="broadcast" if n in ARITHMETIC else "compare" if n in COMPARISONS else None)
       for n in ELEMENTWISE_BINARY),
-    *(OpInfo(n, traits=_t("elementwise", "activation")) for n in ACTIVATIONS),
-    *(OpInfo(n, traits=_t("shape", *(("agnostic",) if n not in NOT_AGNOSTIC_SHAPE_OPS else ())))
+    *(OpInfo(n, traits=_t("elementwise", "activation"), flow="elementwise", shape_rule="same",
+             since_opset=24 if n == "Swish" else None) for n in ACTIVATIONS),
+    *(OpInfo(n, traits=_t("shape", *(("agnostic",) if n not in NOT_AGNOSTIC_SHAPE_OPS else ()),
+                          *(("keeps_values",) if n in KEEPS_VALUES else ())),
+             flow=SHAPE_FLOW.get(n, "reshape"), shape_rule="same" if n == "Identity" else None)
       for n in SHAPE_OPS),
 )
+
+
+def _with(trait: str) -> frozenset[str]:
+    return frozenset(name for name, info in VOCABULARY.items() if trait in info.traits)
+
+
+# Op groups, derived from the table
+LAYERS = _with("weighted")  # Conv, ConvTranspose, Gemm, MatMul
+CONVOLUTIONS = _with("convolution")
+MATMULS = LAYERS - CONVOLUTIONS  # Gemm, MatMul: channels on the last axis
+COMMUTATIVE = _with("commutative")
+VALUE_PRESERVING = _with("keeps_values")
+NEVER_FOLDED = _with("never_folded")
+# Ops ONNX Runtime fuses with the DequantizeLinear nodes they read (QLinearConv, QLinearAdd, QLinearMul,
+# QLinearAveragePool, ...): what the QDQ writer requantizes for after value-preserving ops
+ORT_QDQ_READERS = LAYERS | {"Add", "Mul", "AveragePool", "GlobalAveragePool"}
+# Activations ONNX Runtime folds into the QuantizeLinear after a layer where that grid starts at the zero point
+ORT_FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+# Ops that pick dims out of a Shape's output (cleanup folds those that pick static dims)
+SHAPE_PICKERS = frozenset({"Gather", "Slice"})
+# Elementwise ops NNCF's transformer model type leaves unquantized (their inputs get no quantizer)
+TRANSFORMER_FP32_ELEMENTWISE = frozenset({"Add", "Mul"})
+
+
+def attribute(node, name: str):
+    """`node`'s attribute `name`, or its ONNX default from the table (None where the table has none)."""
+    info = op_info(node.op_type, node.domain)
+    default = dict(info.defaults).get(name) if info is not None else None
+    return node.attrs.get(name, default)
+
+
+def weight_out_axis(node) -> int | None:
+    """The axis of a layer's constant weight along which its output channels run (per-channel quantization,
+    BatchNorm folding): Conv 0, ConvTranspose 1, Gemm 0 with transB else 1, MatMul the last; None otherwise."""
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB") else 1
+    return {"Conv": 0, "ConvTranspose": 1, "MatMul": -1}.get(node.op_type) if not node.domain else None
+
+
+def weight_in_axis(node) -> int | None:
+    """The axis of a layer's constant weight along which its input channels run (SmoothQuant's scaling)."""
+    if node.op_type == "Gemm":
+        return 1 if attribute(node, "transB") else 0
+    return {"Conv": 1, "ConvTranspose": 0, "MatMul": -2}.get(node.op_type) if not node.domain else None
+
+
+def activation_axis(node) -> int:
+    """The channel axis of a layer's input and output activations: 1 for convolutions (NCHW), the last for
+    Gemm and MatMul."""
+    return 1 if node.op_type in CONVOLUTIONS else -1
+
+
+def channel_flow(node) -> str:
+    """How channels flow through `node` (one of FLOWS): the table's, with a grouped Conv as "grouped"."""
+    info = op_info(node.op_type, node.domain)
+    if info is None:
+        return "opaque"
+    if info.flow == "layer" and node.op_type in CONVOLUTIONS and (attribute(node, "group") or 1) > 1:
+        return "grouped"
+    return info.flow
 
 
 def op_info(op_type: str, domain: str = "") -> OpInfo | None:

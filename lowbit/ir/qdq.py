@@ -72,7 +72,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
-from .ops import IR_OPSET, is_fake_quantize, op_info
+from .ops import IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, VALUE_PRESERVING, is_fake_quantize, op_info
 
 EPS = 1e-8
 
@@ -151,14 +151,6 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
     return graph
 
 
-LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-# Ops ONNX Runtime fuses with the DequantizeLinear nodes they read (QLinearConv, QLinearAdd, ...): the readers
-# a requantization after value-preserving ops is for
-FUSED_READERS = LAYERS | {"Add", "Mul", "AveragePool", "GlobalAveragePool"}
-# Ops whose outputs are some of their first input's values, rearranged: what is on a grid stays on it.
-VALUE_PRESERVING = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool",
-                              "GlobalMaxPool", "Identity", "Slice", "Gather", "Expand", "Tile",
-                              "DepthToSpace", "SpaceToDepth"})
 
 
 def _is_signed(fq: Node) -> bool:
@@ -186,7 +178,7 @@ def _output_quantizer(layer: Node) -> Node | None:
         user = value.users[0]
         if is_fake_quantize(user):
             return user
-        if user.op_type not in ("Relu", "Clip") or user.domain:
+        if user.op_type not in ORT_FOLDED_ACTIVATIONS or user.domain:
             return None
         value = user.output
     return None
@@ -296,7 +288,7 @@ def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
                 continue  # a subgraph's capture, or a quantizer already on the grid
             if user.op_type in VALUE_PRESERVING and at == 0 or _joins_one_grid(user, dq):
                 onward.append((user, at))
-            elif user.op_type in FUSED_READERS and not user.domain:
+            elif user.op_type in ORT_QDQ_READERS and not user.domain:
                 readers.append((user, at))
         stack.extend(onward)
         if readers and not out.is_graph_output:

@@ -23,6 +23,7 @@ from ..errors import UnsupportedOpError
 from .graph import Graph, Node, Value
 from .ops import TORCH_DOMAIN, is_fake_quantize
 from .torch_guard import FIXED_DIMS, FIXED_REASON, check_input_dims
+from .torch_ops import BINARY, SCALAR_RHS, UNARY
 from .types import is_float, to_torch_dtype
 
 aten = torch.ops.aten
@@ -296,14 +297,6 @@ def _gemm(e: _Emitter, n: Node):
     return e.call(aten.addmm.default, e[c], x, w, beta=beta, alpha=alpha)
 
 
-BINARY = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Tensor, "Div": aten.div.Tensor,
-          "Pow": aten.pow.Tensor_Tensor, "Max": aten.maximum.default, "Min": aten.minimum.default,
-          "Equal": aten.eq.Tensor, "Less": aten.lt.Tensor, "Greater": aten.gt.Tensor}
-SCALAR_RHS = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Tensor, "Div": aten.div.Tensor,
-              "Pow": aten.pow.Tensor_Scalar, "Equal": aten.eq.Scalar, "Less": aten.lt.Scalar,
-              "Greater": aten.gt.Scalar}
-
-
 @emits(*BINARY)
 def _binary(e: _Emitter, n: Node):
     a, b = n.inputs
@@ -311,12 +304,6 @@ def _binary(e: _Emitter, n: Node):
     if n.op_type in SCALAR_RHS and not isinstance(rhs, fx.Node) and a.const is None:
         return e.call(SCALAR_RHS[n.op_type], e[a], rhs)
     return e.call(BINARY[n.op_type], e[a], e[b])
-
-
-UNARY = {"Relu": aten.relu.default, "Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default,
-         "HardSwish": aten.hardswish.default, "Exp": aten.exp.default, "Log": aten.log.default,
-         "Sqrt": aten.sqrt.default, "Erf": aten.erf.default, "Neg": aten.neg.default, "Abs": aten.abs.default,
-         "Reciprocal": aten.reciprocal.default}
 
 
 @emits(*UNARY)

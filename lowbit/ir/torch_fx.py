@@ -32,6 +32,7 @@ from .ops import IR_OPSET, TORCH_DOMAIN
 from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
 from .torch_guard import record_fixed_dims
 from .torch_inplace import InplaceTracker, functional_of
+from .torch_ops import BINARY, UNARY
 from .types import from_torch_dtype
 
 aten = torch.ops.aten
@@ -453,14 +454,8 @@ def _binary(op_type: str) -> Callable:
     return handler
 
 
-for _packet, _op in ((aten.add, "Add"), (aten.sub, "Sub"), (aten.mul, "Mul"), (aten.div, "Div"),
-                     (aten.pow, "Pow"), (aten.maximum, "Max"), (aten.minimum, "Min"), (aten.eq, "Equal"),
-                     (aten.lt, "Less"), (aten.gt, "Greater")):
-    HANDLERS[_packet] = _binary(_op)
-
-UNARY = {aten.relu: "Relu", aten.sigmoid: "Sigmoid", aten.tanh: "Tanh", aten.hardswish: "HardSwish",
-         aten.silu: "Swish", aten.exp: "Exp", aten.log: "Log", aten.sqrt: "Sqrt", aten.erf: "Erf",
-         aten.neg: "Neg", aten.abs: "Abs", aten.reciprocal: "Reciprocal"}
+for _op, _overload in BINARY.items():
+    HANDLERS[_overload.overloadpacket] = _binary(_op)
 
 
 def _unary(op_type: str) -> Callable:
@@ -469,8 +464,9 @@ def _unary(op_type: str) -> Callable:
     return handler
 
 
-for _packet, _op in UNARY.items():
-    HANDLERS[_packet.default] = _unary(_op)
+for _op, _overload in UNARY.items():
+    HANDLERS[_overload] = _unary(_op)
+HANDLERS[aten.silu.default] = _unary("Swish")
 
 
 @handles(aten.hardsigmoid.default)

@@ -21,6 +21,7 @@ from ..errors import UnsupportedOpError
 from .graph import Node
 from .torch_emit import _Emitter, emits
 from .torch_fx import handles
+from .torch_ops import COMPARE, LOGICAL
 from .types import from_torch_dtype, to_onnx_dtype
 
 aten = torch.ops.aten
@@ -206,9 +207,6 @@ def _emit_range(e: _Emitter, n: Node):
     return e.call(onnx_range, e[n.input(0)], e[n.input(1)], e[n.input(2)])
 
 
-COMPARE = {"GreaterOrEqual": (aten.ge.Tensor, aten.ge.Scalar), "LessOrEqual": (aten.le.Tensor, aten.le.Scalar)}
-
-
 @emits(*COMPARE)
 def _emit_compare(e: _Emitter, n: Node):
     a, b = n.inputs
@@ -234,9 +232,6 @@ def _emit_cumsum(e: _Emitter, n: Node):
     if n.attrs.get("exclusive", 0) or n.attrs.get("reverse", 0):
         raise UnsupportedOpError(f"CumSum {n.name!r} is exclusive or reversed, which the torch writer does not take")
     return e.call(aten.cumsum.default, e[n.input(0)], int(e.ints(n.input(1))[0]))
-
-
-LOGICAL = {"And": aten.logical_and.default, "Or": aten.logical_or.default}
 
 
 @emits(*LOGICAL)

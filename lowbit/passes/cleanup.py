@@ -23,11 +23,10 @@ from onnx import helper
 from ..ir.graph import Graph, Node
 from ..ir.infer import pad_shape
 from ..ir.onnx import _node_proto
+from ..ir.ops import NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
 
-NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                        "Bernoulli", "Dropout", "DequantizeLinear"})
 MAX_FOLDED_ELEMENTS = 1 << 22
 
 
@@ -45,7 +44,7 @@ def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None
 
 
 def _foldable(node: Node) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type in NOT_FOLDED or next(node.subgraphs(), None):
+    if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_FOLDED or next(node.subgraphs(), None):
         return False  # (a node with subgraphs, If/Loop/Scan, is left to the runtime)
     if node.op_type == "Shape":
         shape = node.input(0).shape
@@ -60,7 +59,7 @@ def _static_part_of_shape(node: Node, opset: int) -> list[np.ndarray] | None:
     """What a Gather or Slice gives when it picks only static dimensions out of Shape(x), else None."""
     source = node.input(0)
     shape_op = source.producer
-    if node.op_type not in ("Gather", "Slice") or shape_op is None or shape_op.op_type != "Shape" \
+    if node.op_type not in SHAPE_PICKERS or shape_op is None or shape_op.op_type != "Shape" \
             or shape_op.domain or any(v is not None and v.const is None for v in node.inputs[1:]):
         return None
     shape = shape_op.input(0).shape

@@ -25,7 +25,7 @@ import numpy as np
 from ..hw_configs import load_hw_config
 from ..ir.graph import Graph, Node, Value
 from ..errors import AlreadyQuantizedError
-from ..ir.ops import QUANT_DOMAIN, is_quantizer
+from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
@@ -71,7 +71,6 @@ def min_consumer(graph: Graph, point: QuantPoint) -> Node:
 
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
 DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
-CONVOLUTIONS = frozenset({"Conv", "ConvTranspose"})
 
 
 def first_quantized_convolutions(graph: Graph, weights: list[QuantPoint]) -> list[QuantPoint]:
@@ -132,7 +131,7 @@ def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     if transformer:
         ignored |= attention_output_matmuls(graph)
     return place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
-                            skip_ops=frozenset({"Add", "Mul"}) if transformer else frozenset(),
+                            skip_ops=TRANSFORMER_FP32_ELEMENTWISE if transformer else frozenset(),
                             transformer=transformer)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import OptionError, PassError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import is_fake_quantize
+from ..ir.ops import MATMULS, attribute, is_fake_quantize, weight_in_axis
 from ..quant.calibration import cache_of, gather
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
@@ -44,16 +44,12 @@ SCALE_LIMITS = (1e-4, 1e4)
 
 def smoothable(node: Node) -> tuple[Value, int] | None:
     """(the constant weight, its input-channel axis) of a MatMul / Gemm whose input 0 is an activation."""
-    if node.domain or node.op_type not in ("MatMul", "Gemm"):
+    if node.domain or node.op_type not in MATMULS or attribute(node, "transA"):
         return None
     x, w = node.input(0), node.input(1)
     if x is None or w is None or x.const is not None or w.const is None or w.const.ndim != 2:
         return None
-    if node.op_type == "Gemm":
-        if node.attrs.get("transA", 0):
-            return None
-        return w, 1 if node.attrs.get("transB", 0) else 0
-    return w, 0
+    return w, weight_in_axis(node) % 2
 
 
 def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:

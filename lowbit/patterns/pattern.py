@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any as AnyType
 
 from ..ir.graph import Node, Value
-from ..ir.ops import op_info
+from ..ir.ops import COMMUTATIVE, LAYERS
 
 Bindings = dict[str, AnyType]
 NODES = "__nodes__"  # the bindings key under which a match lists every node it spans
@@ -98,7 +98,6 @@ class Const(Pattern):
         return f"Const({self.name!r})" if self.name else "Const()"
 
 
-COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Equal"})
 
 
 class P(Pattern):
@@ -268,5 +267,4 @@ def interior_ok(root: Node, nodes: list[Node]) -> str | None:
 
 
 def is_weighted(node: Node) -> bool:
-    info = op_info(node.op_type, node.domain)
-    return info is not None and "weighted" in info.traits
+    return node.op_type in LAYERS and not node.domain

@@ -5,6 +5,13 @@ imports another."""
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import activation_axis, op_info
+
+
+def _bias_input(node: Node) -> int | None:
+    """The bias input of a Conv or Gemm (ConvTranspose is not corrected: its channels are grouped otherwise)."""
+    info = op_info(node.op_type, node.domain)
+    return info.bias_input if info is not None and node.op_type != "ConvTranspose" else None
 
 
 def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
@@ -13,9 +20,10 @@ def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
     for node in graph:
         if node.domain:
             continue
-        if node.op_type in ("Conv", "Gemm") and node.input(2) is not None and node.input(2).const is not None:
-            if node.input(2).const.ndim == 1:
-                found.append((node, node.input(2), None))
+        port = _bias_input(node)
+        if port is not None and node.input(port) is not None and node.input(port).const is not None:
+            if node.input(port).const.ndim == 1:
+                found.append((node, node.input(port), None))
         elif node.op_type == "MatMul" and node.input(1) is not None and len(node.output.uses) == 1:
             add, _ = node.output.uses[0]
             if add.op_type == "Add" and not add.domain:
@@ -37,5 +45,5 @@ def set_bias(graph: Graph, layer: Node, bias: Value, add: Node | None, values) -
 
 
 def channel_axis(layer: Node) -> int:
-    """The channel axis of a layer's input and output activations."""
-    return 1 if layer.op_type in ("Conv", "ConvTranspose") else -1
+    """The channel axis of a layer's input and output activations (ops.activation_axis)."""
+    return activation_axis(layer)

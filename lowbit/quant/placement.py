@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..hw_configs import HwConfig, QuantizerConfig
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import op_info
+from ..ir.ops import channel_flow, op_info, weight_out_axis
 from ..ir.types import is_float
 
 
@@ -67,17 +67,6 @@ def _data_inputs(node: Node) -> list[tuple[int, Value]]:
     return [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.const is None]
 
 
-def weight_axis(node: Node) -> int:
-    """The output-channel axis of a weighted node's weight input."""
-    if node.op_type == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    if node.op_type == "MatMul":
-        return -1
-    if node.op_type == "ConvTranspose":
-        return 1
-    return 0
-
-
 def _pick(configs: tuple[QuantizerConfig, ...], preset: str, kind: str) -> QuantizerConfig:
     if kind == "activation":
         want = "asymmetric" if preset == "mixed" else "symmetric"
@@ -99,7 +88,7 @@ def attention_output_matmuls(graph: Graph) -> set[str]:
             continue
         for v in node.inputs:
             producer = v.producer if v is not None else None
-            if producer is not None and producer.op_type in ("Reshape", "Transpose") and not producer.domain:
+            if producer is not None and channel_flow(producer) == "reshape":
                 producer = producer.input(0).producer
             if producer is not None and producer.op_type == "Softmax" and not producer.domain:
                 names.add(node.name)
@@ -138,7 +127,7 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
                     point = weights.get(id(w))
                     if point is None:
                         weights[id(w)] = QuantPoint(w, [(node, port)], "weight", _pick(cfg.weights, preset, "weight"),
-                                                    axis=weight_axis(node))
+                                                    axis=weight_out_axis(node))
                     else:
                         point.consumers.append((node, port))
         if not cfg.activations:

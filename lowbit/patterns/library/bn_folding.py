@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Graph, Node, Value
+from ...ir.ops import weight_out_axis
 from ..pattern import Any, Const, P
 from ..rewrite import Match, Rule, RuleSet
 
@@ -70,12 +71,11 @@ def _channels_ok(m: Match, layer: Node) -> bool:
 
 
 def fold_conv(m: Match) -> Value:
-    return _fold_layer(m, m["layer"], 0)
+    return _fold_layer(m, m["layer"], weight_out_axis(m["layer"]))
 
 
 def fold_gemm(m: Match) -> Value:
-    gemm = m["layer"]
-    return _fold_layer(m, gemm, 0 if gemm.attrs.get("transB", 0) else 1)
+    return _fold_layer(m, m["layer"], weight_out_axis(m["layer"]))
 
 
 def fold_matmul(m: Match) -> Value:

@@ -14,23 +14,20 @@ and a scale-shift `Mul` + `Add` by constants.
 
 from __future__ import annotations
 
+from ...ir.ops import FUSABLE_ACTIVATIONS, LAYERS
 from ..pattern import Any, Const, OneOf, Opt, P, Pattern
-
-LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul", "ConvTranspose"})
-ACTIVATION_OPS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "Swish", "HardSwish", "HardSigmoid", "Gelu",
-                            "LeakyRelu", "Elu"})
 
 
 def linear_chain() -> Pattern:
     """linear -> bias Add? -> BatchNormalization?"""
-    linear = P(LINEAR_OPS, name="linear")
+    linear = P(LAYERS, name="linear")
     with_bias = Opt(P("Add", linear, Const("bias"), name="bias_add"))
     return Opt(P("BatchNormalization", with_bias, name="bn"))
 
 
 def with_activation(inner: Pattern) -> Pattern:
     swish = P("Mul", inner, P("Sigmoid", inner, name="gate"), name="act")  # x * sigmoid(x)
-    return OneOf(P(ACTIVATION_OPS, inner, name="act"), swish)
+    return OneOf(P(FUSABLE_ACTIVATIONS, inner, name="act"), swish)
 
 
 def _root(p: Pattern) -> list[P]:
