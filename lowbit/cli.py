@@ -206,10 +206,9 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    from .compiler import MODEL_TYPES, PRESETS
     from .hw_configs import DEVICES
     from .ir.qdq import RUNTIMES
-    from .passes.quantize import DEFAULT_OVERFLOW_FIX, OVERFLOW_FIX
+    from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PRESETS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
     parser.add_argument("--version", action="version", version=f"lowbit {_version()}")

@@ -18,9 +18,8 @@ from .api import codegen, graph_of, lower
 from .errors import CaptureError, DatasetError, OptionError, OutputPathError, UnsupportedModelError
 from .ir.graph import Graph
 from .passes import DEFAULT_PIPELINE, PTQ_PIPELINE, TRANSFORMER_PTQ_PIPELINE, Pass, PassContext, PassManager
+from .passes.options import Options
 
-PRESETS = ("performance", "mixed")
-MODEL_TYPES = ("transformer",)
 DATA_PASSES = ("smooth_quant", "quantize", "fast_bias_correction")  # the passes that read calibration data
 
 
@@ -42,7 +41,7 @@ def default_pipeline(hw: Any = "CPU", dataset: Any = None, model_type: str | Non
 def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassContext,
                  dump_dir: str | Path | None = None) -> tuple[Graph, PassManager]:
     if passes is None:
-        passes = default_pipeline(ctx.hw, ctx.dataset, ctx.options.get("model_type"))
+        passes = default_pipeline(ctx.hw, ctx.dataset, ctx.options.model_type)
     pm = PassManager(passes, dump_dir=dump_dir)
     return pm.run(graph, ctx), pm
 
@@ -99,25 +98,14 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     """The PassContext of a compile/quantize call, every option checked (an OptionError or
     HardwareConfigError names the bad one) before any work."""
     from .hw_configs import load_hw_config
-    from .passes.quantize import OVERFLOW_FIX
-    from .quant.stats import RANGE_ESTIMATORS
-
     from .quant.dataset import CalibrationData, check_subset_size
     from .quant.scope import as_ignored_scope
 
     load_hw_config(hw)
     subset_size = check_subset_size(subset_size)
     ignored_scope = as_ignored_scope(ignored_scope)
-    for name, value, known in (("preset", preset, PRESETS), ("model_type", model_type, MODEL_TYPES),
-                               ("range_estimator", range_estimator, RANGE_ESTIMATORS)):
-        if value is not None and value not in known:
-            raise OptionError(f"unknown {name} {value!r}: use one of {', '.join(known)}"
-                              + (" or None" if name == "model_type" else ""))
-    if overflow_fix not in OVERFLOW_FIX:
-        raise OptionError(f"unknown overflow_fix {overflow_fix!r}: use one of {', '.join(OVERFLOW_FIX)}")
-    options = {k: v for k, v in (("preset", preset), ("model_type", model_type),
-                                 ("range_estimator", range_estimator)) if v is not None}
-    options.update(progress=progress, overflow_fix=overflow_fix)
+    options = Options(preset=preset, model_type=model_type, range_estimator=range_estimator,
+                      overflow_fix=overflow_fix, progress=progress)
     if dataset is not None:  # read once, lazily, and shared by capture and every pass that needs data
         dataset = CalibrationData(dataset, subset_size)
     return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)

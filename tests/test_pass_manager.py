@@ -485,3 +485,19 @@ def test_compile_with_an_unknown_pass_raises_unknown_pass_error():
     model, x = _model("se")
     with pytest.raises(lowbit.UnknownPassError, match="Did you mean 'fuse'"):
         lowbit.compile(model, passes=["fusee"], example_inputs=(x,))
+
+
+def test_options_are_typed_and_checked_where_a_context_is_built():
+    """Passes read ctx.options.<field>; a dict is converted, and an unknown key or value is named."""
+    ctx = PassContext(options={"progress": False, "overflow_fix": "enable"})
+    assert (ctx.options.progress, ctx.options.overflow_fix, ctx.options.range_estimator) == (False, "enable",
+                                                                                           "mean_min_max")
+    assert ctx.options.effective_preset == "performance"
+    assert PassContext(options={"model_type": "transformer"}).options.effective_preset == "mixed"
+    with pytest.raises(lowbit.OptionError, match="unknown option 'overflowfix': the options are batch_size, "):
+        PassContext(options={"overflowfix": "enable"})
+    with pytest.raises(lowbit.OptionError, match="unknown overflow_fix 'auto': use one of enable, first_layer, "
+                                                 "disable"):
+        PassContext(options={"overflow_fix": "auto"})
+    with pytest.raises(lowbit.OptionError, match="batch_size must be a positive int, got 0"):
+        PassContext(options={"batch_size": 0})

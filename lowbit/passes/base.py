@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import UnknownPassError
 from ..ir.graph import Graph
 from ..quant.summary import Need, StatisticsCache
+from .options import Options
 
 
 @dataclass
@@ -40,10 +41,13 @@ class PassContext:
     dataset: Any = None
     subset_size: int = 300
     ignored_scope: Any = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Options = field(default_factory=Options)  # a dict of option names is converted (and checked)
     history: list[str] = field(default_factory=list)
     statistics: StatisticsCache = field(default_factory=StatisticsCache)  # see lowbit/quant/summary.py
     upcoming: list[Any] = field(default_factory=list)  # the passes after the running one (set by the PassManager)
+
+    def __post_init__(self):
+        self.options = Options.of(self.options)
 
 
 @dataclass

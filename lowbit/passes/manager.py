@@ -69,7 +69,6 @@ class PassManager:
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
         self.check_prerequisites(graph)
-        ctx.options["pipeline"] = [p.name for p in self.passes]
         graph = graph.copy()
         ctx.statistics.clear()  # statistics describe one run's graph
         self.records = []

@@ -35,10 +35,7 @@ from .base import Pass, PassContext, PassResult, register_pass
 
 
 def preset_for(ctx: PassContext) -> str:
-    preset = ctx.options.get("preset")
-    if preset is None:
-        preset = "mixed" if ctx.options.get("model_type") == "transformer" else "performance"
-    return preset
+    return ctx.options.effective_preset
 
 
 def weight_range(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +66,6 @@ def min_consumer(graph: Graph, point: QuantPoint) -> Node:
     return next(n for n in graph if id(n) in consumers)
 
 
-OVERFLOW_FIX = ("enable", "first_layer", "disable")
-DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
 
 
 def first_quantized_convolutions(graph: Graph, weights: list[QuantPoint]) -> list[QuantPoint]:
@@ -127,7 +122,7 @@ def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     hw = load_hw_config(ctx.hw)
     ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
     ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
-    transformer = ctx.options.get("model_type") == "transformer"
+    transformer = ctx.options.model_type == "transformer"
     if transformer:
         ignored |= attention_output_matmuls(graph)
     return place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
@@ -142,7 +137,7 @@ def activation_ranges(graph: Graph, ctx: PassContext, activations: list[QuantPoi
     (`quant/summary.py`: tapped once for the whole pipeline); "percentile"
     needs its own run over the data.
     """
-    estimator = ctx.options.get("range_estimator", "mean_min_max")
+    estimator = ctx.options.range_estimator
     if not activations:
         return {}
     if estimator in DERIVABLE_ESTIMATORS:
@@ -164,7 +159,7 @@ class Quantize(Pass):
     def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
         if "quantize" in ctx.history or any(is_quantizer(n) for n in graph):
             return []
-        if ctx.options.get("range_estimator", "mean_min_max") not in DERIVABLE_ESTIMATORS:
+        if ctx.options.range_estimator not in DERIVABLE_ESTIMATORS:
             return []
         return [Need(p.value) for p in quant_points(graph, ctx) if p.kind == "activation"]
 
@@ -188,7 +183,7 @@ class Quantize(Pass):
                 lo, hi = ranges[p.name]
                 old = group_range.get(p.group, (lo, hi))
                 group_range[p.group] = (min(old[0], lo), max(old[1], hi))
-        half = half_range_weights(graph, points, ctx.options.get("overflow_fix", DEFAULT_OVERFLOW_FIX))
+        half = half_range_weights(graph, points, ctx.options.overflow_fix)
         for p in points:
             if p.kind == "weight":
                 lo, hi = weight_range(p)

@@ -29,7 +29,7 @@ def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
     by_name: dict[str, list] = {}
     for value, stat in requests:
         by_name.setdefault(value.name, []).append(stat)
-    for arrays in progress(batches(graph, data, batch_size=ctx.options.get("batch_size", CALIBRATION_BATCH)), ctx):
+    for arrays in progress(batches(graph, data, batch_size=ctx.options.batch_size), ctx):
         samples = _samples(arrays)
 
         def sink(name, tensor, samples=samples):
@@ -46,8 +46,8 @@ def _samples(arrays) -> int | None:
 
 
 def progress(iterable, ctx):
-    """`iterable`, with a transient progress bar unless ctx.options["progress"] is False."""
-    if not ctx.options.get("progress", True):
+    """`iterable`, with a transient progress bar unless ctx.options.progress is False."""
+    if not ctx.options.progress:
         yield from iterable
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
