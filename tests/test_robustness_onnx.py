@@ -314,3 +314,46 @@ def test_gpt2_with_its_default_kv_cache_lowers_and_runs_in_onnxruntime():
         expected = [wants[0].numpy(), *sorted((t.numpy() for t in wants[1:]), key=lambda a: float(a.sum()))]
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Conv pads as other exporters write them
+
+
+def _strided_conv_model(rng, **conv_attrs):
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 9, 9])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, None, None])
+    weights = [nh.from_array(rng.normal(size=shape).astype(np.float32), name)
+               for name, shape in (("w", (8, 3, 3, 3)), ("b", (8,)), ("w2", (4, 8, 1, 1)), ("b2", (4,)))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[2, 2], **conv_attrs),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Conv", ["r", "w2", "b2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], weights),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("conv_attrs", [{"pads": [0, 0, 1, 1]}, {"auto_pad": "SAME_UPPER"},
+                                        {"auto_pad": "SAME_LOWER"}], ids=["asymmetric", "same_upper", "same_lower"])
+def test_asymmetric_and_auto_pads_quantize_with_bias_correction(conv_attrs, tmp_path):
+    """TensorFlow-exported convs pad asymmetrically (pads=[0,0,1,1]) or say SAME_UPPER: fast_bias_correction
+    evaluates such layers with their own padding (it used to fail on them): both convs are evaluated, and the
+    bias it corrects differs from the uncorrected model's."""
+    import json
+
+    rng = np.random.default_rng(0)
+    model = _strided_conv_model(rng, **conv_attrs)
+    data = [rng.random((1, 3, 9, 9), dtype=np.float32) for _ in range(16)]
+    corrected = lowbit.quantize(model, lowbit.Dataset(data), dump_dir=tmp_path)
+    fired = next(e["fired"] for e in json.loads((tmp_path / "passes.json").read_text())
+                 if e["name"] == "fast_bias_correction")
+    assert fired.get("bias_corrected", 0) >= 1 and sum(fired.values()) == 2  # the other: NNCF's 2x-bias rule
+    plain = lowbit.quantize(model, lowbit.Dataset(data), fast_bias_correction=False)
+    biases = [{t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name in ("b", "b2")}
+              for m in (corrected, plain)]
+    assert any(not np.allclose(biases[0][k], biases[1][k]) for k in ("b", "b2"))
+    x = np.concatenate(data)
+    reference, got = run_onnx(model, {"x": x})[0], run_onnx(corrected, {"x": x})[0]
+    assert sqnr(reference, got) >= 20
