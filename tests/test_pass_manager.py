@@ -501,3 +501,50 @@ def test_options_are_typed_and_checked_where_a_context_is_built():
         PassContext(options={"overflow_fix": "auto"})
     with pytest.raises(lowbit.OptionError, match="batch_size must be a positive int, got 0"):
         PassContext(options={"batch_size": 0})
+
+
+class _TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _drop_filters(graph, keep=6, reinfer_after=False):
+    """What filter pruning does: conv a keeps `keep` filters, conv b the matching input channels."""
+    from lowbit.ir.infer import reinfer
+
+    a, b = [n for n in graph if n.op_type == "Conv"]
+    for conv, cut in ((a, lambda w: w[:keep]), (b, lambda w: w[:, :keep])):
+        fresh = graph.add_constant(f"{conv.name}_pruned_weight", np.ascontiguousarray(cut(conv.input(1).const)))
+        conv.set_input(1, fresh)
+    a.set_input(2, graph.add_constant(f"{a.name}_pruned_bias", a.input(2).const[:keep].copy()))
+    if reinfer_after:
+        assert reinfer(graph) == 2  # conv a's output and the Relu's
+    return True
+
+
+class _Stale(Pass):
+    name = "stale"
+
+    def __call__(self, graph, ctx):
+        return PassResult(graph, changed=_drop_filters(graph))
+
+
+def test_a_pass_that_leaves_a_stale_shape_is_named_and_reinfer_fixes_it():
+    """verify() checks recorded dtypes and shapes against what each node's inputs give; reinfer re-derives them
+    (downstream too) after a pass that changes shapes, as pruning will."""
+    graph = lowbit.lower(_TwoConvs().eval(), (torch.randn(1, 3, 8, 8),))
+    conv_a = next(n for n in graph if n.op_type == "Conv")
+    with pytest.raises(lowbit.PassError, match=(
+            rf"pass 'stale' \(step 1\) left the graph invalid: node {conv_a.name!r} \(Conv\) output "
+            rf"{conv_a.output.name!r} records shape \('batch', 8, 8, 8\), but its inputs give \('batch', 6, 8, 8\)")):
+        PassManager([_Stale()]).run(graph)
+    pruned = PassManager([lambda g, ctx: _drop_filters(g, reinfer_after=True)]).run(graph)
+    shapes = {n.op_type: n.output.shape for n in pruned}
+    assert shapes["Conv"] == ("batch", 4, 3, 3) and shapes["Relu"] == ("batch", 6, 8, 8)
+    x = torch.randn(2, 3, 8, 8)
+    got = lowbit.codegen(pruned, "torch")(x)
+    assert tuple(got.shape) == (2, 4, 3, 3)

@@ -473,7 +473,8 @@ class Graph:
 
     # -- checking ------------------------------------------------------------
     def verify(self) -> None:
-        """Raise GraphError naming the first broken fact: use-def chains, order, names."""
+        """Raise GraphError naming the first broken fact: use-def chains, order, names, and recorded dtypes and
+        shapes that contradict what a node's inputs give (infer.stale_type)."""
         defined: set[int] = set()
         names: dict[str, str] = {}
 
@@ -531,6 +532,12 @@ class Graph:
         for v in self.outputs:
             if id(v) not in defined:
                 raise GraphError(f"graph output {v.name!r} is not defined in the graph")
+        for node in self:
+            stale = stale_type(node)
+            if stale is not None:
+                raise GraphError(f"node {node.name!r} ({node.op_type}) output {node.outputs[0].name!r} records {stale}: "
+                                 "a pass changed its inputs without updating it (lowbit.ir.infer.reinfer(graph) "
+                                 "re-derives them)")
 
     # -- copying -------------------------------------------------------------
     def copy(self) -> Graph:
@@ -580,7 +587,7 @@ class Graph:
         return f"<Graph {self.name!r}: {len(self.inputs)} inputs, {self._count} nodes, {len(self.outputs)} outputs>"
 
 
-from .infer import infer_node  # noqa: E402  (infer.py imports Node and Value from here)
+from .infer import infer_node, stale_type  # noqa: E402  (infer.py imports Node and Value from here)
 
 
 def _toposort(graph: Graph) -> list[Node]:

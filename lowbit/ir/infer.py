@@ -37,9 +37,8 @@ def _matmul(a: Shape, b: Shape) -> Shape:
     return (*batch, *(a[-2:-1] if len(a) >= 2 else ()), b[-1])
 
 
-def infer_node(node: Node) -> None:
-    """Fill in the unknown dtype/shape of `node`'s outputs where its inputs determine them."""
-    outs = node.outputs
+def infer_output(node: Node) -> tuple[str | None, Shape]:
+    """The dtype and shape of `node`'s first output as its inputs determine them ((None, None) if they do not)."""
     ins: list[Value | None] = list(node.inputs)
     first = ins[0] if ins else None
     op = node.op_type if node.domain in ("", "ai.onnx", "org.openvinotoolkit") else None
@@ -59,7 +58,8 @@ def infer_node(node: Node) -> None:
         dtype, shape = from_onnx_dtype(node.attrs["to"]), first.shape
     elif op == "Transpose" and first is not None and first.shape is not None:
         perm = node.attrs.get("perm") or list(reversed(range(len(first.shape))))
-        dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
+        if sorted(perm) == list(range(len(first.shape))):
+            dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
     elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None:
         dtype, shape = first.dtype, _reshape(first.shape, ins[1].const)
     elif op == "QuantizeLinear" and len(ins) >= 3 and ins[2] is not None:
@@ -70,11 +70,94 @@ def infer_node(node: Node) -> None:
         dtype, shape = first.dtype, _concat([v.shape for v in ins], node.attrs.get("axis", 0))
     elif op == "Pad" and first is not None:
         dtype, shape = first.dtype, pad_shape(node)
-    if len(outs) >= 1:
-        if outs[0].dtype is None:
-            outs[0].dtype = dtype
-        if outs[0].shape is None:
-            outs[0].shape = shape
+    elif op == "Conv" and len(ins) >= 2 and first is not None and ins[1] is not None:
+        dtype, shape = first.dtype, _conv(node, first.shape, ins[1].shape)
+    elif op == "Gemm" and len(ins) >= 2 and first is not None and ins[1] is not None:
+        dtype, shape = first.dtype, _gemm(node, first.shape, ins[1].shape)
+    return dtype, shape
+
+
+def _conv(node: Node, x: Shape, w: Shape) -> Shape:
+    """N, the weight's output channels, and each spatial size where the input's is static."""
+    if x is None or w is None or len(x) != len(w) or len(x) < 3:
+        return None
+    k = len(x) - 2
+    strides = list(node.attrs.get("strides", [1] * k))
+    dilations = list(node.attrs.get("dilations", [1] * k))
+    pads = list(node.attrs.get("pads", [0] * (2 * k)))
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    spatial = []
+    for i in range(k):
+        size, kernel = x[2 + i], w[2 + i]
+        if not isinstance(size, int) or not isinstance(kernel, int):
+            spatial.append(None)
+        elif auto in ("SAME_UPPER", "SAME_LOWER"):
+            spatial.append(-(-size // strides[i]))
+        else:
+            padded = size + (pads[i] + pads[k + i] if auto == "NOTSET" else 0)
+            spatial.append((padded - dilations[i] * (kernel - 1) - 1) // strides[i] + 1)
+    return (x[0], w[0], *spatial)
+
+
+def _gemm(node: Node, a: Shape, b: Shape) -> Shape:
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    rows = a[1] if node.attrs.get("transA", 0) else a[0]
+    cols = b[0] if node.attrs.get("transB", 0) else b[1]
+    return (rows, cols)
+
+
+def infer_node(node: Node) -> None:
+    """Fill in the unknown dtype/shape of `node`'s outputs where its inputs determine them."""
+    if not node.outputs:
+        return
+    dtype, shape = infer_output(node)
+    out = node.outputs[0]
+    if out.dtype is None:
+        out.dtype = dtype
+    if out.shape is None:
+        out.shape = shape
+
+
+def _merge(recorded: Shape, inferred: Shape) -> Shape:
+    """The inferred shape, keeping a recorded dim where inference does not know it (a symbolic name)."""
+    if inferred is None:
+        return recorded
+    if recorded is None or len(recorded) != len(inferred):
+        return inferred
+    return tuple(i if i is not None else r for r, i in zip(recorded, inferred))
+
+
+def reinfer(graph) -> int:
+    """Re-derive every node's output dtype and shape from its inputs, in order, after a pass that changed
+    shapes (pruning channels); returns how many values changed. What inference does not determine is kept."""
+    changed = 0
+    for node in graph:
+        if not node.outputs:
+            continue
+        dtype, shape = infer_output(node)
+        out = node.outputs[0]
+        new_dtype, new_shape = dtype or out.dtype, _merge(out.shape, shape)
+        if (new_dtype, new_shape) != (out.dtype, out.shape):
+            out.dtype, out.shape = new_dtype, new_shape
+            changed += 1
+    return changed
+
+
+def stale_type(node: Node) -> str | None:
+    """Why `node`'s first output's recorded dtype or shape contradicts what its inputs give, or None. Only
+    facts known on both sides count: a dtype, a rank, a static dim."""
+    if not node.outputs:
+        return None
+    out = node.outputs[0]
+    dtype, shape = infer_output(node)
+    if dtype is not None and out.dtype is not None and dtype != out.dtype:
+        return f"dtype {out.dtype}, but its inputs give {dtype}"
+    if shape is not None and out.shape is not None:
+        if len(shape) != len(out.shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                               for a, b in zip(shape, out.shape)):
+            return f"shape {tuple(out.shape)}, but its inputs give {tuple(shape)}"
+    return None
 
 
 def pad_shape(node: Node) -> Shape:
