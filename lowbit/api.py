@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExampleInputsError, UnknownTargetError, UnsupportedModelError
+from .errors import MissingExampleInputsError, UnsupportedModelError
 from .ir.graph import Graph
 
-TARGETS = ("torch", "onnx", "openvino")
 
 
 def _gc_paused(fn):
@@ -143,18 +142,8 @@ def graph_of(model: Any) -> Graph | None:
 @_gc_paused
 def codegen(graph: Graph, target: str) -> Any:
     """Write `graph` as a model for `target`: "torch" (fx.GraphModule), "onnx" (ModelProto) or "openvino"."""
+    from .backends import backend
+
     if not isinstance(graph, Graph):
         raise UnsupportedModelError(f"codegen takes a lowbit Graph (from lowbit.lower), not {type(graph).__name__}")
-    if target == "torch":
-        from .ir.torch_emit import to_torch
-
-        return to_torch(graph)
-    if target == "onnx":
-        from .ir.onnx import to_onnx
-
-        return to_onnx(graph)
-    if target == "openvino":
-        from .ir.openvino import to_openvino
-
-        return to_openvino(graph)
-    raise UnknownTargetError(f"unknown codegen target {target!r}: choose one of {', '.join(TARGETS)}")
+    return backend(target).build(graph)

@@ -54,16 +54,11 @@ checked before any work; a mistake prints `lowbit: error: ...`, exit code 2.
 def _output(path: str, runtime: str | None = None, *, create: bool = True) -> Path:
     """The -o path, checked: a .onnx or .xml file whose folder can be created and written (with `create`), and
     that `--runtime` can run."""
+    from . import backends
     from .compiler import writable_parent
-    from .errors import OptionError
 
     out = Path(path)
-    if out.suffix.lower() not in (".onnx", ".xml"):
-        raise OutputPathError(f"cannot write {out.name!r}: the output must end in .onnx (ONNX) or .xml "
-                              "(OpenVINO IR)")
-    if out.suffix.lower() == ".xml" and runtime not in (None, "openvino"):
-        raise OptionError(f"--runtime {runtime} writes an .onnx; an .xml runs in OpenVINO: write {out.stem}.onnx, "
-                          "or leave --runtime out")
+    backends.check_options(backends.backend_for_path(out), out, {"runtime": runtime})
     if create:
         writable_parent(out)
     return out
@@ -73,18 +68,11 @@ def _run_and_write(graph, passes, ctx, dump_dir, out: Path, runtime: str | None)
     """Run the pipeline over `graph` and write the result to `out`: ONNX (QDQ where quantized, in the form
     `runtime` runs) for .onnx, OpenVINO IR (FakeQuantize) for .xml. `compile` and `quantize` share it; the
     PassManager's records come back."""
+    from . import backends
     from .compiler import run_pipeline
-    from .ir.onnx import to_onnx
 
     graph, pm = run_pipeline(graph, passes, ctx, dump_dir)
-    if out.suffix.lower() == ".xml":
-        from .ir.openvino import save_openvino
-
-        save_openvino(graph, out)
-    else:
-        import onnx
-
-        onnx.save(to_onnx(graph, runtime=runtime or "onnxruntime"), str(out))
+    backends.save(graph, out, runtime=runtime)
     return pm.records
 
 

@@ -202,34 +202,20 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, r
     runs a different form as INT8 (see lowbit/ir/qdq.py). An .xml is for
     OpenVINO. A QDQ model from `quantize` can be written again for the other.
     """
+    from . import backends
     from .ir.qdq import RUNTIMES
 
     if not isinstance(path, (str, os.PathLike)):
-        raise OutputPathError(f"the export path is a {type(path).__name__}: pass a str or Path ending in .onnx "
-                              "or .xml")
+        raise OutputPathError(f"the export path is a {type(path).__name__}: pass a str or Path ending in "
+                              f"{' or '.join(backends.suffixes())}")
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".onnx", ".xml"):
-        raise OutputPathError(f"cannot export to {path.name!r}: use a .onnx (ONNX) or .xml (OpenVINO IR) path")
     if runtime is not None and runtime not in RUNTIMES:
         raise OptionError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)} (the runtime the "
                           ".onnx will run in)")
-    if suffix == ".xml" and runtime not in (None, "openvino"):
-        raise OptionError(f"an .xml runs in OpenVINO, not {runtime}: write {path.stem}.onnx for {runtime}, or "
-                          "leave runtime out")
+    backends.check_options(backends.backend_for_path(path), path, {"runtime": runtime})
     graph = lower(model, example_inputs)
     writable_parent(path)
-    if suffix == ".xml":
-        from .ir.openvino import save_openvino
-
-        save_openvino(graph, path)
-    else:
-        import onnx
-
-        from .ir.onnx import to_onnx
-
-        onnx.save(to_onnx(graph, runtime=runtime or "onnxruntime"), str(path))
-    return path
+    return backends.save(graph, path, runtime=runtime)
 
 
 def writable_parent(path: Path) -> None:

@@ -357,7 +357,7 @@ def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibratio
     assert _quantize_error(capsys, src, "-o", tmp_path / "d.xml", "--data", data) == (
         f"lowbit: error: cannot write '{tmp_path / 'd.xml'}': it is a folder; give a file path")
     assert _quantize_error(capsys, src, "-o", tmp_path / "q.pt", "--data", data) == (
-        "lowbit: error: cannot write 'q.pt': the output must end in .onnx (ONNX) or .xml (OpenVINO IR)")
+        "lowbit: error: cannot write 'q.pt': the path must end in .onnx (ONNX, QDQ) or .xml (OpenVINO IR, FakeQuantize)")
     # bad data is found before the output folder is created
     _quantize_error(capsys, src, "-o", tmp_path / "made" / "q.onnx", "--data", tmp_path / "missing.npz")
     assert not (tmp_path / "made").exists()
@@ -400,8 +400,8 @@ def test_quantize_writes_the_onnx_form_a_runtime_asks_for(calibration, tmp_path,
 def test_quantize_refuses_a_runtime_for_an_xml_before_any_work(onnx_file, calibration, tmp_path, capsys, no_work):
     err = _quantize_error(capsys, onnx_file[0], "-o", tmp_path / "q.xml", "--data", calibration / "calib.npz",
                           "--runtime", "onnxruntime")
-    assert err == ("lowbit: error: --runtime onnxruntime writes an .onnx; an .xml runs in OpenVINO: write q.onnx, "
-                   "or leave --runtime out")
+    assert err == ("lowbit: error: runtime='onnxruntime' is an option of onnx, not of openvino (.xml files): write "
+                   "q.onnx for it, or leave it out")
 
 
 def test_quantize_refuses_a_read_only_output_folder(onnx_file, calibration, tmp_path, capsys, no_work, monkeypatch):

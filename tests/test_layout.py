@@ -90,3 +90,30 @@ def test_the_op_table_knows_each_ops_channel_flow_and_axes():
     assert [channel_flow(node(op)) for op in ("Relu", "Concat", "Split", "Flatten", "MaxPool", "ReduceMean")] == [
         "elementwise", "concat", "split", "reshape", "pool", "reduce"]
     assert weight_out_axis(node("Relu")) is None
+
+
+# --------------------------------------------------------------------------- arrows between packages
+
+UPPER_LAYERS = {"passes", "patterns", "quant", "backends", "frontends", "prune", "train"}
+
+
+def _lowbit_imports(path: Path) -> set[str]:
+    """The lowbit subpackages `path` imports (absolute, or relative from inside lowbit/<package>/)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").startswith("lowbit."):
+                found.add(node.module.split(".")[1])
+            elif node.level == 2 and node.module:
+                found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lowbit."))
+    return found
+
+
+def test_the_core_ir_imports_no_pass_pattern_algorithm_or_backend():
+    """Arrows point one way (../shared/DESIGN.md): nothing in lowbit/ir/ imports the layers built on it."""
+    offenders = {p.name: sorted(_lowbit_imports(p) & UPPER_LAYERS) for p in sorted((PACKAGE / "ir").glob("*.py"))
+                 if _lowbit_imports(p) & UPPER_LAYERS}
+    assert offenders == {}
+    assert "errors" in _lowbit_imports(PACKAGE / "ir" / "graph.py")  # the check reads relative imports
