@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
-from pathlib import Path
 from typing import Any
 
-from .errors import MissingExampleInputsError, UnsupportedModelError
+from .errors import UnsupportedModelError
 from .ir.graph import Graph
 
 
@@ -53,57 +51,9 @@ def lower(model: Any, example_inputs: Any = None, *, dynamic_dims: Any = None) -
     dynamic (a sentence length): quantize passes the dims its calibration
     items differ in.
     """
-    if isinstance(model, (str, os.PathLike)):
-        from .ir.onnx import from_onnx, load_model
+    from .frontends import frontend_for
 
-        path = Path(model)
-        if path.suffix.lower() != ".onnx":
-            raise UnsupportedModelError(f"lowbit reads models from .onnx files, not {path.name!r}: export the "
-                                        "model to ONNX, or pass the torch module itself")
-        return from_onnx(load_model(path))
-    kind = type(model).__module__.split(".")[0]
-    if kind == "onnx" and type(model).__name__ == "ModelProto":
-        from .ir.onnx import check_model, from_onnx
-
-        check_model(model)
-        return from_onnx(model)
-    if kind == "torch" or _is_torch_module(model):
-        return _lower_torch(model, example_inputs, dynamic_dims)
-    raise UnsupportedModelError(
-        f"lowbit cannot lower a {type(model).__module__}.{type(model).__name__}: pass a torch.nn.Module, "
-        "torch.export.ExportedProgram, torch.fx.GraphModule, onnx.ModelProto or a path to an .onnx file")
-
-
-def _is_torch_module(model: Any) -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return isinstance(model, torch.nn.Module)
-
-
-def _lower_torch(model: Any, example_inputs: Any, dynamic_dims: Any = None) -> Graph:
-    import torch
-    import torch.fx
-
-    graph = graph_of(model)
-    if graph is not None:
-        return graph
-
-    from .ir.torch_fx import capture_program, example_inputs_from_placeholders, from_exported_program
-
-    if isinstance(model, torch.export.ExportedProgram):
-        return from_exported_program(model, "exported_program")
-    if isinstance(model, torch.fx.GraphModule) and example_inputs is None:
-        example_inputs = example_inputs_from_placeholders(model)
-        if example_inputs is None:
-            raise MissingExampleInputsError(
-                "this fx.GraphModule carries no example values on its placeholders: pass example_inputs=(...)")
-    if isinstance(model, torch.nn.Module):
-        captured = capture_program(model, example_inputs, dynamic_dims)
-        return from_exported_program(captured.program, type(model).__name__, captured.fixed_batch)
-    raise UnsupportedModelError(f"lowbit cannot lower a torch {type(model).__name__}: pass an nn.Module, an "
-                                "ExportedProgram or an fx.GraphModule")
+    return frontend_for(model).lower(model, example_inputs, dynamic_dims)
 
 
 def graph_of(model: Any) -> Graph | None:

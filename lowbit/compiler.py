@@ -24,10 +24,10 @@ DATA_PASSES = ("smooth_quant", "quantize", "fast_bias_correction")  # the passes
 
 
 def origin_target(model: Any) -> str:
-    """The codegen target that gives back the kind of model the user passed."""
-    if isinstance(model, (str, os.PathLike)) or type(model).__module__.split(".")[0] == "onnx":
-        return "onnx"
-    return "torch"
+    """The codegen target that gives back the kind of model the user passed (its frontend's)."""
+    from .frontends import frontend_for
+
+    return frontend_for(model).target
 
 
 def default_pipeline(hw: Any = "CPU", dataset: Any = None, model_type: str | None = None) -> list[str]:

@@ -1,11 +1,11 @@
-"""The backend registry: codegen, export and the command line write through one table of backends, so a new
-backend is one registration."""
+"""The frontend and backend registries: lower reads, and codegen, export and the command line write, through
+one table each, so a new model kind or file format is one registration."""
 
 import pytest
 import torch
 
 import lowbit
-from lowbit import backends
+from lowbit import backends, frontends
 from lowbit.backends import Backend, register_backend
 from lowbit.cli import main
 
@@ -47,3 +47,27 @@ def test_the_registry_names_what_it_has(text_backend, tmp_path):
     with pytest.raises(ValueError, match="suffix '.onnx' is already written by backend 'onnx'"):
         register_backend(Backend("other", build=str, suffixes=(".onnx",), save=lambda g, p: None))
     assert "other" not in backends.BACKENDS
+
+
+def test_a_registered_frontend_lowers_its_models_and_compile_gives_them_back(text_backend):
+    """A frontend for graphs in a box: lower unpacks them, compile writes the result with the frontend's target
+    backend (here the text form). Registered after the built-ins, it is asked before them."""
+
+    class Boxed(str):  # a str subclass: the built-in ONNX-path frontend would also accept it
+        graph = None
+
+    frontends.register_frontend(frontends.Frontend(
+        "boxed", accepts=lambda m: isinstance(m, Boxed), lower=lambda m, *a: m.graph.copy(), target="text",
+        takes="a Boxed graph"))
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+        boxed = Boxed("box")
+        boxed.graph = lowbit.lower(model, (torch.randn(1, 1, 8, 8),))
+        assert str(lowbit.lower(boxed)) == str(boxed.graph)
+        folded = lowbit.compile(boxed, ["fold_bn"])
+        assert isinstance(folded, str) and "BatchNormalization" not in folded and "Conv" in folded
+        with pytest.raises(lowbit.UnsupportedModelError, match="pass a Boxed graph, a path to an .onnx file, an "
+                                                               "onnx.ModelProto, a torch.nn.Module"):
+            lowbit.lower(3.5)
+    finally:
+        del frontends.FRONTENDS["boxed"]
