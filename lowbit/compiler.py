@@ -82,12 +82,8 @@ def refuse_low_precision_torch(model: Any) -> None:
 
 
 def _writeback(graph: Graph, model: Any) -> Any:
-    result = codegen(graph, origin_target(model))
+    result = codegen(graph, origin_target(model))  # a torch module holds its graph (lowbit_graph)
     if origin_target(model) == "torch":
-        from .ir.torch_emit import keep_on_copy
-
-        result.lowbit_graph = graph  # what export() writes; its constants follow the module's parameters
-        keep_on_copy(result, "lowbit_graph")
         result.train(bool(getattr(model, "training", False)))
     return result
 

@@ -1,8 +1,10 @@
 """The frontend and backend registries: lower reads, and codegen, export and the command line write, through
 one table each, so a new model kind or file format is one registration."""
 
+import onnx
 import pytest
 import torch
+from conftest import run_onnx
 
 import lowbit
 from lowbit import backends, frontends
@@ -71,3 +73,16 @@ def test_a_registered_frontend_lowers_its_models_and_compile_gives_them_back(tex
             lowbit.lower(3.5)
     finally:
         del frontends.FRONTENDS["boxed"]
+
+
+def test_a_module_written_by_codegen_exports_with_its_quantizers(tmp_path):
+    """codegen(graph, "torch") gives a module that holds its graph, as compile's does: export writes it."""
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()).eval(), torch.randn(4, 1, 8, 8)
+    q = lowbit.quantize(model, lowbit.Dataset([x]))
+    rebuilt = lowbit.codegen(lowbit.lower(q), "torch")
+    path = lowbit.export(rebuilt, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), q(x))
+    assert abs(run_onnx(onnx.load(path), {"input": x.numpy()})[0] - q(x).detach().numpy()).max() < 1e-4

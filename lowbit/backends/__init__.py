@@ -90,9 +90,14 @@ def save(graph, path: str | os.PathLike, **options: Any) -> Path:
 
 
 def _torch(graph):
-    from ..ir.torch_emit import to_torch
+    """The fx.GraphModule, holding the graph it came from (`lowbit_graph`), so that export and graph_of read its
+    current weights and ranges back (after training, too)."""
+    from ..ir.torch_emit import keep_on_copy, to_torch
 
-    return to_torch(graph)
+    module = to_torch(graph)
+    module.lowbit_graph = graph.copy()
+    keep_on_copy(module, "lowbit_graph")
+    return module
 
 
 def _onnx(graph, runtime: str = "onnxruntime"):
