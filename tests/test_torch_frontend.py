@@ -185,3 +185,24 @@ def test_a_batch_of_one_still_gives_a_dynamic_batch():
     assert graph.inputs[0].shape == ("batch", 1, 14, 14)
     x = torch.randn(7, 1, 14, 14)
     assert torch.equal(lowbit.codegen(graph, "torch")(x), model(x))
+
+
+def test_generated_modules_keep_the_users_parameter_names():
+    """A Sequential's parameters keep their names ("0.weight", not "c_0_weight"), so an FP32 checkpoint loads into
+    the compiled module, and the quantized one adds only its quantizers' ranges."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(72, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    compiled = lowbit.compile(model, ["cleanup"], example_inputs=(x,))
+    user = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert set(compiled.state_dict()) == user
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(72, 3)).eval()
+    result = compiled.load_state_dict(fresh.state_dict(), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["1.num_batches_tracked"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fresh(x))
+    quantized = lowbit.quantize(model, lowbit.Dataset([x]))
+    names = set(quantized.state_dict())
+    assert {"0.weight", "0.bias", "4.weight", "4.bias"} <= names
+    assert all(k in {"0.weight", "0.bias", "4.weight", "4.bias"} or k.endswith(("_fq.low", "_fq.high")) for k in names)

@@ -111,7 +111,7 @@ class _Emitter:
     def _register(self, v: Value, array: np.ndarray | None = None, kind: str | None = None) -> str:
         array = v.const if array is None else array
         name = v.meta.get("torch_name") or v.name
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name) or self._clash(name):
+        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", name) or self._clash(name):
             name = re.sub(r"[^0-9A-Za-z_]", "_", v.name)
             name = f"c_{name}" if not name or name[0].isdigit() else name
             base, i = name, 0
