@@ -42,6 +42,9 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
                  dump_dir: str | Path | None = None) -> tuple[Graph, PassManager]:
     if passes is None:
         passes = default_pipeline(ctx.hw, ctx.dataset, ctx.options.model_type)
+    from .state import record_source
+
+    record_source(graph)  # what lowbit.save writes, to check lowbit.load's model against
     pm = PassManager(passes, dump_dir=dump_dir)
     return pm.run(graph, ctx), pm
 

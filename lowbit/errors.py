@@ -86,5 +86,9 @@ class OptionError(LowbitError, ValueError):
     """An option of compile/quantize or of a pass has a value lowbit does not know."""
 
 
+class StateError(LowbitError):
+    """A compression-state file cannot be read, is of an unknown version, or belongs to another model."""
+
+
 class InputShapeError(LowbitError, ValueError):
     """A lowbit-generated module was called with an input size its model was not captured for."""

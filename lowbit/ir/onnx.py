@@ -12,6 +12,8 @@ framework can run (opaque torch ops) with an error that names them.
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 from typing import Any
@@ -127,15 +129,27 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, tuple]:
     return {vi.name: _type_of(vi) for vi in [*g.value_info, *g.input, *g.output]}
 
 
+# graph.meta entries an ONNX model carries in its metadata_props: the passes run on it (prerequisites,
+# save) and the fingerprint of the model it was made from (load)
+LOWBIT_META = {"lowbit.passes_run": "passes_run", "lowbit.source": "source"}
+
+
 def from_onnx(model: onnx.ModelProto) -> Graph:
     """Lower an ONNX model into a Graph (the model is not modified)."""
     g = model.graph
     opsets = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
     graph = Graph(g.name or "graph", opsets)
+    props = {p.key: p.value for p in model.metadata_props}
     graph.meta.update(origin="onnx", ir_version=model.ir_version, producer_name=model.producer_name,
                       producer_version=model.producer_version,
-                      metadata_props={p.key: p.value for p in model.metadata_props},
+                      metadata_props={k: v for k, v in props.items() if k not in LOWBIT_META},
                       functions=[f.SerializeToString() for f in model.functions])
+    for key, meta_key in LOWBIT_META.items():  # what lowbit did to the model, written by to_onnx
+        try:
+            graph.meta[meta_key] = json.loads(props[key]) if key in props else graph.meta.get(meta_key)
+        except json.JSONDecodeError:
+            pass
+    graph.meta = {k: v for k, v in graph.meta.items() if v is not None}
     types = _infer_types(model)
     values: dict[str, Value] = {}
     for init in g.initializer:
@@ -275,4 +289,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
         model.functions.add().ParseFromString(f)
     for k, v in graph.meta.get("metadata_props", {}).items():
         model.metadata_props.add(key=k, value=v)
+    for key, meta_key in LOWBIT_META.items():
+        if graph.meta.get(meta_key):
+            model.metadata_props.add(key=key, value=json.dumps(graph.meta[meta_key], sort_keys=True))
     return model

@@ -1,0 +1,155 @@
+"""The compression-state file: what lowbit did to a model, saved as JSON + .npz, rebuilt on the original model
+without calibration.
+
+    lowbit.save(q, "resnet.state")              # resnet.state.json + resnet.state.npz
+    q2 = lowbit.load(resnet, "resnet.state")    # the same outputs, bit for bit; no data needed
+
+The JSON holds the format and its version, the lowbit version, the origin (torch or onnx), the passes that ran,
+a fingerprint of the source model (its inputs, and its weights' names, dtypes and shapes), the compressed graph in
+lowbit's text form (every quantizer's place, levels and node attributes included) and, per constant, the facts
+the torch writer names parameters by. The .npz holds every constant of the compressed graph (weights after
+folding and bias correction, quantizer ranges as they are, after training too), keyed by index.
+
+`load` lowers the original model again, checks its fingerprint against the saved one (a state from another
+model is a StateError naming the first difference), and gives back the compressed model of the same kind as the
+original: a torch module (its state_dict names are the user's) or an onnx.ModelProto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StateError
+
+FORMAT = "lowbit-compression-state"
+VERSION = 1
+VALUE_FACTS = ("torch_name", "torch_kind", "torch_transposed", "graph_input")
+
+
+def fingerprint(graph) -> dict:
+    """What identifies a source model: its input names and ranks, and its float weights' names, dtypes and
+    shapes (a torch parameter's own name where it has one)."""
+    weights = {}
+    for v in graph.constants.values():
+        if v.const is not None and v.const.ndim >= 1 and np.issubdtype(v.const.dtype, np.floating):
+            weights[str(v.meta.get("torch_name") or v.name)] = [v.const.dtype.str, list(v.const.shape)]
+    return {"inputs": [[v.name, None if v.shape is None else len(v.shape)] for v in graph.inputs],
+            "weights": dict(sorted(weights.items()))}
+
+
+def record_source(graph) -> None:
+    """Remember the fingerprint of `graph` as its source, unless it has one (a model lowbit already compressed
+    keeps its source's: a torch module in its lowbit_graph, an ONNX model in its metadata_props). compile calls
+    this on the graph it lowers."""
+    graph.meta.setdefault("source", fingerprint(graph))
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix.lower() in (".json", ".npz") else path
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".npz")
+
+
+def _compressed_graph(model: Any):
+    from .api import graph_of, lower
+
+    graph = graph_of(model)
+    if graph is None:
+        graph = lower(model)
+    if not graph.meta.get("passes_run"):
+        raise StateError(f"this {type(model).__name__} was not compressed by lowbit (no pass ran on it): save what "
+                         "lowbit.compile or lowbit.quantize returned")
+    record_source(graph)
+    return graph
+
+
+def save(model: Any, path: str | os.PathLike) -> Path:
+    """Write the compression state of `model` (what compile/quantize returned, trained or not) to
+    `path`.json and `path`.npz; returns the .json path."""
+    from . import __version__
+    from .compiler import origin_target, writable_parent
+    from .ir.text import print_graph
+
+    graph = _compressed_graph(model)
+    json_path, npz_path = _paths(path)
+    writable_parent(json_path)
+    constants = list(graph.constants.values())
+    facts = {v.name: {k: v.meta[k] for k in VALUE_FACTS if k in v.meta} for v in constants}
+    state = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "origin": origin_target(model),
+             "passes": list(graph.meta.get("passes_run", [])), "source": graph.meta["source"],
+             "constants": [v.name for v in constants], "facts": {k: f for k, f in facts.items() if f},
+             "graph": print_graph(graph)}
+    np.savez(npz_path, **{f"c{i}": np.asarray(v.const) for i, v in enumerate(constants)})
+    json_path.write_text(json.dumps(state, indent=1))
+    return json_path
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    json_path, npz_path = _paths(path)
+    for p in (json_path, npz_path):
+        if not p.is_file():
+            raise StateError(f"no compression state at {str(p)!r}: pass the path lowbit.save was given")
+    try:
+        state = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateError(f"{str(json_path)!r} is not a lowbit compression state (not JSON: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise StateError(f"{str(json_path)!r} is not a lowbit compression state (format "
+                         f"{state.get('format') if isinstance(state, dict) else None!r})")
+    if state.get("version") != VERSION:
+        raise StateError(f"{str(json_path)!r} is compression-state format version {state.get('version')!r}; this "
+                         f"lowbit reads version {VERSION}: load it with the lowbit that wrote it "
+                         f"({state.get('lowbit', '?')})")
+    with np.load(npz_path, allow_pickle=False) as npz:
+        names = state.get("constants", [])
+        missing = [f"c{i}" for i in range(len(names)) if f"c{i}" not in npz.files]
+        if missing:
+            raise StateError(f"{str(npz_path)!r} lacks {len(missing)} of the {len(names)} arrays the state names")
+        arrays = {name: npz[f"c{i}"] for i, name in enumerate(names)}
+    return state, arrays
+
+
+def _first_difference(saved: dict, found: dict) -> str | None:
+    if [i[0] for i in saved["inputs"]] != [i[0] for i in found["inputs"]]:
+        return f"its inputs are {[i[0] for i in found['inputs']]}, the saved model's {[i[0] for i in saved['inputs']]}"
+    for name, spec in saved["weights"].items():
+        if name not in found["weights"]:
+            return f"it has no weight {name!r}"
+        if found["weights"][name] != spec:
+            got = found["weights"][name]
+            return f"its weight {name!r} is {got[0]}{got[1]}, the saved model's {spec[0]}{spec[1]}"
+    extra = sorted(set(found["weights"]) - set(saved["weights"]))
+    if extra:
+        return f"it has weights the saved model has not ({', '.join(extra[:3])})"
+    return None
+
+
+def load(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> Any:
+    """The compressed model `path` describes, rebuilt on `model`, the original (uncompressed) model it was made
+    from: a torch module (example_inputs as lower takes them; a module lowbit returned needs none) or an ONNX
+    model. No calibration runs; the outputs are the saved model's."""
+    from .api import lower
+    from .compiler import _writeback, origin_target
+    from .ir.text import parse_graph
+
+    state, arrays = _read(path)
+    if origin_target(model) != state["origin"]:
+        raise StateError(f"the state was saved from a {state['origin']} model; {type(model).__name__} is a "
+                         f"{origin_target(model)} model: load it onto the model it was made from")
+    source = lower(model, example_inputs)
+    difference = _first_difference(state["source"], fingerprint(source))
+    if difference is not None:
+        raise StateError(f"the state in {str(_paths(path)[0])!r} was saved from another model: {difference}")
+    graph = parse_graph(state["graph"], constants=arrays)
+    graph.meta = {**{k: v for k, v in source.meta.items() if k != "passes_run"},
+                  "passes_run": list(state["passes"]), "source": state["source"]}
+    for name, facts in state.get("facts", {}).items():
+        if name in graph.constants:
+            graph.constants[name].meta.update(facts)
+    graph.verify()
+    return _writeback(graph, model)
