@@ -9,6 +9,7 @@ return as ONNX QDQ (.onnx) or OpenVINO IR (.xml + .bin).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
     from .state import record_source
 
     record_source(graph)  # what lowbit.save writes, to check lowbit.load's model against
+    graph.meta["pipeline_options"] = {"hw": ctx.hw if isinstance(ctx.hw, str) else getattr(ctx.hw, "name", "custom"),
+                                      **dataclasses.asdict(ctx.options)}  # saved with the state
     pm = PassManager(passes, dump_dir=dump_dir)
     return pm.run(graph, ctx), pm
 

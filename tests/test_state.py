@@ -32,6 +32,9 @@ def test_a_torch_model_comes_back_bit_equal_without_calibration(quantized, tmp_p
     state = json.loads(path.read_text())
     assert (state["format"], state["version"], state["origin"]) == ("lowbit-compression-state", 1, "torch")
     assert state["passes"] == ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction", "snap_bias"]
+    assert state["options"] == {"hw": "ANY", "preset": None, "model_type": None, "range_estimator": "mean_min_max",
+                                "overflow_fix": "first_layer", "progress": True, "batch_size": 8,
+                                "smooth_quant_alpha": None}
     assert state["graph"].count("::FakeQuantize\"(") == sum(1 for n in q.lowbit_graph if n.op_type == "FakeQuantize")
     fresh, _ = _model()  # the original model, built again: no calibration data is passed
     loaded = lowbit.load(fresh, path, example_inputs=(x,))

@@ -130,8 +130,8 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, tuple]:
 
 
 # graph.meta entries an ONNX model carries in its metadata_props: the passes run on it (prerequisites,
-# save) and the fingerprint of the model it was made from (load)
-LOWBIT_META = {"lowbit.passes_run": "passes_run", "lowbit.source": "source"}
+# save), the device and options they ran with, and the fingerprint of the model it was made from (load)
+LOWBIT_META = {"lowbit.passes_run": "passes_run", "lowbit.source": "source", "lowbit.options": "pipeline_options"}
 
 
 def from_onnx(model: onnx.ModelProto) -> Graph:
