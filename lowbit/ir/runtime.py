@@ -3,8 +3,9 @@
 A torch-origin graph runs as the torch module `torch_emit` writes; an
 ONNX-origin graph runs in ONNX Runtime. Either way the tapped values become
 extra outputs of one model, so a batch is computed once, whatever the taps.
-Results come back as torch tensors (zero-copy from ONNX Runtime's arrays) so
-statistics can be reduced with torch's kernels.
+Results come back as the runtime gives them: numpy arrays from ONNX Runtime
+(an ONNX model never imports torch), torch tensors from torch; the
+statistics (`lowbit/quant/summary.py`) take both.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from .graph import Graph, Value
 
 
 class GraphRunner:
-    """`runner(arrays) -> [tensor per tap]`; arrays are the graph inputs in order."""
+    """`runner(arrays) -> [array or tensor per tap]`; arrays are the graph inputs in order."""
 
     def __init__(self, graph: Graph, taps: Sequence[Value], runtime: str | None = None, streaming: bool = False):
         self.runtime = runtime or ("onnx" if graph.meta.get("origin") == "onnx" else "torch")
@@ -50,19 +50,21 @@ class GraphRunner:
             self.module = to_torch(tapped, on_value=self._dispatch if streaming else None).eval()
         self.streaming = streaming and self.runtime == "torch"
 
-    def _dispatch(self, name: str, tensor: torch.Tensor) -> None:
+    def _dispatch(self, name: str, tensor) -> None:
         self._sink(name, tensor)
 
     def stream(self, arrays: Sequence[np.ndarray], sink) -> None:
-        """Call `sink(tap name, tensor)` for every tap of one batch. A torch graph built with `streaming`
+        """Call `sink(tap name, value)` for every tap of one batch. A torch graph built with `streaming`
         hands each tap over as soon as it is computed, so it is not kept alive to the end of the forward."""
         if not self.streaming:
             for name, t in zip(self.tap_names, self(arrays)):
                 sink(name, t)
             return
+        import torch
+
         for i, name in enumerate(self.tap_names):
             if i in self.from_input:
-                sink(name, torch.from_numpy(np.asarray(arrays[self.from_input[i]])))
+                sink(name, np.asarray(arrays[self.from_input[i]]))
         self._sink = sink
         try:
             with torch.no_grad():
@@ -70,16 +72,17 @@ class GraphRunner:
         finally:
             self._sink = None
 
-    def __call__(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list:
         if not self.order:
             outs = []
         elif self.runtime == "onnx":
-            outs = [torch.from_numpy(np.asarray(o)) for o in
-                    self.session.run(self.order, dict(zip(self.input_names, arrays)))]
+            outs = list(self.session.run(self.order, dict(zip(self.input_names, arrays))))
         else:
+            import torch
+
             with torch.no_grad():
                 result = self.module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
             outs = list(result) if isinstance(result, (tuple, list)) else [result]
         by_name = dict(zip(self.order, outs))
-        return [torch.from_numpy(np.asarray(arrays[self.from_input[i]])) if i in self.from_input else by_name[n]
+        return [np.asarray(arrays[self.from_input[i]]) if i in self.from_input else by_name[n]
                 for i, n in enumerate(self.tap_names)]

@@ -3,9 +3,10 @@
 For every Conv / Gemm / MatMul+Add with a constant bias whose input or weight
 is quantized: build an input whose every channel holds that channel's mean
 input (measured on the calibration data: FP32 statistics from the shared
-cache, tapped in the pipeline's one run before `quantize` changed the graph), run the layer once in FP32 and once with its quantizers (torch functional
-ops, no code generation), and add
-the per-output-channel difference of the mean outputs to the bias. Cheap (one
+cache, tapped in the pipeline's one run before `quantize` changed the graph),
+run the layer once in FP32 and once with its quantizers (in numpy, as ONNX
+defines the layer: lowbit/quant/layer_eval.py), and add the per-output-channel
+difference of the mean outputs to the bias. Cheap (one
 forward of one layer per layer) and it removes most of the systematic shift
 that weight rounding causes.
 """
@@ -13,12 +14,11 @@ that weight rounding causes.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_fake_quantize
 from ..quant.calibration import gather
+from ..quant.layer_eval import conv, fake_quantize, gemm
 from ..quant.layers import biased_layers, channel_axis, set_bias
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
@@ -65,77 +65,25 @@ def _blob(layer: Node, value: Value, means: np.ndarray, axis: int) -> np.ndarray
     return np.broadcast_to(means.reshape(view).astype(np.float32), shape).copy()
 
 
-def _fake_quantize(t: torch.Tensor, fq: Node) -> torch.Tensor:
-    """`t` through FakeQuantize node `fq`'s ranges, with the torch writer's FakeQuantize (same math, float32)."""
-    from ..ir.torch_fq import FakeQuantize
-
-    low, high = (torch.from_numpy(np.array(v.const, dtype=np.float32)) for v in fq.inputs[1:3])
-    return FakeQuantize(int(fq.attrs["levels"]), low, high)(t)
+def _fake_quantize(x: np.ndarray, fq: Node) -> np.ndarray:
+    """`x` through FakeQuantize node `fq`'s ranges (the torch writer's formula, float32)."""
+    return fake_quantize(x, int(fq.attrs["levels"]), fq.input(1).const, fq.input(2).const)
 
 
 def _run_layer(layer: Node, x_fq: Node | None, w_fq: Node | None, blob: np.ndarray, quantized: bool) -> np.ndarray:
-    """`layer` (without its bias) on `blob`, with or without its quantizers, in torch's functional ops.
-
-    The ops are those the torch writer emits for the layer, so the result is
-    the one a generated one-layer module gives: Conv as F.conv{1,2,3}d, a
-    MatMul with a constant weight as F.linear (a quantized weight as matmul),
-    Gemm as linear (transB) or mm.
-    """
-    with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(blob))
-        if quantized and x_fq is not None:
-            x = _fake_quantize(x, x_fq)
-        w_const = _unquantized(layer.input(1))[0].const.astype(np.float32)  # float16 models: statistics in float32
-        w = torch.from_numpy(np.ascontiguousarray(w_const))
-        fq_weight = quantized and w_fq is not None
-        if fq_weight:
-            w = _fake_quantize(w, w_fq)
-        if layer.op_type == "Conv":
-            return _conv(layer, x, w).numpy()
-        if layer.op_type == "MatMul":
-            out = torch.matmul(x, w) if fq_weight or w.dim() != 2 else F.linear(x, w.T.contiguous())
-            return out.numpy()
-        return _gemm(layer, x, w).numpy()
-
-
-def _conv(layer: Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """ONNX Conv (strides, pads, dilations, group; explicit or auto pads) without bias."""
-    k = w.dim() - 2
-    strides = list(layer.attrs.get("strides", [1] * k))
-    dilations = list(layer.attrs.get("dilations", [1] * k))
-    pads = _conv_pads(layer, x, w, strides, dilations)
-    if pads[:k] != pads[k:]:  # asymmetric: pad explicitly (F.pad lists the last dim first)
-        x = F.pad(x, [p for i in reversed(range(k)) for p in (pads[i], pads[k + i])])
-        pads = [0] * (2 * k)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
-    return conv(x, w, None, strides, pads[:k], dilations, layer.attrs.get("group", 1))
-
-
-def _conv_pads(layer: Node, x: torch.Tensor, w: torch.Tensor, strides: list[int], dilations: list[int]) -> list[int]:
-    """The Conv's pads as [begin..., end...], auto_pad SAME_UPPER / SAME_LOWER resolved for `x`'s size."""
-    k = w.dim() - 2
-    auto = layer.attrs.get("auto_pad", "NOTSET")
-    if auto in ("NOTSET", "VALID"):
-        return list(layer.attrs.get("pads", [0] * (2 * k))) if auto == "NOTSET" else [0] * (2 * k)
-    begin, end = [], []
-    for i in range(k):
-        size, extent = x.shape[2 + i], (w.shape[2 + i] - 1) * dilations[i] + 1
-        total = max((-(-size // strides[i]) - 1) * strides[i] + extent - size, 0)
-        small = total // 2
-        begin.append(small if auto == "SAME_UPPER" else total - small)
-        end.append(total - begin[-1])
-    return begin + end
-
-
-def _gemm(layer: Node, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """ONNX Gemm without its C input: alpha * A' B' (A', B' transposed as transA / transB say)."""
-    if layer.attrs.get("transA", 0):
-        x = x.T
-    alpha = layer.attrs.get("alpha", 1.0)
-    if layer.attrs.get("transB", 0) and alpha == 1.0:
-        return F.linear(x, w)
-    out = torch.mm(x, w.T if layer.attrs.get("transB", 0) else w)
-    return out if alpha == 1.0 else out * alpha
+    """`layer` (without its bias) on `blob`, with or without its quantizers, evaluated in numpy as ONNX defines
+    it (lowbit/quant/layer_eval.py): the same for a torch and an ONNX model, and no model runs through torch."""
+    x = np.ascontiguousarray(blob, dtype=np.float32)
+    if quantized and x_fq is not None:
+        x = _fake_quantize(x, x_fq)
+    w = _unquantized(layer.input(1))[0].const.astype(np.float32)  # float16 models: statistics in float32
+    if quantized and w_fq is not None:
+        w = _fake_quantize(w, w_fq)
+    if layer.op_type == "Conv":
+        return conv(x, w, layer.attrs)
+    if layer.op_type == "MatMul":
+        return np.matmul(x, w)
+    return gemm(x, w, layer.attrs)
 
 
 def _channel_mean(y: np.ndarray, axis: int) -> np.ndarray:

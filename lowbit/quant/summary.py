@@ -29,7 +29,6 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 ANY_AXIS = "any"
 DERIVABLE_ESTIMATORS = ("mean_min_max", "min_max")
@@ -45,6 +44,18 @@ class Need:
     sums: bool = False  # per-channel sums (channel_mean)
 
 
+def as_array(x) -> np.ndarray:
+    """A tapped value as a float32 (or float64) numpy array: ONNX Runtime's arrays as they are, torch tensors
+    without a copy where they are float32 (statistics import no framework: an ONNX model never meets torch)."""
+    if hasattr(x, "detach"):  # a torch tensor (the torch path)
+        x = x.detach()
+        if str(x.dtype) not in ("torch.float32", "torch.float64"):
+            x = x.float()  # float16, bfloat16 (numpy has no bfloat16), integers
+        x = x.cpu().numpy()
+    x = np.asarray(x)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+
+
 class ValueSummary:
     """Per-sample minima/maxima (per channel or per row) and per-channel sums of one value, batch by batch."""
 
@@ -52,9 +63,9 @@ class ValueSummary:
         self.axis = axis
         self.extremes = extremes and axis is not None
         self.sums = sums and axis is not None
-        self.lo: list[torch.Tensor] = []
-        self.hi: list[torch.Tensor] = []
-        self.total: torch.Tensor | None = None
+        self.lo: list[np.ndarray] = []
+        self.hi: list[np.ndarray] = []
+        self.total: np.ndarray | None = None
         self.count = 0
 
     def covers(self, need: Need) -> bool:
@@ -63,35 +74,31 @@ class ValueSummary:
             return True
         return (need.axis == self.axis and (not need.extremes or self.extremes) and (not need.sums or self.sums))
 
-    def update(self, x: torch.Tensor, samples: int | None = None) -> None:
-        """Reduce one batch of the value, which holds `samples` calibration samples (see `by_sample`)."""
-        x = x.detach()
-        if x.is_floating_point() and x.dtype != torch.float32 and x.dtype != torch.float64:
-            x = x.float()
-        elif not x.is_floating_point():
-            x = x.float()
-        x = x.reshape(1, -1) if x.dim() < 2 else x
-        axis = None if self.axis is None else self.axis % x.dim()
+    def update(self, x, samples: int | None = None) -> None:
+        """Reduce one batch of the value (a numpy array or a torch tensor), which holds `samples` calibration
+        samples (see `by_sample`)."""
+        x = as_array(x)
+        x = x.reshape(1, -1) if x.ndim < 2 else x
+        axis = None if self.axis is None else self.axis % x.ndim
         if axis == 0:
             raise ValueError("the channel axis of a summary cannot be the sample axis")
-        others = tuple(d for d in range(1, x.dim()) if d != axis)
+        others = tuple(d for d in range(1, x.ndim) if d != axis)
         if self.extremes:
-            lo, hi = (x.amin(dim=others), x.amax(dim=others)) if others else (x, x)
-        else:  # amin + amax: torch's aminmax(dim=) is far slower on CPU
+            lo, hi = (x.min(axis=others), x.max(axis=others)) if others else (x, x)
+        else:
             flat = x.reshape(x.shape[0], -1)
-            lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-        self.lo.append(by_sample(lo.float(), samples, torch.amin))
-        self.hi.append(by_sample(hi.float(), samples, torch.amax))
+            lo, hi = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+        self.lo.append(by_sample(lo.astype(np.float32), samples, np.min))
+        self.hi.append(by_sample(hi.astype(np.float32), samples, np.max))
         if self.sums:
-            dims = (0, *others)
-            s = x.sum(dim=dims, dtype=torch.float32).double()
+            s = x.sum(axis=(0, *others), dtype=np.float32).astype(np.float64)
             self.total = s if self.total is None else self.total + s
-            self.count += x.numel() // x.shape[axis]
+            self.count += x.size // x.shape[axis]
 
-    def _extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _extremes(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.lo:
             raise ValueError("no statistics collected")
-        return torch.cat(self.lo), torch.cat(self.hi)
+        return np.concatenate(self.lo), np.concatenate(self.hi)
 
     def range(self, estimator: str) -> tuple[float, float]:
         """The range `RangeStats(estimator)` gives ("min_max" or "mean_min_max")."""
@@ -100,30 +107,30 @@ class ValueSummary:
             return float(lo.min()), float(hi.max())
         if estimator != "mean_min_max":
             raise ValueError(f"the {estimator!r} range cannot be derived from a summary")
-        return float(lo.amin(dim=1).double().mean()), float(hi.amax(dim=1).double().mean())
+        return float(lo.min(axis=1).astype(np.float64).mean()), float(hi.max(axis=1).astype(np.float64).mean())
 
     def channel_mean(self) -> np.ndarray:
         """The per-channel mean (float64), as `ChannelMean(axis).mean()`."""
         if self.total is None:
             raise ValueError("no per-channel sums collected")
-        return (self.total / self.count).numpy()
+        return self.total / self.count
 
     def channel_abs_max(self) -> np.ndarray:
         """The per-channel largest magnitude (float32), as `ChannelAbsMax(axis).max()`."""
         if not self.extremes:
             raise ValueError("no per-channel extremes collected")
         lo, hi = self._extremes()
-        return torch.maximum(hi.amax(dim=0), -lo.amin(dim=0)).clamp_min(0).numpy()
+        return np.maximum(np.maximum(hi.max(axis=0), -lo.min(axis=0)), 0)
 
     def scaled(self, factor: np.ndarray) -> ValueSummary | None:
         """The summary of the value times `factor` (> 0) per channel; None where this one cannot say."""
         if not self.extremes or (self.sums and self.total is None):
             return None
-        f = torch.from_numpy(np.asarray(factor, dtype=np.float64))
-        if f.numel() != self.lo[0].shape[1] or not bool((f > 0).all()):
+        f = np.asarray(factor, dtype=np.float64).reshape(-1)
+        if f.size != self.lo[0].shape[1] or not bool((f > 0).all()):
             return None
         out = ValueSummary(self.axis, self.extremes, self.sums)
-        f32 = f.float()
+        f32 = f.astype(np.float32)
         out.lo = [lo * f32 for lo in self.lo]
         out.hi = [hi * f32 for hi in self.hi]
         out.total = None if self.total is None else self.total * f
@@ -131,7 +138,7 @@ class ValueSummary:
         return out
 
 
-def by_sample(rows: torch.Tensor, samples: int | None, reduce) -> torch.Tensor:
+def by_sample(rows: np.ndarray, samples: int | None, reduce) -> np.ndarray:
     """Per-row statistics [rows, k] reduced to per-sample ones [samples, k].
 
     A sample is one row of the batch fed to the model. A value whose leading dim holds several rows per
@@ -140,7 +147,7 @@ def by_sample(rows: torch.Tensor, samples: int | None, reduce) -> torch.Tensor:
     a range far narrower than a sequence's, and clip (GPT-2: 17.7 dB instead of 29.7)."""
     if not samples or rows.shape[0] == samples or rows.shape[0] % samples:
         return rows
-    return reduce(rows.reshape(samples, rows.shape[0] // samples, *rows.shape[1:]), dim=1)
+    return reduce(rows.reshape(samples, rows.shape[0] // samples, *rows.shape[1:]), axis=1)
 
 
 class StatisticsCache:
