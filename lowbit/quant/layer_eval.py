@@ -55,11 +55,14 @@ def conv(x: np.ndarray, w: np.ndarray, attrs: dict) -> np.ndarray:
     n, c = x.shape[:2]
     out = windows.shape[2:2 + k]
     o, per_group = w.shape[0], c // group
-    if per_group == 1 and group == c:  # depthwise (o = c * multiplier): a product and a sum per channel
+    if per_group == 1 and group == c:  # depthwise (o = c * multiplier): one multiply-add per kernel offset
         multiplier = o // c
-        wk = w.reshape(c, multiplier, *([1] * k), *w.shape[2:])
-        y = (windows[:, :, None] * wk[None]).sum(axis=tuple(range(3 + k, 3 + 2 * k)))  # [N, C, m, *out]
-        return y.reshape(n, o, *out).astype(np.float32)
+        wk = w.reshape(c, multiplier, -1)  # [C, m, kernel elements]
+        y = np.zeros((n, c, multiplier, *out), dtype=np.float32)
+        for index, offset in enumerate(np.ndindex(*w.shape[2:])):
+            tap = windows[(Ellipsis, *offset)][:, :, None]  # [N, C, 1, *out]
+            y += tap * wk[:, :, index].reshape(1, c, multiplier, *([1] * k))
+        return y.reshape(n, o, *out)
     outs = []
     per_out = o // group
     for g in range(group):

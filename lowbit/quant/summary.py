@@ -84,14 +84,14 @@ class ValueSummary:
             raise ValueError("the channel axis of a summary cannot be the sample axis")
         others = tuple(d for d in range(1, x.ndim) if d != axis)
         if self.extremes:
-            lo, hi = (x.min(axis=others), x.max(axis=others)) if others else (x, x)
+            lo, hi = _row_extremes(x, others) if others else (x, x)
         else:
-            flat = x.reshape(x.shape[0], -1)
-            lo, hi = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+            lo, hi = _row_extremes(x.reshape(x.shape[0], -1), (1,))
+            lo, hi = lo[:, None], hi[:, None]
         self.lo.append(by_sample(lo.astype(np.float32), samples, np.min))
         self.hi.append(by_sample(hi.astype(np.float32), samples, np.max))
         if self.sums:
-            s = x.sum(axis=(0, *others), dtype=np.float32).astype(np.float64)
+            s = _channel_sums(x, axis).astype(np.float64)
             self.total = s if self.total is None else self.total + s
             self.count += x.size // x.shape[axis]
 
@@ -136,6 +136,23 @@ class ValueSummary:
         out.total = None if self.total is None else self.total * f
         out.count = self.count
         return out
+
+
+def _row_extremes(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """x.min(axes) and x.max(axes). numpy reduces on one thread where torch used every core: on the ONNX path
+    (which no longer imports torch) the statistics of ResNet-50's 64 calibration images cost about 0.3 s more."""
+    return x.min(axis=axes), x.max(axis=axes)
+
+
+def _channel_sums(x: np.ndarray, axis: int) -> np.ndarray:
+    """The float32 sum of `x` per index of `axis`, as a matrix-vector product where the layout allows (BLAS runs
+    on every core; numpy's own sum on one)."""
+    if axis == x.ndim - 1:
+        return np.ones(x.size // x.shape[-1], dtype=x.dtype) @ x.reshape(-1, x.shape[-1])
+    if axis == 1:
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+        return (rows @ np.ones(rows.shape[1], dtype=x.dtype)).reshape(x.shape[0], x.shape[1]).sum(axis=0)
+    return x.sum(axis=tuple(d for d in range(x.ndim) if d != axis), dtype=np.float32)
 
 
 def by_sample(rows: np.ndarray, samples: int | None, reduce) -> np.ndarray:
