@@ -43,7 +43,7 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
                  dump_dir: str | Path | None = None) -> tuple[Graph, PassManager]:
     if passes is None:
         passes = default_pipeline(ctx.hw, ctx.dataset, ctx.options.model_type)
-    from .state import record_source
+    from .ir.fingerprint import record_source
 
     record_source(graph)  # what lowbit.save writes, to check lowbit.load's model against
     graph.meta["pipeline_options"] = {"hw": ctx.hw if isinstance(ctx.hw, str) else getattr(ctx.hw, "name", "custom"),

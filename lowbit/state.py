@@ -25,28 +25,11 @@ from typing import Any
 import numpy as np
 
 from .errors import StateError
+from .ir.fingerprint import fingerprint, record_source  # noqa: F401  (record_source: re-exported)
 
 FORMAT = "lowbit-compression-state"
 VERSION = 1
 VALUE_FACTS = ("torch_name", "torch_kind", "torch_transposed", "graph_input")
-
-
-def fingerprint(graph) -> dict:
-    """What identifies a source model: its input names and ranks, and its float weights' names, dtypes and
-    shapes (a torch parameter's own name where it has one)."""
-    weights = {}
-    for v in graph.constants.values():
-        if v.const is not None and v.const.ndim >= 1 and np.issubdtype(v.const.dtype, np.floating):
-            weights[str(v.meta.get("torch_name") or v.name)] = [v.const.dtype.str, list(v.const.shape)]
-    return {"inputs": [[v.name, None if v.shape is None else len(v.shape)] for v in graph.inputs],
-            "weights": dict(sorted(weights.items()))}
-
-
-def record_source(graph) -> None:
-    """Remember the fingerprint of `graph` as its source, unless it has one (a model lowbit already compressed
-    keeps its source's: a torch module in its lowbit_graph, an ONNX model in its metadata_props). compile calls
-    this on the graph it lowers."""
-    graph.meta.setdefault("source", fingerprint(graph))
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -56,7 +39,8 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _compressed_graph(model: Any):
-    from .api import graph_of, lower
+    from .api import lower
+    from .frontends import graph_of
 
     graph = graph_of(model)
     if graph is None:

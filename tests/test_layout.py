@@ -146,3 +146,35 @@ print("torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "q.xml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def _unit_imports(path: Path) -> set[str]:
+    """The other top-level units of lowbit (a subpackage or a module beside api.py) that `path` imports, at
+    module level or inside a function."""
+    parts = path.relative_to(PACKAGE).parts
+    me, depth = parts[0].removesuffix(".py"), len(parts) - 1
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not (node.module or "").startswith("lowbit."):
+                continue
+            found.add(node.module.split(".")[1])
+        elif node.level - 1 == depth:  # reaches lowbit/ itself
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+    return found - {me, "__version__"}
+
+
+def test_no_import_cycles_between_the_packages():
+    """Arrows between lowbit's units point one way (function-level imports included): api -> frontends/backends,
+    state -> compiler -> ir, never back."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for path in PACKAGE.rglob("*.py"):
+        if path != PACKAGE / "__init__.py":
+            graph.add_edges_from((path.relative_to(PACKAGE).parts[0].removesuffix(".py"), unit)
+                                 for unit in _unit_imports(path))
+    assert ("compiler", "passes") in graph.edges and ("frontends", "ir") in graph.edges
+    assert list(nx.simple_cycles(graph)) == []

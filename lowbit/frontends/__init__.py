@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedModelError
+from ..ir.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,42 @@ def frontend_for(model: Any) -> Frontend:
             return frontend
     raise UnsupportedModelError(f"lowbit cannot lower a {type(model).__module__}.{type(model).__name__}: pass "
                                 + ", ".join(f.takes for f in FRONTENDS.values()))
+
+
+def graph_of(model: Any) -> Graph | None:
+    """The IR behind a torch module that compile/quantize returned, with its current weights and ranges;
+    None for any other module. Lowering such a module gives this graph, FakeQuantize nodes included."""
+    graph = getattr(model, "lowbit_graph", None)
+    if graph is None:
+        if not hasattr(model, "modules"):  # not a torch module (an ONNX model): nothing to import torch for
+            return None
+        from ..ir.torch_fq import FakeQuantize
+
+        if any(isinstance(m, FakeQuantize) for m in getattr(model, "modules", lambda: [])()):
+            raise UnsupportedModelError(
+                f"this {type(model).__name__} holds lowbit FakeQuantize modules but not the graph they came from "
+                "(lowbit_graph): export the module lowbit.compile/quantize returned, or a copy.deepcopy of it")
+        return None
+    import numpy as np
+
+    graph = graph.copy()
+    names = getattr(model, "lowbit_names", {})
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    for value in graph.constants.values():
+        attr = names.get(value.name)
+        if attr in state:
+            array = state[attr].detach().cpu().numpy()
+            value.const = array.T.copy() if value.meta.get("torch_transposed") else array.copy()
+    for node in graph:
+        attr = names.get(node.name)
+        if attr is not None and node.op_type == "FakeQuantize":
+            fq = model.get_submodule(attr)
+            for port, tensor in ((1, fq.low), (2, fq.high), (3, fq.low), (4, fq.high)):
+                fresh = graph.add_constant(f"{node.name}_range", tensor.detach().cpu().numpy().astype(np.float32))
+                node.set_input(port, fresh)
+    graph.remove_unused_constants()
+    return graph
+
 
 
 # -- the built-in frontends ---------------------------------------------------------------------------------
@@ -93,7 +130,6 @@ def _lower_torch(model, example_inputs=None, dynamic_dims=None):
     import torch
     import torch.fx
 
-    from ..api import graph_of
     from ..errors import MissingExampleInputsError
 
     graph = graph_of(model)
