@@ -548,3 +548,13 @@ def test_a_pass_that_leaves_a_stale_shape_is_named_and_reinfer_fixes_it():
     x = torch.randn(2, 3, 8, 8)
     got = lowbit.codegen(pruned, "torch")(x)
     assert tuple(got.shape) == (2, 4, 3, 3)
+
+
+def test_a_models_own_wrong_value_info_is_mended_not_blamed_on_a_pass():
+    """An exporter's stale value_info (a Conv output recorded with the wrong channel count) would make the first
+    pass look guilty: the PassManager re-derives contradicted shapes before it runs anything."""
+    graph = lowbit.lower(_TwoConvs().eval(), (torch.randn(1, 3, 8, 8),))
+    conv_a = next(n for n in graph if n.op_type == "Conv")
+    conv_a.output.shape = ("batch", 5, 8, 8)  # what a buggy exporter might have written
+    out = PassManager(["cleanup"]).run(graph)
+    assert next(n for n in out if n.op_type == "Conv").output.shape == ("batch", 8, 8, 8)

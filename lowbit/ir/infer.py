@@ -60,7 +60,8 @@ def infer_output(node: Node) -> tuple[str | None, Shape]:
         perm = node.attrs.get("perm") or list(reversed(range(len(first.shape))))
         if sorted(perm) == list(range(len(first.shape))):
             dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
-    elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None:
+    elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None \
+            and not node.attrs.get("allowzero", 0):
         dtype, shape = first.dtype, _reshape(first.shape, ins[1].const)
     elif op == "QuantizeLinear" and len(ins) >= 3 and ins[2] is not None:
         dtype, shape = ins[2].dtype, first.shape
@@ -128,12 +129,14 @@ def _merge(recorded: Shape, inferred: Shape) -> Shape:
     return tuple(i if i is not None else r for r, i in zip(recorded, inferred))
 
 
-def reinfer(graph) -> int:
+def reinfer(graph, *, only_stale: bool = False) -> int:
     """Re-derive every node's output dtype and shape from its inputs, in order, after a pass that changed
-    shapes (pruning channels); returns how many values changed. What inference does not determine is kept."""
+    shapes (pruning channels); returns how many values changed. What inference does not determine is kept.
+    With `only_stale`, only values whose record contradicts their inputs are rewritten (a model whose own
+    value_info is wrong: the PassManager mends it before the first pass, so no pass is blamed for it)."""
     changed = 0
     for node in graph:
-        if not node.outputs:
+        if not node.outputs or (only_stale and stale_type(node) is None):
             continue
         dtype, shape = infer_output(node)
         out = node.outputs[0]

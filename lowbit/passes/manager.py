@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import GraphError, LowbitError, PassError
 from ..ir.graph import Graph
+from ..ir.infer import reinfer
 from .base import Pass, PassContext, PassResult, resolve
 from .dump import DumpWriter, Snapshot
 
@@ -70,6 +71,7 @@ class PassManager:
         ctx = ctx or PassContext()
         self.check_prerequisites(graph)
         graph = graph.copy()
+        reinfer(graph, only_stale=True)  # a model's own contradictory value_info is mended, not blamed on a pass
         ctx.statistics.clear()  # statistics describe one run's graph
         self.records = []
         before = Snapshot.of(graph) if self.dump else None
