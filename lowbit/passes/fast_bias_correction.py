@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import is_fake_quantize
+from ..ir.ops import activation_axis, is_fake_quantize
 from ..quant.calibration import gather
 from ..quant.layer_eval import conv, fake_quantize, gemm
-from ..quant.layers import biased_layers, channel_axis, set_bias
+from ..quant.layers import biased_layers, set_bias
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
 
@@ -120,18 +120,18 @@ class FastBiasCorrection(Pass):
 
     def statistics_needed(self, graph: Graph, ctx: PassContext) -> list[Need]:
         """The per-channel mean input of every biased layer (which of them get quantized is not known yet)."""
-        return [Need(x, channel_axis(layer), sums=True) for layer, _, _, x, _, _ in _layers(graph, quantized=False)]
+        return [Need(x, activation_axis(layer), sums=True) for layer, _, _, x, _, _ in _layers(graph, quantized=False)]
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers = _layers(graph, quantized=True)
         if not layers:
             return PassResult(graph, changed=False)
         # FP32 means: tapped before `quantize` changed the graph where it ran in this pipeline (it keeps them)
-        summaries = gather(graph, ctx, [Need(x, channel_axis(layer), sums=True) for layer, _, _, x, _, _ in layers])
+        summaries = gather(graph, ctx, [Need(x, activation_axis(layer), sums=True) for layer, _, _, x, _, _ in layers])
         means = {layer.name: s.channel_mean() for (layer, *_), s in zip(layers, summaries)}
         corrected = skipped = 0
         for layer, bias, add, x, x_fq, w_fq in layers:
-            axis = channel_axis(layer)
+            axis = activation_axis(layer)
             blob = _blob(layer, x, np.asarray(means[layer.name]), axis)
             if blob is None:
                 continue

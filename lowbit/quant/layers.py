@@ -1,11 +1,11 @@
-"""Layers as the passes after quantization see them: which have a constant bias, and their activations'
-channel axis. Shared by fast_bias_correction and the passes that correct or prune layers, so that no pass
+"""Layers as the passes after quantization see them: which have a constant bias, and how a bias is set (the
+channel axis of their activations is ops.activation_axis). Shared by fast_bias_correction and the passes that correct or prune layers, so that no pass
 imports another."""
 
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import activation_axis, op_info
+from ..ir.ops import op_info
 
 
 def _bias_input(node: Node) -> int | None:
@@ -44,6 +44,4 @@ def set_bias(graph: Graph, layer: Node, bias: Value, add: Node | None, values) -
     owner.set_input(next(i for i, v in enumerate(owner.inputs) if v is bias), fresh)
 
 
-def channel_axis(layer: Node) -> int:
-    """The channel axis of a layer's input and output activations (ops.activation_axis)."""
-    return activation_axis(layer)
+
