@@ -88,8 +88,9 @@ def refuse_low_precision_torch(model: Any) -> None:
 
 
 def _writeback(graph: Graph, model: Any) -> Any:
-    result = codegen(graph, origin_target(model))  # a torch module holds its graph (lowbit_graph)
-    if origin_target(model) == "torch":
+    target = origin_target(model)
+    result = codegen(graph, target)  # a torch module holds its graph (lowbit_graph)
+    if target == "torch":
         result.train(bool(getattr(model, "training", False)))
     return result
 
@@ -141,15 +142,16 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
             raise OptionError(f"passes is a {type(passes).__name__}: pass a list of pass names or Pass objects, "
                               "e.g. passes=['cleanup', 'fold_bn', 'fuse'] (`lowbit passes` lists them)")
         passes = [resolve(p) for p in passes]  # an unknown pass name fails before the model is captured
-    if dataset is None and example_inputs is None and origin_target(model) == "torch" and passes is not None:
+    torch_origin = origin_target(model) == "torch"
+    if dataset is None and example_inputs is None and torch_origin and passes is not None:
         needs = [p.name for p in passes if p.name in DATA_PASSES]
         if needs:
             raise DatasetError(f"pass {needs[0]!r} needs calibration data: pass dataset=lowbit.Dataset(...) "
                                "(the torch model is then captured with its first item)")
-    if origin_target(model) == "torch" and (passes is None and dataset is not None
-                                            or passes is not None and any(p.name == "quantize" for p in passes)):
+    if torch_origin and (passes is None and dataset is not None
+                         or passes is not None and any(p.name == "quantize" for p in passes)):
         refuse_low_precision_torch(model)
-    from_dataset = example_inputs is None and dataset is not None and origin_target(model) == "torch"
+    from_dataset = example_inputs is None and dataset is not None and torch_origin
     dynamic_dims = None
     if from_dataset:
         example_inputs = _example_from_dataset(ctx.dataset)

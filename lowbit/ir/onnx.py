@@ -145,11 +145,11 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
                       metadata_props={k: v for k, v in props.items() if k not in LOWBIT_META},
                       functions=[f.SerializeToString() for f in model.functions])
     for key, meta_key in LOWBIT_META.items():  # what lowbit did to the model, written by to_onnx
-        try:
-            graph.meta[meta_key] = json.loads(props[key]) if key in props else graph.meta.get(meta_key)
-        except json.JSONDecodeError:
-            pass
-    graph.meta = {k: v for k, v in graph.meta.items() if v is not None}
+        if key in props:
+            try:
+                graph.meta[meta_key] = json.loads(props[key])
+            except json.JSONDecodeError:
+                pass
     types = _infer_types(model)
     values: dict[str, Value] = {}
     for init in g.initializer:
