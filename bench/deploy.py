@@ -30,7 +30,7 @@ device ANY, fast bias correction; the ViT with model_type "transformer").
   for: the ONNX Runtime rows run `lowbit.export(q, "m.onnx")` (or the QDQ
   model `quantize` returns), the OpenVINO rows `lowbit.export(q, "m.onnx",
   runtime="openvino")` (the same grids; signed ones int8, never uint8 with
-  zero point 128: see lowbit/ir/qdq.py). NNCF writes one .onnx for both.
+  zero point 128: see lowbit/backends/qdq.py). NNCF writes one .onnx for both.
 - FP32 baselines: `openvino.convert_model` of the module (.xml) and the FP32
   ONNX model above (.onnx); one per form, shared by both origins.
 - All exports keep the batch dimension dynamic.

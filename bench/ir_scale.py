@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import lowbit
 import report
-from lowbit.ir.torch_fx import capture
+from lowbit.frontends.torch_fx import capture
 
 
 class Block(nn.Module):

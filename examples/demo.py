@@ -68,7 +68,7 @@ def main() -> None:
     ov_fp32 = ov_core.compile_model(str(OUT / "digits_fp32.xml"), "CPU")(x)[0]
     ov_int8 = ov_core.compile_model(str(OUT / "digits_int8.xml"), "CPU")(x)[0]
 
-    quantizers = sum(isinstance(m, lowbit.ir.torch_fq.FakeQuantize) for m in qmodel.modules())
+    quantizers = sum(isinstance(m, lowbit.backends.torch_fq.FakeQuantize) for m in qmodel.modules())
     print(f"digits CNN, {len(x_test)} held-out images, {quantizers} quantizers inserted")
     print(f"post-training quantization (300 images, capture to torch module): {ptq_seconds:.2f} s\n")
     print(f"{'runtime':<28} {'FP32 top-1':>10} {'INT8 top-1':>10}")

@@ -195,7 +195,7 @@ def _positive(text: str) -> int:
 
 def main(argv=None) -> int:
     from .hw_configs import DEVICES
-    from .ir.qdq import RUNTIMES
+    from .backends.qdq import RUNTIMES
     from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PRESETS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     for command in (q, c):
         command.add_argument("--runtime", choices=RUNTIMES,
                              help="the runtime an .onnx output is for (default onnxruntime): each runs another "
-                                  "QDQ form as INT8 (see lowbit/ir/qdq.py)")
+                                  "QDQ form as INT8 (see lowbit/backends/qdq.py)")
     s = sub.add_parser("show", help="print the text form of a model's graph")
     s.add_argument("model", help=".onnx file")
     s.set_defaults(run=_show)

@@ -203,11 +203,11 @@ def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, r
     `runtime` says which runtime an .onnx is for: "onnxruntime" (the default)
     or "openvino" (OpenVINO reading the .onnx). The grids are the same; the
     storage type of signed activation grids differs, because each runtime
-    runs a different form as INT8 (see lowbit/ir/qdq.py). An .xml is for
+    runs a different form as INT8 (see lowbit/backends/qdq.py). An .xml is for
     OpenVINO. A QDQ model from `quantize` can be written again for the other.
     """
     from . import backends
-    from .ir.qdq import RUNTIMES
+    from .backends.qdq import RUNTIMES
 
     if not isinstance(path, (str, os.PathLike)):
         raise OutputPathError(f"the export path is a {type(path).__name__}: pass a str or Path ending in "

@@ -14,7 +14,7 @@ from models import resnet18
 import lowbit
 from lowbit.compiler import graph_of
 from lowbit.hw_configs import DEVICES, HERE, load_hw_config, parse_hw_config
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.torch_fq import FakeQuantize
 from lowbit.passes import PassManager
 from lowbit.quant.placement import place_quantizers
 

@@ -35,7 +35,7 @@ def test_no_pass_imports_another_pass():
 # --------------------------------------------------------------------------- one op table
 
 PACKAGE = PASSES.parent
-OP_TABLES = {PACKAGE / "ir" / "ops.py", PACKAGE / "ir" / "torch_ops.py"}  # the op table and its aten mapping
+OP_TABLES = {PACKAGE / "ir" / "ops.py", PACKAGE / "backends" / "torch_ops.py"}  # the op table and its aten mapping
 
 
 def _op_sets(path: Path, vocabulary: set[str]) -> list[str]:
@@ -94,7 +94,10 @@ def test_the_op_table_knows_each_ops_channel_flow_and_axes():
 
 # --------------------------------------------------------------------------- arrows between packages
 
-UPPER_LAYERS = {"passes", "patterns", "quant", "backends", "frontends", "prune", "train"}
+UPPER_LAYERS = {"passes", "patterns", "quant", "backends", "frontends", "runtime", "prune", "train"}
+# the frameworks lowbit reads and writes; ONNX is not one of them here: the IR's vocabulary, dtype codes and
+# subgraph attributes are ONNX's (../shared/DESIGN.md, "The IR")
+FRAMEWORKS = {"torch", "onnxruntime", "openvino", "nncf", "transformers"}
 
 
 def _lowbit_imports(path: Path) -> set[str]:
@@ -117,6 +120,30 @@ def test_the_core_ir_imports_no_pass_pattern_algorithm_or_backend():
                  if _lowbit_imports(p) & UPPER_LAYERS}
     assert offenders == {}
     assert "errors" in _lowbit_imports(PACKAGE / "ir" / "graph.py")  # the check reads relative imports
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the non-lowbit modules `path` imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {"lowbit"}
+
+
+def test_the_core_ir_imports_no_framework():
+    """The framework borders live in frontends/ (readers) and backends/ (writers); lowbit/ir/ is plain Python and
+    numpy, so a pass or a pattern written against it runs for a torch model and an ONNX model alike."""
+    offenders = {p.name: sorted(_third_party_imports(p) & FRAMEWORKS) for p in sorted((PACKAGE / "ir").glob("*.py"))
+                 if _third_party_imports(p) & FRAMEWORKS}
+    assert offenders == {}
+    # and the check sees an import: the torch writer imports torch
+    assert "torch" in _third_party_imports(PACKAGE / "backends" / "torch_emit.py")
+    readers_and_writers = {p.stem for p in (PACKAGE / "frontends").glob("*.py")} | {
+        p.stem for p in (PACKAGE / "backends").glob("*.py")}
+    assert {"onnx", "torch_fx", "torch_emit", "qdq", "openvino"} <= readers_and_writers
 
 
 def test_the_onnx_ptq_path_imports_no_torch(tmp_path):

@@ -398,7 +398,7 @@ def test_onnx_graph_writes_to_torch():
 @pytest.mark.parametrize("make", [lambda: build_model(13), lambda: build_model(21), _custom_op_model],
                          ids=["opset13", "opset21", "custom"])
 def test_lowering_does_not_mutate_the_model_proto(make):
-    from lowbit.ir.onnx import from_onnx
+    from lowbit.frontends.onnx import from_onnx
 
     model = make()
     before = model.SerializeToString()

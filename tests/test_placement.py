@@ -15,7 +15,7 @@ from op_models import OP_MODELS
 import lowbit
 from lowbit.compiler import graph_of
 from lowbit.hw_configs import load_hw_config
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.torch_fq import FakeQuantize
 from lowbit.passes import PassContext, PassManager
 from lowbit.quant.placement import place_quantizers
 from lowbit.quant.scope import IgnoredScope, Subgraph

@@ -16,7 +16,7 @@ from conftest import run_onnx
 import lowbit
 from lowbit.compiler import graph_of
 from lowbit.hw_configs import HERE
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.torch_fq import FakeQuantize
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from examples.digits import DigitsCNN  # noqa: E402

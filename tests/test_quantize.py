@@ -14,7 +14,7 @@ from conftest import run_onnx, run_openvino
 from deploy_checks import activation_quantizers, repeated_quantizers
 
 import lowbit
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.torch_fq import FakeQuantize
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from examples.digits import accuracy, load_digits_split, trained  # noqa: E402

@@ -12,7 +12,7 @@ from models import REFERENCE_MODELS
 import lowbit
 from lowbit.cli import main as cli
 from lowbit.ir.ops import TORCH_DOMAIN
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.torch_fq import FakeQuantize
 from lowbit.passes.quantize import refuse_quantized
 
 

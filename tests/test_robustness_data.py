@@ -18,8 +18,8 @@ import lowbit
 from lowbit.api import graph_of
 from lowbit.compiler import pass_context, ptq_passes, run_pipeline
 from lowbit.ir.graph import Graph
-from lowbit.ir.openvino import to_openvino
-from lowbit.ir.torch_fq import FakeQuantize
+from lowbit.backends.openvino import to_openvino
+from lowbit.backends.torch_fq import FakeQuantize
 from lowbit.quant.dataset import CalibrationData, batches
 
 

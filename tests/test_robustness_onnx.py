@@ -15,7 +15,8 @@ from deploy_checks import sqnr
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
-from lowbit.ir.onnx import from_onnx, to_onnx
+from lowbit.frontends.onnx import from_onnx
+from lowbit.backends.onnx import to_onnx
 from lowbit.ir.text import parse_graph, print_graph
 
 F = TensorProto.FLOAT
@@ -292,7 +293,7 @@ def test_gpt2_with_its_default_kv_cache_lowers_and_runs_in_onnxruntime():
     import torch
     from transformers.integrations.executorch import register_dynamic_cache_export_support
 
-    from lowbit.ir.torch_fx import from_exported_program
+    from lowbit.frontends.torch_fx import from_exported_program
 
     register_dynamic_cache_export_support()  # so torch.export can return the DynamicCache
     torch.manual_seed(0)

@@ -402,7 +402,7 @@ def test_float16_scalars_keep_their_python_value():
 
 
 def test_fake_quantize_keeps_a_float16_input_in_float16():
-    from lowbit.ir.torch_fq import FakeQuantize
+    from lowbit.backends.torch_fq import FakeQuantize
 
     fq = FakeQuantize(256, torch.tensor(-1.0), torch.tensor(1.0))
     x = torch.linspace(-1.5, 1.5, 101)

@@ -97,7 +97,7 @@ def test_half_alpha_balances_activation_and_weight_maxima(vit, dataset):
     graph = smoothed.lowbit_graph
     mul = next(n for n in graph if n.meta.get("smooth_quant") and n.output.users[0].op_type == "MatMul")
     layer = mul.output.users[0]
-    from lowbit.ir.runtime import GraphRunner
+    from lowbit.runtime import GraphRunner
     from lowbit.quant.dataset import batches
 
     runner = GraphRunner(graph, [mul.output])

@@ -122,7 +122,7 @@ def _fq_ranges(graph):
 
 
 def _count_runs(monkeypatch):
-    import lowbit.ir.runtime as runtime
+    import lowbit.runtime as runtime
 
     runs = []
     original = runtime.GraphRunner.__init__
@@ -219,7 +219,7 @@ def test_a_flattened_batch_keeps_one_sample_per_item():
 def test_a_streamed_torch_run_hands_each_tap_over_once_with_the_values_of_a_plain_run(bert):
     """Calibration on the torch path streams each tapped value into its statistics as soon as it is computed
     (nothing kept alive to the end of the forward): the same tensors a run returning them gives."""
-    from lowbit.ir.runtime import GraphRunner
+    from lowbit.runtime import GraphRunner
 
     graph, items, _ = bert
     taps = [n.output for n in graph if n.op_type in ("MatMul", "LayerNormalization")][:12] + [graph.inputs[0]]

@@ -92,7 +92,7 @@ def save(graph, path: str | os.PathLike, **options: Any) -> Path:
 def _torch(graph):
     """The fx.GraphModule, holding the graph it came from (`lowbit_graph`), so that export and graph_of read its
     current weights and ranges back (after training, too)."""
-    from ..ir.torch_emit import keep_on_copy, to_torch
+    from ..backends.torch_emit import keep_on_copy, to_torch
 
     module = to_torch(graph)
     module.lowbit_graph = graph.copy()
@@ -101,7 +101,7 @@ def _torch(graph):
 
 
 def _onnx(graph, runtime: str = "onnxruntime"):
-    from ..ir.onnx import to_onnx
+    from ..backends.onnx import to_onnx
 
     return to_onnx(graph, runtime=runtime)
 
@@ -113,13 +113,13 @@ def _save_onnx(graph, path: Path, runtime: str = "onnxruntime") -> None:
 
 
 def _openvino(graph):
-    from ..ir.openvino import to_openvino
+    from ..backends.openvino import to_openvino
 
     return to_openvino(graph)
 
 
 def _save_openvino(graph, path: Path) -> None:
-    from ..ir.openvino import save_openvino
+    from ..backends.openvino import save_openvino
 
     save_openvino(graph, path)
 

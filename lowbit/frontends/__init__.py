@@ -59,7 +59,7 @@ def graph_of(model: Any) -> Graph | None:
     if graph is None:
         if not hasattr(model, "modules"):  # not a torch module (an ONNX model): nothing to import torch for
             return None
-        from ..ir.torch_fq import FakeQuantize
+        from ..backends.torch_fq import FakeQuantize
 
         if any(isinstance(m, FakeQuantize) for m in getattr(model, "modules", lambda: [])()):
             raise UnsupportedModelError(
@@ -96,7 +96,7 @@ def _is_path(model: Any) -> bool:
 
 
 def _lower_onnx_file(model, example_inputs=None, dynamic_dims=None):
-    from ..ir.onnx import from_onnx, load_model
+    from ..frontends.onnx import from_onnx, load_model
 
     path = Path(model)
     if path.suffix.lower() != ".onnx":
@@ -110,7 +110,7 @@ def _is_onnx_model(model: Any) -> bool:
 
 
 def _lower_onnx_model(model, example_inputs=None, dynamic_dims=None):
-    from ..ir.onnx import check_model, from_onnx
+    from ..frontends.onnx import check_model, from_onnx
 
     check_model(model)
     return from_onnx(model)
@@ -136,7 +136,7 @@ def _lower_torch(model, example_inputs=None, dynamic_dims=None):
     if graph is not None:
         return graph
 
-    from ..ir.torch_fx import capture_program, example_inputs_from_placeholders, from_exported_program
+    from ..frontends.torch_fx import capture_program, example_inputs_from_placeholders, from_exported_program
 
     if isinstance(model, torch.export.ExportedProgram):
         return from_exported_program(model, "exported_program")

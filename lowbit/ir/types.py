@@ -1,4 +1,4 @@
-"""Element types and shapes of IR values, and their mapping to ONNX and torch.
+"""Element types and shapes of IR values, and their mapping to ONNX (and to torch's names).
 
 A dtype is a lowercase name (`"float32"`, `"int64"`, `"bool"`, ...), the same
 names numpy uses; `None` means not known. A shape is a tuple whose entries are
@@ -39,12 +39,6 @@ def from_onnx_dtype(elem_type: int) -> str | None:
 def numpy_dtype_name(array: np.ndarray) -> str:
     name = array.dtype.name
     return "string" if array.dtype.kind in "OSU" else name
-
-
-def to_torch_dtype(dtype: str):
-    import torch
-
-    return getattr(torch, "bool" if dtype == "bool" else dtype)
 
 
 def from_torch_dtype(torch_dtype) -> str:

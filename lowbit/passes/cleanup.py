@@ -22,7 +22,7 @@ from onnx import helper
 
 from ..ir.graph import Graph, Node
 from ..ir.infer import pad_shape
-from ..ir.onnx import _node_proto
+from ..backends.onnx import _node_proto
 from ..ir.ops import NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass

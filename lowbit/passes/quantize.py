@@ -2,7 +2,7 @@
 
 Placement is `lowbit.quant.placement` (merged, propagated, never inside a
 fused pattern, model outputs FP32). Activation ranges come from one run over
-the calibration data in the graph's origin runtime (`ir/runtime.py`),
+the calibration data in the graph's origin runtime (`lowbit/runtime.py`),
 reduced on the fly (`quant/summary.py`), shared with the other passes of the
 pipeline (an earlier pass that ran over the data tapped them already); weight ranges from the weights
 (per channel where the config prefers it). Quantizers in one unified-scale

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.ops import is_fake_quantize
-from ..ir.qdq import qdq_params, source_quantizer
+from ..backends.qdq import qdq_params, source_quantizer
 from ..quant.layers import biased_layers, set_bias
 from .base import Pass, PassContext, PassResult, register_pass
 

@@ -16,7 +16,7 @@ from .summary import Need, StatisticsCache, ValueSummary, merge_needs
 
 def collect(graph: Graph, ctx, requests: list[tuple[object, object]]) -> None:
     """One pass over the calibration data, feeding each tapped value to its statistic's `update`."""
-    from ..ir.runtime import GraphRunner
+    from ..runtime import GraphRunner
 
     if not requests:
         return

@@ -1,7 +1,7 @@
 """One layer evaluated in numpy, as ONNX defines it: what fast bias correction runs a layer's mean input through,
 with and without its quantizers, for models of any origin (an ONNX model never goes through torch).
 
-`fake_quantize` is the FakeQuantize formula of `lowbit/ir/torch_fq.py` (OpenVINO's), in float32. `conv` takes
+`fake_quantize` is the FakeQuantize formula of `lowbit/backends/torch_fq.py` (OpenVINO's), in float32. `conv` takes
 ONNX Conv's attributes: strides, explicit or SAME_UPPER/SAME_LOWER/VALID pads (asymmetric ones included),
 dilations and groups (depthwise convolutions by broadcasting, others as one matrix product per group).
 """

@@ -27,13 +27,13 @@ import torch
 import torch.fx as fx
 
 from ..errors import CaptureError
-from .graph import Graph, Value
-from .ops import IR_OPSET, TORCH_DOMAIN
+from ..ir.graph import Graph, Value
+from ..ir.ops import IR_OPSET, TORCH_DOMAIN
 from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
-from .torch_guard import record_fixed_dims
+from ..backends.torch_guard import record_fixed_dims
 from .torch_inplace import InplaceTracker, functional_of
-from .torch_ops import BINARY, UNARY
-from .types import from_torch_dtype
+from ..backends.torch_ops import BINARY, UNARY
+from ..ir.types import from_torch_dtype
 
 aten = torch.ops.aten
 INT64_MAX = np.iinfo(np.int64).max
@@ -747,9 +747,9 @@ def _to(lw, node, x, *args, **kwargs):
         return NotImplemented
     if src.dtype == dst.dtype:
         return lw.op("Identity", [lw.val(x)])
-    from .types import to_onnx_dtype
+    from ..ir.types import to_onnx_dtype
 
     return lw.op("Cast", [lw.val(x)], {"to": to_onnx_dtype(from_torch_dtype(dst.dtype))})
 
 
-from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers and emitters)
+from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers)

@@ -71,8 +71,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UnsupportedOpError
-from .graph import Graph, Node, Value
-from .ops import IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, VALUE_PRESERVING, is_fake_quantize, op_info
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, VALUE_PRESERVING, is_fake_quantize, op_info
 
 EPS = 1e-8
 

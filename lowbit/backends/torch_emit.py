@@ -20,17 +20,22 @@ import torch.fx as fx
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from ..errors import UnsupportedOpError
-from .graph import Graph, Node, Value
-from .ops import TORCH_DOMAIN, is_fake_quantize
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import TORCH_DOMAIN, is_fake_quantize
 from .torch_guard import FIXED_DIMS, FIXED_REASON, check_input_dims
 from .torch_ops import BINARY, SCALAR_RHS, UNARY
-from .types import is_float, to_torch_dtype
+from ..ir.types import is_float
 
 aten = torch.ops.aten
 INT64_MAX = np.iinfo(np.int64).max
 
 
 # Helpers that generated code calls for ONNX semantics torch has no single op for.
+def to_torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an IR dtype name ("float32" -> torch.float32)."""
+    return getattr(torch, dtype)
+
+
 def onnx_reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """ONNX Reshape with a runtime shape tensor (0 copies the input dim)."""
     dims = [x.shape[i] if s == 0 else s for i, s in enumerate(shape.tolist())]
@@ -538,7 +543,7 @@ def _expand(e: _Emitter, n: Node):
 
 @emits("Cast")
 def _cast(e: _Emitter, n: Node):
-    from .types import from_onnx_dtype
+    from ..ir.types import from_onnx_dtype
 
     return e.call(aten._to_copy.default, e[n.input(0)], dtype=to_torch_dtype(from_onnx_dtype(n.attrs["to"])))
 
@@ -640,4 +645,4 @@ def emit_opaque(e: _Emitter, n: Node):
     return out
 
 
-from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers and emitters)
+from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad emitters)

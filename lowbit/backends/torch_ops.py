@@ -1,5 +1,6 @@
-"""Which aten overload computes each vocabulary op: the one table the torch reader (torch_fx, aten -> op) and
-the torch writer (torch_emit, torch_indexing: op -> aten) both read."""
+"""Which aten overload computes each vocabulary op: the one table the torch frontend (torch_fx,
+torch_indexing: aten -> op) and the torch backend (backends/torch_emit, backends/torch_indexing: op -> aten)
+both read."""
 
 from __future__ import annotations
 
@@ -21,3 +22,5 @@ SCALAR_RHS = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Te
 # (tensor overload, scalar overload) of the comparisons torch_indexing writes
 COMPARE = {"GreaterOrEqual": (aten.ge.Tensor, aten.ge.Scalar), "LessOrEqual": (aten.le.Tensor, aten.le.Scalar)}
 LOGICAL = {"And": aten.logical_and.default, "Or": aten.logical_or.default}
+# torch.nn.functional.pad mode -> ONNX Pad mode
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}

@@ -13,7 +13,7 @@ import os
 import re
 
 from ..errors import UnsupportedOpError
-from .graph import Graph
+from ..ir.graph import Graph
 from .onnx import to_onnx
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .graph import Graph, Value
+from .ir.graph import Graph, Value
 
 
 class GraphRunner:
@@ -34,7 +34,7 @@ class GraphRunner:
         if self.runtime == "onnx":
             import onnxruntime as ort
 
-            from .onnx import to_onnx
+            from .backends.onnx import to_onnx
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -44,7 +44,7 @@ class GraphRunner:
                                                 providers=["CPUExecutionProvider"])
             self.input_names = inputs
         else:
-            from .torch_emit import to_torch
+            from .backends.torch_emit import to_torch
 
             self._sink = None
             self.module = to_torch(tapped, on_value=self._dispatch if streaming else None).eval()
