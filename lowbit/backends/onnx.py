@@ -48,7 +48,8 @@ def _attribute(name: str, value: Any, attr_type: int | None) -> AttributeProto:
     return helper.make_attribute(name, value)
 
 
-def _node_proto(node: Node) -> onnx.NodeProto:
+def node_proto(node: Node) -> onnx.NodeProto:
+    """One node as an onnx.NodeProto (cleanup folds constants by running it in onnx.reference)."""
     types = node.meta.get("onnx_attr_types", {})
     values = list(node.inputs)
     if node.op_type == "Concat" and not node.domain and any(v is not None and is_legacy_empty(v.shape) for v in values) \
@@ -98,7 +99,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
                   if id(v) not in known and (v.dtype is not None or v.shape is not None)]
     initializers = [numpy_helper.from_array(np.asarray(v.const), v.name) for v in graph.constants.values()]
     overridable = [v for v in graph.constants.values() if v.meta.get("graph_input")]
-    g = helper.make_graph([_node_proto(n) for n in graph], graph.name,
+    g = helper.make_graph([node_proto(n) for n in graph], graph.name,
                           [_value_info(v) for v in [*graph.inputs, *overridable]],
                           [_value_info(v) for v in graph.outputs], initializer=initializers, value_info=value_info)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],

@@ -22,9 +22,9 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 from ..errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import TORCH_DOMAIN, is_fake_quantize
+from ..ir.types import is_float
 from .torch_guard import FIXED_DIMS, FIXED_REASON, check_input_dims
 from .torch_ops import BINARY, SCALAR_RHS, UNARY
-from ..ir.types import is_float
 
 aten = torch.ops.aten
 INT64_MAX = np.iinfo(np.int64).max

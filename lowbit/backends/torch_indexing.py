@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedOpError
-from .torch_ops import COMPARE, LOGICAL, PAD_MODES
 from ..ir.graph import Node
 from .torch_emit import _Emitter, emits
+from .torch_ops import COMPARE, LOGICAL, PAD_MODES
 
 aten = torch.ops.aten
 

@@ -22,7 +22,6 @@ from ..errors import ModelLoadError
 from ..ir.graph import Graph, Node, Value, subgraph_free_names
 from ..ir.types import from_onnx_dtype
 
-
 # -- loading --------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..backends.torch_guard import record_fixed_dims
+from ..backends.torch_ops import BINARY, UNARY
 from ..errors import CaptureError
 from ..ir.graph import Graph, Value
 from ..ir.ops import IR_OPSET, TORCH_DOMAIN
-from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
-from ..backends.torch_guard import record_fixed_dims
-from .torch_inplace import InplaceTracker, functional_of
-from ..backends.torch_ops import BINARY, UNARY
 from ..ir.types import from_torch_dtype
+from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
+from .torch_inplace import InplaceTracker, functional_of
 
 aten = torch.ops.aten
 INT64_MAX = np.iinfo(np.int64).max

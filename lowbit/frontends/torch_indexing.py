@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .torch_fx import handles
 from ..backends.torch_ops import PAD_MODES
 from ..ir.types import from_torch_dtype, to_onnx_dtype
+from .torch_fx import handles
 
 aten = torch.ops.aten
 

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..backends.onnx import node_proto
 from ..ir.graph import Graph, Node
 from ..ir.infer import pad_shape
-from ..backends.onnx import _node_proto
 from ..ir.ops import NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
@@ -38,7 +38,7 @@ def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None
     inits = [onnx.numpy_helper.from_array(np.asarray(arrays[i] if i in arrays else v.const), v.name)
              for i, v in enumerate(node.inputs) if v is not None]
     outputs = [helper.make_empty_tensor_value_info(v.name) for v in node.outputs]
-    graph = helper.make_graph([_node_proto(node)], "fold", [], outputs, initializer=inits)
+    graph = helper.make_graph([node_proto(node)], "fold", [], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return [np.asarray(a) for a in ReferenceEvaluator(model).run(None, {})]
 
