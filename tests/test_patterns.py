@@ -267,6 +267,20 @@ def test_an_interior_value_that_is_a_graph_output_is_rejected():
     assert _match(P("Relu", P("Conv")), g, relu) is None
 
 
+def test_match_at_reads_a_pattern_without_a_rule_and_keeps_the_interior_check():
+    from lowbit.patterns import match_at
+
+    g, x = _graph()
+    conv = _conv(g, x)
+    relu = g.make_node("Relu", [conv.output], name="relu")
+    g.outputs.append(relu.output)
+    found = match_at(P("Relu", P("Conv", Any("x"), Const("w"), name="conv")), relu)
+    assert found["conv"] is conv and found["x"] is x and found["w"].const.shape == (3, 3, 1, 1)
+    assert match_at(P("Relu", P("Gemm")), relu) is None
+    g.outputs.append(conv.output)  # the Conv's output now leaves the match: a writer must not fuse it away
+    assert match_at(P("Relu", P("Conv")), relu) is None
+
+
 def test_a_root_with_outside_users_still_matches():
     g, x = _graph()
     conv = _conv(g, x)

@@ -62,6 +62,11 @@ MaxPool with it: 1.7x NNCF's ONNX Runtime latency).
 Likewise ONNX Runtime has no integer Gemm with both a float bias and a float
 output (QGemm takes one or the other), so such a Gemm (a classifier head) is
 written as Gemm without bias -> Add(bias).
+
+The local rewrites are rules of the pattern engine (`fake_quantize_as_qdq`,
+`signed_grid_as_int8`, `gemm_float_bias_as_add`); the requantization after a
+value-preserving chain follows the chain from each DequantizeLinear, a walk
+no fixed pattern describes, and stays a function.
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, VALUE_PRESERVING, is_fake_quantize, op_info
+from ..ir.ops import (IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, QUANT_DOMAIN, VALUE_PRESERVING,
+                      is_fake_quantize, op_info)
+from ..patterns import Any, Const, Match, P, Rule, RuleSet
 
 EPS = 1e-8
 
@@ -127,30 +134,26 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
     `runtime` (one of RUNTIMES) runs as INT8."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: one of {RUNTIMES}")
-    if runtime == "openvino" and _shifted_signed_pairs(graph):
+    if runtime == "openvino" and any(SIGNED_GRID_AS_INT8.match(graph, n) for n in graph if n.op_type == "QuantizeLinear"):
         graph = graph.copy()
-        for q in _shifted_signed_pairs(graph):
-            zero = graph.add_constant(f"{q.name}_int8_zero_point", np.zeros_like(q.input(2).const, np.int8))
-            for node in [q, *q.output.users]:
-                node.set_input(2, zero)
+        RuleSet([SIGNED_GRID_AS_INT8]).apply(graph)
         graph.remove_unused_constants()
     if not any(is_fake_quantize(n) for n in graph):
         return graph
     graph = graph.copy()
     as_uint8 = _signed_grids_stored_as_uint8(graph) if runtime == "onnxruntime" else set()
-    for node in graph.nodes:
+    RuleSet([Rule("fake_quantize_as_qdq", FAKE_QUANTIZE, lambda m: _as_qdq(m, id(m.root) in as_uint8),
+                  where=_same_output_range)]).apply(graph)
+    for node in graph:
         if is_fake_quantize(node):
-            _rewrite(graph, node, id(node) in as_uint8)
-    for node in graph.nodes:
-        if runtime == "onnxruntime" and node.op_type == "DequantizeLinear" and node.input(0).const is None:
-            _requantize_after_preserving(graph, node)
-    for node in graph.nodes:
-        if node.op_type == "Gemm" and not node.domain:
-            _split_float_bias(graph, node)
+            raise _not_expressible(node)
+    if runtime == "onnxruntime":  # a graph walk, not a local pattern: see _requantize_after_preserving
+        for node in graph.nodes:
+            if node.op_type == "DequantizeLinear" and node.input(0).const is None:
+                _requantize_after_preserving(graph, node)
+    RuleSet([GEMM_FLOAT_BIAS_AS_ADD]).apply(graph)
     graph.remove_unused_constants()
     return graph
-
-
 
 
 def _is_signed(fq: Node) -> bool:
@@ -216,40 +219,48 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
     return as_uint8
 
 
-def _shifted_signed_pairs(graph: Graph) -> list[Node]:
-    """The activation QuantizeLinear nodes of a QDQ graph (one already written for ONNX Runtime) that store a
-    signed grid as uint8 with zero point 128, read only by DequantizeLinear nodes on the same grid: int8 with
-    zero point 0 is the same grid (q - 128), the form OpenVINO runs."""
-    found = []
-    for q in graph:
-        if q.op_type != "QuantizeLinear" or q.domain or q.input(0).const is not None or len(q.inputs) < 3:
-            continue
-        scale, zero = q.input(1), q.input(2)
-        if zero is None or zero.const is None or zero.const.dtype != np.uint8 or not np.all(zero.const == 128):
-            continue
-        users = q.output.users
-        if users and all(u.op_type == "DequantizeLinear" and u.input(1) is scale and u.input(2) is zero
-                         and u.attrs.get("axis") == q.attrs.get("axis") for u in users):
-            found.append(q)
-    return found
+def _read_on_one_grid(m: Match) -> bool:
+    """An activation QuantizeLinear read only by DequantizeLinear nodes on its own grid."""
+    q = m.root
+    users = q.output.users
+    return q.input(0).const is None and bool(users) and all(
+        u.op_type == "DequantizeLinear" and u.input(1) is q.input(1) and u.input(2) is q.input(2)
+        and u.attrs.get("axis") == q.attrs.get("axis") for u in users)
 
 
-def _split_float_bias(graph: Graph, gemm: Node) -> None:
-    """Gemm(DQ a, DQ b, float bias) with a float output -> Gemm(DQ a, DQ b) -> Add(bias)."""
-    bias = gemm.input(2)
-    dequantized = all(v is not None and v.producer is not None and v.producer.op_type == "DequantizeLinear"
-                      for v in gemm.inputs[:2])
-    if not dequantized or bias is None or bias.const is None or gemm.attrs.get("beta", 1.0) != 1.0:
-        return
-    if any(user.op_type == "QuantizeLinear" for user in gemm.output.users):
-        return  # fused with its output quantizer, the bias is quantized by the runtime
-    product = graph.make_node("Gemm", list(gemm.inputs[:2]), dict(gemm.attrs), name=f"{gemm.name}_product",
-                              before=gemm).output
-    product.dtype, product.shape = gemm.output.dtype, gemm.output.shape
-    add = graph.make_node("Add", [product, bias], name=gemm.name, before=gemm)
-    graph.replace_all_uses(gemm.output, add.output)
-    add.output.dtype, add.output.shape = gemm.output.dtype, gemm.output.shape
-    graph.remove(gemm)
+def _zero_point_to_int8(m: Match) -> None:
+    zero = m.graph.add_constant(f"{m.root.name}_int8_zero_point", np.zeros_like(m["zero"].const, np.int8))
+    for node in [m.root, *m.root.output.users]:
+        node.set_input(2, zero)
+
+
+# An activation grid of a QDQ graph written for ONNX Runtime that stores a signed grid as uint8 with zero point
+# 128 (read only by DequantizeLinear nodes on the same grid): int8 with zero point 0 is the same grid (q - 128),
+# the form OpenVINO runs.
+SIGNED_GRID_AS_INT8 = Rule(
+    "signed_grid_as_int8",
+    P("QuantizeLinear", Any("x"), Const("scale"),
+      Const("zero", where=lambda z: z.dtype == np.uint8 and bool(np.all(z == 128)))),
+    _zero_point_to_int8, where=_read_on_one_grid, check_interior=False)
+
+
+def _bias_as_add(m: Match) -> Value:
+    """Gemm(DQ a, DQ b, float bias) -> Gemm(DQ a, DQ b) -> Add(bias)."""
+    gemm = m.root
+    product = m.op("Gemm", list(gemm.inputs[:2]), dict(gemm.attrs), name=f"{gemm.name}_product")
+    out = m.op("Add", [product, m["bias"]], name=gemm.name)
+    for v in (product, out):
+        v.dtype, v.shape = gemm.output.dtype, gemm.output.shape
+    return out
+
+
+# A Gemm on dequantized inputs with a float bias and a float output (not fused with an output quantizer, which
+# quantizes the bias in the runtime): ONNX Runtime's QGemm takes one of the two, so the bias becomes an Add.
+GEMM_FLOAT_BIAS_AS_ADD = Rule(
+    "gemm_float_bias_as_add",
+    P("Gemm", P("DequantizeLinear"), P("DequantizeLinear"), Const("bias"), attrs={"beta": 1.0},
+      where=lambda gemm: not any(u.op_type == "QuantizeLinear" for u in gemm.output.users)),
+    _bias_as_add, check_interior=False)
 
 
 def _joins_one_grid(node: Node, dq: Node) -> bool:
@@ -325,14 +336,27 @@ def _unsigned_first(graph: Graph, node: Node, relu: Node, p: QDQParams, attrs: d
     relu.set_input(0, dq)
 
 
-def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
-    x, low, high, out_low, out_high = node.inputs[:5]
-    if any(v is None or v.const is None for v in (low, high, out_low, out_high)):
-        raise UnsupportedOpError(f"FakeQuantize {node.name!r} has non-constant ranges; QDQ needs constants")
-    if not (np.array_equal(low.const, out_low.const) and np.array_equal(high.const, out_high.const)):
-        raise UnsupportedOpError(f"FakeQuantize {node.name!r} maps to a different output range, which QDQ "
-                                 "cannot express")
-    p = qdq_params(int(node.attrs["levels"]), low.const, high.const)
+# A FakeQuantize with constant ranges: QuantizeLinear -> DequantizeLinear (a constant input: an integer
+# initializer -> DequantizeLinear); _as_qdq below.
+FAKE_QUANTIZE = P("FakeQuantize", Any("x"), Const("low"), Const("high"), Const("out_low"), Const("out_high"),
+                  domain=QUANT_DOMAIN)
+
+
+def _same_output_range(m: Match) -> bool:
+    return np.array_equal(m["low"].const, m["out_low"].const) and np.array_equal(m["high"].const, m["out_high"].const)
+
+
+def _not_expressible(node: Node) -> UnsupportedOpError:
+    """Why a FakeQuantize the rule left has no QDQ form."""
+    if any(v is None or v.const is None for v in node.inputs[1:5]):
+        return UnsupportedOpError(f"FakeQuantize {node.name!r} has non-constant ranges; QDQ needs constants")
+    return UnsupportedOpError(f"FakeQuantize {node.name!r} maps to a different output range, which QDQ "
+                              "cannot express")
+
+
+def _as_qdq(m: Match, as_uint8: bool) -> Value:
+    graph, node, x = m.graph, m.root, m["x"]
+    p = qdq_params(int(node.attrs["levels"]), m["low"].const, m["high"].const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
     quantized = quantize_array(x.const, p) if x.const is not None else None
     if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:
@@ -346,11 +370,7 @@ def _rewrite(graph: Graph, node: Node, as_uint8: bool) -> None:
     if quantized is not None:
         q = graph.add_constant(f"{x.name}_quantized", quantized)
     else:
-        q = graph.make_node("QuantizeLinear", [x, scale, zero_point], attrs, name=f"{node.name}_q",
-                            before=node).output
-    dq = graph.make_node("DequantizeLinear", [q, scale, zero_point], attrs, name=f"{node.name}_dq",
-                         before=node).output
-    out = node.output
-    graph.replace_all_uses(out, dq)
-    dq.dtype, dq.shape = out.dtype, out.shape
-    graph.remove(node)
+        q = m.op("QuantizeLinear", [x, scale, zero_point], attrs, name=f"{node.name}_q")
+    dq = m.op("DequantizeLinear", [q, scale, zero_point], attrs, name=f"{node.name}_dq")
+    dq.dtype, dq.shape = node.output.dtype, node.output.shape
+    return dq

@@ -23,6 +23,8 @@ from ..errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import TORCH_DOMAIN, is_fake_quantize
 from ..ir.types import is_float
+from ..patterns import Any as AnyValue
+from ..patterns import Const, P, match_at
 from .torch_guard import FIXED_DIMS, FIXED_REASON, check_input_dims
 from .torch_ops import BINARY, SCALAR_RHS, UNARY
 
@@ -257,19 +259,21 @@ def _conv(e: _Emitter, n: Node):
                   _spatial(n, "dilations", k, 1), n.attrs.get("group", 1))
 
 
-def _linear_bias(e: _Emitter, mm: Node) -> Node | None:
-    """The Add that adds a 1-D constant bias to MatMul `mm`'s output, if that is its only use."""
-    out = mm.output
-    if len(out.uses) != 1 or out.is_graph_output:
+# MatMul by a 2-D float weight, then an Add of a 1-D bias on its right that alone reads it: one aten.linear,
+# as torch's own nn.Linear lowers (x @ W.T + b in one call, bit for bit)
+LINEAR_BIAS = P("Add", P("MatMul", AnyValue("x"), Const("weight", where=lambda w: w.ndim == 2 and w.dtype.kind == "f"),
+                         name="matmul"),
+                Const("bias", where=lambda b: b.ndim == 1),
+                where=lambda add: add.input(0).producer is not None and add.input(0).producer.op_type == "MatMul")
+
+
+def _linear_bias(mm: Node) -> Node | None:
+    """The Add that adds a bias to MatMul `mm`'s output as LINEAR_BIAS describes, or None."""
+    add = mm.output.users[0] if len(mm.output.uses) == 1 else None
+    found = match_at(LINEAR_BIAS, add) if add is not None else None
+    if found is None or found["matmul"] is not mm:
         return None
-    add, _ = out.uses[0]
-    if add.op_type != "Add" or add.domain or len(add.inputs) != 2:
-        return None
-    other = add.input(1) if add.input(0) is out else add.input(0)
-    n_out = mm.input(1).shape[-1]
-    if other is None or other.const is None or other.const.shape != (n_out,) or add.input(0) is not out:
-        return None
-    return add
+    return add if found["bias"].const.shape == (found["weight"].const.shape[-1],) else None
 
 
 @emits("MatMul")
@@ -278,7 +282,7 @@ def _matmul(e: _Emitter, n: Node):
     if b.const is None or b.const.ndim != 2 or not is_float(b.dtype):
         return e.call(aten.matmul.default, e[a], e[b])
     weight = e.fx.get_attr(e._register(b, np.ascontiguousarray(b.const.T)))
-    add = _linear_bias(e, n)
+    add = _linear_bias(n)
     if add is None:
         return e.call(aten.linear.default, e[a], weight)
     e.consumed.add(id(add))

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any as AnyType
 
 from ..ir.graph import Node, Value
-from ..ir.ops import COMMUTATIVE, LAYERS
+from ..ir.ops import COMMUTATIVE, LAYERS, attribute
 
 Bindings = dict[str, AnyType]
 NODES = "__nodes__"  # the bindings key under which a match lists every node it spans
@@ -130,7 +130,7 @@ class P(Pattern):
             trace.fail(lambda: f"expected {_ops_text(self.ops)}, got {node.op_type} ({node.name!r})")
             return
         for key, want in self.attrs.items():
-            have = node.attrs.get(key, _DEFAULTS.get((node.op_type, key)))
+            have = attribute(node, key)  # ONNX defaults from the op table apply
             ok = want(have) if callable(want) else have == want
             if not ok:
                 trace.fail(lambda: f"{node.op_type} {node.name!r}: attribute {key}={have!r} does not satisfy {want!r}")
@@ -201,11 +201,6 @@ class Opt(Pattern):
         return f"Opt({self.pattern!r})"
 
 
-# ONNX attribute defaults that patterns commonly test.
-_DEFAULTS = {("Gemm", "transA"): 0, ("Gemm", "transB"): 0, ("Gemm", "alpha"): 1.0, ("Gemm", "beta"): 1.0,
-             ("Conv", "group"): 1}
-
-
 def _ops_text(ops: frozenset[str]) -> str:
     return next(iter(ops)) if len(ops) == 1 else "{" + "|".join(sorted(ops)) + "}"
 
@@ -263,6 +258,15 @@ def interior_ok(root: Node, nodes: list[Node]) -> str | None:
             for user, _ in v.uses:
                 if id(user) not in inside:
                     return f"{n.op_type} {n.name!r} is also used by {user.op_type} {user.name!r} outside the match"
+    return None
+
+
+def match_at(pattern: P, node: Node) -> Bindings | None:
+    """The captures of `pattern` rooted at `node`, whose interior nothing outside the match reads, or None: for
+    code that reads a pattern without rewriting the graph (a writer emitting a matched chain as one call)."""
+    for bindings in pattern.match_node(node, {}, NO_TRACE):
+        if interior_ok(node, list(bindings.get(NODES, ()))) is None:
+            return bindings
     return None
 
 
