@@ -46,8 +46,8 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass | str] | None, ctx: PassCon
     from .ir.fingerprint import record_source
 
     record_source(graph)  # what lowbit.save writes, to check lowbit.load's model against
-    graph.meta["pipeline_options"] = {"hw": ctx.hw if isinstance(ctx.hw, str) else getattr(ctx.hw, "name", "custom"),
-                                      **dataclasses.asdict(ctx.options)}  # saved with the state
+    graph.meta["pipeline_options"] = {"hw": ctx.hw.device, **dataclasses.asdict(ctx.options)}  # saved with the state
+    graph.meta["hw_config"] = ctx.hw.to_dict()  # the whole device config, as the state file records it
     pm = PassManager(passes, dump_dir=dump_dir)
     return pm.run(graph, ctx), pm
 
@@ -104,7 +104,7 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     from .quant.dataset import CalibrationData, check_subset_size
     from .quant.scope import as_ignored_scope
 
-    load_hw_config(hw)
+    hw = load_hw_config(hw)
     subset_size = check_subset_size(subset_size)
     ignored_scope = as_ignored_scope(ignored_scope)
     options = Options(preset=preset, model_type=model_type, range_estimator=range_estimator,

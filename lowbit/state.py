@@ -5,8 +5,9 @@ without calibration.
     q2 = lowbit.load(resnet, "resnet.state")    # the same outputs, bit for bit; no data needed
 
 The JSON holds the format and its version, the lowbit version, the origin (torch or onnx), the passes that ran
-and the device and options they ran with, a fingerprint of the source model (its inputs, and its weights' names, dtypes and shapes), the compressed graph in
-lowbit's text form (every quantizer's place, levels and node attributes included) and, per constant, the facts
+and the device and options they ran with, the device's whole hardware config (`hw_config`, in the JSON form
+lowbit/hw_configs reads), a fingerprint of the source model (its inputs, and its weights' names, dtypes and
+shapes), the compressed graph in lowbit's text form (every quantizer's place, levels and node attributes included) and, per constant, the facts
 the torch writer names parameters by. The .npz holds every constant of the compressed graph (weights after
 folding and bias correction, quantizer ranges as they are, after training too), keyed by index.
 
@@ -66,6 +67,7 @@ def save(model: Any, path: str | os.PathLike) -> Path:
     facts = {v.name: {k: v.meta[k] for k in VALUE_FACTS if k in v.meta} for v in constants}
     state = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "origin": origin_target(model),
              "passes": list(graph.meta.get("passes_run", [])), "options": graph.meta.get("pipeline_options", {}),
+             "hw_config": graph.meta.get("hw_config"),
              "source": graph.meta["source"],
              "constants": [v.name for v in constants], "facts": {k: f for k, f in facts.items() if f},
              "graph": print_graph(graph)}
@@ -133,6 +135,8 @@ def load(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> 
     graph = parse_graph(state["graph"], constants=arrays)
     graph.meta = {**{k: v for k, v in source.meta.items() if k != "passes_run"}, "passes_run": list(state["passes"]),
                   "pipeline_options": state.get("options", {}), "source": state["source"]}
+    if state.get("hw_config"):
+        graph.meta["hw_config"] = state["hw_config"]
     for name, facts in state.get("facts", {}).items():
         if name in graph.constants:
             graph.constants[name].meta.update(facts)

@@ -3,6 +3,7 @@ calibration, bit-equal to the saved model, from both origins; a state from anoth
 version is a StateError."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,6 +36,8 @@ def test_a_torch_model_comes_back_bit_equal_without_calibration(quantized, tmp_p
     assert state["options"] == {"hw": "ANY", "preset": None, "model_type": None, "range_estimator": "mean_min_max",
                                 "overflow_fix": "first_layer", "progress": True, "batch_size": 8,
                                 "smooth_quant_alpha": None}
+    raw = json.loads((Path(lowbit.hw_configs.__file__).parent / "any.json").read_text())
+    assert state["hw_config"]["device"] == "ANY" and state["hw_config"]["ops"] == raw["ops"]  # the whole config
     assert state["graph"].count("::FakeQuantize\"(") == sum(1 for n in q.lowbit_graph if n.op_type == "FakeQuantize")
     fresh, _ = _model()  # the original model, built again: no calibration data is passed
     loaded = lowbit.load(fresh, path, example_inputs=(x,))
@@ -67,6 +70,28 @@ def test_an_onnx_model_comes_back_bit_equal(tmp_path):
     np.testing.assert_array_equal(run_onnx(loaded, {name: x.numpy()})[0], run_onnx(q, {name: x.numpy()})[0])
     assert sum(n.op_type == "QuantizeLinear" for n in loaded.graph.node) == sum(
         n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+def test_a_users_own_hardware_config_is_recorded_whole_from_both_origins(tmp_path):
+    """A config the user wrote (here: the CPU config without Conv) is what the state and the ONNX model record, and
+    what load gives back: its contents, not a name that means nothing on another machine."""
+    import lowbit.hw_configs
+
+    config = json.loads((Path(lowbit.hw_configs.__file__).parent / "cpu.json").read_text())
+    config["device"] = "my-cpu"
+    del config["ops"]["Conv"]
+    model, x = _model()
+    q = lowbit.compile(model, hw=config, dataset=lowbit.Dataset([x[:1], x[1:]]), example_inputs=(x,))
+    state = json.loads(lowbit.save(q, tmp_path / "mine").read_text())
+    assert state["options"]["hw"] == "my-cpu"
+    assert state["hw_config"]["device"] == "my-cpu" and "Conv" not in state["hw_config"]["ops"]
+    assert lowbit.hw_configs.parse_hw_config(state["hw_config"]).ops == lowbit.hw_configs.parse_hw_config(config).ops
+    assert lowbit.load(model, tmp_path / "mine", example_inputs=(x,)).lowbit_graph.meta["hw_config"] == \
+        state["hw_config"]
+    fp32 = lowbit.codegen(lowbit.lower(model, (x,)), "onnx")
+    qo = lowbit.compile(fp32, hw=config, dataset=lowbit.Dataset([x[:1].numpy(), x[1:].numpy()]))
+    recorded = {p.key: p.value for p in qo.metadata_props}
+    assert json.loads(recorded["lowbit.hw_config"]) == state["hw_config"]
 
 
 def test_a_state_from_another_model_is_refused(quantized, tmp_path):

@@ -24,7 +24,8 @@ from ..ir.types import to_onnx_dtype
 
 DEFAULT_IR_VERSION = 10  # what ONNX Runtime and OpenVINO read today
 # graph.meta entries written to (and read back from, by frontends/onnx.py) the model's metadata_props
-LOWBIT_META = {"lowbit.passes_run": "passes_run", "lowbit.source": "source", "lowbit.options": "pipeline_options"}
+LOWBIT_META = {"lowbit.passes_run": "passes_run", "lowbit.source": "source", "lowbit.options": "pipeline_options",
+               "lowbit.hw_config": "hw_config"}
 
 
 # -- IR -> ONNX -----------------------------------------------------------------

@@ -53,6 +53,28 @@ class HwConfig:
     ops: dict[str, OpConfig] = field(default_factory=dict)
     source: str = ""
 
+    def to_dict(self) -> dict:
+        """This config in the JSON form `parse_hw_config` reads (the quantizers the ops use; what a compressed
+        model records of the device it was compressed for)."""
+        quantizers = {}
+        ops = {}
+        for op, spec in self.ops.items():
+            entry: dict[str, Any] = {}
+            for kind in ("activations", "weights"):
+                configs = getattr(spec, kind)
+                if configs:
+                    entry[kind] = [q.name for q in configs]
+                    quantizers.update({q.name: q for q in configs})
+            if spec.inputs is not None:
+                entry["inputs"] = list(spec.inputs)
+            entry.update({k: True for k in ("unified_scales", "propagate") if getattr(spec, k)})
+            ops[op] = entry
+        return {"device": self.device,
+                "quantizers": {name: {"bits": q.bits, "mode": q.mode, "granularity": q.granularity,
+                                      "narrow_range": q.narrow_range, "signed": q.signed}
+                               for name, q in sorted(quantizers.items())},
+                "ops": ops}
+
     def op(self, op_type: str) -> OpConfig | None:
         return self.ops.get(op_type)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnknownPassError
+from ..hw_configs import HwConfig, load_hw_config
 from ..ir.graph import Graph
 from ..quant.summary import Need, StatisticsCache
 from .options import Options
@@ -37,7 +38,7 @@ from .options import Options
 class PassContext:
     """What passes share: the device config, the calibration data, options, and what ran before."""
 
-    hw: Any = "CPU"
+    hw: HwConfig = "CPU"  # a device name, a .json path or a dict is parsed (and checked) into a HwConfig
     dataset: Any = None
     subset_size: int = 300
     ignored_scope: Any = None
@@ -47,6 +48,7 @@ class PassContext:
     upcoming: list[Any] = field(default_factory=list)  # the passes after the running one (set by the PassManager)
 
     def __post_init__(self):
+        self.hw = load_hw_config(self.hw)
         self.options = Options.of(self.options)
 
 

@@ -22,7 +22,6 @@ import warnings
 
 import numpy as np
 
-from ..hw_configs import load_hw_config
 from ..ir.graph import Graph, Node, Value
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
@@ -119,7 +118,7 @@ def refuse_quantized(graph: Graph) -> None:
 
 def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     """The quantizers the pass places in `graph` (which is not changed), as ctx's options say."""
-    hw = load_hw_config(ctx.hw)
+    hw = ctx.hw
     ignored = ctx.ignored_scope.resolve(graph) if ctx.ignored_scope is not None else set()
     ignored |= {n.name for n in graph if n.meta.get("smooth_quant")}  # x / s stays FP32; its output is quantized
     transformer = ctx.options.model_type == "transformer"
