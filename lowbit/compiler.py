@@ -97,7 +97,7 @@ def _writeback(graph: Graph, model: Any) -> Any:
 
 def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300, ignored_scope: Any = None,
                  preset: str | None = None, model_type: str | None = None, range_estimator: str | None = None,
-                 overflow_fix: str = "first_layer", progress: bool = True) -> PassContext:
+                 overflow_fix: str = "first_layer", progress: bool = True, pruning: Any = None) -> PassContext:
     """The PassContext of a compile/quantize call, every option checked (an OptionError or
     HardwareConfigError names the bad one) before any work."""
     from .hw_configs import load_hw_config
@@ -111,7 +111,8 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
                       overflow_fix=overflow_fix, progress=progress)
     if dataset is not None:  # read once, lazily, and shared by capture and every pass that needs data
         dataset = CalibrationData(dataset, subset_size)
-    return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options)
+    return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options,
+                       pruning=pruning)
 
 
 def ptq_passes(dataset: Any, model_type: str | None = None, fast_bias_correction: bool = True) -> list[str]:
@@ -123,7 +124,8 @@ def ptq_passes(dataset: Any, model_type: str | None = None, fast_bias_correction
 def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any = "CPU", dataset: Any = None,
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
-            range_estimator: str | None = None, overflow_fix: str = "first_layer", progress: bool = True) -> Any:
+            range_estimator: str | None = None, overflow_fix: str = "first_layer", progress: bool = True,
+            pruning: Any = None) -> Any:
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
@@ -132,7 +134,7 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
     """
     ctx = pass_context(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, preset=preset,
                        model_type=model_type, range_estimator=range_estimator, overflow_fix=overflow_fix,
-                       progress=progress)
+                       progress=progress, pruning=pruning)
     from .passes import resolve
 
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -189,6 +191,35 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
                    dataset=calibration_dataset, example_inputs=example_inputs, subset_size=subset_size,
                    ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset, model_type=model_type,
                    overflow_fix=overflow_fix)
+
+
+def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any = None,
+          config_list: Sequence[dict] | None = None, ignored_scope: Any = None, example_inputs: Any = None,
+          round_to: int = 1, mode: str = "shrink") -> Any:
+    """Filter pruning: remove `ratio` of the channels of every channel dependency group, physically.
+
+    Returns the kind of model it was given, smaller: a torch module (trainable,
+    parameters under the user's names) or an onnx.ModelProto. `criterion` is
+    one of lowbit.pruning.CRITERIA; `config_list` takes NNI's form (a list of
+    {"sparsity" or "ratio", "op_types", "op_names", "exclude"}, later entries
+    overriding earlier ones); `round_to` keeps channel counts multiples of N;
+    layers in `ignored_scope` keep their filters. A torch model is captured
+    with `example_inputs` (or the first `dataset` item). What was pruned, and
+    why a group was left alone, is `graph.meta["pruning"]` of the result
+    (`lowbit.api.graph_of(pruned)` for a torch module).
+    """
+    from .errors import PruneError
+    from .pruning import PruneSpec
+
+    if mode != "shrink":
+        raise PruneError(f"mode={mode!r}: lowbit prunes with mode='shrink' (a physically smaller model); masks "
+                         "during fine-tuning (mode='mask') are not available yet")
+    if config_list is not None and (isinstance(config_list, (str, dict)) or not hasattr(config_list, "__iter__")):
+        raise PruneError(f"config_list is a {type(config_list).__name__}: pass a list of dicts such as "
+                         "[{'sparsity': 0.5, 'op_types': ['Conv2d']}]")
+    spec = PruneSpec(ratio=ratio, criterion=criterion, round_to=round_to, config_list=tuple(config_list or ()))
+    return compile(model, ["cleanup", "prune_filters"], dataset=dataset, example_inputs=example_inputs,
+                   ignored_scope=ignored_scope, pruning=spec, progress=False)
 
 
 def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, runtime: str | None = None) -> Path:

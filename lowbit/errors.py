@@ -92,3 +92,8 @@ class StateError(LowbitError):
 
 class InputShapeError(LowbitError, ValueError):
     """A lowbit-generated module was called with an input size its model was not captured for."""
+
+
+class PruneError(LowbitError, ValueError):
+    """A pruning request lowbit cannot carry out: a ratio out of range, an unknown criterion, a config_list entry
+    that matches no layer, an already quantized model."""

@@ -94,7 +94,7 @@ def test_the_op_table_knows_each_ops_channel_flow_and_axes():
 
 # --------------------------------------------------------------------------- arrows between packages
 
-UPPER_LAYERS = {"passes", "patterns", "quant", "backends", "frontends", "runtime", "prune", "train"}
+UPPER_LAYERS = {"passes", "patterns", "quant", "backends", "frontends", "runtime", "pruning", "train"}
 # the frameworks lowbit reads and writes; ONNX is not one of them here: the IR's vocabulary, dtype codes and
 # subgraph attributes are ONNX's (../shared/DESIGN.md, "The IR")
 FRAMEWORKS = {"torch", "onnxruntime", "openvino", "nncf", "transformers"}

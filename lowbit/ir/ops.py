@@ -95,6 +95,11 @@ RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLik
 COMMUTATIVE_OPS = ("Add", "Mul", "Max", "Min", "Equal")
 NORMALIZE_SAME = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
                   "Softmax", "LogSoftmax")
+# The inputs of a normalization that hold one parameter per channel of axis 1 (BatchNormalization,
+# InstanceNormalization) or of the normalized last axis (LayerNormalization)
+CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
+# Ops that regroup their input's dims into the output's (pruning follows channels through a flatten)
+REGROUPING = frozenset({"Flatten", "Reshape"})
 
 VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Conv", weight_inputs=(1,), traits=_t("weighted", "convolution"), flow="layer",
@@ -104,7 +109,9 @@ VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Gemm", weight_inputs=(1,), traits=_t("weighted"), flow="layer",
            defaults=(("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0)), bias_input=2),
     OpInfo("MatMul", weight_inputs=(1,), traits=_t("weighted"), flow="layer"),
-    *(OpInfo(n, flow="normalize", shape_rule="same") for n in NORMALIZE_SAME),
+    *(OpInfo(n, flow="normalize", shape_rule="same",
+             defaults=(("axis", -1),) if n in ("LayerNormalization", "Softmax", "LogSoftmax") else ())
+      for n in NORMALIZE_SAME),
     OpInfo("MaxPool", traits=_t("agnostic", "keeps_values"), flow="pool"),
     OpInfo("AveragePool", flow="pool"),
     OpInfo("GlobalAveragePool", flow="pool"),
@@ -194,6 +201,21 @@ def channel_flow(node) -> str:
     if info.flow == "layer" and node.op_type in CONVOLUTIONS and (attribute(node, "group") or 1) > 1:
         return "grouped"
     return info.flow
+
+
+def channel_params(node, axis: int, rank: int) -> tuple[int, ...] | None:
+    """For a "normalize" op whose input has its channels on `axis` (of `rank`): the inputs that hold one
+    parameter per channel (() where the op keeps the channels apart and has none along them), or None where it
+    mixes the channels (a Softmax over them, a LayerNorm over them and more, a GroupNormalization)."""
+    op = node.op_type
+    if op in ("BatchNormalization", "InstanceNormalization"):
+        return CHANNEL_PARAMS[op] if axis == 1 else None
+    if op == "LayerNormalization":
+        start = attribute(node, "axis") % rank
+        return () if axis < start else CHANNEL_PARAMS[op] if start == axis == rank - 1 else None
+    if op in ("Softmax", "LogSoftmax"):
+        return None if attribute(node, "axis") % rank == axis else ()
+    return None
 
 
 def op_info(op_type: str, domain: str = "") -> OpInfo | None:

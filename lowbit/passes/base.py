@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import UnknownPassError
 from ..hw_configs import HwConfig, load_hw_config
 from ..ir.graph import Graph
+from ..pruning.plan import PruneSpec
 from ..quant.summary import Need, StatisticsCache
 from .options import Options
 
@@ -43,12 +44,15 @@ class PassContext:
     subset_size: int = 300
     ignored_scope: Any = None
     options: Options = field(default_factory=Options)  # a dict of option names is converted (and checked)
+    pruning: PruneSpec | None = None  # what prune_filters removes (None: its defaults)
     history: list[str] = field(default_factory=list)
     statistics: StatisticsCache = field(default_factory=StatisticsCache)  # see lowbit/quant/summary.py
     upcoming: list[Any] = field(default_factory=list)  # the passes after the running one (set by the PassManager)
 
     def __post_init__(self):
         self.hw = load_hw_config(self.hw)
+        if isinstance(self.pruning, dict):
+            self.pruning = PruneSpec(**self.pruning)
         self.options = Options.of(self.options)
 
 

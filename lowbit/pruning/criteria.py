@@ -1,0 +1,76 @@
+"""Importance of each channel of a group: the lower, the sooner it is pruned.
+
+Every criterion scores a group's channels over all its members, as DepGraph
+does: each member (a layer's filters, the next layers' input channels, a
+BatchNorm scale, a depthwise filter) gives a score per channel, normalized by
+its mean so that no large tensor outweighs the rest, and the group's score is
+the mean over its members.
+
+- "l1", "l2": the L1 norm / the squared L2 norm of each channel's slice of
+  every weight that reads or writes it;
+- "geometric_median" (FPGM): a filter's summed distance to the group's other
+  filters; the filters closest to the geometric median are the most
+  replaceable;
+- "bn_scale" (network slimming): |gamma| of the group's BatchNorm layers
+  (groups without one fall back to "l2").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .groups import Group, Member
+
+CRITERIA = ("l1", "l2", "geometric_median", "bn_scale")
+
+
+def _slices(member: Member, group: Group, find) -> list[tuple[int, int]]:
+    """(offset, repeat) of each segment of `member` that belongs to `group`."""
+    found, offset = [], 0
+    for s in member.segments:
+        if s.group is not None and find(s.group) == group.id:
+            found.append((offset, s.repeat, s.length))
+        offset += s.length * s.repeat
+    return found
+
+
+def _per_channel(array: np.ndarray, axis: int, fn) -> np.ndarray:
+    """fn of every slice of `array` along `axis`, as a vector over that axis."""
+    moved = np.moveaxis(np.asarray(array, np.float64), axis, 0)
+    return fn(moved.reshape(moved.shape[0], -1))
+
+
+def _member_scores(member: Member, group: Group, find, fn) -> list[np.ndarray]:
+    vector = _per_channel(member.value.const, member.axis, fn)
+    return [vector[off:off + length * rep].reshape(length, rep).sum(axis=1)
+            for off, rep, length in _slices(member, group, find)]
+
+
+def scores(group: Group, criterion: str, find) -> np.ndarray:
+    """A score per channel of `group` (length group.size); `find` maps a group id to its root."""
+    if criterion not in CRITERIA:
+        raise ValueError(criterion)
+    if criterion == "bn_scale":
+        bn = [m for m in group.members if m.node.op_type == "BatchNormalization" and m.port == 1]
+        if bn:
+            return _mean_normalized([s for m in bn for s in _member_scores(m, group, find, lambda a: np.abs(a).sum(1))])
+        criterion = "l2"
+    if criterion == "geometric_median":
+        filters = [m for m in group.members if m.role == "out"]
+        return _mean_normalized([_fpgm(m) for m in filters])
+    norm = (lambda a: np.abs(a).sum(1)) if criterion == "l1" else (lambda a: np.square(a).sum(1))
+    weighted = [m for m in group.members if m.role in ("out", "in", "scale")]
+    return _mean_normalized([s for m in weighted for s in _member_scores(m, group, find, norm)])
+
+
+def _fpgm(member: Member) -> np.ndarray:
+    moved = np.moveaxis(np.asarray(member.value.const, np.float64), member.axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    squared = np.square(flat).sum(1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * flat @ flat.T, 0))
+    return distances.sum(1)
+
+
+def _mean_normalized(vectors: list[np.ndarray]) -> np.ndarray:
+    normalized = [v / (v.mean() if v.mean() > 0 else 1.0) for v in vectors]
+    return np.mean(normalized, axis=0)

@@ -1,0 +1,145 @@
+"""Which channels go: a ratio per group (from `ratio`, or from NNI's `config_list`), scored by a criterion,
+rounded to a multiple of `round_to`, then removed from the graph in place.
+
+`prune_graph(graph, spec)` returns the report: per group, its layers, its
+channel count before and after, and why it was left alone where it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import PruneError
+from ..ir.graph import Graph, Node
+from ..ir.ops import LAYERS, is_quantizer
+from .criteria import CRITERIA, scores
+from .groups import ChannelGroups, channel_groups
+from .shrink import shrink
+
+# torch module class names NNI's config_list uses, and the IR layers they lower to
+TORCH_LAYER_TYPES = {"Conv1d": "Conv", "Conv2d": "Conv", "Conv3d": "Conv", "Linear": "Gemm|MatMul"}
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune: the default ratio, NNI-style per-layer entries, the criterion, the rounding, and layers
+    never to prune (their names)."""
+
+    ratio: float = 0.5
+    criterion: str = "l2"
+    round_to: int = 1
+    config_list: tuple[dict, ...] = ()
+    keep: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise PruneError(f"ratio={self.ratio!r} is not in [0, 1): it is the fraction of each group's channels "
+                             "to remove (0.5 removes half)")
+        if self.criterion not in CRITERIA:
+            hint = " (Taylor importance needs gradients, which lowbit does not compute yet)" \
+                if str(self.criterion).lower().startswith("taylor") else ""
+            raise PruneError(f"unknown criterion {self.criterion!r}{hint}: use one of {', '.join(CRITERIA)}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PruneError(f"round_to={self.round_to!r} must be a positive int (channel counts stay multiples "
+                             "of it)")
+
+
+def layer_names(node: Node) -> set[str]:
+    """The names a layer answers to: its node name, and its weight's module path (`layer1.0.conv1`)."""
+    names = {node.name}
+    w = node.input(1) if len(node.inputs) > 1 else None
+    if w is not None and w.const is not None:
+        names.add(w.name.removesuffix(".weight"))
+    return names
+
+
+def _layer_types(node: Node) -> set[str]:
+    return {node.op_type} | {t for t, ir in TORCH_LAYER_TYPES.items() if node.op_type in ir.split("|")}
+
+
+def resolve_config_list(graph: Graph, config_list: tuple[dict, ...] | list[dict]) -> tuple[dict[str, float], set[str]]:
+    """NNI's config_list, applied in order (later entries override earlier ones): {layer name: ratio} and the
+    names excluded."""
+    layers = [n for n in graph if n.op_type in LAYERS and not n.domain]
+    ratios: dict[str, float] = {}
+    excluded: set[str] = set()
+    for i, entry in enumerate(config_list):
+        if not isinstance(entry, dict):
+            raise PruneError(f"config_list[{i}] is a {type(entry).__name__}, not a dict such as "
+                             "{'sparsity': 0.5, 'op_types': ['Conv2d']}")
+        unknown = set(entry) - {"sparsity", "sparsity_per_layer", "ratio", "op_types", "op_names", "exclude"}
+        if unknown:
+            raise PruneError(f"config_list[{i}] has unknown keys {sorted(unknown)}: use sparsity (or ratio), "
+                             "op_types, op_names and exclude")
+        types, names = entry.get("op_types"), entry.get("op_names")
+        matched = [n for n in layers if (types is None or _layer_types(n) & set(types))
+                   and (names is None or layer_names(n) & set(names))]
+        if not matched:
+            known = sorted({name for n in layers for name in layer_names(n)})
+            wanted = list(names or []) + list(types or [])
+            close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), known, n=3)})
+            raise PruneError(f"config_list[{i}] ({entry}) matches no layer"
+                             + (f"; closest names: {', '.join(close)}" if close else "")
+                             + f". Layer types here: {', '.join(sorted({t for n in layers for t in _layer_types(n)}))}")
+        if entry.get("exclude"):
+            excluded |= {n.name for n in matched}
+            continue
+        ratio = entry.get("sparsity", entry.get("sparsity_per_layer", entry.get("ratio")))
+        PruneSpec(ratio=ratio)  # checks the range
+        for n in matched:
+            ratios[n.name] = float(ratio)
+            excluded.discard(n.name)
+    return ratios, excluded
+
+
+@dataclass
+class Plan:
+    """What prune_graph removes: the groups, the channel indices leaving each (by group root), the report."""
+
+    groups: ChannelGroups
+    removed: dict[int, np.ndarray]
+    report: list[dict[str, Any]]
+
+
+def plan(graph: Graph, spec: PruneSpec) -> Plan:
+    """Which channels of `graph` go as `spec` says (the graph is not changed)."""
+    quantized = [n for n in graph if is_quantizer(n)]
+    if quantized:
+        raise PruneError(f"the model is already quantized ({quantized[0].op_type} {quantized[0].name!r}): prune "
+                         "the FP32 model, fine-tune it, then quantize")
+    ratios, excluded = resolve_config_list(graph, spec.config_list) if spec.config_list else ({}, set())
+    cg = channel_groups(graph, keep=set(spec.keep) | excluded)
+    removed: dict[int, np.ndarray] = {}
+    report = []
+    for group in cg.groups():
+        row = {"layers": group.names, "channels": group.size, "kept": group.size, "blocked": group.blocked,
+               "note": None}
+        report.append(row)
+        if group.blocked is not None:
+            continue
+        ratio = min((ratios[n.name] for n in group.producers if n.name in ratios), default=spec.ratio)
+        keep = group.size - math.floor(group.size * ratio + 1e-9)
+        keep = min(group.size, math.ceil(keep / spec.round_to) * spec.round_to)
+        floor = min(group.size, spec.round_to)
+        if keep < floor:
+            keep, row["note"] = floor, f"kept {floor} channels: a group keeps at least round_to={spec.round_to}"
+        if keep == group.size:
+            continue
+        order = np.argsort(scores(group, spec.criterion, cg.find), kind="stable")
+        removed[group.id] = np.sort(order[:group.size - keep])
+        row["kept"] = keep
+    return Plan(cg, removed, report)
+
+
+def prune_graph(graph: Graph, spec: PruneSpec) -> list[dict[str, Any]]:
+    """Prune `graph` in place as `spec` says; returns one report row per group."""
+    chosen = plan(graph, spec)
+    if chosen.removed:
+        shrink(graph, chosen.groups, chosen.removed)
+        graph.verify()
+    return chosen.report

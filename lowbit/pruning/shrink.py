@@ -1,0 +1,66 @@
+"""Physically remove the pruned channels of each group from every member, and fix what depends on the counts.
+
+Each member's constant loses the entries of its groups' removed channels (at
+the member's offsets, repeated where a Flatten repeated them); a depthwise
+Conv's `group` follows its filters; every value whose channels the analysis
+followed gets its new channel count, and shapes are inferred again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir.graph import Graph
+from ..ir.infer import reinfer
+from .groups import ChannelGroups, Segment
+
+
+def _positions(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> np.ndarray:
+    """The entries along a member's axis that the removed channels of its groups occupy."""
+    out, offset = [], 0
+    for s in segments:
+        gone = removed.get(find(s.group)) if s.group is not None else None
+        if gone is not None and gone.size:
+            out.append((offset + gone[:, None] * s.repeat + np.arange(s.repeat)[None, :]).reshape(-1))
+        offset += s.length * s.repeat
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _kept(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> tuple[Segment, ...]:
+    return tuple(Segment(s.group, s.length - (removed[find(s.group)].size if s.group is not None and
+                                               find(s.group) in removed else 0), s.repeat) for s in segments)
+
+
+def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
+    """Remove `removed[group root]` (channel indices) from every member; returns how many constants changed."""
+    find = cg.find
+    cuts: dict[int, tuple] = {}  # id(value) -> (value, {axis: positions}, [(node, port), ...])
+    for m in cg.members:
+        positions = _positions(m.segments, removed, find)
+        if not positions.size:
+            continue
+        v = m.value
+        _, by_axis, readers = cuts.setdefault(id(v), (v, {}, []))
+        by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
+        readers.append((m.node, m.port))
+    for v, by_axis, readers in cuts.values():
+        smaller = np.asarray(v.const)
+        for axis, positions in by_axis.items():  # a layer's weight loses filters (axis 0) and input channels
+            smaller = np.delete(smaller, positions.astype(np.int64), axis=axis)
+        if {(id(n), p) for n, p in readers} >= {(id(n), p) for n, p in v.uses}:
+            v.const = smaller  # every reader is a member: cut it in place (its name, a parameter's, stays)
+        else:
+            copy = graph.add_constant(f"{v.name}_pruned", smaller)
+            copy.meta.update(v.meta)
+            for node, port in readers:
+                node.set_input(port, copy)
+    for node in graph:
+        if node.op_type == "Conv" and node.attrs.get("group", 1) > 1 and id(node.input(1)) in cuts:
+            node.attrs["group"] = int(node.input(1).const.shape[0])
+    for v, layout in cg.layouts.values():
+        if v.shape is not None:
+            shape = list(v.shape)
+            shape[layout.axis] = sum(s.length * s.repeat for s in _kept(layout.segments, removed, find))
+            v.shape = tuple(shape)
+    reinfer(graph)
+    return len(cuts)

@@ -1,0 +1,213 @@
+"""Filter pruning (lowbit.prune, the prune_filters pass, lowbit/pruning/): channel dependency groups on every
+model family, exact channel counts, outputs that only the removed channels change, torch and ONNX origins alike,
+ONNX Runtime and OpenVINO running the result, and the named errors of bad requests."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_onnx, run_openvino
+from models import REFERENCE_MODELS
+
+import lowbit
+from lowbit.api import graph_of
+from lowbit.pruning import PruneSpec, plan
+from lowbit.pruning.shrink import _positions, shrink
+
+CNN_FAMILIES = ["resnet18", "mobilenet_v2", "concat", "se", "densenet"]
+CLASSIFIERS = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "concat": "fc", "se": "fc", "densenet": "classifier"}
+
+
+def _model(name):
+    factory, shape = REFERENCE_MODELS[name]
+    return factory(), torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+def _layers(graph):
+    """{weight module path: (out channels, in channels)} of every Conv and Gemm."""
+    found = {}
+    for n in graph:
+        if n.op_type in ("Conv", "Gemm") and n.input(1).const is not None:
+            w = n.input(1).const
+            out_axis = 0 if n.op_type == "Conv" or n.attrs.get("transB") else 1
+            found[n.input(1).name.removesuffix(".weight")] = (w.shape[out_axis], w.shape[1 - out_axis])
+    return found
+
+
+def test_resnet18_at_half_keeps_half_of_every_layers_filters_and_the_classifier_outputs():
+    model, x = _model("resnet18")
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    layers = _layers(graph_of(pruned))
+    assert layers["conv1"] == (32, 3)
+    for stage, width in zip((1, 2, 3, 4), (64, 128, 256, 512)):
+        for block in (0, 1):
+            for conv in ("conv1", "conv2"):
+                assert layers[f"layer{stage}.{block}.{conv}"][0] == width // 2
+    assert layers["layer2.0.downsample.0"] == (64, 32)  # the shortcut conv is tied to the residual group
+    assert layers["fc"] == (10, 256)  # the classifier keeps its 10 outputs and reads 256 of 512 channels
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", CNN_FAMILIES)
+def test_every_prunable_filter_count_is_halved_and_the_model_still_runs(name):
+    model, x = _model(name)
+    before = _layers(lowbit.lower(model, (x,)))
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    after = _layers(graph_of(pruned))
+    report = graph_of(pruned).meta["pruning"]
+    blocked = [row["layers"] for row in report if row["blocked"]]
+    assert blocked == [[CLASSIFIERS[name]]]  # only the classifier: its outputs are the model's
+    assert after.keys() == before.keys()
+    for layer, (out, _) in before.items():
+        assert after[layer][0] == (out if layer == CLASSIFIERS[name] else out - out // 2), layer
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize("name", CNN_FAMILIES)
+def test_only_the_removed_channels_change_the_output(name):
+    """Zero every weight that reads a channel about to be removed: the channels then contribute nothing, so the
+    pruned model must compute what the zeroed one does. Any misplaced offset (Concat), repeat (Flatten) or
+    forgotten member (BN, depthwise, SE scale) shows up as a difference."""
+    model, x = _model(name)
+    graph = lowbit.lower(model, (x,))
+    chosen = plan(graph, PruneSpec(0.5))
+    assert chosen.removed
+    for m in chosen.groups.members:
+        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
+        if len(positions):
+            array = np.array(m.value.const)
+            index = [slice(None)] * array.ndim
+            index[m.axis] = positions
+            array[tuple(index)] = 0
+            m.value.const = array
+    with torch.no_grad():
+        zeroed = lowbit.codegen(graph, "torch")(x)
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    with torch.no_grad():
+        pruned = lowbit.codegen(graph, "torch")(x)
+    assert sum(v.const.size for v in graph.constants.values()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(pruned, zeroed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet"])
+def test_a_zero_ratio_is_the_identity(name):
+    model, x = _model(name)
+    same = lowbit.prune(model, 0.0, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+    assert all(row["kept"] == row["channels"] for row in graph_of(same).meta["pruning"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet", "vit"])
+def test_onnx_models_prune_to_the_same_counts_and_run_in_onnx_runtime_and_openvino(name):
+    model, x = _model(name)
+    from_torch = lowbit.prune(model, 0.5, example_inputs=(x,))
+    fp32 = lowbit.codegen(lowbit.lower(model, (x,)), "onnx")
+    from_onnx = lowbit.prune(fp32, 0.5)
+    assert isinstance(from_onnx, onnx.ModelProto)
+    counts = {i.name: tuple(i.dims) for i in from_onnx.graph.initializer}
+    assert {k: tuple(v.shape) for k, v in from_torch.state_dict().items() if k in counts} == {
+        k: v for k, v in counts.items() if k in from_torch.state_dict()}
+    assert sum(np.prod(i.dims) for i in from_onnx.graph.initializer) < sum(np.prod(i.dims) for i in fp32.graph.initializer)
+    with torch.no_grad():
+        expected = from_torch(x).numpy()
+    name_in = from_onnx.graph.input[0].name
+    np.testing.assert_allclose(run_onnx(from_onnx, {name_in: x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+    xml = lowbit.codegen(lowbit.lower(from_onnx), "openvino")
+    np.testing.assert_allclose(run_openvino(xml, [x.numpy()])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_round_to_keeps_channel_counts_multiples_of_it():
+    model, x = _model("resnet18")
+    pruned = lowbit.prune(model, 0.3, round_to=8, example_inputs=(x,))
+    layers = _layers(graph_of(pruned))
+    assert layers["conv1"][0] == 48  # 64 - floor(19.2) = 45 kept, rounded up to 48
+    assert layers["layer4.0.conv1"][0] == 360  # 512 - 153 = 359 -> 360
+    assert all(out % 8 == 0 for name, (out, _) in layers.items() if name != "fc")
+
+
+def test_config_list_sets_ratios_per_layer_excludes_and_names_what_matches_nothing():
+    model, x = _model("resnet18")
+    config = [{"sparsity": 0.5, "op_types": ["Conv2d"]},
+              {"sparsity": 0.25, "op_names": ["layer4.0.conv1"]},
+              {"exclude": True, "op_names": ["layer3.1.conv1"]}]
+    layers = _layers(graph_of(lowbit.prune(model, config_list=config, example_inputs=(x,))))
+    assert layers["layer4.0.conv1"][0] == 384 and layers["layer3.1.conv1"][0] == 256
+    assert layers["layer3.0.conv1"][0] == 128
+    with pytest.raises(lowbit.PruneError, match=r"config_list\[0\].*matches no layer.*closest names: layer4.0.conv1"):
+        lowbit.prune(model, config_list=[{"sparsity": 0.5, "op_names": ["layer4.0.conv"]}], example_inputs=(x,))
+
+
+def test_ignored_scope_keeps_a_layers_filters():
+    model, x = _model("resnet18")
+    kept = lowbit.prune(model, 0.5, ignored_scope=lowbit.IgnoredScope(names=["conv2d_1"]), example_inputs=(x,))
+    report = graph_of(kept).meta["pruning"]
+    assert any(row["layers"] == ["layer1.0.conv1"] and "excluded" in row["blocked"] for row in report)
+    assert _layers(graph_of(kept))["layer1.0.conv1"][0] == 64
+
+
+def test_bn_scale_removes_the_channels_with_the_smallest_gammas():
+    model, x = _model("se")
+    graph = lowbit.lower(model, (x,))
+    bn = next(n for n in graph if n.op_type == "BatchNormalization")
+    gamma = np.array(bn.input(1).const)
+    gamma[[0, 3, 5]] = 1e-4
+    bn.input(1).const = gamma
+    chosen = plan(graph, PruneSpec(3 / gamma.size + 1e-6, criterion="bn_scale"))
+    group = next(g for g in chosen.groups.groups() if any(m.node is bn for m in g.members))
+    assert chosen.removed[group.id].tolist() == [0, 3, 5]
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "geometric_median", "bn_scale"])
+def test_every_criterion_gives_a_model_that_runs(criterion):
+    model, x = _model("mobilenet_v2")
+    pruned = lowbit.prune(model, 0.5, criterion=criterion, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.isfinite(pruned(x)).all()
+
+
+def test_the_report_says_why_attention_and_outputs_are_left_alone():
+    model, x = _model("vit")
+    report = graph_of(lowbit.prune(model, 0.5, example_inputs=(x,))).meta["pruning"]
+    reasons = [row["blocked"] for row in report if row["blocked"]]
+    assert any("graph output" in r for r in reasons)
+    assert any("Reshape" in r for r in reasons)  # the fused query/key/value projection, split into heads
+    assert any(row["kept"] < row["channels"] for row in report)  # the MLPs and the residual width are pruned
+
+
+def test_prune_filters_runs_inside_a_pipeline_and_the_users_model_is_untouched():
+    model, x = _model("resnet18")
+    before = copy.deepcopy(model.state_dict())
+    pruned = lowbit.compile(model, passes=["cleanup", "prune_filters", "fold_bn"], example_inputs=(x,),
+                            pruning={"ratio": 0.5})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert _layers(graph_of(pruned))["conv1"][0] == 32
+    assert not any(n.op_type == "BatchNormalization" for n in graph_of(pruned))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ratio": 1.0}, r"ratio=1.0 is not in \[0, 1\)"),
+    ({"ratio": -0.1}, r"ratio=-0.1 is not in \[0, 1\)"),
+    ({"criterion": "l3"}, r"unknown criterion 'l3'.*l1, l2, geometric_median, bn_scale"),
+    ({"criterion": "taylor"}, r"unknown criterion 'taylor' \(Taylor importance needs gradients"),
+    ({"round_to": 0}, r"round_to=0 must be a positive int"),
+    ({"mode": "mask"}, r"mode='mask'.*not available yet"),
+    ({"config_list": {"sparsity": 0.5}}, r"config_list is a dict: pass a list of dicts"),
+    ({"config_list": [{"sparsity": 0.5, "op_type": ["Conv2d"]}]}, r"unknown keys \['op_type'\]"),
+])
+def test_bad_requests_are_named_prune_errors(kwargs, message):
+    model, x = _model("se")
+    with pytest.raises(lowbit.PruneError, match=message):
+        lowbit.prune(model, example_inputs=(x,), **kwargs)
+
+
+def test_an_already_quantized_model_is_refused():
+    model, x = _model("se")
+    q = lowbit.quantize(model, lowbit.Dataset([x]))
+    with pytest.raises(lowbit.PruneError, match="already quantized.*prune the FP32 model"):
+        lowbit.prune(q, 0.5, example_inputs=(x,))
