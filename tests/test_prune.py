@@ -211,3 +211,26 @@ def test_an_already_quantized_model_is_refused():
     q = lowbit.quantize(model, lowbit.Dataset([x]))
     with pytest.raises(lowbit.PruneError, match="already quantized.*prune the FP32 model"):
         lowbit.prune(q, 0.5, example_inputs=(x,))
+
+
+def test_a_pruned_model_saves_and_loads_bit_equal_on_the_original(tmp_path):
+    model, x = _model("densenet")
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    path = lowbit.save(pruned, tmp_path / "pruned")
+    loaded = lowbit.load(_model("densenet")[0], path, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+
+
+def test_cost_counts_resnet18s_published_macs_and_pruning_cuts_them():
+    from lowbit.pruning import cost
+    from models import resnet18
+
+    model, x = resnet18(num_classes=1000).eval(), torch.randn(1, 3, 224, 224)
+    before = cost(lowbit.lower(model, (x,)))
+    assert before.macs == 1_814_073_344 and before.unknown == 0  # torchvision's 1.81 GMACs
+    assert before.params == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if "running" in name)
+    after = cost(graph_of(lowbit.prune(model, 0.5, example_inputs=(x,))))
+    assert after.macs < 0.3 * before.macs and after.params < 0.3 * before.params

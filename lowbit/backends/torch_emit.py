@@ -125,7 +125,10 @@ class _Emitter:
             while self._clash(name):
                 i += 1
                 name = f"{base}_{i}"
-        tensor = torch.from_numpy(np.array(array, copy=True))
+        # a contiguous copy in torch's own (64-byte aligned) memory: oneDNN's results depend on the weights' layout
+        # and alignment in the last bits, so a module rebuilt from a saved state computes bit for bit what the
+        # saved one did
+        tensor = torch.tensor(np.ascontiguousarray(array))
         trainable = kind or v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
         self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
         parts = name.split(".")
