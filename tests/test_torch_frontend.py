@@ -135,8 +135,8 @@ def test_output_structure_is_kept():
 def test_generated_module_has_the_original_parameter_names_and_trains():
     model, inputs = _reference("resnet18")
     module = lowbit.codegen(lowbit.lower(model, inputs(2)), "torch")
-    want = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    assert set(module.state_dict()) == want
+    assert set(module.state_dict()) == set(model.state_dict())  # BatchNorms are nn.BatchNorm2d again
+    module.load_state_dict(model.state_dict())  # so the user's FP32 checkpoint loads, strictly
     params = dict(module.named_parameters())
     assert "conv1.weight" in params and "fc.weight" in params and params["fc.weight"].requires_grad
     module(inputs(2)[0]).sum().backward()
@@ -194,15 +194,34 @@ def test_generated_modules_keep_the_users_parameter_names():
                                 torch.nn.Linear(72, 3)).eval()
     x = torch.randn(2, 1, 8, 8)
     compiled = lowbit.compile(model, ["cleanup"], example_inputs=(x,))
-    user = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    assert set(compiled.state_dict()) == user
+    assert set(compiled.state_dict()) == set(model.state_dict())
+    assert isinstance(compiled.get_submodule("1"), torch.nn.BatchNorm2d)
     fresh = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(72, 3)).eval()
-    result = compiled.load_state_dict(fresh.state_dict(), strict=False)
-    assert result.missing_keys == [] and result.unexpected_keys == ["1.num_batches_tracked"]
+    compiled.load_state_dict(fresh.state_dict())  # strict: the user's checkpoint, num_batches_tracked included
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), fresh(x))
     quantized = lowbit.quantize(model, lowbit.Dataset([x]))
     names = set(quantized.state_dict())
     assert {"0.weight", "0.bias", "4.weight", "4.bias"} <= names
     assert all(k in {"0.weight", "0.bias", "4.weight", "4.bias"} or k.endswith(("_fq.low", "_fq.high")) for k in names)
+
+
+def test_batch_norm_in_a_generated_module_trains_as_the_users_did():
+    """train() makes the generated BatchNorms normalize by batch statistics and update their running ones (fine-
+    tuning after pruning, QAT), and graph_of reads the updated statistics back into the IR."""
+    model, inputs = _reference("resnet18")
+    module = lowbit.codegen(lowbit.lower(model, inputs(2)), "torch")
+    x = inputs(4)[0]
+    before = module.get_submodule("bn1").running_mean.clone()
+    module.train()
+    with torch.no_grad():
+        module(x)
+        model.train()(x)
+    after = module.get_submodule("bn1").running_mean
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, model.bn1.running_mean)  # the user's module, trained the same way
+    from lowbit.api import graph_of
+
+    bn = next(n for n in graph_of(module) if n.op_type == "BatchNormalization")
+    np.testing.assert_array_equal(bn.input(3).const, after.numpy())

@@ -362,12 +362,51 @@ def _softmax(e: _Emitter, n: Node):
 
 @emits("BatchNormalization")
 def _batch_norm(e: _Emitter, n: Node):
+    module = _batch_norm_module(e, n)
+    if module is not None:  # train() makes it normalize by batch statistics and update its running ones
+        return e.fx.call_module(module, (e[n.input(0)],))
     for stat in n.inputs[3:5]:  # running statistics are buffers, never trained
         if stat.const is not None and id(stat) not in e.env:
             e.env[id(stat)] = e.fx.get_attr(e._register(stat, kind=stat.meta.get("torch_kind", "buffer")))
     x, w, b, mean, var = (e[v] for v in n.inputs[:5])
     return e.call(aten.batch_norm.default, x, w, b, mean, var, False, 1.0 - n.attrs.get("momentum", 0.9),
                   n.attrs.get("epsilon", 1e-5), True)
+
+
+BATCH_NORM_SLOTS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _batch_norm_module(e: _Emitter, n: Node) -> str | None:
+    """A BatchNormalization whose parameters and statistics are constants only it reads becomes an
+    nn.BatchNorm module (under the user's module path where the names give it, `layer1.0.bn1`), so the generated
+    module fine-tunes as the user's did; returns its path, or None to emit it as a function."""
+    x, params = n.input(0), n.inputs[1:5]
+    rank = len(x.shape) if x.shape is not None else None
+    if len(params) != 4 or rank not in (2, 3, 4, 5) or n.attrs.get("training_mode") or any(
+            v is None or v.const is None or id(v) in e.env or len(v.uses) != 1 for v in params):
+        return None
+    names = [v.meta.get("torch_name") or v.name for v in params]
+    prefixes = {name.removesuffix("." + slot) for name, slot in zip(names, BATCH_NORM_SLOTS) if name.endswith(slot)}
+    path = prefixes.pop() if len(prefixes) == 1 and all(nm.endswith(s) for nm, s in zip(names, BATCH_NORM_SLOTS)) \
+        else None
+    if path is None or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", path) or e._clash(path):
+        path = re.sub(r"[^0-9A-Za-z_]", "_", n.name)
+        path = f"bn_{path}" if path[0].isdigit() else path
+        base, i = path, 0
+        while e._clash(path):
+            i += 1
+            path = f"{base}_{i}"
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
+    bn = cls(params[0].const.shape[0], eps=n.attrs.get("epsilon", 1e-5), momentum=1.0 - n.attrs.get("momentum", 0.9))
+    for v, slot in zip(params, BATCH_NORM_SLOTS):
+        tensor = torch.tensor(np.ascontiguousarray(v.const))
+        setattr(bn, slot, torch.nn.Parameter(tensor) if slot in ("weight", "bias") else tensor)
+        e.names.setdefault(v.name, f"{path}.{slot}")
+    bn.eval()
+    e.root[path] = bn
+    parts = path.split(".")
+    e._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return path
 
 
 @emits("LayerNormalization")
