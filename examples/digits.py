@@ -55,7 +55,30 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-MODELS = {"digits_cnn": DigitsCNN}
+class DigitsResNet(nn.Module):
+    """A wider residual CNN (64 and 128 channels) for 32x32 digits: big enough that pruning its filters shows in
+    FLOPs and latency (examples/prune_then_quantize.py)."""
+
+    def __init__(self, in_ch: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                    nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64))
+        self.down = nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(128),
+                                  nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+                                    nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128))
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.block1(x))
+        x = self.down(x)
+        x = F.relu(x + self.block2(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+MODELS = {"digits_cnn": DigitsCNN, "digits_resnet": DigitsResNet}
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:

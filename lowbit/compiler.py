@@ -195,31 +195,85 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
 
 def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any = None,
           config_list: Sequence[dict] | None = None, ignored_scope: Any = None, example_inputs: Any = None,
-          round_to: int = 1, mode: str = "shrink") -> Any:
-    """Filter pruning: remove `ratio` of the channels of every channel dependency group, physically.
+          round_to: int = 1, mode: str = "shrink", schedule: dict | None = None) -> Any:
+    """Filter pruning: remove `ratio` of the channels of every channel dependency group.
 
-    Returns the kind of model it was given, smaller: a torch module (trainable,
-    parameters under the user's names) or an onnx.ModelProto. `criterion` is
-    one of lowbit.pruning.CRITERIA; `config_list` takes NNI's form (a list of
-    {"sparsity" or "ratio", "op_types", "op_names", "exclude"}, later entries
-    overriding earlier ones); `round_to` keeps channel counts multiples of N;
-    layers in `ignored_scope` keep their filters. A torch model is captured
-    with `example_inputs` (or the first `dataset` item). What was pruned, and
-    why a group was left alone, is `graph.meta["pruning"]` of the result
-    (`lowbit.api.graph_of(pruned)` for a torch module).
+    mode="shrink" returns the kind of model it was given, physically smaller:
+    a torch module (trainable, parameters under the user's names) or an
+    onnx.ModelProto. mode="mask" (torch models) returns a trainable module in
+    which the pruned filters are zero and stay zero through training; its
+    `lowbit_pruning` controller moves the ratio on `schedule` ({"initial": 0.0,
+    "steps": 10, "kind": "agp" | "linear", "unit": "epochs" | "steps"}; the
+    final ratio is `ratio`) with `step()` / `epoch_step()`, and
+    `lowbit.strip(masked)` gives the physically pruned module.
+
+    `criterion` is one of lowbit.pruning.CRITERIA; `config_list` takes NNI's
+    form (a list of {"sparsity" or "ratio", "op_types", "op_names",
+    "exclude"}, later entries overriding earlier ones); `round_to` keeps
+    channel counts multiples of N; layers in `ignored_scope` keep their
+    filters. A torch model is captured with `example_inputs` (or the first
+    `dataset` item). What was pruned, and why a group was left alone, is
+    `graph.meta["pruning"]` of the result (`lowbit.api.graph_of(pruned)` for
+    a torch module).
     """
     from .errors import PruneError
     from .pruning import PruneSpec
 
-    if mode != "shrink":
-        raise PruneError(f"mode={mode!r}: lowbit prunes with mode='shrink' (a physically smaller model); masks "
-                         "during fine-tuning (mode='mask') are not available yet")
+    if mode not in ("shrink", "mask"):
+        raise PruneError(f"mode={mode!r}: use 'shrink' (a physically smaller model) or 'mask' (zeroed filters "
+                         "while fine-tuning, then lowbit.strip)")
     if config_list is not None and (isinstance(config_list, (str, dict)) or not hasattr(config_list, "__iter__")):
         raise PruneError(f"config_list is a {type(config_list).__name__}: pass a list of dicts such as "
                          "[{'sparsity': 0.5, 'op_types': ['Conv2d']}]")
     spec = PruneSpec(ratio=ratio, criterion=criterion, round_to=round_to, config_list=tuple(config_list or ()))
-    return compile(model, ["cleanup", "prune_filters"], dataset=dataset, example_inputs=example_inputs,
-                   ignored_scope=ignored_scope, pruning=spec, progress=False)
+    if mode == "shrink":
+        if schedule is not None:
+            raise PruneError("a schedule moves masks while fine-tuning: pass mode='mask' with it")
+        return compile(model, ["cleanup", "prune_filters"], dataset=dataset, example_inputs=example_inputs,
+                       ignored_scope=ignored_scope, pruning=spec, progress=False)
+    return _masked(model, spec, schedule, dataset, example_inputs, ignored_scope)
+
+
+def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_inputs: Any, ignored_scope: Any):
+    from .errors import PruneError
+    from .pruning import PruneSpec
+    from .pruning.masks import MaskController, Schedule
+    from .quant.scope import as_ignored_scope
+
+    if origin_target(model) != "torch":
+        raise PruneError("mode='mask' needs a torch model (masks live in training); prune an ONNX model with "
+                         "mode='shrink'")
+    if spec.config_list:
+        raise PruneError("mode='mask' takes one ratio for every group; config_list is for mode='shrink'")
+    if schedule is not None and not isinstance(schedule, dict):
+        raise PruneError(f"schedule is a {type(schedule).__name__}: pass a dict such as "
+                         "{'initial': 0.0, 'steps': 10, 'kind': 'agp', 'unit': 'epochs'}")
+    unknown = set(schedule or {}) - {"initial", "steps", "kind", "unit"}
+    if unknown:
+        raise PruneError(f"unknown schedule keys {sorted(unknown)}: use initial, steps, kind and unit (the final "
+                         "ratio is `ratio`)")
+    plan_of = Schedule(**{"initial": spec.ratio, **(schedule or {}), "final": spec.ratio})
+    module = compile(model, ["cleanup"], dataset=dataset, example_inputs=example_inputs, progress=False)
+    graph = graph_of(module)
+    scope = as_ignored_scope(ignored_scope)
+    keep = frozenset(scope.resolve(graph)) if scope is not None else frozenset()
+    module.lowbit_pruning = MaskController(module, graph, PruneSpec(spec.ratio, spec.criterion, spec.round_to,
+                                                                    keep=keep), plan_of)
+    return module
+
+
+def strip(model: Any) -> Any:
+    """The physically pruned torch module of a masked one (lowbit.prune(..., mode="mask")), with its trained
+    weights; every masked channel is removed."""
+    from .errors import PruneError
+    from .pruning.masks import strip_masks
+
+    if getattr(model, "lowbit_pruning", None) is None:
+        raise PruneError(f"this {type(model).__name__} has no pruning masks: strip takes what "
+                         "lowbit.prune(model, ratio, mode='mask') returned")
+    graph = strip_masks(model)
+    graph.meta["passes_run"] = [*graph.meta.get("passes_run", []), "prune_filters"]
+    return _writeback(graph, model)
 
 
 def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, runtime: str | None = None) -> Path:

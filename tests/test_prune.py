@@ -3,6 +3,7 @@ model family, exact channel counts, outputs that only the removed channels chang
 ONNX Runtime and OpenVINO running the result, and the named errors of bad requests."""
 
 import copy
+import math
 
 import numpy as np
 import onnx
@@ -196,7 +197,7 @@ def test_prune_filters_runs_inside_a_pipeline_and_the_users_model_is_untouched()
     ({"criterion": "l3"}, r"unknown criterion 'l3'.*l1, l2, geometric_median, bn_scale"),
     ({"criterion": "taylor"}, r"unknown criterion 'taylor' \(Taylor importance needs gradients"),
     ({"round_to": 0}, r"round_to=0 must be a positive int"),
-    ({"mode": "mask"}, r"mode='mask'.*not available yet"),
+    ({"mode": "masks"}, r"mode='masks': use 'shrink'.*or 'mask'"),
     ({"config_list": {"sparsity": 0.5}}, r"config_list is a dict: pass a list of dicts"),
     ({"config_list": [{"sparsity": 0.5, "op_type": ["Conv2d"]}]}, r"unknown keys \['op_type'\]"),
 ])
@@ -234,3 +235,56 @@ def test_cost_counts_resnet18s_published_macs_and_pruning_cuts_them():
         b.numel() for name, b in model.named_buffers() if "running" in name)
     after = cost(graph_of(lowbit.prune(model, 0.5, example_inputs=(x,))))
     assert after.macs < 0.3 * before.macs and after.params < 0.3 * before.params
+
+
+def test_masks_stay_zero_through_training_grow_on_the_schedule_and_strip_to_the_shrunk_model():
+    import torch.nn.functional as F
+
+    model, _ = _model("resnet18")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    masked = lowbit.prune(model, 0.5, mode="mask", example_inputs=(x[:2],),
+                          schedule={"initial": 0.0, "steps": 3, "kind": "agp", "unit": "epochs"})
+    controller = masked.lowbit_pruning
+    assert controller.ratio == 0.0 and not any((~keep).any() for keep in controller.masks.values())
+    opt = torch.optim.SGD(masked.parameters(), lr=0.05, momentum=0.9)  # momentum would revive zeroed weights
+    masked.train()
+    counts = []
+    for _ in range(3):
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(masked(x), torch.arange(8) % 10).backward()
+            opt.step()
+            controller.step()  # counted in epochs: no effect
+        controller.epoch_step()
+        counts.append(int((~controller.masks["conv1"]).sum()))
+    # agp: 0.5 + (0 - 0.5) * (1 - t/3)^3 of 64 channels, floored: 22, 30, 32
+    assert counts == [math.floor(64 * (0.5 - 0.5 * (1 - t / 3) ** 3) + 1e-9) for t in (1, 2, 3)] == [22, 30, 32]
+    masked.eval()
+    with torch.no_grad():
+        y = masked(x)
+    gone = np.flatnonzero(~controller.masks["conv1"])
+    assert torch.count_nonzero(masked.get_parameter("conv1.weight")[gone]) == 0
+    assert torch.count_nonzero(masked.get_parameter("bn1.weight")[gone]) == 0
+    stripped = lowbit.strip(masked)
+    assert sum(p.numel() for p in stripped.parameters()) == sum(
+        p.numel() for p in lowbit.prune(model, 0.5, example_inputs=(x[:2],)).parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: lowbit.prune(lowbit.codegen(lowbit.lower(m, (x,)), "onnx"), mode="mask"),
+     "mode='mask' needs a torch model"),
+    (lambda m, x: lowbit.prune(m, mode="mask", schedule={"kind": "cubic"}, example_inputs=(x,)),
+     "unknown schedule 'cubic': use one of agp, linear"),
+    (lambda m, x: lowbit.prune(m, mode="mask", schedule={"final": 0.9}, example_inputs=(x,)),
+     r"unknown schedule keys \['final'\]"),
+    (lambda m, x: lowbit.prune(m, 0.3, mode="mask", schedule={"initial": 0.5}, example_inputs=(x,)),
+     "initial=0.5 is above final=0.3"),
+    (lambda m, x: lowbit.prune(m, schedule={"steps": 3}, example_inputs=(x,)), "pass mode='mask' with it"),
+    (lambda m, x: lowbit.strip(m), "has no pruning masks"),
+])
+def test_bad_mask_requests_are_named(call, message):
+    model, x = _model("se")
+    with pytest.raises(lowbit.PruneError, match=message):
+        call(model, x)

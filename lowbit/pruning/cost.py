@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node
-from ..ir.ops import LAYERS
+from ..ir.ops import CONVOLUTIONS, LAYERS
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def _macs(node: Node) -> int | None:
     w_shape = _dims(w.shape) if w is not None else None
     if out is None or w_shape is None:
         return None
-    if any(isinstance(d, str) for d in (node.output.shape or ())[1:]) and node.op_type in ("Conv", "ConvTranspose"):
-        return None
+    if any(isinstance(d, str) for d in (node.output.shape or ())[1:]) and node.op_type in CONVOLUTIONS:
+        return None  # a dynamic spatial size
     if node.op_type == "Conv":
         return int(np.prod(out)) * int(np.prod(w_shape[1:]))
     if node.op_type == "ConvTranspose":

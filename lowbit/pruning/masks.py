@@ -1,0 +1,169 @@
+"""Masks during fine-tuning (the NNI and old-NNCF workflow): pruned filters are zero and stay zero through
+training, the ratio grows on a schedule, and `strip` then removes them physically.
+
+`MaskController` holds, for one torch module lowbit generated, the channel
+groups of its graph, the channels each group keeps, and where every member
+of a group lives in the module (a parameter or buffer, the axis, the
+positions of each channel). Before every forward it multiplies those tensors
+by their masks, in place: whatever the optimizer does (momentum, weight
+decay), a pruned channel computes nothing. Masking every member (filters,
+biases, BatchNorm scale and shift, the next layers' input channels) makes the
+masked module compute exactly what the physically pruned one will.
+
+The ratio follows a schedule over `steps` calls of `step()` (or
+`epoch_step()`, for a schedule counted in epochs): "agp" (automated gradual
+pruning, Zhu & Gupta: fast at first, slower near the end) or "linear", from
+`initial` to `final`. Each time the ratio changes, the channels are scored
+again on the current weights; a masked channel is all zero, so it scores
+lowest and stays masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PruneError
+from ..frontends import graph_of
+from .criteria import scores
+from .groups import channel_groups
+from .shrink import _positions
+
+SCHEDULES = ("agp", "linear")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The ratio after `t` of `steps` calls: from `initial` to `final` ("agp" or "linear")."""
+
+    initial: float = 0.0
+    final: float = 0.5
+    steps: int = 1
+    kind: str = "agp"
+    unit: str = "steps"  # "steps" (controller.step()) or "epochs" (controller.epoch_step())
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise PruneError(f"unknown schedule {self.kind!r}: use one of {', '.join(SCHEDULES)}")
+        if self.unit not in ("steps", "epochs"):
+            raise PruneError(f"schedule unit {self.unit!r}: use 'steps' or 'epochs'")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise PruneError(f"schedule steps={self.steps!r} must be a positive int")
+        for name in ("initial", "final"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise PruneError(f"schedule {name}={value!r} is not in [0, 1)")
+        if self.initial > self.final:
+            raise PruneError(f"schedule initial={self.initial} is above final={self.final}: ratios only grow")
+
+    def ratio(self, t: int) -> float:
+        done = min(max(t, 0), self.steps) / self.steps
+        if self.kind == "linear":
+            return self.initial + (self.final - self.initial) * done
+        return self.final + (self.initial - self.final) * (1 - done) ** 3
+
+
+class MaskController:
+    """Masks of a lowbit-generated torch module: `step()` / `epoch_step()` move the schedule, `ratio` is the
+    current one, `masks` the kept channels of each layer's filters (by its name: the filters of layers whose
+    outputs a residual Add joins share one mask), `strip()` the physically
+    pruned module."""
+
+    def __init__(self, module, graph, spec, schedule: Schedule):
+        self.module, self.spec, self.schedule = module, spec, schedule
+        self.t = 0
+        self.cg = channel_groups(graph, keep=set(spec.keep))
+        self.groups = [g for g in self.cg.groups() if g.blocked is None]
+        names = getattr(module, "lowbit_names", {})
+        self._targets = []  # per group: [(tensor path, axis, segments)]
+        for g in self.groups:
+            targets = []
+            for m in g.members:
+                path = names.get(m.value.name)
+                if path is None:
+                    raise PruneError(f"the constant {m.value.name!r} of {m.node.name!r} is not a tensor of the "
+                                     "module: masks need every member as a parameter or buffer")
+                targets.append((path, m.axis, m.segments))
+            self._targets.append(targets)
+        self.masks: dict[str, np.ndarray] = {}
+        self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
+        self._handle = module.register_forward_pre_hook(lambda mod, args: self.apply())
+        self._set_ratio(schedule.ratio(0))
+
+    @property
+    def ratio(self) -> float:
+        return self.schedule.ratio(self.t)
+
+    def step(self) -> None:
+        """One training step done (a schedule counted in steps moves)."""
+        if self.schedule.unit == "steps":
+            self._advance()
+
+    def epoch_step(self) -> None:
+        """One epoch done (a schedule counted in epochs moves)."""
+        if self.schedule.unit == "epochs":
+            self._advance()
+
+    def _advance(self) -> None:
+        self.t += 1
+        self._set_ratio(self.ratio)
+
+    def _set_ratio(self, ratio: float) -> None:
+        graph = _current_graph(self.module)
+        by_name = {v.name: v for v in graph.constants.values()}
+        for i, g in enumerate(self.groups):
+            keep = g.size - math.floor(g.size * ratio + 1e-9)
+            keep = max(min(g.size, math.ceil(keep / self.spec.round_to) * self.spec.round_to),
+                       min(g.size, self.spec.round_to))
+            for m in g.members:  # score the current weights, as the module holds them
+                m.value.const = by_name[m.value.name].const
+            order = np.argsort(scores(g, self.spec.criterion, self.cg.find), kind="stable")
+            mask = np.ones(g.size, bool)
+            mask[order[:g.size - keep]] = False
+            self._keep[i] = mask & self._keep[i]  # a channel once masked stays masked
+            self.masks.update(dict.fromkeys(g.names, self._keep[i]))
+        self.apply()
+
+    def apply(self) -> None:
+        """Zero every masked channel's entries, in place (called before each forward)."""
+        import torch
+
+        removed = {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep)}
+        state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        with torch.no_grad():
+            for targets in self._targets:
+                for path, axis, segments in targets:
+                    positions = _positions(segments, removed, self.cg.find)
+                    if positions.size:
+                        tensor = state[path]
+                        index = [slice(None)] * tensor.ndim
+                        index[axis] = torch.as_tensor(positions, dtype=torch.long)
+                        tensor[tuple(index)] = 0
+
+    def removed(self) -> dict[int, np.ndarray]:
+        """The masked channels of each group, by group root (what strip removes)."""
+        return {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep) if (~keep).any()}
+
+
+def _current_graph(module):
+    return graph_of(module)
+
+
+def strip_masks(module):
+    """The physically pruned graph of a masked module: its current (trained) weights, every masked channel
+    removed."""
+    from .shrink import shrink
+
+    controller = module.lowbit_pruning
+    graph = graph_of(module)
+    cg = channel_groups(graph, keep=set(controller.spec.keep))
+    groups = [g for g in cg.groups() if g.blocked is None]
+    if [g.size for g in groups] != [g.size for g in controller.groups]:
+        raise PruneError("the module's graph no longer has the channel groups its masks were made for")
+    removed = {g.id: np.flatnonzero(~keep) for g, keep in zip(groups, controller._keep) if (~keep).any()}
+    if removed:
+        shrink(graph, cg, removed)
+        graph.verify()
+    return graph
