@@ -50,7 +50,7 @@ def latency_ms(path: Path, x: np.ndarray, runs: int = 200) -> float:
 
 def main() -> None:
     x_train, y_train, x_test, y_test = load_digits_split(size=SIZE)
-    model = trained("digits_resnet", epochs=10, size=SIZE)
+    model = trained("digits_resnet", epochs=20, size=SIZE)
     example = (x_test[:1],)
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -8,7 +8,8 @@ The JSON holds the format and its version, the lowbit version, the origin (torch
 and the device and options they ran with, the device's whole hardware config (`hw_config`, in the JSON form
 lowbit/hw_configs reads), a fingerprint of the source model (its inputs, and its weights' names, dtypes and
 shapes), the compressed graph in lowbit's text form (every quantizer's place, levels and node attributes included) and, per constant, the facts
-the torch writer names parameters by. The .npz holds every constant of the compressed graph (weights after
+the torch writer names parameters by; for a module pruned with masks, its masks and the schedule's position
+(`load` gives the controller back, so fine-tuning resumes). The .npz holds every constant of the compressed graph (weights after
 folding and bias correction, quantizer ranges as they are, after training too), keyed by index.
 
 `load` lowers the original model again, checks its fingerprint against the saved one (a state from another
@@ -71,6 +72,9 @@ def save(model: Any, path: str | os.PathLike) -> Path:
              "source": graph.meta["source"],
              "constants": [v.name for v in constants], "facts": {k: f for k, f in facts.items() if f},
              "graph": print_graph(graph)}
+    controller = getattr(model, "lowbit_pruning", None)
+    if controller is not None:  # a masked module (lowbit.prune(..., mode="mask")): its masks and schedule
+        state["pruning_masks"] = controller.state()
     np.savez(npz_path, **{f"c{i}": np.asarray(v.const) for i, v in enumerate(constants)})
     json_path.write_text(json.dumps(state, indent=1))
     return json_path
@@ -141,4 +145,10 @@ def load(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> 
         if name in graph.constants:
             graph.constants[name].meta.update(facts)
     graph.verify()
-    return _writeback(graph, model)
+    result = _writeback(graph, model)
+    if state.get("pruning_masks"):
+        from .frontends import graph_of
+        from .pruning.masks import MaskController
+
+        result.lowbit_pruning = MaskController.restore(result, graph_of(result), state["pruning_masks"])
+    return result

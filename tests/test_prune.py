@@ -288,3 +288,22 @@ def test_bad_mask_requests_are_named(call, message):
     model, x = _model("se")
     with pytest.raises(lowbit.PruneError, match=message):
         call(model, x)
+
+
+def test_masks_and_their_schedule_are_saved_and_resume_after_load(tmp_path):
+    model, x = _model("resnet18")
+    masked = lowbit.prune(model, 0.5, mode="mask", example_inputs=(x,),
+                          schedule={"initial": 0.0, "steps": 4, "kind": "linear", "unit": "steps"})
+    masked.lowbit_pruning.step()  # ratio 0.125
+    path = lowbit.save(masked, tmp_path / "masked")
+    loaded = lowbit.load(_model("resnet18")[0], path, example_inputs=(x,))
+    restored = loaded.lowbit_pruning
+    assert restored.t == 1 and restored.ratio == 0.125
+    assert all(np.array_equal(restored.masks[k], v) for k, v in masked.lowbit_pruning.masks.items())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), masked(x))
+    restored.step()
+    masked.lowbit_pruning.step()  # both at 0.25 now, scored on the same weights
+    assert all(np.array_equal(restored.masks[k], v) for k, v in masked.lowbit_pruning.masks.items())
+    assert sum(p.numel() for p in lowbit.strip(loaded).parameters()) == sum(
+        p.numel() for p in lowbit.strip(masked).parameters())

@@ -71,9 +71,9 @@ class MaskController:
     outputs a residual Add joins share one mask), `strip()` the physically
     pruned module."""
 
-    def __init__(self, module, graph, spec, schedule: Schedule):
+    def __init__(self, module, graph, spec, schedule: Schedule, t: int = 0, keep: list | None = None):
         self.module, self.spec, self.schedule = module, spec, schedule
-        self.t = 0
+        self.t = t
         self.cg = channel_groups(graph, keep=set(spec.keep))
         self.groups = [g for g in self.cg.groups() if g.blocked is None]
         names = getattr(module, "lowbit_names", {})
@@ -90,7 +90,31 @@ class MaskController:
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
         self._handle = module.register_forward_pre_hook(lambda mod, args: self.apply())
-        self._set_ratio(schedule.ratio(0))
+        if keep is None:
+            self._set_ratio(schedule.ratio(t))
+        else:  # restored from a state file
+            if [len(k) for k in keep] != [g.size for g in self.groups]:
+                raise PruneError("the saved masks do not fit this model's channel groups")
+            self._keep = [np.asarray(k, bool) for k in keep]
+            for g, k in zip(self.groups, self._keep):
+                self.masks.update(dict.fromkeys(g.names, k))
+            self.apply()
+
+    def state(self) -> dict:
+        """What the compression-state file records: the spec, the schedule and its position, every group's mask."""
+        return {"ratio": self.spec.ratio, "criterion": self.spec.criterion, "round_to": self.spec.round_to,
+                "keep_layers": sorted(self.spec.keep), "t": self.t,
+                "schedule": {"initial": self.schedule.initial, "final": self.schedule.final,
+                             "steps": self.schedule.steps, "kind": self.schedule.kind, "unit": self.schedule.unit},
+                "masks": [k.astype(int).tolist() for k in self._keep]}
+
+    @classmethod
+    def restore(cls, module, graph, state: dict) -> MaskController:
+        """The controller `state()` described, on a module rebuilt from the same state."""
+        from .plan import PruneSpec
+
+        spec = PruneSpec(state["ratio"], state["criterion"], state["round_to"], keep=frozenset(state["keep_layers"]))
+        return cls(module, graph, spec, Schedule(**state["schedule"]), t=state["t"], keep=state["masks"])
 
     @property
     def ratio(self) -> float:
