@@ -86,29 +86,35 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0, lr: float = 3e-3,
+          cosine: bool = False) -> nn.Module:
+    """Adam, batch 64; `cosine` anneals the learning rate to 0 over the epochs (wide BatchNorm nets need it)."""
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if cosine else None
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(64):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+        if schedule is not None:
+            schedule.step()
     return model.eval()
 
 
-def trained(name: str = "digits_cnn", factory=None, epochs: int = 30, size: int = 8, channels: int = 1) -> nn.Module:
+def trained(name: str = "digits_cnn", factory=None, epochs: int = 30, size: int = 8, channels: int = 1,
+            cosine: bool = False) -> nn.Module:
     """A model trained on the digits train split (at `size` x `size`, `channels`), from the cache when it is there."""
     factory = factory or MODELS[name]
-    path = CACHE / f"{name}-s{size}c{channels}-e{epochs}.pt"
+    path = CACHE / f"{name}{'-cosine' if cosine else ''}-s{size}c{channels}-e{epochs}.pt"
     torch.manual_seed(0)
     model = factory()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     x, y, _, _ = load_digits_split(size=size, channels=channels)
-    train(model, x, y, epochs)
+    train(model, x, y, epochs, cosine=cosine)
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
