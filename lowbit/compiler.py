@@ -229,8 +229,10 @@ def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any
     if mode == "shrink":
         if schedule is not None:
             raise PruneError("a schedule moves masks while fine-tuning: pass mode='mask' with it")
-        return compile(model, ["cleanup", "prune_filters"], dataset=dataset, example_inputs=example_inputs,
-                       ignored_scope=ignored_scope, pruning=spec, progress=False)
+        # a torch model keeps its Dropouts (cleanup drops them), so that the pruned module fine-tunes as the user's
+        passes = ["prune_filters"] if origin_target(model) == "torch" else ["cleanup", "prune_filters"]
+        return compile(model, passes, dataset=dataset, example_inputs=example_inputs, ignored_scope=ignored_scope,
+                       pruning=spec, progress=False)
     return _masked(model, spec, schedule, dataset, example_inputs, ignored_scope)
 
 
@@ -253,7 +255,7 @@ def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_
         raise PruneError(f"unknown schedule keys {sorted(unknown)}: use initial, steps, kind and unit (the final "
                          "ratio is `ratio`)")
     plan_of = Schedule(**{"initial": spec.ratio, **(schedule or {}), "final": spec.ratio})
-    module = compile(model, ["cleanup"], dataset=dataset, example_inputs=example_inputs, progress=False)
+    module = compile(model, [], dataset=dataset, example_inputs=example_inputs, progress=False)
     graph = graph_of(module)
     scope = as_ignored_scope(ignored_scope)
     keep = frozenset(scope.resolve(graph)) if scope is not None else frozenset()

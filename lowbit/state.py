@@ -47,7 +47,7 @@ def _compressed_graph(model: Any):
     graph = graph_of(model)
     if graph is None:
         graph = lower(model)
-    if not graph.meta.get("passes_run"):
+    if not graph.meta.get("passes_run") and getattr(model, "lowbit_pruning", None) is None:
         raise StateError(f"this {type(model).__name__} was not compressed by lowbit (no pass ran on it): save what "
                          "lowbit.compile or lowbit.quantize returned")
     record_source(graph)

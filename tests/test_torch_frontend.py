@@ -225,3 +225,15 @@ def test_batch_norm_in_a_generated_module_trains_as_the_users_did():
 
     bn = next(n for n in graph_of(module) if n.op_type == "BatchNormalization")
     np.testing.assert_array_equal(bn.input(3).const, after.numpy())
+
+
+def test_dropout_in_a_generated_module_drops_out_only_while_it_trains():
+    model, inputs = _reference("mobilenet_v2")  # its classifier: Dropout(0.2) -> Linear
+    module = lowbit.codegen(lowbit.lower(model, inputs(2)), "torch")
+    assert [type(m).__name__ for _, m in module.named_modules() if isinstance(m, torch.nn.Dropout)] == ["Dropout"]
+    assert module.get_submodule("dropout").p == 0.2
+    x = inputs(4)[0]
+    with torch.no_grad():
+        assert not module.training and torch.equal(module(x), module(x))
+        module.train()
+        assert not torch.equal(module(x), module(x))

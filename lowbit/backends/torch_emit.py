@@ -119,12 +119,7 @@ class _Emitter:
         array = v.const if array is None else array
         name = v.meta.get("torch_name") or v.name
         if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", name) or self._clash(name):
-            name = re.sub(r"[^0-9A-Za-z_]", "_", v.name)
-            name = f"c_{name}" if not name or name[0].isdigit() else name
-            base, i = name, 0
-            while self._clash(name):
-                i += 1
-                name = f"{base}_{i}"
+            name = self.fresh_path(v.name, "c")
         # a contiguous copy in torch's own (64-byte aligned) memory: oneDNN's results depend on the weights' layout
         # and alignment in the last bits, so a module rebuilt from a saved state computes bit for bit what the
         # saved one did
@@ -135,6 +130,16 @@ class _Emitter:
         self._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
         self.names.setdefault(v.name, name)
         return name
+
+    def fresh_path(self, name: str, prefix: str = "m") -> str:
+        """An attribute name made of `name` (`prefix`_ before a leading digit) that nothing in the module takes."""
+        path = re.sub(r"[^0-9A-Za-z_]", "_", name)
+        path = f"{prefix}_{path}" if not path or path[0].isdigit() else path
+        base, i = path, 0
+        while self._clash(path):
+            i += 1
+            path = f"{base}_{i}"
+        return path
 
     def _clash(self, name: str) -> bool:
         """True if `name` is taken, or is a module path of a taken name, or a taken name is its module path."""
@@ -157,7 +162,7 @@ class _Emitter:
             if id(v) not in self._notified:
                 self._notify(v)
         self.fx.output(None)
-        return fx.GraphModule(self.root, self.fx, class_name="LowbitStream")
+        return fx.GraphModule(self.root, self.fx, class_name="LowbitStream").eval()
 
     # -- driver ----------------------------------------------------------------
     def run(self) -> fx.GraphModule:
@@ -197,7 +202,7 @@ class _Emitter:
             self.fx.output(results)
         else:
             self.fx.output(results[0] if len(results) == 1 else tuple(results))
-        gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule")
+        gm = fx.GraphModule(self.root, self.fx, class_name="LowbitModule").eval()  # BatchNorm and Dropout modules too
         gm.lowbit_names = dict(self.names)  # IR constant / FakeQuantize node name -> attribute path in gm
         keep_on_copy(gm, "lowbit_names")
         return gm
@@ -390,19 +395,13 @@ def _batch_norm_module(e: _Emitter, n: Node) -> str | None:
     path = prefixes.pop() if len(prefixes) == 1 and all(nm.endswith(s) for nm, s in zip(names, BATCH_NORM_SLOTS)) \
         else None
     if path is None or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", path) or e._clash(path):
-        path = re.sub(r"[^0-9A-Za-z_]", "_", n.name)
-        path = f"bn_{path}" if path[0].isdigit() else path
-        base, i = path, 0
-        while e._clash(path):
-            i += 1
-            path = f"{base}_{i}"
+        path = e.fresh_path(n.name)
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
     bn = cls(params[0].const.shape[0], eps=n.attrs.get("epsilon", 1e-5), momentum=1.0 - n.attrs.get("momentum", 0.9))
     for v, slot in zip(params, BATCH_NORM_SLOTS):
         tensor = torch.tensor(np.ascontiguousarray(v.const))
         setattr(bn, slot, torch.nn.Parameter(tensor) if slot in ("weight", "bias") else tensor)
         e.names.setdefault(v.name, f"{path}.{slot}")
-    bn.eval()
     e.root[path] = bn
     parts = path.split(".")
     e._modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
@@ -549,6 +548,13 @@ def _squeeze(e: _Emitter, n: Node):
 
 @emits("Dropout", "Identity")
 def _identity(e: _Emitter, n: Node):
+    ratio = n.input(1) if n.op_type == "Dropout" and len(n.inputs) > 1 else None
+    if ratio is not None and ratio.const is not None and ratio.const.size == 1 and float(ratio.const) > 0 \
+            and (len(n.inputs) < 3 or n.input(2) is None) and len(n.outputs) == 1:
+        # an nn.Dropout: the identity in eval(), dropping out again when the generated module trains
+        path = e.fresh_path(n.name)
+        e.root[path] = torch.nn.Dropout(float(ratio.const))
+        return e.fx.call_module(path, (e[n.input(0)],))
     return [e[n.input(0)]] + [None] * (len(n.outputs) - 1)
 
 

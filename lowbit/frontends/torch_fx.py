@@ -683,7 +683,8 @@ def _squeeze(lw, node, x, dims):
 def _dropout(lw, node, x, p, train):
     if train:
         return NotImplemented
-    return lw.op("Dropout", [lw.val(x)])
+    # the ratio is kept (ONNX's optional input) so that a generated module drops out again while it trains
+    return lw.op("Dropout", [lw.val(x), lw.const(np.array(p, np.float32), "ratio")])
 
 
 @handles(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,

@@ -1,6 +1,6 @@
 """What a model costs, read from its IR: parameters and multiply-accumulates per sample.
 
-`cost(graph)` counts every float constant's elements (weights, biases, norm
+`cost(graph)` counts every float tensor constant's elements (weights, biases, norm
 parameters and statistics) and the MACs of Conv, ConvTranspose, Gemm and
 MatMul for one sample: a symbolic dim (the batch) counts as 1. Layers whose
 shapes are not static are left out and counted in `unknown`.
@@ -53,7 +53,7 @@ def _macs(node: Node) -> int | None:
 def cost(graph: Graph) -> Cost:
     """Parameters and per-sample MACs of `graph`."""
     params = sum(int(v.const.size) for v in graph.constants.values()
-                 if v.const is not None and np.issubdtype(np.asarray(v.const).dtype, np.floating))
+                 if v.const is not None and np.ndim(v.const) >= 1 and np.issubdtype(np.asarray(v.const).dtype, np.floating))
     macs, unknown = 0, 0
     for node in graph:
         if node.op_type in LAYERS and not node.domain:

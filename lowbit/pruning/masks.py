@@ -29,6 +29,7 @@ from ..errors import PruneError
 from ..frontends import graph_of
 from .criteria import scores
 from .groups import channel_groups
+from .plan import kept_channels
 from .shrink import _positions
 
 SCHEDULES = ("agp", "linear")
@@ -138,7 +139,7 @@ class MaskController:
         graph = _current_graph(self.module)
         by_name = {v.name: v for v in graph.constants.values()}
         for i, g in enumerate(self.groups):
-            keep = g.size - math.floor(g.size * ratio + 1e-9)
+            keep = kept_channels(g.size, ratio)
             keep = max(min(g.size, math.ceil(keep / self.spec.round_to) * self.spec.round_to),
                        min(g.size, self.spec.round_to))
             for m in g.members:  # score the current weights, as the module holds them

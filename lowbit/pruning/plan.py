@@ -49,6 +49,12 @@ class PruneSpec:
                              "of it)")
 
 
+def kept_channels(size: int, ratio: float) -> int:
+    """How many of `size` channels a group keeps at `ratio`: floor(size * (1 - ratio)), as Torch-Pruning counts
+    (an odd count loses the larger half), before rounding to round_to."""
+    return math.floor(size * (1 - ratio) + 1e-9)
+
+
 def layer_names(node: Node) -> set[str]:
     """The names a layer answers to: its node name, and its weight's module path (`layer1.0.conv1`)."""
     names = {node.name}
@@ -123,7 +129,7 @@ def plan(graph: Graph, spec: PruneSpec) -> Plan:
         if group.blocked is not None:
             continue
         ratio = min((ratios[n.name] for n in group.producers if n.name in ratios), default=spec.ratio)
-        keep = group.size - math.floor(group.size * ratio + 1e-9)
+        keep = kept_channels(group.size, ratio)
         keep = min(group.size, math.ceil(keep / spec.round_to) * spec.round_to)
         floor = min(group.size, spec.round_to)
         if keep < floor:
