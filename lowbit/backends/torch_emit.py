@@ -553,7 +553,7 @@ def _identity(e: _Emitter, n: Node):
             and (len(n.inputs) < 3 or n.input(2) is None) and len(n.outputs) == 1:
         # an nn.Dropout: the identity in eval(), dropping out again when the generated module trains
         path = e.fresh_path(n.name)
-        e.root[path] = torch.nn.Dropout(float(ratio.const))
+        e.root[path] = torch.nn.Dropout(float(e.scalar(ratio)))  # the exact Python number where it was one
         return e.fx.call_module(path, (e[n.input(0)],))
     return [e[n.input(0)]] + [None] * (len(n.outputs) - 1)
 

@@ -684,7 +684,7 @@ def _dropout(lw, node, x, p, train):
     if train:
         return NotImplemented
     # the ratio is kept (ONNX's optional input) so that a generated module drops out again while it trains
-    return lw.op("Dropout", [lw.val(x), lw.const(np.array(p, np.float32), "ratio")])
+    return lw.op("Dropout", [lw.val(x), lw.python_scalar(float(p), "float32", "ratio")])
 
 
 @handles(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
