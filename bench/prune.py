@@ -154,7 +154,8 @@ def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, consol
         path = lowbit.export(model, workdir / f"{name}.onnx", example_inputs=(example,))
         import onnx
 
-        pruned_onnx = lowbit.prune(onnx.load(str(path)), RATIO, criterion="l2")
+        fp32_onnx = onnx.load(str(path))
+        pruned_onnx, row["onnx_seconds"] = timed(lambda: lowbit.prune(fp32_onnx, RATIO, criterion="l2"))
         row["onnx_params"] = cost(lowbit.lower(pruned_onnx)).params
     except Exception as e:
         row["onnx_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -286,7 +287,7 @@ def tables(rows, latency, coverage, check_rows, tools):
         label = "TP" if tool == "tp" else tool
         cols += [f"{label} params", f"{label} MMACs", f"{label} top-1 pruned", f"{label} top-1 fine-tuned",
                  f"{label} prune s"]
-    cols += ["ONNX-origin params (lowbit)"]
+    cols += ["ONNX-origin params (lowbit)", "ONNX-origin prune s"]
     body = []
     for r in rows:
         cells = [r["model"], _n(r["fp32_params"]), _n(r["fp32_macs"] / 1e6, "{:.1f}"), _n(r["fp32_top1"], "{:.2f}")]
@@ -298,6 +299,7 @@ def tables(rows, latency, coverage, check_rows, tools):
                       _n(r[f"{tool}_top1_pruned"], "{:.2f}"), _n(r[f"{tool}_top1"], "{:.2f}"),
                       _n(r[f"{tool}_seconds"], "{:.2f}")]
         cells.append(_n(r.get("onnx_params")) if "onnx_params" in r else f"failed: {r.get('onnx_failed')}")
+        cells.append(_n(r.get("onnx_seconds"), "{:.2f}"))
         body.append(cells)
     out = [("Pruning at a 50% channel ratio (L2), then the same fine-tune", cols, body, [])]
     if latency:
