@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import deploy  # noqa: E402
 import ir_scale  # noqa: E402
 import patterns  # noqa: E402
+import prune  # noqa: E402
 import ptq  # noqa: E402
 import text  # noqa: E402
 import zoo  # noqa: E402
@@ -19,3 +20,4 @@ if __name__ == "__main__":
     deploy.main([])
     zoo.main([])
     text.main([])
+    prune.main([])
