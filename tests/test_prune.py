@@ -307,3 +307,19 @@ def test_masks_and_their_schedule_are_saved_and_resume_after_load(tmp_path):
     assert all(np.array_equal(restored.masks[k], v) for k, v in masked.lowbit_pruning.masks.items())
     assert sum(p.numel() for p in lowbit.strip(loaded).parameters()) == sum(
         p.numel() for p in lowbit.strip(masked).parameters())
+
+
+def test_the_vit_loses_half_its_width_and_mlp_channels_and_keeps_its_heads():
+    model, x = _model("vit")
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    shapes = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    assert shapes["patch_embed.weight"] == (16, 1, 2, 2)  # the residual width: 32 -> 16
+    assert shapes["cls_token"] == (1, 1, 16) and shapes["pos_embed"] == (1, 17, 16)
+    for b in (0, 1):
+        assert shapes[f"blocks.{b}.norm1.weight"] == (16,)
+        assert shapes[f"blocks.{b}.attn.qkv.weight"] == (96, 16)  # every head kept: 3 x 4 heads x 8
+        assert shapes[f"blocks.{b}.attn.proj.weight"] == (16, 32)
+        assert shapes[f"blocks.{b}.mlp.0.weight"] == (32, 16) and shapes[f"blocks.{b}.mlp.2.weight"] == (16, 32)
+    assert shapes["head.weight"] == (10, 16)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
