@@ -172,13 +172,39 @@ def test_every_criterion_gives_a_model_that_runs(criterion):
         assert torch.isfinite(pruned(x)).all()
 
 
-def test_the_report_says_why_attention_and_outputs_are_left_alone():
+def test_the_vit_prunes_whole_heads_and_leaves_only_the_classifier():
     model, x = _model("vit")
     report = graph_of(lowbit.prune(model, 0.5, example_inputs=(x,))).meta["pruning"]
-    reasons = [row["blocked"] for row in report if row["blocked"]]
-    assert any("graph output" in r for r in reasons)
-    assert any("Reshape" in r for r in reasons)  # the fused query/key/value projection, split into heads
-    assert any(row["kept"] < row["channels"] for row in report)  # the MLPs and the residual width are pruned
+    assert [row["layers"] for row in report if row["blocked"]] == [["head"]]
+    heads = [row for row in report if row["layers"][0].endswith("attn.qkv")]
+    assert [(row["channels"], row["kept"]) for row in heads] == [(4, 2), (4, 2)]  # 4 heads -> 2, per block
+
+
+@pytest.mark.parametrize("origin", ["torch", "onnx"])
+def test_only_the_removed_heads_change_the_output(origin):
+    """With the width and the MLPs excluded, only heads go: zero the output projection's rows that read the heads
+    about to be removed, and the pruned model computes what the zeroed one does. From ONNX the attention is
+    MatMul/Softmax/MatMul, found as well."""
+    model, x = _model("vit")
+    graph = lowbit.lower(model, (x,))
+    if origin == "onnx":
+        graph = lowbit.lower(lowbit.codegen(graph, "onnx"))
+    exclude = ({"exclude": True, "op_names": ["patch_embed", "blocks.0.mlp.0", "blocks.1.mlp.0"]},)
+    chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
+    pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
+    assert [(row["channels"], row["kept"]) for row in pruned] == [(4, 2), (4, 2)]
+    for m in chosen.groups.members:
+        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
+        if len(positions):
+            array = np.array(m.value.const)
+            array[positions] = 0  # the output projection's weight rows ([in, out]) that read those heads
+            m.value.const = array
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    assert next(v for v in graph.constants.values() if "qkv" in v.name and v.const.ndim == 2).const.shape[1] == 48
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
+                               zeroed, rtol=1e-5, atol=1e-6)
 
 
 def test_prune_filters_runs_inside_a_pipeline_and_the_users_model_is_untouched():
@@ -309,7 +335,7 @@ def test_masks_and_their_schedule_are_saved_and_resume_after_load(tmp_path):
         p.numel() for p in lowbit.strip(masked).parameters())
 
 
-def test_the_vit_loses_half_its_width_and_mlp_channels_and_keeps_its_heads():
+def test_the_vit_loses_half_its_width_mlp_channels_and_heads():
     model, x = _model("vit")
     pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
     shapes = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
@@ -317,8 +343,9 @@ def test_the_vit_loses_half_its_width_and_mlp_channels_and_keeps_its_heads():
     assert shapes["cls_token"] == (1, 1, 16) and shapes["pos_embed"] == (1, 17, 16)
     for b in (0, 1):
         assert shapes[f"blocks.{b}.norm1.weight"] == (16,)
-        assert shapes[f"blocks.{b}.attn.qkv.weight"] == (96, 16)  # every head kept: 3 x 4 heads x 8
-        assert shapes[f"blocks.{b}.attn.proj.weight"] == (16, 32)
+        assert shapes[f"blocks.{b}.attn.qkv.weight"] == (48, 16)  # q, k and v of 2 heads of 8, of 4
+        assert shapes[f"blocks.{b}.attn.qkv.bias"] == (48,)
+        assert shapes[f"blocks.{b}.attn.proj.weight"] == (16, 16)
         assert shapes[f"blocks.{b}.mlp.0.weight"] == (32, 16) and shapes[f"blocks.{b}.mlp.2.weight"] == (16, 32)
     assert shapes["head.weight"] == (10, 16)
     with torch.no_grad():

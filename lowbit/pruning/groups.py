@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from .heads import HeadStructure, find_heads
 from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_flow, channel_params, weight_in_axis,
                       weight_out_axis)
 
@@ -87,12 +88,16 @@ class Group:
     def names(self) -> list[str]:
         """The producing layers by the names a user knows: the module path of their weight (`layer1.0.conv1`)
         where it has one, else the node name."""
-        names = []
-        for n in self.producers:
-            w = n.input(1) if len(n.inputs) > 1 else None
-            path = w.name.removesuffix(".weight") if w is not None and w.name.endswith(".weight") else None
-            names.append(path or n.name)
-        return names
+        return [layer_path(n) or n.name for n in self.producers]
+
+
+def layer_path(node: Node) -> str | None:
+    """A layer's module path from its weight's parameter name (`layer1.0.conv1.weight` -> `layer1.0.conv1`;
+    a Linear weight the IR holds transposed keeps its name in meta["torch_name"]), or None."""
+    w = node.input(1) if len(node.inputs) > 1 else None
+    name = (w.meta.get("torch_name") or w.name) if w is not None and w.const is not None else ""
+    name = name.removesuffix(".T")  # written transposed by lowbit's ONNX writer
+    return name.removesuffix(".weight") if name.endswith(".weight") else None
 
 
 class ChannelGroups:
@@ -106,6 +111,8 @@ class ChannelGroups:
         self._blocked: dict[int, str] = {}
         self.members: list[Member] = []
         self.layouts: dict[int, tuple[Value, Layout]] = {}  # id(value) -> (value, layout)
+        self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
+        self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
 
     # -- union-find ------------------------------------------------------------------------------------------
 
@@ -169,6 +176,8 @@ class ChannelGroups:
 def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
     """The channel dependency groups of `graph`; the filters of layers named in `keep` are never pruned."""
     cg = ChannelGroups(graph)
+    for structure in find_heads(graph):
+        _add_heads(cg, structure, keep)
     for node in graph:
         _visit(cg, node, keep)
     for v in graph.outputs:
@@ -177,6 +186,28 @@ def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
         if any(port < 0 for _, port in v.uses):
             cg.block(layout, f"a subgraph reads {v.name!r}")
     return cg
+
+
+def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
+    """One group of an attention's heads (see heads.py): its projections' filters, per head, and the output
+    projection's input channels."""
+    projections = [mm for mm, _ in structure.projections]
+    g = cg.new(structure.heads, projections[0])
+    cg._producers[g] = list(projections)
+    for mm, add in structure.projections:
+        per_value = structure.outer if len(structure.projections) == 1 else 1
+        segments = (Segment(g, structure.heads, structure.head_dim),) * per_value
+        cg.members.append(Member(mm, 1, 1, segments, "out"))
+        if add is not None:
+            port = next(i for i, v in enumerate(add.inputs) if v is not None and v.const is not None)
+            cg.members.append(Member(add, port, 0, segments, "param"))
+        cg.head_projections.add(id(mm))
+    out = structure.out_projection
+    cg.members.append(Member(out, 1, 0, (Segment(g, structure.heads, structure.head_dim),), "in"))
+    cg.heads.append((g, structure))
+    excluded = [n.name for n in [*projections, out] if n.name in keep]
+    if excluded:
+        cg.block_ids([g], f"the attention projection {excluded[0]!r} is excluded from pruning")
 
 
 # -- following channels through one node -----------------------------------------------------------------------
@@ -217,6 +248,13 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
     if node.op_type == "MatMul" and w.const.ndim != 2:
         return False
     layout = cg.layout(x)
+    if id(node) in cg.head_projections:  # its filters are heads (heads.py): only its input channels here
+        if layout is not None:
+            if layout.axis != rank - 1 or layout.size != w.const.shape[in_axis]:
+                cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
+            else:
+                cg.members.append(Member(node, 1, in_axis, layout.segments, "in"))
+        return True
     if layout is not None:
         x_axis = activation_axis(node) % rank if rank else None
         if layout.axis != x_axis or layout.size != w.const.shape[in_axis]:

@@ -18,7 +18,7 @@ from ..errors import PruneError
 from ..ir.graph import Graph, Node
 from ..ir.ops import LAYERS, is_quantizer
 from .criteria import CRITERIA, scores
-from .groups import ChannelGroups, channel_groups
+from .groups import ChannelGroups, channel_groups, layer_path
 from .shrink import shrink
 
 # torch module class names NNI's config_list uses, and the IR layers they lower to
@@ -57,11 +57,8 @@ def kept_channels(size: int, ratio: float) -> int:
 
 def layer_names(node: Node) -> set[str]:
     """The names a layer answers to: its node name, and its weight's module path (`layer1.0.conv1`)."""
-    names = {node.name}
-    w = node.input(1) if len(node.inputs) > 1 else None
-    if w is not None and w.const is not None:
-        names.add(w.name.removesuffix(".weight"))
-    return names
+    path = layer_path(node)
+    return {node.name, path} if path else {node.name}
 
 
 def _layer_types(node: Node) -> set[str]:

@@ -13,6 +13,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.infer import reinfer
 from .groups import ChannelGroups, Segment
+from .heads import rewrite_shapes
 
 
 def _positions(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> np.ndarray:
@@ -58,6 +59,10 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
     for node in graph:
         if node.op_type == "Conv" and node.attrs.get("group", 1) > 1 and id(node.input(1)) in cuts:
             node.attrs["group"] = int(node.input(1).const.shape[0])
+    for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
+        gone = removed.get(find(g))
+        if gone is not None and gone.size:
+            rewrite_shapes(structure, structure.heads - gone.size)
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)

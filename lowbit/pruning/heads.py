@@ -1,0 +1,333 @@
+"""Attention heads as channel groups: a head is pruned whole, from every projection that makes it and from the
+projection that reads the heads back.
+
+For each attention (an `Attention` node, scaled dot-product attention on
+[batch, heads, tokens, head_dim] inputs, or the MatMul(q, kT) -> scale ->
+mask -> Softmax -> MatMul(., v) an ONNX file holds) this follows each of query, key and value back
+through Transpose, Gather and Reshape to the Reshape that split a projection's
+output channels into factors ([..., 3, heads, head_dim] for a fused qkv
+projection, [..., heads, head_dim] for separate ones), and the output forward
+to the Reshape that merges heads and head_dim again and the projection that
+reads it. Where every step fits, the heads form one group of `heads`
+channels, each spanning `head_dim` consecutive entries of the projections'
+weights (once per outer factor: q, k and v of a fused projection):
+
+- members: the projections' weights and biases (their output channels) and
+  the output projection's input channels;
+- the shape constants of the Reshapes on the way (heads, and heads x
+  head_dim where they merge) and the recorded shapes of the values between,
+  which `shrink` rewrites with the number of heads kept.
+
+Where a step does not fit (a value read outside the structure, a shape that is
+not a constant), nothing is recorded, and the projections are ordinary layers
+whose groups the Reshape blocks, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..ir.graph import Graph, Node, Value
+
+OUTER, HEAD, DIM = "outer", "head", "dim"
+
+
+@dataclass
+class HeadStructure:
+    """One attention's heads: `heads` of `head_dim`, the projections (MatMul, bias Add or None, outer factor
+    indices its value covers), the output projection, and what shrink rewrites."""
+
+    attention: Node  # the Attention node, or the MatMul by the values of a decomposed attention
+    heads: int
+    head_dim: int
+    outer: int
+    projections: list[tuple[Node, Node | None]] = field(default_factory=list)
+    out_projection: Node | None = None
+    shape_entries: list[tuple[Node, int, int]] = field(default_factory=list)  # (Reshape, out dim, unit)
+    value_dims: list[tuple[Value, int, int]] = field(default_factory=list)  # (value, dim, unit)
+
+
+def _const_index(node: Node) -> int | None:
+    v = node.input(1) if len(node.inputs) > 1 else None
+    if v is None or v.const is None or np.ndim(v.const) != 0:
+        return None
+    return int(v.const)
+
+
+def _split(reshape: Node) -> list[int] | None:
+    """The factors a Reshape splits its input's last axis into (the other dims kept), or None."""
+    x, out = reshape.input(0), reshape.output
+    if x.shape is None or out.shape is None or len(out.shape) <= len(x.shape):
+        return None
+    r = len(x.shape) - 1
+    factors = list(out.shape[r:])
+    if list(out.shape[:r]) != list(x.shape[:r]) or not all(isinstance(f, int) for f in factors + [x.shape[-1]]):
+        return None
+    return factors if int(np.prod(factors)) == x.shape[-1] else None
+
+
+def _back(value: Value):
+    """From an Attention input back to the projection output it is cut from: (projection output, split
+    Reshape, chain of nodes from the Reshape to the input, labels of the input's dims, outer digits chosen)."""
+    chain = []
+    v = value
+    while True:
+        node = v.producer
+        if node is None or node.domain:
+            return None
+        if node.op_type == "Reshape":
+            factors = _split(node)
+            if factors is None:
+                return None
+            break
+        if node.op_type not in ("Transpose", "Gather"):
+            return None
+        chain.append(node)
+        v = node.input(0)
+    split = node
+    rank_in = len(split.input(0).shape)
+    labels: list = [("o", i) for i in range(rank_in - 1)] + [("f", k) for k in range(len(factors))]
+    chosen: dict[int, int] = {}
+    for n in reversed(chain):
+        rank = len(labels)
+        if n.op_type == "Transpose":
+            perm = n.attrs.get("perm") or list(reversed(range(rank)))
+            labels = [labels[p] for p in perm]
+        else:
+            index, axis = _const_index(n), n.attrs.get("axis", 0) % rank
+            if index is None or labels[axis][0] != "f":
+                return None
+            chosen[labels[axis][1]] = index % factors[labels[axis][1]]
+            labels = labels[:axis] + labels[axis + 1:]
+    return split.input(0), split, factors, chain, labels, chosen
+
+
+def _shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
+    """Where output dim `dim` of a Reshape's target shape is held: (reading node, its input port, position in
+    that constant); None unless a constant holds it (directly, or as a Concat input)."""
+    shape = reshape.input(1)
+    if shape.const is not None and shape.const.ndim == 1:
+        return reshape, 1, dim
+    concat = shape.producer
+    if concat is None or concat.op_type != "Concat" or concat.domain:
+        return None
+    offset = 0
+    for port, v in enumerate(concat.inputs):
+        size = v.shape[0] if v is not None and v.shape is not None and len(v.shape) == 1 else None
+        if not isinstance(size, int):
+            return None
+        if offset <= dim < offset + size:
+            return (concat, port, dim - offset) if v.const is not None else None
+        offset += size
+    return None
+
+
+@dataclass
+class _Core:
+    """The attention itself: query, key and value [batch, heads, tokens, head_dim], its output, and its nodes
+    (one Attention, or MatMul(q, kT) -> scale -> mask -> Softmax -> MatMul(., v) as an ONNX file holds it)."""
+
+    q: Value
+    k: Value
+    v: Value
+    out: Value
+    nodes: list[Node]
+
+
+def find_heads(graph: Graph) -> list[HeadStructure]:
+    """Every attention whose heads can be pruned whole."""
+    found = []
+    for node in graph:
+        core = _core(node)
+        structure = _structure(core) if core is not None else None
+        if structure is not None:
+            found.append(structure)
+    return found
+
+
+def _core(node: Node) -> _Core | None:
+    if node.domain:
+        return None
+    if node.op_type == "Attention" and len(node.inputs) >= 3:
+        return _Core(*node.inputs[:3], node.output, [node])
+    if node.op_type != "Softmax" or node.output.shape is None or len(node.output.shape) != 4 \
+            or node.attrs.get("axis", -1) % 4 != 3:
+        return None
+    nodes, scores = [node], node.input(0)
+    while scores.producer is not None and scores.producer.op_type in ("Mul", "Div", "Add", "Where"):
+        step = scores.producer
+        if step.op_type == "Where":
+            rest, scores = [step.input(0), step.input(2)], step.input(1)
+        else:
+            computed = [v for v in step.inputs if v is not None and v.const is None]
+            if step.op_type in ("Mul", "Div") and len(computed) != 1:
+                return None
+            scores = computed[0] if step.op_type != "Add" else step.input(0)
+            rest = [v for v in step.inputs if v is not scores]
+        if any(v is None or v.shape is None or (len(v.shape) >= 3 and v.shape[-3] != 1) for v in rest):
+            return None  # a mask or scale with a dim per head would have to be cut too
+        nodes.append(step)
+    qk = scores.producer
+    kt = qk.input(1).producer if qk is not None and qk.op_type == "MatMul" else None
+    if kt is None or kt.op_type != "Transpose" or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]:
+        return None
+    users = node.output.users
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input(0) is not node.output:
+        return None
+    pv = users[0]
+    return _Core(qk.input(0), kt.input(0), pv.input(1), pv.output, [qk, kt, *nodes, pv])
+
+
+def _structure(core: _Core) -> HeadStructure | None:
+    att = core.nodes[-1]
+    traced = [_back(v) for v in (core.q, core.k, core.v)]
+    if any(t is None for t in traced):
+        return None
+    inside: set[int] = {id(n) for n in core.nodes}
+    outer_seen: dict[int, set[int]] = {}
+    structure = None
+    for p_out, split, factors, chain, labels, chosen in traced:
+        if len(labels) != 4 or labels[1][0] != "f" or labels[3][0] != "f":
+            return None
+        head_k, dim_k = labels[1][1], labels[3][1]
+        if dim_k != len(factors) - 1 or head_k != dim_k - 1 or set(chosen) != set(range(head_k)):
+            return None  # heads and head_dim must be the last two factors; outer factors chosen by a Gather
+        heads, head_dim = factors[head_k], factors[dim_k]
+        outer = int(np.prod(factors[:head_k])) if head_k else 1
+        if structure is None:
+            structure = HeadStructure(att, heads, head_dim, outer)
+        elif (structure.heads, structure.head_dim) != (heads, head_dim):
+            return None
+        digit = int(np.ravel_multi_index([chosen[k] for k in range(head_k)], factors[:head_k])) if head_k else 0
+        outer_seen.setdefault(id(p_out), set()).add(digit)
+        projection = _projection(p_out)
+        if projection is None:
+            return None
+        if projection not in structure.projections:
+            structure.projections.append(projection)
+            structure.value_dims.append((p_out, len(p_out.shape) - 1, head_dim * outer))
+            if projection[1] is not None:
+                structure.value_dims.append((projection[0].output, len(p_out.shape) - 1, head_dim * outer))
+            entry = _shape_entry(split, len(split.input(0).shape) - 1 + head_k)
+            if entry is None:
+                return None
+            structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
+            structure.value_dims.append((split.output, len(split.input(0).shape) - 1 + head_k, 1))
+        inside |= {id(split)} | {id(n) for n in chain} | {id(n) for n in projection if n is not None}
+        for n in chain:
+            dim = _head_dim_of(n, split, chain, head_k)
+            if dim is not None:
+                structure.value_dims.append((n.output, dim, 1))
+    if any(len(digits) != structure.outer for digits in outer_seen.values()):
+        return None  # a fused projection whose q, k or v part goes elsewhere
+    for n in core.nodes[:-1]:  # the scores between q @ kT and the Softmax: [batch, heads, ...]
+        structure.value_dims.append((n.output, 1, 1))
+    if not _forward(structure, core.out, inside):
+        return None
+    # every value inside is read only inside (a projection output used elsewhere would lose channels)
+    for node_id_value in [v for v, _, _ in structure.value_dims]:
+        if node_id_value.is_graph_output or any(id(u) not in inside for u, _ in node_id_value.uses):
+            return None
+    return structure
+
+
+def _head_dim_of(node: Node, split: Node, chain: list[Node], head_k: int) -> int | None:
+    """Which dim of `node`'s output holds the heads (the split's factor `head_k`)."""
+    rank_in = len(split.input(0).shape)
+    labels: list = [("o", i) for i in range(rank_in - 1)] + [("f", k) for k in range(len(split.output.shape) -
+                                                                                      rank_in + 1)]
+    for n in reversed(chain):
+        if n.op_type == "Transpose":
+            perm = n.attrs.get("perm") or list(reversed(range(len(labels))))
+            labels = [labels[p] for p in perm]
+        else:
+            axis = n.attrs.get("axis", 0) % len(labels)
+            labels = labels[:axis] + labels[axis + 1:]
+        if n is node:
+            return labels.index(("f", head_k))
+    return None
+
+
+def _projection(p_out: Value) -> tuple[Node, Node | None] | None:
+    """(MatMul by a 2-D constant weight, the Add of a 1-D constant bias after it or None) that computes p_out."""
+    node = p_out.producer
+    add = None
+    if node is not None and node.op_type == "Add" and not node.domain:
+        consts = [v for v in node.inputs if v is not None and v.const is not None]
+        others = [v for v in node.inputs if v is not None and v.const is None]
+        if len(consts) != 1 or len(others) != 1 or consts[0].const.shape != (p_out.shape[-1],):
+            return None
+        add, node = node, others[0].producer
+    if node is None or node.op_type != "MatMul" or node.domain:
+        return None
+    w = node.input(1)
+    if w.const is None or w.const.ndim != 2 or w.const.shape[1] != p_out.shape[-1]:
+        return None
+    return node, add
+
+
+def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
+    """From the attention's output to the Reshape merging heads and head_dim and the projection reading it."""
+    head = 1
+    structure.value_dims.append((v, head, 1))
+    while True:
+        users = v.users
+        if len(users) != 1 or users[0].domain:
+            return False
+        node = users[0]
+        inside.add(id(node))
+        if node.op_type == "Transpose":
+            perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
+            head = list(perm).index(head)
+            v = node.output
+            structure.value_dims.append((v, head, 1))
+            continue
+        if node.op_type != "Reshape" or node.output.shape is None or v.shape is None:
+            return False
+        out = node.output
+        if list(out.shape) == list(v.shape):  # a Reshape to the same shape: its head entry follows the heads
+            if _shape_entry(node, head) is None:
+                return False
+            structure.shape_entries.append((node, head, 1))
+            v = out
+            structure.value_dims.append((v, head, 1))
+            continue
+        merged = len(v.shape) - 2
+        if head != merged or len(out.shape) != len(v.shape) - 1 or list(out.shape[:merged]) != list(v.shape[:merged]):
+            return False
+        if _shape_entry(node, merged) is None:
+            return False
+        structure.shape_entries.append((node, merged, structure.head_dim))
+        structure.value_dims.append((out, merged, structure.head_dim))
+        readers = out.users
+        if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input(0) is not out:
+            return False
+        w = readers[0].input(1)
+        if w.const is None or w.const.ndim != 2 or w.const.shape[0] != structure.heads * structure.head_dim:
+            return False
+        structure.out_projection = readers[0]
+        inside.add(id(readers[0]))
+        return True
+
+
+def rewrite_shapes(structure: HeadStructure, kept: int) -> None:
+    """After shrink: the Reshapes' shape constants and the values' recorded shapes for `kept` heads."""
+    for reshape, dim, unit in structure.shape_entries:
+        reader, port, index = _shape_entry(reshape, dim)
+        value = reader.input(port)
+        array = np.array(value.const).reshape(-1)
+        if array[index] == -1:
+            continue  # inferred by the runtime
+        array[index] = kept * unit
+        array = array.reshape(np.shape(value.const))
+        if len(value.uses) > 1:  # shared with another reader: this one gets its own
+            reader.set_input(port, reader.graph.add_constant(f"{value.name}_heads", array))
+        else:
+            value.const = array
+    for value, dim, unit in structure.value_dims:
+        if value.shape is not None and isinstance(value.shape[dim], int):
+            shape = list(value.shape)
+            shape[dim] = kept * unit
+            value.shape = tuple(shape)
