@@ -12,7 +12,9 @@ bench/deploy.py trains them (weights cached outside the repo).
   Torch-Pruning 1.6 fails on the TinyViT when told its heads (num_heads) and
   when told nothing (IndexError in its attention handling); it runs with the
   attention projections ignored, and then prunes the MLPs only. lowbit
-  prunes the MLPs and the residual width, and leaves the heads alone.
+  prunes the MLPs, the residual width and whole heads; the "vit_mlp" row
+  has lowbit prune the MLPs only (config_list excludes the rest), like for
+  like.
 - Parameters and per-sample MACs of both results are counted the same way:
   lowbit.pruning.cost on the lowered model.
 - Pruning wall time: one call on a fresh copy of the trained model (Torch-
@@ -71,14 +73,18 @@ FT_EPOCHS = 3
 TOP1_TOL = 0.3  # points
 SPEEDUP_MIN = 1.5
 CLASSIFIERS = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "densenet": "classifier", "vit": "head"}
-MODELS = ["resnet18", "mobilenet_v2", "densenet", "vit"]
+MODELS = ["resnet18", "mobilenet_v2", "densenet", "vit", "vit_mlp"]
+# "vit_mlp": the TinyViT with lowbit told to prune what Torch-Pruning can (the MLPs: the width and the heads
+# excluded), for a like-for-like row
+LIKE_TP = {"vit_mlp": [{"exclude": True, "op_names": ["patch_embed", "blocks.0.attn.qkv", "blocks.1.attn.qkv"]}]}
 
 
 # -- the two tools ------------------------------------------------------------------------------------------
 
 
-def prune_lowbit(model, example):
-    return lowbit.prune(model, RATIO, criterion="l2", example_inputs=(example,))
+def prune_lowbit(model, example, name: str = ""):
+    config = [{"sparsity": RATIO}] + LIKE_TP[name] if name in LIKE_TP else None
+    return lowbit.prune(model, RATIO, criterion="l2", example_inputs=(example,), config_list=config)
 
 
 def prune_tp(model, example, name):
@@ -122,9 +128,10 @@ def top1(model, x, y) -> float:
 
 
 def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, console) -> dict:
-    model, x_train, x_test, y_test = deploy.load(name)
-    _, y_train, _, _ = deploy.load_digits_split(size=deploy.MODELS[name]["size"],
-                                                channels=deploy.MODELS[name]["channels"])
+    base = name.removesuffix("_mlp")
+    model, x_train, x_test, y_test = deploy.load(base)
+    _, y_train, _, _ = deploy.load_digits_split(size=deploy.MODELS[base]["size"],
+                                                channels=deploy.MODELS[base]["channels"])
     example = x_train[:1]
     fp32 = cost(lowbit.lower(model, (example,)))
     row = {"model": name, "fp32_params": fp32.params, "fp32_macs": fp32.macs, "fp32_top1": top1(model, x_test, y_test)}
@@ -132,10 +139,10 @@ def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, consol
         try:
             fresh = copy.deepcopy(model)
             if tool == "lowbit":
-                pruned, seconds = timed(lambda: prune_lowbit(fresh, example))
+                pruned, seconds = timed(lambda: prune_lowbit(fresh, example, name))
                 c = cost(graph_of(pruned))
             else:
-                pruned, seconds = timed(lambda: prune_tp(fresh, example, name))
+                pruned, seconds = timed(lambda: prune_tp(fresh, example, base))
                 c = cost(lowbit.lower(pruned, (example,)))
             row.update({f"{tool}_params": c.params, f"{tool}_macs": c.macs, f"{tool}_seconds": seconds,
                         f"{tool}_top1_pruned": top1(pruned, x_test, y_test)})
@@ -147,11 +154,13 @@ def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, consol
             row[f"{tool}_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             console.log(f"{name} {tool} failed: {row[f'{tool}_failed']}")
     try:
-        path = lowbit.export(model, workdir / f"{name}.onnx", example_inputs=(example,))
+        path = lowbit.export(model, workdir / f"{base}.onnx", example_inputs=(example,))
         import onnx
 
         fp32_onnx = onnx.load(str(path))
-        pruned_onnx, row["onnx_seconds"] = timed(lambda: lowbit.prune(fp32_onnx, RATIO, criterion="l2"))
+        config = [{"sparsity": RATIO}] + LIKE_TP[name] if name in LIKE_TP else None
+        pruned_onnx, row["onnx_seconds"] = timed(lambda: lowbit.prune(fp32_onnx, RATIO, criterion="l2",
+                                                                      config_list=config))
         row["onnx_params"] = cost(lowbit.lower(pruned_onnx)).params
     except Exception as e:
         row["onnx_failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
