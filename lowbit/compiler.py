@@ -247,6 +247,9 @@ def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_
                          "mode='shrink'")
     if spec.config_list:
         raise PruneError("mode='mask' takes one ratio for every group; config_list is for mode='shrink'")
+    if spec.criterion == "taylor":
+        raise PruneError("mode='mask' scores the channels again at every schedule step from the weights alone; "
+                         "Taylor importance needs gradients: use criterion 'l2' (or prune with mode='shrink')")
     if schedule is not None and not isinstance(schedule, dict):
         raise PruneError(f"schedule is a {type(schedule).__name__}: pass a dict such as "
                          "{'initial': 0.0, 'steps': 10, 'kind': 'agp', 'unit': 'epochs'}")

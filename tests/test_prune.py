@@ -164,10 +164,31 @@ def test_bn_scale_removes_the_channels_with_the_smallest_gammas():
     assert chosen.removed[group.id].tolist() == [0, 3, 5]
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "geometric_median", "bn_scale"])
+def test_taylor_removes_the_channels_nothing_downstream_reads():
+    """Channels whose readers' weights are zero get no gradient, so |w * dL/dw| is 0 on every member: Taylor
+    removes exactly them (the L2 norm of their filters says nothing about it)."""
+    model, x = _model("se")
+    graph = lowbit.lower(model, (x,))
+    bn = next(n for n in graph if n.op_type == "BatchNormalization")
+    group = next(g for g in plan(graph, PruneSpec(0.0)).groups.groups() if any(m.node is bn for m in g.members))
+    dead = np.array([1, 4])
+    for m in group.members:
+        if m.role == "in":
+            array = np.array(m.value.const)
+            index = [slice(None)] * array.ndim
+            index[m.axis] = dead
+            array[tuple(index)] = 0
+            m.value.const = array
+    chosen = plan(graph, PruneSpec(2 / group.size, criterion="taylor"),
+                  lowbit.Dataset([x[:1], x[1:], x[:1] * 2]))
+    group = next(g for g in chosen.groups.groups() if any(m.node is bn for m in g.members))
+    assert chosen.removed[group.id].tolist() == dead.tolist()
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "geometric_median", "bn_scale", "taylor"])
 def test_every_criterion_gives_a_model_that_runs(criterion):
     model, x = _model("mobilenet_v2")
-    pruned = lowbit.prune(model, 0.5, criterion=criterion, example_inputs=(x,))
+    pruned = lowbit.prune(model, 0.5, criterion=criterion, example_inputs=(x,), dataset=lowbit.Dataset([x]))
     with torch.no_grad():
         assert torch.isfinite(pruned(x)).all()
 
@@ -220,8 +241,8 @@ def test_prune_filters_runs_inside_a_pipeline_and_the_users_model_is_untouched()
 @pytest.mark.parametrize("kwargs, message", [
     ({"ratio": 1.0}, r"ratio=1.0 is not in \[0, 1\)"),
     ({"ratio": -0.1}, r"ratio=-0.1 is not in \[0, 1\)"),
-    ({"criterion": "l3"}, r"unknown criterion 'l3'.*l1, l2, geometric_median, bn_scale"),
-    ({"criterion": "taylor"}, r"unknown criterion 'taylor' \(Taylor importance needs gradients"),
+    ({"criterion": "l3"}, r"unknown criterion 'l3'.*l1, l2, geometric_median, bn_scale, taylor"),
+    ({"criterion": "taylor"}, r"criterion 'taylor' needs data to take gradients on: pass dataset="),
     ({"round_to": 0}, r"round_to=0 must be a positive int"),
     ({"mode": "masks"}, r"mode='masks': use 'shrink'.*or 'mask'"),
     ({"config_list": {"sparsity": 0.5}}, r"config_list is a dict: pass a list of dicts"),
@@ -309,6 +330,7 @@ def test_masks_stay_zero_through_training_grow_on_the_schedule_and_strip_to_the_
      "initial=0.5 is above final=0.3"),
     (lambda m, x: lowbit.prune(m, schedule={"steps": 3}, example_inputs=(x,)), "pass mode='mask' with it"),
     (lambda m, x: lowbit.strip(m), "has no pruning masks"),
+    (lambda m, x: lowbit.prune(m, mode="mask", criterion="taylor", example_inputs=(x,)), "Taylor importance needs"),
 ])
 def test_bad_mask_requests_are_named(call, message):
     model, x = _model("se")

@@ -1,7 +1,8 @@
 """prune_filters: remove the least important filters of every channel group, physically (lowbit/pruning/).
 
 Reads `ctx.pruning` (a PruneSpec: ratio, criterion, round_to, NNI-style
-config_list) and the ignored scope (layers never pruned). Records the report,
+config_list), the ignored scope (layers never pruned) and, for the Taylor
+criterion, the calibration data. Records the report,
 one row per group with its layers, its channel count before and after and why
 it was left alone, in `graph.meta["pruning"]`.
 """
@@ -23,7 +24,7 @@ class PruneFilters(Pass):
         if ctx.ignored_scope is not None:
             spec = PruneSpec(spec.ratio, spec.criterion, spec.round_to, spec.config_list,
                              frozenset(spec.keep | ctx.ignored_scope.resolve(graph)))
-        report = prune_graph(graph, spec)
+        report = prune_graph(graph, spec, ctx.dataset)
         graph.meta["pruning"] = report
         pruned = [r for r in report if r["kept"] < r["channels"]]
         notes = [f"{len(pruned)} of {len(report)} channel groups pruned"]

@@ -11,7 +11,9 @@ score is their sum, divided by its mean.
   filters; the filters closest to the geometric median are the most
   replaceable;
 - "bn_scale" (network slimming): |gamma| of the group's BatchNorm layers
-  (groups without one fall back to "l2").
+  (groups without one fall back to "l2");
+- "taylor": first-order Taylor, |w * dL/dw| over the calibration data
+  (`taylor.py`), summed over each channel's slice of every weight.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from .groups import Group, Member
 
-CRITERIA = ("l1", "l2", "geometric_median", "bn_scale")
+CRITERIA = ("l1", "l2", "geometric_median", "bn_scale", "taylor")
 
 
 def _slices(member: Member, group: Group, find) -> list[tuple[int, int]]:
@@ -39,16 +41,23 @@ def _per_channel(array: np.ndarray, axis: int, fn) -> np.ndarray:
     return fn(moved.reshape(moved.shape[0], -1))
 
 
-def _member_scores(member: Member, group: Group, find, fn) -> list[np.ndarray]:
-    vector = _per_channel(member.value.const, member.axis, fn)
+def _member_scores(member: Member, group: Group, find, fn, array: np.ndarray | None = None) -> list[np.ndarray]:
+    vector = _per_channel(member.value.const if array is None else array, member.axis, fn)
     return [vector[off:off + length * rep].reshape(length, rep).sum(axis=1)
             for off, rep, length in _slices(member, group, find)]
 
 
-def scores(group: Group, criterion: str, find) -> np.ndarray:
-    """A score per channel of `group` (length group.size); `find` maps a group id to its root."""
+def scores(group: Group, criterion: str, find, saliency: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A score per channel of `group` (length group.size); `find` maps a group id to its root; `saliency` holds
+    the Taylor saliency of each weight (criterion "taylor")."""
     if criterion not in CRITERIA:
         raise ValueError(criterion)
+    if criterion == "taylor":
+        weighted = [m for m in group.members if m.value.name in (saliency or {})]
+        if weighted:
+            return _mean_normalized([s for m in weighted for s in _member_scores(
+                m, group, find, lambda a: a.sum(1), array=saliency[m.value.name])])
+        criterion = "l2"
     if criterion == "bn_scale":
         bn = [m for m in group.members if m.node.op_type == "BatchNormalization" and m.port == 1]
         if bn:

@@ -20,6 +20,7 @@ from ..ir.ops import LAYERS, is_quantizer
 from .criteria import CRITERIA, scores
 from .groups import ChannelGroups, channel_groups, layer_path
 from .shrink import shrink
+from .taylor import taylor_saliency
 
 # torch module class names NNI's config_list uses, and the IR layers they lower to
 TORCH_LAYER_TYPES = {"Conv1d": "Conv", "Conv2d": "Conv", "Conv3d": "Conv", "Linear": "Gemm|MatMul"}
@@ -41,9 +42,7 @@ class PruneSpec:
             raise PruneError(f"ratio={self.ratio!r} is not in [0, 1): it is the fraction of each group's channels "
                              "to remove (0.5 removes half)")
         if self.criterion not in CRITERIA:
-            hint = " (Taylor importance needs gradients, which lowbit does not compute yet)" \
-                if str(self.criterion).lower().startswith("taylor") else ""
-            raise PruneError(f"unknown criterion {self.criterion!r}{hint}: use one of {', '.join(CRITERIA)}")
+            raise PruneError(f"unknown criterion {self.criterion!r}: use one of {', '.join(CRITERIA)}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise PruneError(f"round_to={self.round_to!r} must be a positive int (channel counts stay multiples "
                              "of it)")
@@ -109,14 +108,16 @@ class Plan:
     report: list[dict[str, Any]]
 
 
-def plan(graph: Graph, spec: PruneSpec) -> Plan:
-    """Which channels of `graph` go as `spec` says (the graph is not changed)."""
+def plan(graph: Graph, spec: PruneSpec, dataset: Any = None) -> Plan:
+    """Which channels of `graph` go as `spec` says (the graph is not changed); `dataset` feeds the Taylor
+    criterion."""
     quantized = [n for n in graph if is_quantizer(n)]
     if quantized:
         raise PruneError(f"the model is already quantized ({quantized[0].op_type} {quantized[0].name!r}): prune "
                          "the FP32 model, fine-tune it, then quantize")
     ratios, excluded = resolve_config_list(graph, spec.config_list) if spec.config_list else ({}, set())
     cg = channel_groups(graph, keep=set(spec.keep) | excluded)
+    saliency = taylor_saliency(graph, dataset) if spec.criterion == "taylor" else None
     removed: dict[int, np.ndarray] = {}
     report = []
     for group in cg.groups():
@@ -133,15 +134,15 @@ def plan(graph: Graph, spec: PruneSpec) -> Plan:
             keep, row["note"] = floor, f"kept {floor} channels: a group keeps at least round_to={spec.round_to}"
         if keep == group.size:
             continue
-        order = np.argsort(scores(group, spec.criterion, cg.find), kind="stable")
+        order = np.argsort(scores(group, spec.criterion, cg.find, saliency), kind="stable")
         removed[group.id] = np.sort(order[:group.size - keep])
         row["kept"] = keep
     return Plan(cg, removed, report)
 
 
-def prune_graph(graph: Graph, spec: PruneSpec) -> list[dict[str, Any]]:
+def prune_graph(graph: Graph, spec: PruneSpec, dataset: Any = None) -> list[dict[str, Any]]:
     """Prune `graph` in place as `spec` says; returns one report row per group."""
-    chosen = plan(graph, spec)
+    chosen = plan(graph, spec, dataset)
     if chosen.removed:
         shrink(graph, chosen.groups, chosen.removed)
         graph.verify()
