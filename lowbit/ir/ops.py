@@ -100,6 +100,11 @@ NORMALIZE_SAME = ("BatchNormalization", "LayerNormalization", "InstanceNormaliza
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2)}
 # Ops that regroup their input's dims into the output's (pruning follows channels through a flatten)
 REGROUPING = frozenset({"Flatten", "Reshape"})
+# Ops that only move or pick dims (pruning follows attention heads from a projection's Reshape through them)
+DIM_MOVERS = frozenset({"Transpose", "Gather"})
+# What an attention written out in ops applies to q @ kT before its Softmax: a scale, a mask
+SCALES = frozenset({"Mul", "Div"})
+SCORE_STEPS = SCALES | {"Add", "Where"}
 
 VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Conv", weight_inputs=(1,), traits=_t("weighted", "convolution"), flow="layer",

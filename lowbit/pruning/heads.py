@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import DIM_MOVERS, SCALES, SCORE_STEPS
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -82,7 +83,7 @@ def _back(value: Value):
             if factors is None:
                 return None
             break
-        if node.op_type not in ("Transpose", "Gather"):
+        if node.op_type not in DIM_MOVERS:
             return None
         chain.append(node)
         v = node.input(0)
@@ -156,13 +157,13 @@ def _core(node: Node) -> _Core | None:
             or node.attrs.get("axis", -1) % 4 != 3:
         return None
     nodes, scores = [node], node.input(0)
-    while scores.producer is not None and scores.producer.op_type in ("Mul", "Div", "Add", "Where"):
+    while scores.producer is not None and scores.producer.op_type in SCORE_STEPS:
         step = scores.producer
         if step.op_type == "Where":
             rest, scores = [step.input(0), step.input(2)], step.input(1)
         else:
             computed = [v for v in step.inputs if v is not None and v.const is None]
-            if step.op_type in ("Mul", "Div") and len(computed) != 1:
+            if step.op_type in SCALES and len(computed) != 1:
                 return None
             scores = computed[0] if step.op_type != "Add" else step.input(0)
             rest = [v for v in step.inputs if v is not scores]
