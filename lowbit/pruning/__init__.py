@@ -1,7 +1,15 @@
-"""Filter pruning on the IR (`lowbit.prune(...)` is the entry point; this package is named `pruning` so that the
-function and the package do not shadow each other): channel dependency groups (`groups.py`), importance criteria (`criteria.py`), the
-plan of what goes (`plan.py`) and the physical shrink (`shrink.py`). Plain functions; the `prune_filters` pass
-and `lowbit.prune` call them."""
+"""Filter pruning on the IR. `lowbit.prune(...)` is the entry point; this package is named `pruning` so that the
+function and the package do not shadow each other.
+
+- `groups.py` builds the channel dependency groups (`layout.py`: their data; `flows.py`: how channels flow
+  through each kind of op; `heads.py`: attention heads as groups);
+- `criteria.py` scores channels (`taylor.py`: the gradients of the Taylor criterion);
+- `plan.py` decides what goes (ratios, NNI config_list, round_to);
+- `shrink.py` removes it physically; `masks.py` masks it during fine-tuning instead;
+- `cost.py` counts parameters and MACs.
+
+Plain functions; the `prune_filters` pass and `lowbit.prune` call them.
+"""
 
 from .cost import Cost, cost
 from .criteria import CRITERIA

@@ -26,7 +26,7 @@ CRITERIA = ("l1", "l2", "geometric_median", "bn_scale", "taylor")
 
 
 def _slices(member: Member, group: Group, find) -> list[tuple[int, int]]:
-    """(offset, repeat) of each segment of `member` that belongs to `group`."""
+    """(offset, repeat, length) of each segment of `member` that belongs to `group`."""
     found, offset = [], 0
     for s in member.segments:
         if s.group is not None and find(s.group) == group.id:

@@ -228,8 +228,8 @@ def _structure(core: _Core) -> HeadStructure | None:
     if not _forward(structure, core.out, inside):
         return None
     # every value inside is read only inside (a projection output used elsewhere would lose channels)
-    for node_id_value in [v for v, _, _ in structure.value_dims]:
-        if node_id_value.is_graph_output or any(id(u) not in inside for u, _ in node_id_value.uses):
+    for value, _, _ in structure.value_dims:
+        if value.is_graph_output or any(id(u) not in inside for u, _ in value.uses):
             return None
     return structure
 

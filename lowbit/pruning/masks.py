@@ -136,7 +136,7 @@ class MaskController:
         self._set_ratio(self.ratio)
 
     def _set_ratio(self, ratio: float) -> None:
-        graph = _current_graph(self.module)
+        graph = graph_of(self.module)
         by_name = {v.name: v for v in graph.constants.values()}
         for i, g in enumerate(self.groups):
             keep = kept_channels(g.size, ratio)
@@ -170,10 +170,6 @@ class MaskController:
     def removed(self) -> dict[int, np.ndarray]:
         """The masked channels of each group, by group root (what strip removes)."""
         return {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep) if (~keep).any()}
-
-
-def _current_graph(module):
-    return graph_of(module)
 
 
 def strip_masks(module):

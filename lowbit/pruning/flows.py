@@ -1,0 +1,302 @@
+"""How channels flow through each kind of op (the op table's `channel_flow`): one handler per flow, which records
+the members a node adds to the groups that reach it and the layout of its output, or returns False where it
+cannot follow them (the caller then blocks those groups)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir.graph import Node, Value
+from ..ir.ops import REGROUPING, activation_axis, attribute, channel_params, weight_in_axis, weight_out_axis
+from .layout import ChannelGroups, Layout, Member, Segment
+
+
+def _rank(v: Value | None) -> int | None:
+    return None if v is None or v.shape is None else len(v.shape)
+
+
+def _static(dims) -> int | None:
+    """The product of `dims` when every one is a known int, else None."""
+    return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
+
+
+def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
+    w = node.input(1) if len(node.inputs) > 1 else None
+    x = node.input(0)
+    if node.op_type == "ConvTranspose" or (node.op_type == "Gemm" and attribute(node, "transA")):
+        return False
+    if w is None or w.const is None or w.const.ndim < 2 or not np.issubdtype(w.const.dtype, np.floating):
+        cg.block_inputs(node, "{node} multiplies them by another activation, not by a weight")
+        return True
+    rank = _rank(x)
+    in_axis, out_axis = weight_in_axis(node) % w.const.ndim, weight_out_axis(node) % w.const.ndim
+    if node.op_type == "MatMul" and w.const.ndim != 2:
+        return False
+    layout = cg.layout(x)
+    if id(node) in cg.head_projections:  # its filters are heads (heads.py): only its input channels here
+        if layout is not None:
+            if layout.axis != rank - 1 or layout.size != w.const.shape[in_axis]:
+                cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
+            else:
+                cg.members.append(Member(node, 1, in_axis, layout.segments, "in"))
+        return True
+    if layout is not None:
+        x_axis = activation_axis(node) % rank if rank else None
+        if layout.axis != x_axis or layout.size != w.const.shape[in_axis]:
+            cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
+        else:
+            cg.members.append(Member(node, 1, in_axis, layout.segments, "in"))
+    out = node.output
+    channels = int(w.const.shape[out_axis])
+    g = cg.new(channels, node)
+    segments = (Segment(g, channels),)
+    cg.members.append(Member(node, 1, out_axis, segments, "out"))
+    bias = node.input(2) if len(node.inputs) > 2 else None
+    if bias is not None:
+        if bias.const is not None and bias.const.shape == (channels,):
+            cg.members.append(Member(node, 2, 0, segments, "param"))
+        elif bias.const is None or bias.const.size != 1:
+            cg.block_ids([g], f"{node.op_type} {node.name!r} has a bias lowbit cannot cut per channel")
+    if node.name in keep:
+        cg.block_ids([g], f"{node.op_type} {node.name!r} is excluded from pruning")
+    out_rank = _rank(out)
+    if out_rank is None:
+        cg.block_ids([g], f"the output of {node.name!r} has no known rank")
+        return True
+    cg.set_layout(out, Layout(activation_axis(node) % out_rank, segments))
+    return True
+
+
+def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout = cg.layout(node.input(0))
+    w = node.input(1)
+    group = attribute(node, "group")
+    depthwise = w.const is not None and w.const.shape[1] == 1 and w.const.shape[0] == group == layout.size
+    if layout.axis != 1 or not depthwise:
+        return False  # a grouped (not depthwise) conv ties channels in blocks: not followed
+    cg.members.append(Member(node, 1, 0, layout.segments, "scale"))
+    bias = node.input(2) if len(node.inputs) > 2 else None
+    if bias is not None and bias.const is not None and bias.const.shape == (group,):
+        cg.members.append(Member(node, 2, 0, layout.segments, "param"))
+    elif bias is not None:
+        return False
+    if node.name in keep:
+        cg.block(layout, f"the depthwise Conv {node.name!r} is excluded from pruning")
+    cg.set_layout(node.output, layout)
+    return True
+
+
+def _elementwise(cg: ChannelGroups, node: Node, keep) -> bool:
+    out_rank = _rank(node.output)
+    if out_rank is None:
+        return False
+    tracked: list[Layout] = []
+    for v in node.inputs:
+        layout, rank = cg.layout(v), _rank(v)
+        if layout is not None:
+            tracked.append(Layout(layout.axis + out_rank - rank, layout.segments))
+    axis, size = tracked[0].axis, tracked[0].size
+    if any(t.axis != axis or t.size != size for t in tracked):
+        return False
+    for port, v in enumerate(node.inputs):
+        if v is None or cg.layout(v) is not None:
+            continue
+        rank = _rank(v)
+        at = None if rank is None else axis - (out_rank - rank)
+        dim = 1 if at is not None and at < 0 else (v.shape[at] if at is not None else None)
+        if dim == 1:
+            continue  # broadcast along the channels
+        source = _constant_source(node, port, at)
+        if source is not None and dim == size:
+            cg.members.append(Member(*source, tracked[0].segments, "param"))
+            if source[0] is not node:  # an expanded constant: its expansion's channels shrink with it
+                cg.set_layout(v, Layout(at, tracked[0].segments))
+            continue
+        cg.block_inputs(node, "{node} joins them to values lowbit does not follow channel by channel")
+        return True
+    first = tracked[0].segments
+    for other in tracked[1:]:
+        if [(s.length, s.repeat) for s in other.segments] != [(s.length, s.repeat) for s in first]:
+            cg.block_inputs(node, "{node} joins channels laid out differently")
+            return True
+        for a, b in zip(first, other.segments):
+            if (a.group is None) != (b.group is None):
+                cg.block_ids([a.group, b.group], f"{node.op_type} {node.name!r} joins them to fixed channels")
+            elif a.group is not None:
+                cg.union(a.group, b.group)
+    cg.set_layout(node.output, Layout(axis, first))
+    return True
+
+
+def _constant_source(node: Node, port: int, axis: int | None) -> tuple[Node, int, int] | None:
+    """(node, port, axis) of the constant that input `port` of `node` is, or that an Expand broadcasts into it (a
+    ViT's class token, expanded over the batch); None for a computed value."""
+    v = node.input(port)
+    if axis is None:
+        return None
+    if v.const is not None:
+        return node, port, axis
+    expand = v.producer
+    if expand is not None and expand.op_type == "Expand" and not expand.domain and expand.input(0).const is not None:
+        const_axis = axis - (len(v.shape) - expand.input(0).const.ndim)
+        if const_axis >= 0 and expand.input(0).const.shape[const_axis] == v.shape[axis]:
+            return expand, 0, const_axis
+    return None
+
+
+def _normalize(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
+    ports = channel_params(node, layout.axis, rank) if rank is not None else None
+    if ports is None:
+        return False  # it mixes the channels (a Softmax over them)
+    for port in ports:
+        v = node.input(port) if port < len(node.inputs) else None
+        if v is None:
+            continue
+        if v.const is None or v.const.shape != (layout.size,):
+            return False
+        cg.members.append(Member(node, port, 0, layout.segments, "scale" if port == 1 else "param"))
+    cg.set_layout(node.output, layout)
+    return True
+
+
+def _pool(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout = cg.layout(node.input(0))
+    if layout.axis != 1 or node.op_type == "Resize":
+        return False
+    if node.op_type == "Pad":
+        pads = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
+        rank = _rank(node.input(0))
+        if pads is None or len(node.inputs) > 3 or pads[1] or pads[rank + 1]:
+            return False
+    cg.set_layout(node.output, layout)
+    return True
+
+
+def _reduce(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
+    if node.op_type == "ArgMax" or rank is None:
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.input(1) is not None:
+        axes = None if node.input(1).const is None else node.input(1).const.tolist()
+    if axes is None:
+        return False
+    axes = [a % rank for a in axes]
+    if layout.axis in axes:
+        return False
+    keepdims = node.attrs.get("keepdims", 1)
+    axis = layout.axis if keepdims else layout.axis - sum(a < layout.axis for a in axes)
+    cg.set_layout(node.output, Layout(axis, layout.segments))
+    return True
+
+
+def _concat(cg: ChannelGroups, node: Node, keep) -> bool:
+    rank = _rank(node.output)
+    if rank is None:
+        return False
+    axis = node.attrs.get("axis", 0) % rank
+    layouts = [cg.layout(v) for v in node.inputs]
+    if any(lay is not None and lay.axis != axis for lay in layouts):
+        return _elementwise(cg, node, keep)  # joined along another axis (tokens): the channels are tied
+    segments: list[Segment] = []
+    for v, layout in zip(node.inputs, layouts):
+        if layout is not None:
+            segments += layout.segments
+        elif v is not None and v.shape is not None and isinstance(v.shape[axis], int):
+            segments.append(Segment(None, v.shape[axis]))
+        else:
+            cg.block_inputs(node, "{node} joins them to channels of unknown count")
+            return True
+    cg.set_layout(node.output, Layout(axis, tuple(segments)))
+    return True
+
+
+def _split(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
+    axis = node.attrs.get("axis", 0)
+    if node.op_type == "Slice":
+        axes = node.input(3).const if len(node.inputs) > 3 and node.input(3) is not None else None
+        if rank is None or axes is None:
+            return False
+        touched = [int(a) % rank for a in np.atleast_1d(axes)]
+    else:
+        touched = [axis % rank] if rank is not None else None
+    if touched is None or layout.axis in touched:
+        return False  # a cut of the channel axis
+    for out in node.outputs:
+        cg.set_layout(out, layout)
+    return True
+
+
+def _reshape(cg: ChannelGroups, node: Node, keep) -> bool:
+    x, out = node.input(0), node.output
+    layout, rank, out_rank = cg.layout(x), _rank(x), _rank(out)
+    if rank is None or out_rank is None:
+        return False
+    op, axis = node.op_type, layout.axis
+    if op == "Identity":
+        new_axis = axis
+    elif op == "Transpose":
+        perm = node.attrs.get("perm") or list(reversed(range(rank)))
+        new_axis = list(perm).index(axis)
+    elif op == "Squeeze" or op == "Unsqueeze":
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.input(1) is not None and node.input(1).const is not None:
+            axes = node.input(1).const.tolist()
+        if axes is None:
+            return False
+        if op == "Squeeze":
+            axes = [a % rank for a in axes]
+            if axis in axes:
+                return False
+            new_axis = axis - sum(a < axis for a in axes)
+        else:
+            axes = sorted(a % out_rank for a in axes)
+            new_axis = axis
+            for a in axes:
+                if a <= new_axis:
+                    new_axis += 1
+    elif op in REGROUPING and _same_dims(x.shape[:axis + 1], out.shape[:axis + 1]):
+        new_axis = axis  # only dims after the channels are merged or split (a ViT's patches: [B, C, H*W])
+    elif op in REGROUPING and _flattens_from(x, out, axis):
+        inner = _static(x.shape[axis + 1:])
+        if inner is None:
+            return False
+        segments = tuple(Segment(s.group, s.length, s.repeat * inner) for s in layout.segments)
+        cg.set_layout(out, Layout(axis, segments))
+        return True
+    else:
+        return False
+    cg.set_layout(out, Layout(new_axis, layout.segments))
+    return True
+
+
+def _same_dims(a, b) -> bool:
+    """Two shape prefixes that are the same dims (equal ints, or the same symbolic name)."""
+    return len(a) == len(b) and all(x is not None and x == y for x, y in zip(a, b))
+
+
+def _flattens_from(x: Value, out: Value, axis: int) -> bool:
+    """`out` keeps `x`'s dims before `axis` and merges the channel axis with every dim after it."""
+    if len(out.shape) != axis + 1:
+        return False
+    return list(out.shape[:axis]) == list(x.shape[:axis]) or (axis == 1 and out.shape[0] == x.shape[0])
+
+
+def _index(cg: ChannelGroups, node: Node, keep) -> bool:
+    layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
+    if node.op_type != "Gather" or rank is None or node.input(1) is None or node.input(1).const is None:
+        return False
+    gather_axis = node.attrs.get("axis", 0) % rank
+    if gather_axis == layout.axis:
+        return False
+    added = node.input(1).const.ndim - 1
+    new_axis = layout.axis if layout.axis < gather_axis else layout.axis + added
+    cg.set_layout(node.output, Layout(new_axis, layout.segments))
+    return True
+
+
+HANDLERS = {"layer": _layer, "grouped": _grouped, "elementwise": _elementwise, "normalize": _normalize,
+          "pool": _pool, "reduce": _reduce, "concat": _concat, "split": _split, "reshape": _reshape,
+          "index": _index}

@@ -1,0 +1,157 @@
+"""The data of channel dependency groups: segments of channels, a value's layout, the members a group cuts, and
+the union-find over groups (`ChannelGroups`). `groups.py` builds them; `flows.py` follows channels through ops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir.graph import Graph, Node, Value
+from .heads import HeadStructure
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` consecutive channels of a value owned by one group (None: channels no group owns), each spanning
+    `repeat` consecutive entries (after a Flatten of the spatial dims)."""
+
+    group: int | None
+    length: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a value's channels are: its axis, and the segments along it in order."""
+
+    axis: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(s.length * s.repeat for s in self.segments)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A constant input of a node whose entries along `axis` follow `segments`: pruned where its groups are.
+
+    role: "out" (a layer's filters), "in" (a layer's input channels), "scale" (a per-channel weight: BN and
+    LayerNorm scale, a depthwise filter) or "param" (a bias, BN statistics, a constant operand).
+    """
+
+    node: Node
+    port: int
+    axis: int
+    segments: tuple[Segment, ...]
+    role: str
+
+    @property
+    def value(self) -> Value:
+        return self.node.input(self.port)
+
+
+@dataclass
+class Group:
+    """One group's channels: how many, the layers that produce them, every member, and why it cannot be pruned
+    (None when it can)."""
+
+    id: int
+    size: int
+    producers: list[Node] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    blocked: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The producing layers by the names a user knows: the module path of their weight (`layer1.0.conv1`)
+        where it has one, else the node name."""
+        return [layer_path(n) or n.name for n in self.producers]
+
+
+def layer_path(node: Node) -> str | None:
+    """A layer's module path from its weight's parameter name (`layer1.0.conv1.weight` -> `layer1.0.conv1`;
+    a Linear weight the IR holds transposed keeps its name in meta["torch_name"]), or None."""
+    w = node.input(1) if len(node.inputs) > 1 else None
+    name = (w.meta.get("torch_name") or w.name) if w is not None and w.const is not None else ""
+    name = name.removesuffix(".T")  # written transposed by lowbit's ONNX writer
+    return name.removesuffix(".weight") if name.endswith(".weight") else None
+
+
+class ChannelGroups:
+    """The groups of a graph (a union-find over channel sets) and each value's channel layout."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._parent: list[int] = []
+        self._size: list[int] = []
+        self._producers: list[list[Node]] = []
+        self._blocked: dict[int, str] = {}
+        self.members: list[Member] = []
+        self.layouts: dict[int, tuple[Value, Layout]] = {}  # id(value) -> (value, layout)
+        self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
+        self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
+
+    # -- union-find ------------------------------------------------------------------------------------------
+
+    def new(self, size: int, producer: Node) -> int:
+        self._parent.append(len(self._parent))
+        self._size.append(size)
+        self._producers.append([producer])
+        return len(self._parent) - 1
+
+    def find(self, g: int) -> int:
+        while self._parent[g] != g:
+            self._parent[g] = self._parent[self._parent[g]]
+            g = self._parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if self._size[a] != self._size[b]:  # cannot happen for aligned layouts; kept safe
+            self.block_ids([a, b], "joins channel sets of different sizes")
+            return
+        self._parent[b] = a
+        self._producers[a] += self._producers[b]
+        if b in self._blocked:
+            self._blocked.setdefault(a, self._blocked.pop(b))
+
+    def block_ids(self, ids, reason: str) -> None:
+        for g in ids:
+            if g is not None:
+                self._blocked.setdefault(self.find(g), reason)
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        if layout is not None:
+            self.block_ids([s.group for s in layout.segments], reason)
+
+    # -- layouts ---------------------------------------------------------------------------------------------
+
+    def block_inputs(self, node: Node, reason: str) -> None:
+        """Block every group that reaches `node`; `reason` may name it as {node}."""
+        for v in node.inputs:
+            self.block(self.layout(v), reason.format(node=f"{node.op_type} {node.name!r}"))
+
+    def layout(self, v: Value | None) -> Layout | None:
+        entry = self.layouts.get(id(v)) if v is not None else None
+        return entry[1] if entry is not None else None
+
+    def set_layout(self, v: Value, layout: Layout | None) -> None:
+        if layout is not None:
+            self.layouts[id(v)] = (v, layout)
+
+    def groups(self) -> list[Group]:
+        """Every group, in the order its first layer appears, with its members and blocking reason."""
+        by_root: dict[int, Group] = {}
+        for g in range(len(self._parent)):
+            root = self.find(g)
+            if root not in by_root:
+                by_root[root] = Group(root, self._size[root], list(self._producers[root]),
+                                      blocked=self._blocked.get(root))
+        for m in self.members:
+            for root in {self.find(s.group) for s in m.segments if s.group is not None}:
+                by_root[root].members.append(m)
+        return list(by_root.values())
+
+
