@@ -274,6 +274,12 @@ def strip(model: Any) -> Any:
     from .pruning.masks import strip_masks
 
     if getattr(model, "lowbit_pruning", None) is None:
+        if getattr(model, "lowbit_graph", None) is None:  # not a lowbit module: nothing to strip
+            import warnings
+
+            warnings.warn(f"lowbit.strip: this {type(model).__name__} holds nothing lowbit made; it is returned "
+                          "unchanged", stacklevel=2)
+            return model
         raise PruneError(f"this {type(model).__name__} has no pruning masks: strip takes what "
                          "lowbit.prune(model, ratio, mode='mask') returned")
     graph = strip_masks(model)
