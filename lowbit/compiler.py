@@ -267,24 +267,42 @@ def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_
     return module
 
 
-def strip(model: Any) -> Any:
-    """The physically pruned torch module of a masked one (lowbit.prune(..., mode="mask")), with its trained
-    weights; every masked channel is removed."""
+def strip(model: Any, format: str = "native") -> Any:
+    """What a compressed torch module becomes for deployment.
+
+    - A masked module (lowbit.prune(..., mode="mask")): the masked channels are removed physically.
+    - A quantized module (compile/quantize, after QAT too): a plain torch module that holds no lowbit class,
+      each quantizer written as torch's own op on the grid the QDQ export uses: format="native"
+      (torch.fake_quantize_per_tensor/per_channel_affine) or "dequantize" (constant weights stored as integers,
+      dequantized on use). It exports with torch.onnx.export and openvino.convert_model.
+
+    A pruned, unquantized module comes back as a lowbit module (it can still be quantized); a module lowbit did
+    not make comes back unchanged, with a warning.
+    """
+    from .backends.torch_emit import FAKE_QUANTIZE_FORMS, to_torch
     from .errors import PruneError
+    from .ir.ops import is_fake_quantize
     from .pruning.masks import strip_masks
 
-    if getattr(model, "lowbit_pruning", None) is None:
-        if getattr(model, "lowbit_graph", None) is None:  # not a lowbit module: nothing to strip
-            import warnings
+    if format not in FAKE_QUANTIZE_FORMS[1:]:
+        raise OptionError(f"format={format!r}: strip writes quantizers as 'native' (torch.fake_quantize_*) or "
+                          "'dequantize' (integer weights)")
+    masked = getattr(model, "lowbit_pruning", None) is not None
+    graph = strip_masks(model) if masked else graph_of(model)
+    if graph is None:  # not a lowbit module: nothing to strip
+        import warnings
 
-            warnings.warn(f"lowbit.strip: this {type(model).__name__} holds nothing lowbit made; it is returned "
-                          "unchanged", stacklevel=2)
-            return model
-        raise PruneError(f"this {type(model).__name__} has no pruning masks: strip takes what "
-                         "lowbit.prune(model, ratio, mode='mask') returned")
-    graph = strip_masks(model)
-    graph.meta["passes_run"] = [*graph.meta.get("passes_run", []), "prune_filters"]
-    return _writeback(graph, model)
+        warnings.warn(f"lowbit.strip: this {type(model).__name__} holds nothing lowbit made; it is returned "
+                      "unchanged", stacklevel=2)
+        return model
+    if masked:
+        graph.meta["passes_run"] = [*graph.meta.get("passes_run", []), "prune_filters"]
+    if not any(is_fake_quantize(n) for n in graph):
+        if not masked:
+            raise PruneError(f"this {type(model).__name__} has neither pruning masks nor quantizers: strip takes "
+                             "what lowbit.prune(model, ratio, mode='mask') or lowbit.quantize returned")
+        return _writeback(graph, model)
+    return to_torch(graph, fake_quantize=format).train(bool(getattr(model, "training", False)))
 
 
 def export(model: Any, path: str | os.PathLike, *, example_inputs: Any = None, runtime: str | None = None) -> Path:

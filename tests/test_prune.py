@@ -329,7 +329,7 @@ def test_masks_stay_zero_through_training_grow_on_the_schedule_and_strip_to_the_
     (lambda m, x: lowbit.prune(m, 0.3, mode="mask", schedule={"initial": 0.5}, example_inputs=(x,)),
      "initial=0.5 is above final=0.3"),
     (lambda m, x: lowbit.prune(m, schedule={"steps": 3}, example_inputs=(x,)), "pass mode='mask' with it"),
-    (lambda m, x: lowbit.strip(lowbit.prune(m, 0.5, example_inputs=(x,))), "has no pruning masks"),
+    (lambda m, x: lowbit.strip(lowbit.prune(m, 0.5, example_inputs=(x,))), "has neither pruning masks nor quant"),
     (lambda m, x: lowbit.prune(m, mode="mask", criterion="taylor", example_inputs=(x,)), "Taylor importance needs"),
 ])
 def test_bad_mask_requests_are_named(call, message):

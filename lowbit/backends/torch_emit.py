@@ -73,9 +73,11 @@ def shape_tensor(x: torch.Tensor, start: int = 0, end: int | None = None) -> tor
 
 
 class _Emitter:
-    def __init__(self, graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None):
+    def __init__(self, graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None,
+                 fake_quantize: str = "module"):
         self.graph = graph
         self.on_value = on_value  # streaming: called with (name, tensor) for each graph output as computed
+        self.fake_quantize = fake_quantize  # "module" (lowbit's trainable FakeQuantize), "native", "dequantize"
         self._notified: set[int] = set()
         self.fx = fx.Graph()
         self.env: dict[int, Any] = {}
@@ -223,12 +225,21 @@ def keep_on_copy(gm: fx.GraphModule, name: str) -> None:
     gm.meta.setdefault("_user_preserved_attributes", {})[name] = getattr(gm, name)
 
 
-def to_torch(graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None) -> fx.GraphModule:
+def to_torch(graph: Graph, on_value: Callable[[str, torch.Tensor], None] | None = None,
+             fake_quantize: str = "module") -> fx.GraphModule:
     """Write a Graph as an fx.GraphModule whose forward takes the graph inputs in order.
 
     With `on_value`, forward() instead calls `on_value(name, tensor)` for each graph output as soon as it is
-    computed and returns None (how calibration streams tapped values into its statistics)."""
-    return _Emitter(graph, on_value).run()
+    computed and returns None (how calibration streams tapped values into its statistics).
+    `fake_quantize` says how FakeQuantize nodes are written: "module" (lowbit's trainable FakeQuantize
+    module), "native" (torch.fake_quantize_per_tensor/per_channel_affine on the same grid, as QDQ writes it)
+    or "dequantize" (as "native", with constant weights stored as integers and dequantized on use)."""
+    if fake_quantize not in FAKE_QUANTIZE_FORMS:
+        raise ValueError(f"fake_quantize={fake_quantize!r}: one of {FAKE_QUANTIZE_FORMS}")
+    return _Emitter(graph, on_value, fake_quantize).run()
+
+
+FAKE_QUANTIZE_FORMS = ("module", "native", "dequantize")
 
 
 # -- emitters ---------------------------------------------------------------------
@@ -621,17 +632,66 @@ def emit_fake_quantize(e: _Emitter, n: Node):
     low, high = n.input(1), n.input(2)
     if low.const is None or high.const is None:
         raise UnsupportedOpError(f"FakeQuantize {n.name!r}: the torch writer needs constant ranges")
+    if e.fake_quantize != "module":
+        return _native_fake_quantize(e, n)
     x = e[n.input(0)]
-    name = re.sub(r"[^0-9A-Za-z_]", "_", n.name)
-    base, i = name, 0
-    while e._clash(name):
-        i += 1
-        name = f"{base}_{i}"
+    name = e.fresh_path(n.name)
     e.root[name] = FakeQuantize(int(n.attrs["levels"]), torch.from_numpy(np.array(low.const)),
                                 torch.from_numpy(np.array(high.const)))
     e._modules.add(name)
     e.names[n.name] = name
     return e.fx.call_module(name, (x,))
+
+
+def _native_fake_quantize(e: _Emitter, n: Node):
+    """torch's own fake-quantize op on the grid QDQ writes (qdq.qdq_params); with "dequantize", a constant weight
+    becomes an integer buffer and (q - zero_point) * scale."""
+    from .qdq import qdq_params, quantize_array
+
+    levels = int(n.attrs["levels"])
+    p = qdq_params(levels, n.input(1).const, n.input(2).const)
+    signed = p.zero_point.dtype == np.int8
+    qmin = -(levels // 2) if signed else 0
+    qmax = qmin + levels - 1
+    x = n.input(0)
+    if e.fake_quantize == "dequantize" and x.const is not None:
+        q = e.fx.get_attr(e._register(x, quantize_array(x.const, p), kind="buffer"))
+        shape = [1] * x.const.ndim
+        if p.axis is not None:
+            shape[p.axis] = -1
+        scale = torch.tensor(p.scale.reshape(shape))
+        zero = torch.tensor(p.zero_point.astype(np.float32).reshape(shape))
+        scale_name = e.fresh_path(f"{n.name}_scale")
+        zero_name = e.fresh_path(f"{n.name}_zero_point")
+        e.root[scale_name], e.root[zero_name] = scale, zero
+        dtype = to_torch_dtype(x.dtype) if x.dtype else torch.float32
+        shifted = e.call(aten.sub.Tensor, e.call(aten._to_copy.default, q, dtype=dtype), e.fx.get_attr(zero_name))
+        return e.call(aten.mul.Tensor, shifted, e.fx.get_attr(scale_name))
+    # torch.onnx.export takes only the full 8-bit ranges: a narrower grid (255 levels, a 7-bit overflow fix, 4
+    # bits) is clipped to its own ends first, then quantized on the full range with the same scale and zero point
+    full_min, full_max = (-128, 127) if signed else (0, 255)
+    value = e[x]
+    if (qmin, qmax) != (full_min, full_max):
+        ends = [(np.float64(q) - p.zero_point.astype(np.float64)) * p.scale.astype(np.float64) for q in (qmin, qmax)]
+        if p.axis is None:
+            value = e.call(aten.clamp.default, value, float(ends[0]), float(ends[1]))
+        else:
+            shape = [1] * len(x.shape) if x.shape is not None else [1]
+            shape[p.axis] = -1
+            bounds = []
+            for end, label in zip(ends, ("low", "high")):
+                name = e.fresh_path(f"{n.name}_{label}")
+                e.root[name] = torch.tensor(end.astype(np.float32).reshape(shape))
+                bounds.append(e.fx.get_attr(name))
+            value = e.call(aten.clamp.Tensor, value, *bounds)
+    if p.axis is None:
+        return e.call(torch.fake_quantize_per_tensor_affine, value, float(p.scale), int(p.zero_point), full_min,
+                      full_max)
+    scale_name, zero_name = e.fresh_path(f"{n.name}_scale"), e.fresh_path(f"{n.name}_zero_point")
+    e.root[scale_name] = torch.tensor(p.scale)
+    e.root[zero_name] = torch.tensor(p.zero_point.astype(np.int32))
+    return e.call(torch.fake_quantize_per_channel_affine, value, e.fx.get_attr(scale_name),
+                  e.fx.get_attr(zero_name), p.axis, full_min, full_max)
 
 
 # -- opaque torch ops ---------------------------------------------------------------
