@@ -10,6 +10,7 @@ from . import ir, passes, patterns
 from .api import codegen, lower
 from .compiler import compile, export, prune, quantize, strip
 from .state import load, save
+from .train import batch_norm_adaptation
 from .quant import Dataset, IgnoredScope
 from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError, InputShapeError,
                      PruneError, StateError,
@@ -19,7 +20,7 @@ from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, 
 
 __version__ = "0.1.0"
 
-__all__ = ["lower", "codegen", "compile", "quantize", "prune", "strip", "export", "save", "load", "PruneError", "StateError", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "DumpError",
+__all__ = ["lower", "codegen", "compile", "quantize", "prune", "strip", "batch_norm_adaptation", "export", "save", "load", "PruneError", "StateError", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "DumpError",
            "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "InputShapeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "OutputPathError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]
