@@ -378,3 +378,23 @@ def test_strip_returns_a_module_lowbit_did_not_make_unchanged_with_a_warning():
     model, _ = _model("se")
     with pytest.warns(UserWarning, match="holds nothing lowbit made; it is returned unchanged"):
         assert lowbit.strip(model) is model
+
+
+def test_gpt2s_mlps_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():
+    """GPT-2's Conv1D flattens [batch, tokens, channels] to [batch x tokens, channels] and back, spelling the
+    channel count out in the Reshape's target: the channels stay whole on the last axis, and shrink rewrites it."""
+    from zoo_models import build
+
+    module, make_input, _ = build("gpt2", "small")
+    x = make_input(2)
+    before = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    pruned = lowbit.prune(module, 0.5, example_inputs=(x,))
+    after = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    fc = next(k for k in before if k.endswith("h.0.mlp.c_fc.weight"))
+    proj = fc.replace("c_fc", "c_proj")
+    assert after[fc] == (before[fc][0], before[fc][1] // 2) and after[proj] == (before[proj][0] // 2, before[proj][1])
+    with torch.no_grad():
+        expected = pruned(x).numpy()
+    written = lowbit.codegen(graph_of(pruned), "onnx")
+    got = run_onnx(written, {written.graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..ir.graph import Node, Value
 from ..ir.ops import REGROUPING, activation_axis, attribute, channel_params, weight_in_axis, weight_out_axis
+from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
 
@@ -264,11 +265,29 @@ def _reshape(cg: ChannelGroups, node: Node, keep) -> bool:
         if inner is None:
             return False
         segments = tuple(Segment(s.group, s.length, s.repeat * inner) for s in layout.segments)
-        cg.set_layout(out, Layout(axis, segments))
-        return True
+        return _reshaped(cg, node, Layout(axis, segments))
+    elif op == "Reshape" and axis == rank - 1 and isinstance(x.shape[-1], int) and out.shape[-1] == x.shape[-1]:
+        # the channels stay the last axis, whole; only the dims before them are merged or split (GPT-2's Conv1D
+        # reads [batch x tokens, channels])
+        new_axis = out_rank - 1
     else:
         return False
-    cg.set_layout(out, Layout(new_axis, layout.segments))
+    return _reshaped(cg, node, Layout(new_axis, layout.segments))
+
+
+def _reshaped(cg: ChannelGroups, node: Node, layout: Layout) -> bool:
+    """The output layout of a Reshape or Flatten; a Reshape's target shape that spells the channel count out (a
+    constant, or a constant part of a Concat) is recorded for shrink to rewrite."""
+    if node.op_type == "Reshape":
+        entry = shape_entry(node, layout.axis)
+        if entry is not None:
+            reader, port, index = entry
+            held = int(np.asarray(reader.input(port).const).reshape(-1)[index])
+            if held not in (-1, 0):
+                if held != layout.size:
+                    return False
+                cg.reshape_entries.append((node, layout))
+    cg.set_layout(node.output, layout)
     return True
 
 

@@ -105,7 +105,7 @@ def _back(value: Value):
     return split.input(0), split, factors, chain, labels, chosen
 
 
-def _shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
+def shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
     """Where output dim `dim` of a Reshape's target shape is held: (reading node, its input port, position in
     that constant); None unless a constant holds it (directly, or as a Concat input)."""
     shape = reshape.input(1)
@@ -211,7 +211,7 @@ def _structure(core: _Core) -> HeadStructure | None:
             structure.value_dims.append((p_out, len(p_out.shape) - 1, head_dim * outer))
             if projection[1] is not None:
                 structure.value_dims.append((projection[0].output, len(p_out.shape) - 1, head_dim * outer))
-            entry = _shape_entry(split, len(split.input(0).shape) - 1 + head_k)
+            entry = shape_entry(split, len(split.input(0).shape) - 1 + head_k)
             if entry is None:
                 return None
             structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
@@ -289,7 +289,7 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             return False
         out = node.output
         if list(out.shape) == list(v.shape):  # a Reshape to the same shape: its head entry follows the heads
-            if _shape_entry(node, head) is None:
+            if shape_entry(node, head) is None:
                 return False
             structure.shape_entries.append((node, head, 1))
             v = out
@@ -298,7 +298,7 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         merged = len(v.shape) - 2
         if head != merged or len(out.shape) != len(v.shape) - 1 or list(out.shape[:merged]) != list(v.shape[:merged]):
             return False
-        if _shape_entry(node, merged) is None:
+        if shape_entry(node, merged) is None:
             return False
         structure.shape_entries.append((node, merged, structure.head_dim))
         structure.value_dims.append((out, merged, structure.head_dim))
@@ -313,20 +313,25 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         return True
 
 
+def set_shape_entry(reshape: Node, dim: int, size: int) -> None:
+    """Write `size` as output dim `dim` of a Reshape's constant target shape (a -1 is left to the runtime)."""
+    reader, port, index = shape_entry(reshape, dim)
+    value = reader.input(port)
+    array = np.array(value.const).reshape(-1)
+    if array[index] == -1:
+        return
+    array[index] = size
+    array = array.reshape(np.shape(value.const))
+    if len(value.uses) > 1:  # shared with another reader: this one gets its own
+        reader.set_input(port, reader.graph.add_constant(f"{value.name}_pruned", array))
+    else:
+        value.const = array
+
+
 def rewrite_shapes(structure: HeadStructure, kept: int) -> None:
     """After shrink: the Reshapes' shape constants and the values' recorded shapes for `kept` heads."""
     for reshape, dim, unit in structure.shape_entries:
-        reader, port, index = _shape_entry(reshape, dim)
-        value = reader.input(port)
-        array = np.array(value.const).reshape(-1)
-        if array[index] == -1:
-            continue  # inferred by the runtime
-        array[index] = kept * unit
-        array = array.reshape(np.shape(value.const))
-        if len(value.uses) > 1:  # shared with another reader: this one gets its own
-            reader.set_input(port, reader.graph.add_constant(f"{value.name}_heads", array))
-        else:
-            value.const = array
+        set_shape_entry(reshape, dim, kept * unit)
     for value, dim, unit in structure.value_dims:
         if value.shape is not None and isinstance(value.shape[dim], int):
             shape = list(value.shape)

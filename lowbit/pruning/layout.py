@@ -89,6 +89,7 @@ class ChannelGroups:
         self.members: list[Member] = []
         self.layouts: dict[int, tuple[Value, Layout]] = {}  # id(value) -> (value, layout)
         self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
+        self.reshape_entries: list[tuple[Node, Layout]] = []  # Reshapes whose target spells a channel count out
         self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
 
     # -- union-find ------------------------------------------------------------------------------------------

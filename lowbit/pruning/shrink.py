@@ -13,7 +13,7 @@ import numpy as np
 from ..ir.graph import Graph
 from ..ir.infer import reinfer
 from .groups import ChannelGroups, Segment
-from .heads import rewrite_shapes
+from .heads import rewrite_shapes, set_shape_entry
 
 
 def _positions(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> np.ndarray:
@@ -63,6 +63,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         gone = removed.get(find(g))
         if gone is not None and gone.size:
             rewrite_shapes(structure, structure.heads - gone.size)
+    for reshape, layout in cg.reshape_entries:  # the channel counts a Reshape's target spells out
+        set_shape_entry(reshape, layout.axis, sum(s.length * s.repeat for s in _kept(layout.segments, removed, find)))
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)
