@@ -1,4 +1,4 @@
-"""The `lowbit` command: quantize or compile a model, show its text form, tabulate a dump, list the passes.
+"""The `lowbit` command: quantize, prune or compile a model, show its text form, tabulate a dump, list the passes.
 
     lowbit quantize IN.onnx -o OUT.onnx|OUT.xml --data calib.npz|DIR [--subset-size N]
                     [--preset performance|mixed] [--target-device CPU|GPU|NPU|ANY|hw.json]
@@ -6,6 +6,8 @@
                     [--overflow-fix enable|first_layer|disable] [--no-fast-bias-correction] [--dump-dir DIR]
                     [--runtime onnxruntime|openvino]
     lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR] [--runtime ...]
+    lowbit prune IN.onnx -o OUT.onnx|OUT.xml [--ratio 0.5] [--criterion l2] [--round-to N]
+                 [--ignored-scope NAME[,NAME...]] [--data calib.npz|DIR (for --criterion taylor)]
     lowbit show MODEL.onnx
     lowbit diff DIR
     lowbit passes
@@ -146,6 +148,42 @@ def _compile(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    """`lowbit.prune` for an .onnx file (the prune_filters pass after cleanup), written as .onnx or .xml, with a
+    line per channel group: pruned (before -> after) or left alone, and why."""
+    from . import backends
+    from .api import lower
+    from .compiler import pass_context, run_pipeline
+    from .pruning import PruneSpec, cost
+    from .quant import Dataset, IgnoredScope
+    from .quant.arrays import check_data_path, load_calibration_arrays
+
+    out = _output(args.output, create=False)
+    spec = PruneSpec(ratio=args.ratio, criterion=args.criterion, round_to=args.round_to)
+    graph = lower(args.model)
+    dataset = None
+    if args.data:
+        check_data_path(args.data)
+        dataset = Dataset(load_calibration_arrays(args.data, graph, limit=args.subset_size))
+    scope = None
+    if args.ignored_scope:
+        scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()])
+        scope.resolve(graph)
+    _output(args.output)
+    before = cost(graph)
+    ctx = pass_context(dataset=dataset, subset_size=args.subset_size, ignored_scope=scope, pruning=spec)
+    graph, _ = run_pipeline(graph, ["cleanup", "prune_filters"], ctx)
+    backends.save(graph, out)
+    after = cost(graph)
+    for row in graph.meta["pruning"]:
+        layers = ", ".join(row["layers"][:3]) + (" ..." if len(row["layers"]) > 3 else "")
+        state = f"{row['channels']} -> {row['kept']}" if not row["blocked"] else f"left alone: {row['blocked']}"
+        print(f"{layers:<48} {state}")
+    print(f"parameters {before.params:,} -> {after.params:,}, MACs per sample {before.macs:,} -> {after.macs:,}")
+    print(_wrote(out, None))
+    return 0
+
+
 def _show(args) -> int:
     from .api import lower
 
@@ -196,6 +234,7 @@ def _positive(text: str) -> int:
 def main(argv=None) -> int:
     from .hw_configs import DEVICES
     from .backends.qdq import RUNTIMES
+    from .pruning import CRITERIA
     from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PRESETS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
@@ -230,6 +269,16 @@ def main(argv=None) -> int:
     c.add_argument("--hw", default="CPU", help="target device or hardware config JSON (default CPU)")
     c.add_argument("--dump-dir", help="write the graph after every pass, with diffs and index.html, here")
     c.set_defaults(run=_compile)
+    r = sub.add_parser("prune", help="filter pruning of an ONNX model: a physically smaller .onnx or .xml")
+    r.add_argument("model", metavar="IN.onnx", help="input .onnx file (FP32)")
+    r.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.xml", help="output .onnx or .xml")
+    r.add_argument("--ratio", type=float, default=0.5, help="fraction of each group's channels to remove (0.5)")
+    r.add_argument("--criterion", default="l2", help=f"one of {', '.join(CRITERIA)} (default l2)")
+    r.add_argument("--round-to", type=_positive, default=1, metavar="N", help="keep channel counts multiples of N")
+    r.add_argument("--ignored-scope", metavar="NAME[,NAME...]", help="layers (node names) whose filters stay")
+    r.add_argument("--data", metavar="NPZ|DIR", help="inputs for --criterion taylor (as `quantize --data`)")
+    r.add_argument("--subset-size", type=_positive, default=300, metavar="N", help="samples of --data to use")
+    r.set_defaults(run=_prune)
     for command in (q, c):
         command.add_argument("--runtime", choices=RUNTIMES,
                              help="the runtime an .onnx output is for (default onnxruntime): each runs another "

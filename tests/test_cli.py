@@ -468,3 +468,36 @@ def test_version_and_passes(capsys):
                                                       "fast_bias_correction", "smooth_quant", "snap_bias"}
     assert rows["quantize"] == lowbit.passes.PASSES["quantize"].description
     assert all(rows.values())
+
+
+def test_prune_writes_a_smaller_onnx_and_xml_and_reports_every_group(onnx_file, tmp_path, capsys):
+    src, feeds, want = onnx_file
+    out = tmp_path / "pruned.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--round-to", "2"]) == 0
+    pruned = onnx.load(out)
+    before = {i.name: tuple(i.dims) for i in onnx.load(src).graph.initializer}
+    after = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+    convs = [n for n in before if len(before[n]) == 4]
+    assert convs and all(after[n][0] < before[n][0] and after[n][0] % 2 == 0 for n in convs)
+    assert run_onnx(pruned, feeds)[0].shape == want[0].shape
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("left alone: they reach the graph output" in line for line in lines) == 1  # the classifier
+    assert re.match(r"parameters [\d,]+ -> [\d,]+, MACs per sample [\d,]+ -> [\d,]+", lines[-2])
+    assert lines[-1] == f"wrote {out}"
+    xml = tmp_path / "pruned.xml"
+    assert main(["prune", str(src), "-o", str(xml), "--ratio", "0.5", "--round-to", "2"]) == 0
+    import openvino as ov
+
+    got = run_openvino(ov.Core().read_model(str(xml)), [feeds["x"]])[0]
+    np.testing.assert_allclose(got, run_onnx(pruned, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "1.5"], r"ratio=1.5 is not in \[0, 1\)"),
+    (["--criterion", "taylor"], "criterion 'taylor' needs data"),
+    (["--criterion", "l7"], "unknown criterion 'l7'"),
+])
+def test_prune_errors_are_named(onnx_file, tmp_path, capsys, args, message):
+    src, _, _ = onnx_file
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
