@@ -37,7 +37,8 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from lowbit.ir.graph import Graph, Value
 from lowbit.passes.fuse import fusion_groups, fusion_rules
-from lowbit.patterns.library.fused import ACTIVATION_OPS, LINEAR_OPS
+from lowbit.ir.ops import FUSABLE_ACTIVATIONS as ACTIVATION_OPS
+from lowbit.ir.ops import LAYERS as LINEAR_OPS
 
 import report  # bench/report.py: the script's own directory is on sys.path
 
