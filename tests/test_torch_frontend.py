@@ -237,3 +237,20 @@ def test_dropout_in_a_generated_module_drops_out_only_while_it_trains():
         assert not module.training and torch.equal(module(x), module(x))
         module.train()
         assert not torch.equal(module(x), module(x))
+
+
+def test_a_scalar_constant_stays_a_scalar_in_the_generated_module():
+    """0-d constants keep their rank as module tensors (a 0-d bool that became [1] changed an op's output rank)."""
+    from lowbit.ir.graph import Graph
+
+    graph = Graph("scalar")
+    x = graph.add_input("x", "float32", (2, 3))
+    flag = graph.add_constant("flag", np.array(True))
+    graph.outputs += [graph.make_node("Relu", [x], name="relu").output,
+                      graph.make_node("Identity", [flag], name="same").output]
+    module = lowbit.codegen(graph, "torch")
+    assert module.get_buffer("flag").shape == ()
+    assert module(torch.ones(2, 3))[1].shape == ()
+    from lowbit.api import graph_of
+
+    assert graph_of(module).constants["flag"].const.shape == ()

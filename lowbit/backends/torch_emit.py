@@ -125,7 +125,7 @@ class _Emitter:
         # a contiguous copy in torch's own (64-byte aligned) memory: oneDNN's results depend on the weights' layout
         # and alignment in the last bits, so a module rebuilt from a saved state computes bit for bit what the
         # saved one did
-        tensor = torch.tensor(np.ascontiguousarray(array))
+        tensor = torch.tensor(np.asarray(array))  # (np.ascontiguousarray would make a 0-d constant 1-d)
         trainable = kind or v.meta.get("torch_kind", "parameter" if is_float(v.dtype) and array.ndim >= 1 else "buffer")
         self.root[name] = torch.nn.Parameter(tensor) if trainable == "parameter" else tensor
         parts = name.split(".")
@@ -410,7 +410,7 @@ def _batch_norm_module(e: _Emitter, n: Node) -> str | None:
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
     bn = cls(params[0].const.shape[0], eps=n.attrs.get("epsilon", 1e-5), momentum=1.0 - n.attrs.get("momentum", 0.9))
     for v, slot in zip(params, BATCH_NORM_SLOTS):
-        tensor = torch.tensor(np.ascontiguousarray(v.const))
+        tensor = torch.tensor(np.asarray(v.const))
         setattr(bn, slot, torch.nn.Parameter(tensor) if slot in ("weight", "bias") else tensor)
         e.names.setdefault(v.name, f"{path}.{slot}")
     e.root[path] = bn
