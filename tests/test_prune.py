@@ -380,9 +380,11 @@ def test_strip_returns_a_module_lowbit_did_not_make_unchanged_with_a_warning():
         assert lowbit.strip(model) is model
 
 
-def test_gpt2s_mlps_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():
+def test_gpt2s_mlps_and_heads_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():
     """GPT-2's Conv1D flattens [batch, tokens, channels] to [batch x tokens, channels] and back, spelling the
-    channel count out in the Reshape's target: the channels stay whole on the last axis, and shrink rewrites it."""
+    channel count out in the Reshape's target: the channels stay whole on the last axis, and shrink rewrites it.
+    Its fused c_attn is split into q, k and v by a Split: whole heads go from all three, the Split's sizes and
+    every Reshape on the way shrink with them."""
     from zoo_models import build
 
     module, make_input, _ = build("gpt2", "small")
@@ -393,6 +395,11 @@ def test_gpt2s_mlps_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():
     fc = next(k for k in before if k.endswith("h.0.mlp.c_fc.weight"))
     proj = fc.replace("c_fc", "c_proj")
     assert after[fc] == (before[fc][0], before[fc][1] // 2) and after[proj] == (before[proj][0] // 2, before[proj][1])
+    attn = fc.replace("mlp.c_fc", "attn.c_attn")
+    heads_out = attn.replace("c_attn", "c_proj")
+    assert after[attn] == (before[attn][0], before[attn][1] // 2)  # q, k and v of half the heads
+    assert after[attn.replace("weight", "bias")] == (before[attn][1] // 2,)
+    assert after[heads_out] == (before[heads_out][0] // 2, before[heads_out][1])
     with torch.no_grad():
         expected = pruned(x).numpy()
     written = lowbit.codegen(graph_of(pruned), "onnx")

@@ -23,7 +23,7 @@ graph output (its shape is kept), a MatMul of two activations (attention).
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node
-from ..ir.ops import channel_flow
+from ..ir.ops import channel_flow, weight_in_axis, weight_out_axis
 from .flows import HANDLERS
 from .heads import HeadStructure, find_heads
 from .layout import ChannelGroups, Group, Layout, Member, Segment, layer_path
@@ -53,15 +53,17 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
     g = cg.new(structure.heads, projections[0])
     cg._producers[g] = list(projections)
     for mm, add in structure.projections:
-        per_value = structure.outer if len(structure.projections) == 1 else 1
-        segments = (Segment(g, structure.heads, structure.head_dim),) * per_value
-        cg.members.append(Member(mm, 1, 1, segments, "out"))
+        segments = (Segment(g, structure.heads, structure.head_dim),) * structure.outer
+        cg.members.append(Member(mm, 1, weight_out_axis(mm) % 2, segments, "out"))
         if add is not None:
             port = next(i for i, v in enumerate(add.inputs) if v is not None and v.const is not None)
             cg.members.append(Member(add, port, 0, segments, "param"))
+        elif mm.op_type == "Gemm" and len(mm.inputs) > 2 and mm.input(2) is not None:
+            cg.members.append(Member(mm, 2, 0, segments, "param"))
         cg.head_projections.add(id(mm))
     out = structure.out_projection
-    cg.members.append(Member(out, 1, 0, (Segment(g, structure.heads, structure.head_dim),), "in"))
+    cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, structure.head_dim),),
+                             "in"))
     cg.heads.append((g, structure))
     excluded = [n.name for n in [*projections, out] if n.name in keep]
     if excluded:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import DIM_MOVERS, SCALES, SCORE_STEPS
+from ..ir.ops import DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, weight_in_axis, weight_out_axis
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -47,6 +47,7 @@ class HeadStructure:
     projections: list[tuple[Node, Node | None]] = field(default_factory=list)
     out_projection: Node | None = None
     shape_entries: list[tuple[Node, int, int]] = field(default_factory=list)  # (Reshape, out dim, unit)
+    split_sizes: list[tuple[Node, int]] = field(default_factory=list)  # (Split of a fused projection, unit)
     value_dims: list[tuple[Value, int, int]] = field(default_factory=list)  # (value, dim, unit)
 
 
@@ -202,20 +203,35 @@ def _structure(core: _Core) -> HeadStructure | None:
         elif (structure.heads, structure.head_dim) != (heads, head_dim):
             return None
         digit = int(np.ravel_multi_index([chosen[k] for k in range(head_k)], factors[:head_k])) if head_k else 0
-        outer_seen.setdefault(id(p_out), set()).add(digit)
-        projection = _projection(p_out)
-        if projection is None:
+        source = _source(p_out)
+        if source is None:
             return None
+        total = source.parts * outer
+        if structure.outer != total:
+            if structure.projections:
+                return None
+            structure.outer = total
+        projection = source.projection
+        outer_seen.setdefault(id(projection[0]), set()).add(source.part * outer + digit)
+        last = len(p_out.shape) - 1
+        structure.value_dims.append((p_out, last, head_dim * outer))
         if projection not in structure.projections:
             structure.projections.append(projection)
-            structure.value_dims.append((p_out, len(p_out.shape) - 1, head_dim * outer))
-            if projection[1] is not None:
-                structure.value_dims.append((projection[0].output, len(p_out.shape) - 1, head_dim * outer))
-            entry = shape_entry(split, len(split.input(0).shape) - 1 + head_k)
-            if entry is None:
-                return None
-            structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
-            structure.value_dims.append((split.output, len(split.input(0).shape) - 1 + head_k, 1))
+            for value in [*source.values, projection[0].output]:
+                structure.value_dims.append((value, len(value.shape) - 1, head_dim * total))
+            for reshape in source.reshapes:
+                if shape_entry(reshape, len(reshape.output.shape) - 1) is None:
+                    return None
+                structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, head_dim * total))
+            if source.split is not None:
+                structure.split_sizes.append((source.split, head_dim * outer))
+                inside.add(id(source.split))
+            inside |= {id(n) for n in source.reshapes}
+        entry = shape_entry(split, len(split.input(0).shape) - 1 + head_k)
+        if entry is None:
+            return None
+        structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
+        structure.value_dims.append((split.output, len(split.input(0).shape) - 1 + head_k, 1))
         inside |= {id(split)} | {id(n) for n in chain} | {id(n) for n in projection if n is not None}
         for n in chain:
             dim = _head_dim_of(n, split, chain, head_k)
@@ -251,22 +267,63 @@ def _head_dim_of(node: Node, split: Node, chain: list[Node], head_k: int) -> int
     return None
 
 
-def _projection(p_out: Value) -> tuple[Node, Node | None] | None:
-    """(MatMul by a 2-D constant weight, the Add of a 1-D constant bias after it or None) that computes p_out."""
-    node = p_out.producer
+@dataclass
+class _Source:
+    """Where a query/key/value part comes from: the projection (MatMul or Gemm by a 2-D constant; its bias Add
+    or None), which of `parts` equal parts of the projection's channels a Split gave it, and the values and
+    Reshapes between whose channel counts shrink with the heads."""
+
+    projection: tuple[Node, Node | None]
+    part: int = 0
+    parts: int = 1
+    values: list[Value] = field(default_factory=list)  # last dim: parts x heads x head_dim (x outer)
+    reshapes: list[Node] = field(default_factory=list)  # target's last entry, likewise
+    split: Node | None = None
+
+
+def _keeps_last_dim(reshape: Node) -> bool:
+    x, out = reshape.input(0), reshape.output
+    return (reshape.op_type == "Reshape" and not reshape.domain and x.shape is not None and out.shape is not None
+            and isinstance(x.shape[-1], int) and out.shape[-1] == x.shape[-1])
+
+
+def _source(p_out: Value) -> _Source | None:
+    source = _Source((None, None))
+    v = p_out
+    node = v.producer
+    if node is not None and node.op_type == "Split" and not node.domain:
+        sizes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
+        rank = len(node.input(0).shape) if node.input(0).shape is not None else None
+        if rank is None or node.attrs.get("axis", 0) % rank != rank - 1 or sizes is None \
+                or len(set(np.asarray(sizes).tolist())) != 1:
+            return None
+        source.part, source.parts, source.split = node.outputs.index(v), len(node.outputs), node
+        v = node.input(0)
+        source.values.append(v)
+        node = v.producer
+    while node is not None and _keeps_last_dim(node):  # GPT-2's [batch x tokens, channels] <-> [batch, tokens, ...]
+        source.reshapes.append(node)
+        v = node.input(0)
+        source.values.append(v)
+        node = v.producer
     add = None
     if node is not None and node.op_type == "Add" and not node.domain:
-        consts = [v for v in node.inputs if v is not None and v.const is not None]
-        others = [v for v in node.inputs if v is not None and v.const is None]
-        if len(consts) != 1 or len(others) != 1 or consts[0].const.shape != (p_out.shape[-1],):
+        consts = [x for x in node.inputs if x is not None and x.const is not None]
+        others = [x for x in node.inputs if x is not None and x.const is None]
+        if len(consts) != 1 or len(others) != 1 or consts[0].const.shape != (v.shape[-1],):
             return None
         add, node = node, others[0].producer
-    if node is None or node.op_type != "MatMul" or node.domain:
+        source.values.append(node.output if node is not None else others[0])
+    if node is None or node.domain or node.op_type not in MATMULS or attribute(node, "transA"):
         return None
     w = node.input(1)
-    if w.const is None or w.const.ndim != 2 or w.const.shape[1] != p_out.shape[-1]:
+    if w.const is None or w.const.ndim != 2 or w.const.shape[weight_out_axis(node) % 2] != v.shape[-1]:
         return None
-    return node, add
+    bias = node.input(2) if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and (bias.const is None or bias.const.shape != (v.shape[-1],)):
+        return None
+    source.projection = (node, add)
+    return source
 
 
 def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
@@ -303,10 +360,21 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         structure.shape_entries.append((node, merged, structure.head_dim))
         structure.value_dims.append((out, merged, structure.head_dim))
         readers = out.users
-        if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input(0) is not out:
+        while len(readers) == 1 and _keeps_last_dim(readers[0]):  # back to [batch x tokens, channels] (GPT-2)
+            reshape = readers[0]
+            if shape_entry(reshape, len(reshape.output.shape) - 1) is None:
+                return False
+            structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, structure.head_dim))
+            structure.value_dims.append((reshape.output, len(reshape.output.shape) - 1, structure.head_dim))
+            inside.add(id(reshape))
+            out = reshape.output
+            readers = out.users
+        if len(readers) != 1 or readers[0].op_type not in MATMULS or readers[0].domain \
+                or readers[0].input(0) is not out or attribute(readers[0], "transA"):
             return False
         w = readers[0].input(1)
-        if w.const is None or w.const.ndim != 2 or w.const.shape[0] != structure.heads * structure.head_dim:
+        if w.const is None or w.const.ndim != 2 or \
+                w.const.shape[weight_in_axis(readers[0]) % 2] != structure.heads * structure.head_dim:
             return False
         structure.out_projection = readers[0]
         inside.add(id(readers[0]))
@@ -329,9 +397,17 @@ def set_shape_entry(reshape: Node, dim: int, size: int) -> None:
 
 
 def rewrite_shapes(structure: HeadStructure, kept: int) -> None:
-    """After shrink: the Reshapes' shape constants and the values' recorded shapes for `kept` heads."""
-    for reshape, dim, unit in structure.shape_entries:
+    """After shrink: the Reshapes' shape constants, a Split's sizes and the values' recorded shapes for `kept`
+    heads."""
+    for reshape, dim, unit in dict.fromkeys(structure.shape_entries):
         set_shape_entry(reshape, dim, kept * unit)
+    for split, unit in dict.fromkeys(structure.split_sizes):
+        sizes = split.input(1)
+        array = np.full_like(sizes.const, kept * unit)
+        if len(sizes.uses) > 1:
+            split.set_input(1, split.graph.add_constant(f"{sizes.name}_pruned", array))
+        else:
+            sizes.const = array
     for value, dim, unit in structure.value_dims:
         if value.shape is not None and isinstance(value.shape[dim], int):
             shape = list(value.shape)

@@ -48,7 +48,7 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         smaller = np.asarray(v.const)
         for axis, positions in by_axis.items():  # a layer's weight loses filters (axis 0) and input channels
             smaller = np.delete(smaller, positions.astype(np.int64), axis=axis)
-        smaller = np.ascontiguousarray(smaller)
+        smaller = np.array(smaller, order="C")  # contiguous, its rank kept
         if {(id(n), p) for n, p in readers} >= {(id(n), p) for n, p in v.uses}:
             v.const = smaller  # every reader is a member: cut it in place (its name, a parameter's, stays)
         else:
