@@ -72,7 +72,8 @@ def _split(reshape: Node) -> list[int] | None:
 
 def _back(value: Value):
     """From an Attention input back to the projection output it is cut from: (projection output, split
-    Reshape, chain of nodes from the Reshape to the input, labels of the input's dims, outer digits chosen)."""
+    Reshape, factors, the nodes from the Reshape to the input each with the labels of its output's dims, the
+    labels of the input's dims, outer digits chosen)."""
     chain = []
     v = value
     while True:
@@ -92,6 +93,7 @@ def _back(value: Value):
     rank_in = len(split.input(0).shape)
     labels: list = [("o", i) for i in range(rank_in - 1)] + [("f", k) for k in range(len(factors))]
     chosen: dict[int, int] = {}
+    steps = []
     for n in reversed(chain):
         rank = len(labels)
         if n.op_type == "Transpose":
@@ -103,7 +105,8 @@ def _back(value: Value):
                 return None
             chosen[labels[axis][1]] = index % factors[labels[axis][1]]
             labels = labels[:axis] + labels[axis + 1:]
-    return split.input(0), split, factors, chain, labels, chosen
+        steps.append((n, labels))
+    return split.input(0), split, factors, steps, labels, chosen
 
 
 def shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
@@ -190,7 +193,7 @@ def _structure(core: _Core) -> HeadStructure | None:
     inside: set[int] = {id(n) for n in core.nodes}
     outer_seen: dict[int, set[int]] = {}
     structure = None
-    for p_out, split, factors, chain, labels, chosen in traced:
+    for p_out, split, factors, steps, labels, chosen in traced:
         if len(labels) != 4 or labels[1][0] != "f" or labels[3][0] != "f":
             return None
         head_k, dim_k = labels[1][1], labels[3][1]
@@ -232,11 +235,9 @@ def _structure(core: _Core) -> HeadStructure | None:
             return None
         structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
         structure.value_dims.append((split.output, len(split.input(0).shape) - 1 + head_k, 1))
-        inside |= {id(split)} | {id(n) for n in chain} | {id(n) for n in projection if n is not None}
-        for n in chain:
-            dim = _head_dim_of(n, split, chain, head_k)
-            if dim is not None:
-                structure.value_dims.append((n.output, dim, 1))
+        inside |= {id(split)} | {id(n) for n, _ in steps} | {id(n) for n in projection if n is not None}
+        for n, dims in steps:  # the dim holding the heads, after each Transpose and Gather
+            structure.value_dims.append((n.output, dims.index(("f", head_k)), 1))
     if any(len(digits) != structure.outer for digits in outer_seen.values()):
         return None  # a fused projection whose q, k or v part goes elsewhere
     for n in core.nodes[:-1]:  # the scores between q @ kT and the Softmax: [batch, heads, ...]
@@ -248,23 +249,6 @@ def _structure(core: _Core) -> HeadStructure | None:
         if value.is_graph_output or any(id(u) not in inside for u, _ in value.uses):
             return None
     return structure
-
-
-def _head_dim_of(node: Node, split: Node, chain: list[Node], head_k: int) -> int | None:
-    """Which dim of `node`'s output holds the heads (the split's factor `head_k`)."""
-    rank_in = len(split.input(0).shape)
-    labels: list = [("o", i) for i in range(rank_in - 1)] + [("f", k) for k in range(len(split.output.shape) -
-                                                                                      rank_in + 1)]
-    for n in reversed(chain):
-        if n.op_type == "Transpose":
-            perm = n.attrs.get("perm") or list(reversed(range(len(labels))))
-            labels = [labels[p] for p in perm]
-        else:
-            axis = n.attrs.get("axis", 0) % len(labels)
-            labels = labels[:axis] + labels[axis + 1:]
-        if n is node:
-            return labels.index(("f", head_k))
-    return None
 
 
 @dataclass
