@@ -20,7 +20,6 @@ lowest and stays masked.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +89,7 @@ class MaskController:
             self._targets.append(targets)
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
+        self._zeroed: list[tuple[str, int, np.ndarray]] = []  # (tensor path, axis, positions), made by _masked()
         self._handle = module.register_forward_pre_hook(lambda mod, args: self.apply())
         if keep is None:
             self._set_ratio(schedule.ratio(t))
@@ -99,7 +99,7 @@ class MaskController:
             self._keep = [np.asarray(k, bool) for k in keep]
             for g, k in zip(self.groups, self._keep):
                 self.masks.update(dict.fromkeys(g.names, k))
-            self.apply()
+            self._masked()
 
     def state(self) -> dict:
         """What the compression-state file records: the spec, the schedule and its position, every group's mask."""
@@ -139,9 +139,7 @@ class MaskController:
         graph = graph_of(self.module)
         by_name = {v.name: v for v in graph.constants.values()}
         for i, g in enumerate(self.groups):
-            keep = kept_channels(g.size, ratio)
-            keep = max(min(g.size, math.ceil(keep / self.spec.round_to) * self.spec.round_to),
-                       min(g.size, self.spec.round_to))
+            keep, _ = kept_channels(g.size, ratio, self.spec.round_to)
             for m in g.members:  # score the current weights, as the module holds them
                 m.value.const = by_name[m.value.name].const
             order = np.argsort(scores(g, self.spec.criterion, self.cg.find), kind="stable")
@@ -149,27 +147,27 @@ class MaskController:
             mask[order[:g.size - keep]] = False
             self._keep[i] = mask & self._keep[i]  # a channel once masked stays masked
             self.masks.update(dict.fromkeys(g.names, self._keep[i]))
+        self._masked()
+
+    def _masked(self) -> None:
+        """The entries every masked channel occupies in each member tensor, worked out once per mask change (not
+        at every forward), then zeroed."""
+        removed = {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep)}
+        self._zeroed = [(path, axis, positions) for targets in self._targets for path, axis, segments in targets
+                        if (positions := _positions(segments, removed, self.cg.find)).size]
         self.apply()
 
     def apply(self) -> None:
         """Zero every masked channel's entries, in place (called before each forward)."""
         import torch
 
-        removed = {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep)}
         state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         with torch.no_grad():
-            for targets in self._targets:
-                for path, axis, segments in targets:
-                    positions = _positions(segments, removed, self.cg.find)
-                    if positions.size:
-                        tensor = state[path]
-                        index = [slice(None)] * tensor.ndim
-                        index[axis] = torch.as_tensor(positions, dtype=torch.long)
-                        tensor[tuple(index)] = 0
-
-    def removed(self) -> dict[int, np.ndarray]:
-        """The masked channels of each group, by group root (what strip removes)."""
-        return {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep) if (~keep).any()}
+            for path, axis, positions in self._zeroed:
+                tensor = state[path]  # looked up each time: .to(device) replaces buffers
+                index = [slice(None)] * tensor.ndim
+                index[axis] = torch.as_tensor(positions, dtype=torch.long, device=tensor.device)
+                tensor[tuple(index)] = 0
 
 
 def strip_masks(module):

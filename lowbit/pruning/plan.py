@@ -48,10 +48,13 @@ class PruneSpec:
                              "of it)")
 
 
-def kept_channels(size: int, ratio: float) -> int:
+def kept_channels(size: int, ratio: float, round_to: int = 1) -> tuple[int, bool]:
     """How many of `size` channels a group keeps at `ratio`: floor(size * (1 - ratio)), as Torch-Pruning counts
-    (an odd count loses the larger half), before rounding to round_to."""
-    return math.floor(size * (1 - ratio) + 1e-9)
+    (an odd count loses the larger half), rounded up to a multiple of `round_to`; and whether the floor of
+    round_to channels (size, if smaller) raised it."""
+    keep = min(size, math.ceil(math.floor(size * (1 - ratio) + 1e-9) / round_to) * round_to)
+    floor = min(size, round_to)
+    return max(keep, floor), keep < floor
 
 
 def layer_names(node: Node) -> set[str]:
@@ -127,11 +130,9 @@ def plan(graph: Graph, spec: PruneSpec, dataset: Any = None) -> Plan:
         if group.blocked is not None:
             continue
         ratio = min((ratios[n.name] for n in group.producers if n.name in ratios), default=spec.ratio)
-        keep = kept_channels(group.size, ratio)
-        keep = min(group.size, math.ceil(keep / spec.round_to) * spec.round_to)
-        floor = min(group.size, spec.round_to)
-        if keep < floor:
-            keep, row["note"] = floor, f"kept {floor} channels: a group keeps at least round_to={spec.round_to}"
+        keep, floored = kept_channels(group.size, ratio, spec.round_to)
+        if floored:
+            row["note"] = f"kept {keep} channels: a group keeps at least round_to={spec.round_to}"
         if keep == group.size:
             continue
         order = np.argsort(scores(group, spec.criterion, cg.find, saliency), kind="stable")
