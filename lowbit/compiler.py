@@ -238,7 +238,6 @@ def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any
 
 def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_inputs: Any, ignored_scope: Any):
     from .errors import PruneError
-    from .pruning import PruneSpec
     from .pruning.masks import MaskController, Schedule
     from .quant.scope import as_ignored_scope
 
@@ -262,8 +261,7 @@ def _masked(model: Any, spec: Any, schedule: dict | None, dataset: Any, example_
     graph = graph_of(module)
     scope = as_ignored_scope(ignored_scope)
     keep = frozenset(scope.resolve(graph)) if scope is not None else frozenset()
-    module.lowbit_pruning = MaskController(module, graph, PruneSpec(spec.ratio, spec.criterion, spec.round_to,
-                                                                    keep=keep), plan_of)
+    module.lowbit_pruning = MaskController(module, graph, dataclasses.replace(spec, keep=keep), plan_of)
     return module
 
 

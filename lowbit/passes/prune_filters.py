@@ -9,6 +9,8 @@ it was left alone, in `graph.meta["pruning"]`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..ir.graph import Graph
 from ..pruning import PruneSpec, prune_graph
 from .base import Pass, PassContext, PassResult, register_pass
@@ -22,8 +24,7 @@ class PruneFilters(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         spec = ctx.pruning or PruneSpec()
         if ctx.ignored_scope is not None:
-            spec = PruneSpec(spec.ratio, spec.criterion, spec.round_to, spec.config_list,
-                             frozenset(spec.keep | ctx.ignored_scope.resolve(graph)))
+            spec = dataclasses.replace(spec, keep=frozenset(spec.keep | ctx.ignored_scope.resolve(graph)))
         report = prune_graph(graph, spec, ctx.dataset)
         graph.meta["pruning"] = report
         pruned = [r for r in report if r["kept"] < r["channels"]]

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.infer import reinfer
-from .groups import ChannelGroups, Segment
+from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
 
 
@@ -27,9 +27,11 @@ def _positions(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], fi
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def _kept(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> tuple[Segment, ...]:
-    return tuple(Segment(s.group, s.length - (removed[find(s.group)].size if s.group is not None and
-                                               find(s.group) in removed else 0), s.repeat) for s in segments)
+def _kept_size(layout: Layout, removed: dict[int, np.ndarray], find) -> int:
+    """How many entries along its axis a value keeps once the removed channels of its groups are gone."""
+    gone = [removed[find(s.group)].size * s.repeat if s.group is not None and find(s.group) in removed else 0
+            for s in layout.segments]
+    return layout.size - sum(gone)
 
 
 def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
@@ -64,11 +66,11 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         if gone is not None and gone.size:
             rewrite_shapes(structure, structure.heads - gone.size)
     for reshape, layout in cg.reshape_entries:  # the channel counts a Reshape's target spells out
-        set_shape_entry(reshape, layout.axis, sum(s.length * s.repeat for s in _kept(layout.segments, removed, find)))
+        set_shape_entry(reshape, layout.axis, _kept_size(layout, removed, find))
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)
-            shape[layout.axis] = sum(s.length * s.repeat for s in _kept(layout.segments, removed, find))
+            shape[layout.axis] = _kept_size(layout, removed, find)
             v.shape = tuple(shape)
     reinfer(graph)
     return len(cuts)
