@@ -33,7 +33,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .errors import LowbitError, OutputPathError
+from .errors import LowbitError
 
 
 QUANTIZE_HELP = """\
@@ -82,6 +82,18 @@ def _wrote(out: Path, dump_dir) -> str:
     return f"wrote {out}" + (f"; dumps in {dump_dir}/index.html" if dump_dir else "")
 
 
+def _ignored_scope(names: str | None, graph):
+    """--ignored-scope NAME[,NAME...] as an IgnoredScope, resolved now: a name that matches no node fails before
+    any pass runs."""
+    from .quant import IgnoredScope
+
+    if not names:
+        return None
+    scope = IgnoredScope(names=[n.strip() for n in names.split(",") if n.strip()])
+    scope.resolve(graph)
+    return scope
+
+
 def _quantize(args) -> int:
     """`lowbit.quantize` for an .onnx file, with its checks done first and its graph written as .onnx or .xml.
 
@@ -94,7 +106,7 @@ def _quantize(args) -> int:
     from .api import lower
     from .compiler import pass_context, ptq_passes
     from .hw_configs import load_hw_config
-    from .quant import Dataset, IgnoredScope
+    from .quant import Dataset
     from .quant.arrays import check_data_path, load_calibration_arrays
 
     # every check before any work: the cheap ones first, the output folder (which it creates) last
@@ -103,10 +115,7 @@ def _quantize(args) -> int:
     check_data_path(args.data)
     graph = lower(args.model)
     items = load_calibration_arrays(args.data, graph, limit=args.subset_size)
-    scope = None
-    if args.ignored_scope:
-        scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()])
-        scope.resolve(graph)  # a name that matches no node fails now, not after the first passes
+    scope = _ignored_scope(args.ignored_scope, graph)
     _output(args.output)
 
     dataset = Dataset(items)
@@ -155,7 +164,7 @@ def _prune(args) -> int:
     from .api import lower
     from .compiler import pass_context, run_pipeline
     from .pruning import PruneSpec, cost
-    from .quant import Dataset, IgnoredScope
+    from .quant import Dataset
     from .quant.arrays import check_data_path, load_calibration_arrays
 
     out = _output(args.output, create=False)
@@ -165,10 +174,7 @@ def _prune(args) -> int:
     if args.data:
         check_data_path(args.data)
         dataset = Dataset(load_calibration_arrays(args.data, graph, limit=args.subset_size))
-    scope = None
-    if args.ignored_scope:
-        scope = IgnoredScope(names=[n.strip() for n in args.ignored_scope.split(",") if n.strip()])
-        scope.resolve(graph)
+    scope = _ignored_scope(args.ignored_scope, graph)
     _output(args.output)
     before = cost(graph)
     ctx = pass_context(dataset=dataset, subset_size=args.subset_size, ignored_scope=scope, pruning=spec)
