@@ -55,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -63,6 +62,7 @@ if str(HERE) not in sys.path:
 
 import deploy  # noqa: E402  (puts examples/ and tests/ on sys.path)
 import ptq  # noqa: E402
+from digits import train  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.api import graph_of  # noqa: E402
 from lowbit.pruning import cost  # noqa: E402
@@ -107,16 +107,8 @@ def timed(fn):
 
 
 def finetune(model, x, y, epochs: int):
-    """Adam lr 1e-3, batch 64, seed 0: the same for both tools."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    """Adam lr 1e-3, batch 64, seed 0 (examples/digits.train): the same for both tools."""
+    return train(model, x, y, epochs, seed=0, lr=1e-3)
 
 
 def top1(model, x, y) -> float:

@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import openvino as ov
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from demo import latency_ms  # noqa: E402
 from digits import accuracy, load_digits_split, train, trained  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -33,19 +32,6 @@ from lowbit.pruning import cost  # noqa: E402
 
 OUT = Path("out/prune_then_quantize")
 SIZE, FT_EPOCHS = 32, 5
-
-
-def latency_ms(path: Path, x: np.ndarray, runs: int = 200) -> float:
-    compiled = ov.Core().compile_model(str(path), "CPU")
-    request = compiled.create_infer_request()
-    for _ in range(20):
-        request.infer([x])
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        request.infer([x])
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def main() -> None:
@@ -58,7 +44,7 @@ def main() -> None:
     def step(label, module, graph, xml):
         c = cost(graph)
         acc = accuracy(module, x_test, y_test)
-        ms = latency_ms(xml, x_test[:1].numpy())
+        ms = latency_ms(xml, x_test[:1].numpy(), runs=200)
         rows.append((label, c.params, c.macs, acc, ms))
         print(f"{label:<32} {c.params:>9,} params {c.macs / 1e6:>7.2f} MMACs  top-1 {acc:.4f}  {ms:.3f} ms")
 
