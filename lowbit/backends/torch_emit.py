@@ -133,6 +133,12 @@ class _Emitter:
         self.names.setdefault(v.name, name)
         return name
 
+    def tensor(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A tensor the module holds under a fresh name made of `name` (not one of the graph's constants), read."""
+        path = self.fresh_path(name)
+        self.root[path] = tensor
+        return self.fx.get_attr(path)
+
     def fresh_path(self, name: str, prefix: str = "m") -> str:
         """An attribute name made of `name` (`prefix`_ before a leading digit) that nothing in the module takes."""
         path = re.sub(r"[^0-9A-Za-z_]", "_", name)
@@ -659,14 +665,11 @@ def _native_fake_quantize(e: _Emitter, n: Node):
         shape = [1] * x.const.ndim
         if p.axis is not None:
             shape[p.axis] = -1
-        scale = torch.tensor(p.scale.reshape(shape))
-        zero = torch.tensor(p.zero_point.astype(np.float32).reshape(shape))
-        scale_name = e.fresh_path(f"{n.name}_scale")
-        zero_name = e.fresh_path(f"{n.name}_zero_point")
-        e.root[scale_name], e.root[zero_name] = scale, zero
+        scale = e.tensor(f"{n.name}_scale", torch.tensor(p.scale.reshape(shape)))
+        zero = e.tensor(f"{n.name}_zero_point", torch.tensor(p.zero_point.astype(np.float32).reshape(shape)))
         dtype = to_torch_dtype(x.dtype) if x.dtype else torch.float32
-        shifted = e.call(aten.sub.Tensor, e.call(aten._to_copy.default, q, dtype=dtype), e.fx.get_attr(zero_name))
-        return e.call(aten.mul.Tensor, shifted, e.fx.get_attr(scale_name))
+        shifted = e.call(aten.sub.Tensor, e.call(aten._to_copy.default, q, dtype=dtype), zero)
+        return e.call(aten.mul.Tensor, shifted, scale)
     # torch.onnx.export takes only the full 8-bit ranges: a narrower grid (255 levels, a 7-bit overflow fix, 4
     # bits) is clipped to its own ends first, then quantized on the full range with the same scale and zero point
     full_min, full_max = (-128, 127) if signed else (0, 255)
@@ -678,20 +681,15 @@ def _native_fake_quantize(e: _Emitter, n: Node):
         else:
             shape = [1] * len(x.shape) if x.shape is not None else [1]
             shape[p.axis] = -1
-            bounds = []
-            for end, label in zip(ends, ("low", "high")):
-                name = e.fresh_path(f"{n.name}_{label}")
-                e.root[name] = torch.tensor(end.astype(np.float32).reshape(shape))
-                bounds.append(e.fx.get_attr(name))
+            bounds = [e.tensor(f"{n.name}_{label}", torch.tensor(end.astype(np.float32).reshape(shape)))
+                      for end, label in zip(ends, ("low", "high"))]
             value = e.call(aten.clamp.Tensor, value, *bounds)
     if p.axis is None:
         return e.call(torch.fake_quantize_per_tensor_affine, value, float(p.scale), int(p.zero_point), full_min,
                       full_max)
-    scale_name, zero_name = e.fresh_path(f"{n.name}_scale"), e.fresh_path(f"{n.name}_zero_point")
-    e.root[scale_name] = torch.tensor(p.scale)
-    e.root[zero_name] = torch.tensor(p.zero_point.astype(np.int32))
-    return e.call(torch.fake_quantize_per_channel_affine, value, e.fx.get_attr(scale_name),
-                  e.fx.get_attr(zero_name), p.axis, full_min, full_max)
+    return e.call(torch.fake_quantize_per_channel_affine, value, e.tensor(f"{n.name}_scale", torch.tensor(p.scale)),
+                  e.tensor(f"{n.name}_zero_point", torch.tensor(p.zero_point.astype(np.int32))), p.axis, full_min,
+                  full_max)
 
 
 # -- opaque torch ops ---------------------------------------------------------------
