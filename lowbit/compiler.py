@@ -97,7 +97,8 @@ def _writeback(graph: Graph, model: Any) -> Any:
 
 def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300, ignored_scope: Any = None,
                  preset: str | None = None, model_type: str | None = None, range_estimator: str | None = None,
-                 overflow_fix: str = "first_layer", progress: bool = True, pruning: Any = None) -> PassContext:
+                 overflow_fix: str = "first_layer", progress: bool = True, pruning: Any = None, bits: Any = None,
+                 range_learning: str = "range", fold_bn: str = "eval") -> PassContext:
     """The PassContext of a compile/quantize call, every option checked (an OptionError or
     HardwareConfigError names the bad one) before any work."""
     from .hw_configs import load_hw_config
@@ -108,7 +109,8 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     subset_size = check_subset_size(subset_size)
     ignored_scope = as_ignored_scope(ignored_scope)
     options = Options(preset=preset, model_type=model_type, range_estimator=range_estimator,
-                      overflow_fix=overflow_fix, progress=progress)
+                      overflow_fix=overflow_fix, progress=progress, bits=bits, range_learning=range_learning,
+                      fold_bn=fold_bn)
     if dataset is not None:  # read once, lazily, and shared by capture and every pass that needs data
         dataset = CalibrationData(dataset, subset_size)
     return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options,
@@ -125,16 +127,21 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
             example_inputs: Any = None, subset_size: int = 300, ignored_scope: Any = None,
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
             range_estimator: str | None = None, overflow_fix: str = "first_layer", progress: bool = True,
-            pruning: Any = None) -> Any:
+            pruning: Any = None, bits: Any = None, range_learning: str = "range", fold_bn: str = "eval") -> Any:
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
     quantization: cleanup, fold_bn, fuse, quantize, fast_bias_correction (with
-    `model_type="transformer"`, smooth_quant before quantize).
+    `model_type="transformer"`, smooth_quant before quantize). `bits` sets 2 to 8 bits per weight or
+    activation, per layer (lowbit/quant/bits.py); `range_learning` says how a torch module's quantizers learn
+    in QAT: "range" (their range ends, as NNCF) or "lsq" (a step size, as LSQ). `fold_bn="train"` keeps each
+    Conv's BatchNorm training, merged into the weight the quantizer sees, and folds it at export or strip
+    (passes/fold_bn.py); "eval" (the default) folds it first.
     """
     ctx = pass_context(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, preset=preset,
                        model_type=model_type, range_estimator=range_estimator, overflow_fix=overflow_fix,
-                       progress=progress, pruning=pruning)
+                       progress=progress, pruning=pruning, bits=bits, range_learning=range_learning,
+                       fold_bn=fold_bn)
     from .passes import resolve
 
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -174,14 +181,15 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
 def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None, target_device: str = "ANY",
              subset_size: int = 300, fast_bias_correction: bool = True, model_type: str | None = None,
              ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None,
-             overflow_fix: str = "first_layer") -> Any:
+             overflow_fix: str = "first_layer", bits: Any = None, range_learning: str = "range") -> Any:
     """Post-training INT8 quantization, a drop-in for `nncf.quantize`.
 
     A torch nn.Module comes back as a torch module with FakeQuantize modules
     (its example inputs are the first dataset item unless given); an ONNX
     model as an onnx.ModelProto in QDQ form. `overflow_fix` ("first_layer", as
     NNCF; "enable" for models deployed on x86 CPUs without VNNI; "disable")
-    says which weights use a 7-bit grid (see passes/quantize.py).
+    says which weights use a 7-bit grid (see passes/quantize.py). `bits` and `range_learning` are compile's
+    (per-layer bit widths; how the quantizers learn in QAT).
     """
     if calibration_dataset is None:
         raise DatasetError("lowbit.quantize needs a calibration dataset: pass lowbit.Dataset(items, transform_fn) "
@@ -190,7 +198,7 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
     return compile(model, ptq_passes(calibration_dataset, model_type, fast_bias_correction), hw=target_device,
                    dataset=calibration_dataset, example_inputs=example_inputs, subset_size=subset_size,
                    ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset, model_type=model_type,
-                   overflow_fix=overflow_fix)
+                   overflow_fix=overflow_fix, bits=bits, range_learning=range_learning)
 
 
 def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any = None,

@@ -106,11 +106,12 @@ def test_gradients_reach_weights_and_ranges(quantized, data):
     for name in conv_weights:
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
     fqs = _fq_modules(q)
-    low_grads = [float(m.low.grad.abs().sum()) for m in fqs.values() if m.low.grad is not None]
     high_grads = [float(m.high.grad.abs().sum()) for m in fqs.values() if m.high.grad is not None]
-    assert len(low_grads) == len(high_grads) == len(fqs)
-    assert all(g > 0 for g in high_grads)  # every range is learnable
-    assert sum(g > 0 for g in low_grads) >= len(fqs) - 1
+    assert len(high_grads) == len(fqs) and all(g > 0 for g in high_grads)  # every range is learnable
+    # the performance preset's grids are symmetric: the low end follows the high end (zero stays a level), so
+    # it gets no gradient of its own; an asymmetric grid learns both ends
+    assert {m.grid for m in fqs.values()} == {"symmetric"}
+    assert all(m.low.grad is None for m in fqs.values())
 
 
 def test_one_fine_tuning_step(quantized, data):

@@ -312,6 +312,25 @@ def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
                 user.set_input(at, again)
 
 
+def grid_ends(levels: int, p: QDQParams) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest value of the `levels`-point grid `p` (scale, zero point) places in its integer
+    type: a grid narrower than the type (fewer than 8 bits, the overflow fix's) uses only part of it."""
+    qmin = -(levels // 2) if p.zero_point.dtype == np.int8 else 0
+    zero = p.zero_point.astype(np.float64)
+    return tuple((q - zero) * p.scale.astype(np.float64) for q in (qmin, qmin + levels - 1))
+
+
+def _clipped_to_grid(m: Match, x: Value, p: QDQParams, levels: int) -> Value:
+    """x clipped to the ends of a grid narrower than 8 bits: QuantizeLinear alone would saturate at its integer
+    type's ends (int8 or uint8), so an activation past a 4-bit range would keep more than the 16 levels."""
+    dtype = np.float16 if x.dtype == "float16" else np.float32
+    low, high = (m.graph.add_constant(f"{m.root.name}_grid_{end}", np.asarray(value, dtype=dtype).reshape(()))
+                 for end, value in zip(("low", "high"), grid_ends(levels, p)))
+    clip = m.op("Clip", [x, low, high], name=f"{m.root.name}_grid_clip")
+    clip.dtype, clip.shape = x.dtype, x.shape
+    return clip
+
+
 def _reads_layer_relu(x: Value) -> bool:
     """`x`, read by nothing else, is the output of a Relu that alone reads an integer-fusable layer's output."""
     relu = x.producer
@@ -359,6 +378,8 @@ def _as_qdq(m: Match, as_uint8: bool) -> Value:
     p = qdq_params(int(node.attrs["levels"]), m["low"].const, m["high"].const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
     quantized = quantize_array(x.const, p) if x.const is not None else None
+    if quantized is None and int(node.attrs["levels"]) < 255 and p.axis is None:
+        x = _clipped_to_grid(m, x, p, int(node.attrs["levels"]))
     if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:
         p = QDQParams(p.scale, (p.zero_point.astype(np.int16) + 128).astype(np.uint8), p.axis)
         if _reads_layer_relu(x):

@@ -78,6 +78,7 @@ class _Emitter:
         self.graph = graph
         self.on_value = on_value  # streaming: called with (name, tensor) for each graph output as computed
         self.fake_quantize = fake_quantize  # "module" (lowbit's trainable FakeQuantize), "native", "dequantize"
+        self.merged_bn: dict[str, str] = {}  # BN node name -> module path, of BNs merged into a Conv (torch_bn_merge)
         self._notified: set[int] = set()
         self.fx = fx.Graph()
         self.env: dict[int, Any] = {}
@@ -277,10 +278,17 @@ def _sym_pads(node: Node, k: int) -> list[int]:
 
 @emits("Conv")
 def _conv(e: _Emitter, n: Node):
-    w = n.input(1)
-    k = len(w.shape) - 2
+    if n.meta.get("bn_merge"):
+        from .torch_bn_merge import emit_merged_conv
+
+        return emit_merged_conv(e, n, _conv_call)
+    return _conv_call(e, n, e[n.input(1)], e[n.input(2)])
+
+
+def _conv_call(e: _Emitter, n: Node, weight, bias):
+    k = len(n.input(1).shape) - 2
     target = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[k]
-    return e.call(target, e[n.input(0)], e[w], e[n.input(2)], _spatial(n, "strides", k, 1), _sym_pads(n, k),
+    return e.call(target, e[n.input(0)], weight, bias, _spatial(n, "strides", k, 1), _sym_pads(n, k),
                   _spatial(n, "dilations", k, 1), n.attrs.get("group", 1))
 
 
@@ -384,7 +392,7 @@ def _softmax(e: _Emitter, n: Node):
 
 @emits("BatchNormalization")
 def _batch_norm(e: _Emitter, n: Node):
-    module = _batch_norm_module(e, n)
+    module = e.merged_bn.get(n.name) or _batch_norm_module(e, n)
     if module is not None:  # train() makes it normalize by batch statistics and update its running ones
         return e.fx.call_module(module, (e[n.input(0)],))
     for stat in n.inputs[3:5]:  # running statistics are buffers, never trained
@@ -633,7 +641,7 @@ def _constant(e: _Emitter, n: Node):
 
 
 def emit_fake_quantize(e: _Emitter, n: Node):
-    from .torch_fq import FakeQuantize
+    from .torch_fq import fake_quantize
 
     low, high = n.input(1), n.input(2)
     if low.const is None or high.const is None:
@@ -642,17 +650,22 @@ def emit_fake_quantize(e: _Emitter, n: Node):
         return _native_fake_quantize(e, n)
     x = e[n.input(0)]
     name = e.fresh_path(n.name)
-    e.root[name] = FakeQuantize(int(n.attrs["levels"]), torch.from_numpy(np.array(low.const)),
-                                torch.from_numpy(np.array(high.const)))
+    from .torch_bn_merge import merged_conv
+
+    e.root[name] = fake_quantize(int(n.attrs["levels"]), torch.from_numpy(np.array(low.const)),
+                                 torch.from_numpy(np.array(high.const)), grid=n.meta.get("grid"),
+                                 learning=n.meta.get("learning", "range"))
     e._modules.add(name)
     e.names[n.name] = name
+    if merged_conv(n) is not None:  # the merged Conv calls it, on the BN-scaled weight (torch_bn_merge.py)
+        return x
     return e.fx.call_module(name, (x,))
 
 
 def _native_fake_quantize(e: _Emitter, n: Node):
     """torch's own fake-quantize op on the grid QDQ writes (qdq.qdq_params); with "dequantize", a constant weight
     becomes an integer buffer and (q - zero_point) * scale."""
-    from .qdq import qdq_params, quantize_array
+    from .qdq import grid_ends, qdq_params, quantize_array
 
     levels = int(n.attrs["levels"])
     p = qdq_params(levels, n.input(1).const, n.input(2).const)
@@ -675,7 +688,7 @@ def _native_fake_quantize(e: _Emitter, n: Node):
     full_min, full_max = (-128, 127) if signed else (0, 255)
     value = e[x]
     if (qmin, qmax) != (full_min, full_max):
-        ends = [(np.float64(q) - p.zero_point.astype(np.float64)) * p.scale.astype(np.float64) for q in (qmin, qmax)]
+        ends = grid_ends(levels, p)
         if p.axis is None:
             value = e.call(aten.clamp.default, value, float(ends[0]), float(ends[1]))
         else:

@@ -52,9 +52,11 @@ def frontend_for(model: Any) -> Frontend:
                                 + ", ".join(f.takes for f in FRONTENDS.values()))
 
 
-def graph_of(model: Any) -> Graph | None:
+def graph_of(model: Any, *, fold_merged_bn: bool = True) -> Graph | None:
     """The IR behind a torch module that compile/quantize returned, with its current weights and ranges;
-    None for any other module. Lowering such a module gives this graph, FakeQuantize nodes included."""
+    None for any other module. Lowering such a module gives this graph, FakeQuantize nodes included. A BN merged
+    while it trained (fold_bn="train") is folded into its Conv by its running statistics, as deployed, unless
+    `fold_merged_bn` is False (the compression state keeps it, so that training resumes)."""
     graph = getattr(model, "lowbit_graph", None)
     if graph is None:
         if not hasattr(model, "modules"):  # not a torch module (an ONNX model): nothing to import torch for
@@ -80,10 +82,14 @@ def graph_of(model: Any) -> Graph | None:
         attr = names.get(node.name)
         if attr is not None and node.op_type == "FakeQuantize":
             fq = model.get_submodule(attr)
-            for port, tensor in ((1, fq.low), (2, fq.high), (3, fq.low), (4, fq.high)):
-                fresh = graph.add_constant(f"{node.name}_range", tensor.detach().cpu().numpy().astype(np.float32))
-                node.set_input(port, fresh)
+            low, high = (t.detach().cpu().numpy().astype(np.float32) for t in fq.ranges())  # the range in use
+            for port, array in ((1, low), (2, high), (3, low), (4, high)):
+                node.set_input(port, graph.add_constant(f"{node.name}_range", array))
     graph.remove_unused_constants()
+    if fold_merged_bn:
+        from ..patterns.library.bn_folding import fold_merged
+
+        fold_merged(graph)
     return graph
 
 

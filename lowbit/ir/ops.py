@@ -248,3 +248,21 @@ def is_quantizer(node) -> bool:
 def is_opaque(domain: str) -> bool:
     """True for nodes that only their origin framework can run."""
     return domain == TORCH_DOMAIN
+
+
+# torch module class names (NNI's config_list, NNCF-style scopes) and the IR layers they lower to
+TORCH_LAYER_TYPES = {"Conv1d": "Conv", "Conv2d": "Conv", "Conv3d": "Conv", "Linear": "Gemm|MatMul"}
+
+
+def layer_types(node) -> set[str]:
+    """The types a layer answers to: its op type and the torch module classes that lower to it."""
+    return {node.op_type} | {t for t, ir in TORCH_LAYER_TYPES.items() if node.op_type in ir.split("|")}
+
+
+def layer_path(node) -> str | None:
+    """A layer's module path from its weight's parameter name (`layer1.0.conv1.weight` -> `layer1.0.conv1`;
+    a Linear weight the IR holds transposed keeps its name in meta["torch_name"]), or None."""
+    w = node.input(1) if len(node.inputs) > 1 else None
+    name = (w.meta.get("torch_name") or w.name) if w is not None and w.const is not None else ""
+    name = name.removesuffix(".T")  # written transposed by lowbit's ONNX writer
+    return name.removesuffix(".weight") if name.endswith(".weight") else None

@@ -145,7 +145,8 @@ def attrs_text(attrs: dict[str, Any]) -> str:
 
 
 # node.meta keys that are part of what a pass did, so the text form (and its diffs) show them
-ANNOTATIONS = ("fused",)
+# grid, learning: how a FakeQuantize trains (torch_fq.py); bn_merge: a Conv whose BN trains on (fold_bn.py)
+ANNOTATIONS = ("fused", "grid", "learning", "bn_merge")
 
 
 def node_text(node: Node) -> str:

@@ -7,12 +7,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import OptionError
+from ..quant.bits import Bits
 from ..quant.dataset import CALIBRATION_BATCH
 from ..quant.stats import RANGE_ESTIMATORS
 
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = ("transformer",)
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
+RANGE_LEARNING = ("range", "lsq")
+FOLD_BN = ("eval", "train")  # fold BN before quantizing, or merge it while it trains (passes/fold_bn.py)  # how a torch module's quantizers learn in QAT (backends/torch_fq.py)
 DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
 
 
@@ -28,16 +31,22 @@ class Options:
     progress: bool = True
     batch_size: int = CALIBRATION_BATCH
     smooth_quant_alpha: float | None = None
+    bits: Any = None  # quant.bits.Bits (or its dict form): bits per weight / activation, per layer
+    range_learning: str = "range"
+    fold_bn: str = "eval"
 
     def __post_init__(self):
         if self.range_estimator is None:
             self.range_estimator = "mean_min_max"
         for name, value, known in (("preset", self.preset, PRESETS), ("model_type", self.model_type, MODEL_TYPES),
                                    ("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
-                                   ("overflow_fix", self.overflow_fix, OVERFLOW_FIX)):
+                                   ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
+                                   ("range_learning", self.range_learning, RANGE_LEARNING),
+                                   ("fold_bn", self.fold_bn, FOLD_BN)):
             if not (value is None and name in ("preset", "model_type")) and value not in known:
                 raise OptionError(f"unknown {name} {value!r}: use one of {', '.join(known)}"
                                   + (" or None" if name == "model_type" else ""))
+        self.bits = Bits.of(self.bits)
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise OptionError(f"batch_size must be a positive int, got {self.batch_size!r}")
 

@@ -12,8 +12,9 @@ Options (ctx.options): `preset` ("performance": symmetric activations;
 "mixed": asymmetric), `model_type` ("transformer", as NNCF's: mixed preset by
 default, element-wise Add/Mul and the attention-probabilities x V MatMul stay
 FP32, a MatMul of two activations gets symmetric quantizers), `range_estimator` (see quant/stats.py),
-`overflow_fix` ("enable", "first_layer" (default), "disable"), `batch_size`
-for calibration.
+`overflow_fix` ("enable", "first_layer" (default), "disable"; 8-bit weights only), `batch_size`
+for calibration, `bits` (quant/bits.py: 2 to 8 bits per weight or activation, per layer), `range_learning`
+(how the torch module's quantizers train: "range" or "lsq").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from ..ir.graph import Graph, Node, Value
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
+from ..patterns.library.bn_folding import merged_weight
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
@@ -37,8 +39,13 @@ def preset_for(ctx: PassContext) -> str:
     return ctx.options.effective_preset
 
 
-def weight_range(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
+def weight_range(graph: Graph, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
+    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train")."""
     w = point.value.const.astype(np.float64)
+    merged = {bn.name: bn for bn in graph if bn.op_type == "BatchNormalization"}
+    for node, port in point.consumers:
+        if port == 1 and node.meta.get("bn_merge") in merged:
+            w = merged_weight(node, merged[node.meta["bn_merge"]])
     if not point.config.per_channel or w.ndim < 2:
         return np.array(w.min()), np.array(w.max())
     axis = point.axis % w.ndim
@@ -48,13 +55,18 @@ def weight_range(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
     return w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
 
 
-def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.ndarray, high: np.ndarray) -> Node:
+def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.ndarray, high: np.ndarray,
+                         learning: str = "range") -> Node:
+    """A FakeQuantize of `point`'s value. Its meta says how a torch module trains it (backends/torch_fq.py):
+    `grid` "symmetric" keeps the zero point fixed, "asymmetric" lets it move (zero stays a level either way);
+    `learning` "lsq" learns the step size with LSQ's gradient scale instead of the range ends."""
     v = point.value
     lo = graph.add_constant(f"{v.name}_fq_low", low)
     hi = graph.add_constant(f"{v.name}_fq_high", high)
     where = {"after": v.producer} if v.producer is not None else {"before": min_consumer(graph, point)}
     fq = graph.make_node("FakeQuantize", [v, lo, hi, lo, hi], {"levels": levels}, domain=QUANT_DOMAIN,
-                         name=f"{v.name}_fq", meta={"quantizer": point.kind, "config": point.config.name}, **where)
+                         name=f"{v.name}_fq", meta={"quantizer": point.kind, "config": point.config.name, "grid": point.config.mode,
+                               **({"learning": learning} if learning != "range" else {})}, **where)
     for node, port in point.consumers:
         node.set_input(port, fq.output)
     return fq
@@ -97,7 +109,7 @@ def half_range_weights(graph: Graph, points: list[QuantPoint], mode: str) -> set
     "disable" nowhere. The choice is the caller's: nothing here reads the CPU
     that quantizes, since the model is deployed elsewhere.
     """
-    weights = [p for p in points if p.kind == "weight"]
+    weights = [p for p in points if p.kind == "weight" and p.config.bits == 8]  # NNCF's fix: 8-bit grids only
     if mode == "enable":
         return {id(p) for p in weights}
     if mode == "first_layer":
@@ -124,9 +136,10 @@ def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     transformer = ctx.options.model_type == "transformer"
     if transformer:
         ignored |= attention_output_matmuls(graph)
-    return place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
-                            skip_ops=TRANSFORMER_FP32_ELEMENTWISE if transformer else frozenset(),
-                            transformer=transformer)
+    points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
+                              skip_ops=TRANSFORMER_FP32_ELEMENTWISE if transformer else frozenset(),
+                              transformer=transformer)
+    return ctx.options.bits.apply(graph, points) if ctx.options.bits is not None else points
 
 
 def activation_ranges(graph: Graph, ctx: PassContext, activations: list[QuantPoint]) -> dict[str, tuple[float, float]]:
@@ -185,11 +198,11 @@ class Quantize(Pass):
         half = half_range_weights(graph, points, ctx.options.overflow_fix)
         for p in points:
             if p.kind == "weight":
-                lo, hi = weight_range(p)
+                lo, hi = weight_range(graph, p)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
-            insert_fake_quantize(graph, p, r.levels, r.low, r.high)
+            insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
         counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
                   "activation_quantizers": len(activations)}
         return PassResult(graph, changed=True, fired=counts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import layer_path
 from .heads import HeadStructure
 
 
@@ -66,15 +67,6 @@ class Group:
         """The producing layers by the names a user knows: the module path of their weight (`layer1.0.conv1`)
         where it has one, else the node name."""
         return [layer_path(n) or n.name for n in self.producers]
-
-
-def layer_path(node: Node) -> str | None:
-    """A layer's module path from its weight's parameter name (`layer1.0.conv1.weight` -> `layer1.0.conv1`;
-    a Linear weight the IR holds transposed keeps its name in meta["torch_name"]), or None."""
-    w = node.input(1) if len(node.inputs) > 1 else None
-    name = (w.meta.get("torch_name") or w.name) if w is not None and w.const is not None else ""
-    name = name.removesuffix(".T")  # written transposed by lowbit's ONNX writer
-    return name.removesuffix(".weight") if name.endswith(".weight") else None
 
 
 class ChannelGroups:

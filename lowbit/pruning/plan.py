@@ -16,14 +16,12 @@ import numpy as np
 
 from ..errors import PruneError
 from ..ir.graph import Graph, Node
-from ..ir.ops import LAYERS, is_quantizer
+from ..ir.ops import LAYERS, is_quantizer, layer_types
 from .criteria import CRITERIA, scores
 from .groups import ChannelGroups, channel_groups, layer_path
 from .shrink import shrink
 from .taylor import taylor_saliency
 
-# torch module class names NNI's config_list uses, and the IR layers they lower to
-TORCH_LAYER_TYPES = {"Conv1d": "Conv", "Conv2d": "Conv", "Conv3d": "Conv", "Linear": "Gemm|MatMul"}
 
 
 @dataclass(frozen=True)
@@ -63,10 +61,6 @@ def layer_names(node: Node) -> set[str]:
     return {node.name, path} if path else {node.name}
 
 
-def _layer_types(node: Node) -> set[str]:
-    return {node.op_type} | {t for t, ir in TORCH_LAYER_TYPES.items() if node.op_type in ir.split("|")}
-
-
 def resolve_config_list(graph: Graph, config_list: tuple[dict, ...] | list[dict]) -> tuple[dict[str, float], set[str]]:
     """NNI's config_list, applied in order (later entries override earlier ones): {layer name: ratio} and the
     names excluded."""
@@ -82,7 +76,7 @@ def resolve_config_list(graph: Graph, config_list: tuple[dict, ...] | list[dict]
             raise PruneError(f"config_list[{i}] has unknown keys {sorted(unknown)}: use sparsity (or ratio), "
                              "op_types, op_names and exclude")
         types, names = entry.get("op_types"), entry.get("op_names")
-        matched = [n for n in layers if (types is None or _layer_types(n) & set(types))
+        matched = [n for n in layers if (types is None or layer_types(n) & set(types))
                    and (names is None or layer_names(n) & set(names))]
         if not matched:
             known = sorted({name for n in layers for name in layer_names(n)})
@@ -90,7 +84,7 @@ def resolve_config_list(graph: Graph, config_list: tuple[dict, ...] | list[dict]
             close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), known, n=3)})
             raise PruneError(f"config_list[{i}] ({entry}) matches no layer"
                              + (f"; closest names: {', '.join(close)}" if close else "")
-                             + f". Layer types here: {', '.join(sorted({t for n in layers for t in _layer_types(n)}))}")
+                             + f". Layer types here: {', '.join(sorted({t for n in layers for t in layer_types(n)}))}")
         if entry.get("exclude"):
             excluded |= {n.name for n in matched}
             continue

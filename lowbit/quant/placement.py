@@ -42,6 +42,7 @@ class QuantPoint:
     config: QuantizerConfig
     axis: int | None = None  # per-channel axis of a weight
     group: int | None = None  # unified-scale group
+    layers: tuple[str, ...] = ()  # an activation's: the nodes that asked for it (before moving up agnostic ops)
 
     @property
     def name(self) -> str:
@@ -55,6 +56,7 @@ class _Request:
     configs: tuple[QuantizerConfig, ...]
     groups: set[int] = field(default_factory=set)
     two_activation_matmul: bool = False  # asked for by a MatMul of two activations (maybe through agnostic ops)
+    layers: frozenset[str] = frozenset()  # the nodes that asked, through agnostic ops
 
 
 def _agnostic(node: Node, hw: HwConfig) -> bool:
@@ -140,7 +142,8 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
                 continue
             if v.producer is not None and _same_group(v.producer, node):
                 continue
-            ask(v, _Request(node, port, cfg.activations, {group} if group else set(), _reads_two_activations(node)))
+            ask(v, _Request(node, port, cfg.activations, {group} if group else set(), _reads_two_activations(node),
+                            frozenset({node.name})))
 
     # Move requests up through agnostic ops, consumers first.
     for node in reversed(nodes):
@@ -165,7 +168,8 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
             groups |= {next(group_ids)}
         del requests[id(out)]
         for port, v in sources:
-            ask(v, _Request(node, port, configs, set(groups), any(r.two_activation_matmul for r in reqs)))
+            ask(v, _Request(node, port, configs, set(groups), any(r.two_activation_matmul for r in reqs),
+                            frozenset().union(*(r.layers for r in reqs))))
 
     points: list[QuantPoint] = []
     for key, reqs in requests.items():
@@ -174,7 +178,8 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
         symmetric = transformer and any(r.two_activation_matmul for r in reqs)
         points.append(QuantPoint(v, [(r.consumer, r.port) for r in reqs], "activation",
                                  _pick(configs, "performance" if symmetric else preset, "activation"),
-                                 group=min(set().union(*(r.groups for r in reqs)), default=None)))
+                                 group=min(set().union(*(r.groups for r in reqs)), default=None),
+                                 layers=tuple(sorted(set().union(*(r.layers for r in reqs))))))
     _merge_groups(points, requests)
     order = {id(n): i for i, n in enumerate(nodes)}
     points.sort(key=lambda p: (order.get(id(p.value.producer), -1), p.name))

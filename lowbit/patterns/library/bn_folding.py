@@ -16,7 +16,7 @@ import numpy as np
 
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import weight_out_axis
-from ..pattern import Any, Const, P
+from ..pattern import Any, Const, P, match_at
 from ..rewrite import Match, Rule, RuleSet
 
 
@@ -119,3 +119,78 @@ rules = RuleSet([
     Rule("fold_bn_matmul_add", _bn(P("Add", _matmul, Const("b"), name="add")), fold_matmul, where=_matmul_ok),
     Rule("fold_bn_matmul", _bn(_matmul), fold_matmul, where=_matmul_ok),
 ])
+
+
+# -- BN merge for quantization-aware training (fold_bn="train") ------------------------------------------------
+#
+# The Conv keeps its BatchNormalization, which goes on training (batch statistics, running ones updated), and is
+# marked `bn_merge`; its weight quantizer sees the weight scaled by the BN as it stands, W * s (the torch writer's
+# merged form, backends/torch_bn_merge.py), so training sees the rounding of the weight that will be deployed.
+# `fold_merged` then folds each marked BN exactly, where the quantizer reads the folded weight.
+
+CONV_BN = _bn(P("Conv", Any("x"), Any("w"), name="layer"))
+
+
+def bn_scale(bn: Node) -> np.ndarray:
+    """gamma / sqrt(var + eps) of a BatchNormalization with constant parameters (float64)."""
+    gamma, var = bn.input(1).const.astype(np.float64), bn.input(4).const.astype(np.float64)
+    return gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+
+
+def _merge_candidate(bn: Node) -> Node | None:
+    """The Conv whose output only `bn` reads, normalized per output channel by constants; its weight a
+    constant, or a FakeQuantize of one that only it reads."""
+    found = match_at(CONV_BN, bn) if bn.op_type == "BatchNormalization" else None
+    if found is None or not all(v is not None and v.const is not None for v in bn.inputs[1:5]):
+        return None
+    conv, w = found["layer"], found["w"]
+    if w.const is None and not (w.producer is not None and w.producer.op_type == "FakeQuantize"
+                                and w.producer.input(0).const is not None and len(w.uses) == 1):
+        return None
+    bias = conv.input(2)
+    return conv if (bias is None or bias.const is not None) and bn.input(1).const.ndim == 1 else None
+
+
+def mark_bn_merge(graph: Graph) -> int:
+    """Mark each Conv followed by a foldable BatchNormalization `bn_merge` (the BN's name); how many."""
+    marked = 0
+    for bn in graph.nodes:
+        conv = _merge_candidate(bn)
+        if conv is not None:
+            conv.meta["bn_merge"] = bn.name
+            marked += 1
+    return marked
+
+
+def merged_pairs(graph: Graph) -> list[tuple[Node, Node]]:
+    """(Conv, BatchNormalization) of every Conv marked `bn_merge`."""
+    by_name = {n.name: n for n in graph if n.op_type == "BatchNormalization"}
+    return [(n, by_name[n.meta["bn_merge"]]) for n in graph if n.meta.get("bn_merge") in by_name]
+
+
+def merged_weight(conv: Node, bn: Node) -> np.ndarray:
+    """The weight a merged Conv's quantizer sees: W * s along the output channels (float64)."""
+    w = conv.input(1)
+    w = w if w.const is not None else w.producer.input(0)
+    return w.const.astype(np.float64) * bn_scale(bn).reshape([-1] + [1] * (w.const.ndim - 1))
+
+
+def fold_merged(graph: Graph) -> int:
+    """Fold every `bn_merge` BatchNormalization exactly into its Conv (by its running statistics); how many."""
+    pairs = merged_pairs(graph)
+    for conv, bn in pairs:
+        s, w = bn_scale(bn), conv.input(1)
+        weight = w if w.const is not None else w.producer.input(0)
+        folded = merged_weight(conv, bn).astype(weight.const.dtype)
+        holder = w.producer if w.const is None else conv
+        holder.set_input(0 if w.const is None else 1, graph.add_constant(f"{conv.name}.weight", folded))
+        bias = conv.input(2)
+        shift = (np.zeros_like(s) if bias is None else bias.const.astype(np.float64)) - bn.input(3).const
+        _set_const(graph, conv, 2, shift * s + bn.input(2).const.astype(np.float64), f"{conv.name}.bias",
+                   weight)
+        graph.replace_all_uses(bn.output, conv.output)
+        graph.remove(bn)
+        del conv.meta["bn_merge"]
+    if pairs:
+        graph.remove_unused_constants()
+    return len(pairs)

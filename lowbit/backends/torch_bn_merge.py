@@ -1,0 +1,68 @@
+"""The torch writer's form of a Conv whose BatchNormalization is merged while it trains (fold_bn="train"):
+
+    s = bn.weight / sqrt(bn.running_var + eps)
+    y = bn(conv(x, fake_quantize(W * s)) / s + b)
+
+the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT modules use. The BN module stays
+(under the user's path): in training it normalizes by the batch and updates its running statistics, so the
+network trains as the user's did, while the weight quantizer rounds the weight that will be deployed, W scaled
+by the running statistics. In eval mode it computes exactly the folded, quantized Conv that export writes
+(`patterns.library.bn_folding.fold_merged`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..ir.graph import Node
+
+if TYPE_CHECKING:
+    from torch import fx
+
+aten = torch.ops.aten
+
+
+def merged_conv(fq: Node) -> Node | None:
+    """The Conv marked `bn_merge` whose weight quantizer `fq` is, or None."""
+    uses = fq.output.uses
+    if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "Conv" and uses[0][0].meta.get("bn_merge"):
+        return uses[0][0]
+    return None
+
+
+def _bn_of(conv: Node) -> Node:
+    return next(user for user, _ in conv.output.uses if user.name == conv.meta["bn_merge"])
+
+
+def emit_merged_conv(e, conv: Node, conv_call) -> fx.Node:
+    """Emit `conv` and the scaling around it (the BN itself is emitted after, as its own module); `conv_call(e,
+    n, weight, bias)` emits a Conv with the given weight and bias fx nodes."""
+    from .torch_emit import _batch_norm_module
+
+    bn = _bn_of(conv)
+    path = e.merged_bn.get(bn.name) or _batch_norm_module(e, bn)
+    if path is None:
+        raise RuntimeError(f"BN {bn.name!r} of merged Conv {conv.name!r} cannot be written as a module")
+    e.merged_bn[bn.name] = path
+    module = e.root[path]
+    for slot in ("weight", "running_var"):  # read through the BN module's path: training updates them in place
+        e.root[f"{path}.{slot}"] = getattr(module, slot)
+    gamma, var = e.fx.get_attr(f"{path}.weight"), e.fx.get_attr(f"{path}.running_var")
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    s = e.call(aten.div.Tensor, gamma, e.call(aten.sqrt.default, e.call(aten.add.Tensor, var, eps)))
+    w = conv.input(1)
+    rank = len(conv.output.shape) if conv.output.shape is not None else len(w.shape)
+    per_filter = e.call(aten.reshape.default, s, [-1] + [1] * (rank - 1))
+    per_channel = e.call(aten.reshape.default, s, [1, -1] + [1] * (rank - 2))
+    if w.const is None:  # FakeQuantize(W): the quantizer rounds W * s
+        fq = w.producer
+        weight = e.fx.call_module(e.names[fq.name], (e.call(aten.mul.Tensor, e[fq.input(0)], per_filter),))
+    else:
+        weight = e.call(aten.mul.Tensor, e[w], per_filter)
+    y = e.call(aten.div.Tensor, conv_call(e, conv, weight, None), per_channel)
+    bias = conv.input(2)
+    if bias is not None:
+        y = e.call(aten.add.Tensor, y, e.call(aten.reshape.default, e[bias], [1, -1] + [1] * (rank - 2)))
+    return y
