@@ -10,9 +10,9 @@ from . import ir, passes, patterns
 from .api import codegen, lower
 from .compiler import compile, export, prune, quantize, strip
 from .state import load, save
-from .train import batch_norm_adaptation
+from .train import accuracy_aware_training, batch_norm_adaptation, create_compressed_model
 from .quant import Dataset, IgnoredScope
-from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError, InputShapeError,
+from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, ConfigError, DatasetError, DumpError, GraphError, HardwareConfigError, IgnoredScopeError, InputShapeError,
                      PruneError, StateError,
                      LowbitError, MissingExampleInputsError, ModelLoadError, OptionError, OutputPathError, PassError, RuleLoopError,
                      TextParseError, UnknownPassError, UnknownTargetError, UnsupportedModelError,
@@ -20,7 +20,7 @@ from .errors import (AlreadyQuantizedError, CalibrationDataError, CaptureError, 
 
 __version__ = "0.1.0"
 
-__all__ = ["lower", "codegen", "compile", "quantize", "prune", "strip", "batch_norm_adaptation", "export", "save", "load", "PruneError", "StateError", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "DumpError",
+__all__ = ["lower", "codegen", "compile", "quantize", "prune", "strip", "batch_norm_adaptation", "accuracy_aware_training", "create_compressed_model", "export", "save", "load", "PruneError", "StateError", "Dataset", "IgnoredScope", "ir", "passes", "patterns", "LowbitError", "AlreadyQuantizedError", "CalibrationDataError", "CaptureError", "ConfigError", "DumpError",
            "GraphError", "DatasetError", "HardwareConfigError", "IgnoredScopeError", "InputShapeError", "MissingExampleInputsError", "ModelLoadError", "OptionError", "OutputPathError", "PassError", "RuleLoopError",
            "TextParseError", "UnknownPassError", "UnknownTargetError", "UnsupportedModelError",
            "UnsupportedOpError"]

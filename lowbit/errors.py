@@ -86,6 +86,11 @@ class OptionError(LowbitError, ValueError):
     """An option of compile/quantize or of a pass has a value lowbit does not know."""
 
 
+class ConfigError(OptionError):
+    """A training-time compression config (NNCF's JSON form, or NNI's config_list) has an unknown or ill-typed
+    field; the message names its JSON path."""
+
+
 class StateError(LowbitError):
     """A compression-state file cannot be read, is of an unknown version, or belongs to another model."""
 

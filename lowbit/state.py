@@ -44,7 +44,7 @@ def _compressed_graph(model: Any):
     from .api import lower
     from .frontends import graph_of
 
-    graph = graph_of(model)
+    graph = graph_of(model, fold_merged_bn=False)
     if graph is None:
         graph = lower(model)
     if not graph.meta.get("passes_run") and getattr(model, "lowbit_pruning", None) is None:
@@ -54,16 +54,14 @@ def _compressed_graph(model: Any):
     return graph
 
 
-def save(model: Any, path: str | os.PathLike) -> Path:
-    """Write the compression state of `model` (what compile/quantize returned, trained or not) to
-    `path`.json and `path`.npz; returns the .json path."""
+def compression_state(model: Any) -> tuple[dict, dict[str, np.ndarray]]:
+    """The compression state of `model` in memory: the JSON-able record `save` writes, and its constants by name
+    (what `create_compressed_model(..., compression_state=...)` and `lowbit.save` keep)."""
     from . import __version__
-    from .compiler import origin_target, writable_parent
+    from .compiler import origin_target
     from .ir.text import print_graph
 
     graph = _compressed_graph(model)
-    json_path, npz_path = _paths(path)
-    writable_parent(json_path)
     constants = list(graph.constants.values())
     facts = {v.name: {k: v.meta[k] for k in VALUE_FACTS if k in v.meta} for v in constants}
     state = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "origin": origin_target(model),
@@ -75,7 +73,18 @@ def save(model: Any, path: str | os.PathLike) -> Path:
     controller = getattr(model, "lowbit_pruning", None)
     if controller is not None:  # a masked module (lowbit.prune(..., mode="mask")): its masks and schedule
         state["pruning_masks"] = controller.state()
-    np.savez(npz_path, **{f"c{i}": np.asarray(v.const) for i, v in enumerate(constants)})
+    return state, {v.name: np.asarray(v.const) for v in constants}
+
+
+def save(model: Any, path: str | os.PathLike) -> Path:
+    """Write the compression state of `model` (what compile/quantize returned, trained or not) to
+    `path`.json and `path`.npz; returns the .json path."""
+    from .compiler import writable_parent
+
+    json_path, npz_path = _paths(path)
+    writable_parent(json_path)
+    state, arrays = compression_state(model)
+    np.savez(npz_path, **{f"c{i}": arrays[name] for i, name in enumerate(state["constants"])})
     json_path.write_text(json.dumps(state, indent=1))
     return json_path
 
@@ -124,18 +133,26 @@ def load(model: Any, path: str | os.PathLike, *, example_inputs: Any = None) -> 
     """The compressed model `path` describes, rebuilt on `model`, the original (uncompressed) model it was made
     from: a torch module (example_inputs as lower takes them; a module lowbit returned needs none) or an ONNX
     model. No calibration runs; the outputs are the saved model's."""
+    state, arrays = _read(path)
+    return from_compression_state(model, state, arrays, example_inputs=example_inputs, where=str(_paths(path)[0]))
+
+
+def from_compression_state(model: Any, state: dict, arrays: dict[str, np.ndarray], *, example_inputs: Any = None,
+                           where: str = "the compression state") -> Any:
+    """The compressed model `state` and `arrays` (from `compression_state`) describe, rebuilt on `model`."""
     from .api import lower
     from .compiler import _writeback, origin_target
     from .ir.text import parse_graph
 
-    state, arrays = _read(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise StateError(f"{where} is not a lowbit compression state of format version {VERSION}")
     if origin_target(model) != state["origin"]:
         raise StateError(f"the state was saved from a {state['origin']} model; {type(model).__name__} is a "
                          f"{origin_target(model)} model: load it onto the model it was made from")
     source = lower(model, example_inputs)
     difference = _first_difference(state["source"], fingerprint(source))
     if difference is not None:
-        raise StateError(f"the state in {str(_paths(path)[0])!r} was saved from another model: {difference}")
+        raise StateError(f"the state in {where!r} was saved from another model: {difference}")
     graph = parse_graph(state["graph"], constants=arrays)
     graph.meta = {**{k: v for k, v in source.meta.items() if k != "passes_run"}, "passes_run": list(state["passes"]),
                   "pipeline_options": state.get("options", {}), "source": state["source"]}

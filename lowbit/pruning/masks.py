@@ -118,6 +118,11 @@ class MaskController:
         return cls(module, graph, spec, Schedule(**state["schedule"]), t=state["t"], keep=state["masks"])
 
     @property
+    def kept(self) -> list[np.ndarray]:
+        """Per group (as `groups`), which channels stay (a copy)."""
+        return [k.copy() for k in self._keep]
+
+    @property
     def ratio(self) -> float:
         return self.schedule.ratio(self.t)
 

@@ -1,0 +1,169 @@
+"""lowbit.create_compressed_model: NNCF's config (dict or JSON file, validated, errors naming the JSON path) and
+NNI's config_list, the controller's API (scheduler, loss, statistics, stage, strip, export, state), and exact
+resumption from the compression state."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import REFERENCE_MODELS
+
+import lowbit
+from lowbit.backends.torch_fq import FakeQuantize, LSQFakeQuantize
+from lowbit.train import CompressionStage
+
+
+@pytest.fixture(scope="module")
+def se():
+    factory, shape = REFERENCE_MODELS["se"]
+    x = torch.randn(16, *shape[1:], generator=torch.Generator().manual_seed(4))
+    return factory(), x, lowbit.Dataset([x[i:i + 4] for i in range(0, 16, 4)])
+
+
+CONFIG = {
+    "input_info": {"sample_size": [2, 1, 8, 8]},
+    "target_device": "CPU",
+    "compression": {
+        "algorithm": "quantization",
+        "preset": "mixed",
+        "initializer": {"range": {"num_init_samples": 4, "type": "min_max"}},
+        "weights": {"mode": "symmetric", "bits": 4, "per_channel": True},
+        "activations": {"mode": "asymmetric", "bits": 8},
+        "ignored_scopes": ["{re}^linear$"],
+        "scope_overrides": {"weights": {"conv2d": {"bits": 8}}},
+        "range_learning": "lsq",
+    },
+}
+
+
+def _layer_bits(controller):
+    return {row[0]: row[2:] for row in controller.statistics().rows}
+
+
+def test_a_config_quantizes_as_it_says(se, tmp_path):
+    model, x, data = se
+    controller, q = lowbit.create_compressed_model(model, CONFIG, dataset=data)
+    fqs = [m for m in q.modules() if isinstance(m, FakeQuantize)]
+    assert fqs and all(isinstance(m, LSQFakeQuantize) for m in fqs)
+    assert {m.grid for m in fqs if m.zero_point.dim() == 0} == {"asymmetric"}  # activations: asymmetric
+    bits = _layer_bits(controller)
+    assert bits["conv2d"] == ("8", "8") and bits["conv2d_3"] == ("4", "8")
+    assert bits["linear"] == ("fp32", "fp32")  # ignored by the {re} scope
+    text = controller.statistics().to_str()
+    assert "layers quantized 8/9" in text and "conv2d_3" in text
+    assert controller.compression_stage() == CompressionStage.FULLY_COMPRESSED
+    assert float(controller.loss()) == 0.0
+    controller.scheduler.step()
+    controller.scheduler.epoch_step()
+    assert (controller.scheduler.current_step, controller.scheduler.current_epoch) == (0, 0)
+    plain = controller.strip()
+    assert not any(isinstance(m, FakeQuantize) for m in plain.modules())
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(x).numpy(), q(x).numpy(), atol=1e-5)
+    assert controller.export_model(tmp_path / "q.xml").is_file()
+
+
+def test_a_json_file_and_the_same_dict_give_the_same_model(se, tmp_path):
+    model, x, data = se
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CONFIG))
+    _, a = lowbit.create_compressed_model(model, str(path), dataset=data)
+    _, b = lowbit.create_compressed_model(model, CONFIG, dataset=data)
+    with torch.no_grad():
+        np.testing.assert_array_equal(a(x).numpy(), b(x).numpy())
+
+
+def _with(path, value):
+    config = json.loads(json.dumps(CONFIG))
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return config
+
+
+@pytest.mark.parametrize("config, message", [
+    (_with(["compression", "weights", "bits"], 9), "compression.weights.bits: 9 is greater than the maximum of 8"),
+    (_with(["compression", "wieghts"], {}), r"compression: Additional properties .*'wieghts' was unexpected"),
+    (_with(["compression", "initializer", "range", "type"], "threesigma"),
+     "compression.initializer.range.type: 'threesigma' is not one of"),
+    (_with(["target_device", ], "TPU"), "target_device: 'TPU' is not one of"),
+    (_with(["compression"], [CONFIG["compression"], {"algorithm": "quantization", "preset": 3}]),
+     r"compression\[1\].preset: 3 is not one of"),
+    (_with(["input_info", "sample_size"], [2, 0]), r"input_info.sample_size\[1\]: 0 is less than the minimum"),
+    (_with(["compression", "algorithm"], "sparsity"), "compression.algorithm: 'sparsity' is not one of"),
+    (_with(["input_info", "keyword"], "x"), "input_info.keyword: lowbit passes inputs by position"),
+    (_with(["compression"], [{"algorithm": "quantization"}, {"algorithm": "filter_pruning"}]),
+     "one algorithm per compressed model"),
+    ({"compression": {"algorithm": "filter_pruning", "pruning_init": 0.6, "params": {"pruning_target": 0.5}}},
+     "pruning_init: 0.6 is above params.pruning_target 0.5"),
+])
+def test_a_bad_config_names_the_json_path(se, config, message):
+    model, _, data = se
+    with pytest.raises(lowbit.ConfigError, match=message):
+        lowbit.create_compressed_model(model, config, dataset=data)
+
+
+def test_quantization_needs_data(se):
+    with pytest.raises(lowbit.DatasetError, match="initializer.range"):
+        lowbit.create_compressed_model(se[0], CONFIG)
+
+
+def test_the_compression_state_resumes_exactly(se):
+    model, x, data = se
+    controller, q = lowbit.create_compressed_model(model, CONFIG, dataset=data)
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(q(x), torch.arange(16) % 10).backward()
+        opt.step()
+        controller.scheduler.step()
+    buffer = io.BytesIO()
+    torch.save({"state_dict": q.state_dict(), "compression_state": controller.get_compression_state()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    resumed_controller, resumed = lowbit.create_compressed_model(
+        model, CONFIG, compression_state=checkpoint["compression_state"])
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert resumed_controller.scheduler.current_step == 2
+    q.eval(), resumed.eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(resumed(x).numpy(), q(x).numpy())
+
+
+def test_filter_pruning_moves_on_the_schedule(se, tmp_path):
+    model, x, data = se
+    config = {"input_info": {"sample_size": [2, 1, 8, 8]},
+              "compression": {"algorithm": "filter_pruning", "pruning_init": 0.0,
+                              "params": {"schedule": "exponential", "pruning_target": 0.5, "pruning_steps": 3}}}
+    controller, masked = lowbit.create_compressed_model(model, config)
+    assert controller.compression_stage() == CompressionStage.UNCOMPRESSED
+    controller.scheduler.epoch_step()
+    assert controller.compression_stage() == CompressionStage.PARTIALLY_COMPRESSED
+    for _ in range(3):
+        controller.scheduler.epoch_step()
+    assert controller.compression_stage() == CompressionStage.FULLY_COMPRESSED
+    stats = controller.statistics()
+    assert stats.summary["ratio"] == 0.5
+    before, after = (int(p) for p in stats.summary["params"].split(" -> "))
+    assert after < before * 0.6
+    pruned = controller.strip()
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters()) * 0.6
+    assert controller.export_model(tmp_path / "p.onnx").is_file()
+
+
+def test_nni_config_list_sets_bits_per_layer_and_excludes(se):
+    model, x, data = se
+    config_list = [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 4, "input": 8},
+                    "op_types": ["Conv2d"]},
+                   {"quant_types": ["weight"], "quant_bits": 6, "op_names": ["conv2d"]},
+                   {"exclude": True, "op_names": ["linear"]}]
+    controller, q = lowbit.create_compressed_model(model, config_list, dataset=data)
+    bits = _layer_bits(controller)
+    assert bits["conv2d"] == ("6", "8") and bits["conv2d_5"] == ("4", "8") and bits["linear"] == ("fp32", "fp32")
+    with pytest.raises(lowbit.ConfigError, match=r"config_list\[0\].quant_bits: 12"):
+        lowbit.create_compressed_model(model, [{"quant_bits": 12, "op_types": ["Conv2d"]}], dataset=data)
