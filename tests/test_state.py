@@ -35,7 +35,8 @@ def test_a_torch_model_comes_back_bit_equal_without_calibration(quantized, tmp_p
     assert state["passes"] == ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction", "snap_bias"]
     assert state["options"] == {"hw": "ANY", "preset": None, "model_type": None, "range_estimator": "mean_min_max",
                                 "overflow_fix": "first_layer", "progress": True, "batch_size": 8,
-                                "smooth_quant_alpha": None, "bits": None, "range_learning": "range"}
+                                "smooth_quant_alpha": None, "bits": None, "range_learning": "range",
+                                "fold_bn": "eval"}
     raw = json.loads((Path(lowbit.hw_configs.__file__).parent / "any.json").read_text())
     assert state["hw_config"]["device"] == "ANY" and state["hw_config"]["ops"] == raw["ops"]  # the whole config
     assert state["graph"].count("::FakeQuantize\"(") == sum(1 for n in q.lowbit_graph if n.op_type == "FakeQuantize")

@@ -68,7 +68,10 @@ class FakeQuantize(nn.Module):
         self._init_range(low, high)
 
     def _init_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        self.low = nn.Parameter(low)
+        if self.grid == "symmetric":  # the low end follows the high one: a buffer (as calibrated), not trained,
+            self.register_buffer("low", low)  # so that every parameter gets a gradient (DDP requires it)
+        else:
+            self.low = nn.Parameter(low)
         self.high = nn.Parameter(high)
 
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
