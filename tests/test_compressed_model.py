@@ -167,3 +167,22 @@ def test_nni_config_list_sets_bits_per_layer_and_excludes(se):
     assert bits["conv2d"] == ("6", "8") and bits["conv2d_5"] == ("4", "8") and bits["linear"] == ("fp32", "fp32")
     with pytest.raises(lowbit.ConfigError, match=r"config_list\[0\].quant_bits: 12"):
         lowbit.create_compressed_model(model, [{"quant_bits": 12, "op_types": ["Conv2d"]}], dataset=data)
+
+
+def test_accuracy_aware_training_runs_until_the_pruning_schedule_is_done(se):
+    model, x, _ = se
+    config = {"input_info": {"sample_size": [2, 1, 8, 8]},
+              "compression": {"algorithm": "filter_pruning",
+                              "params": {"schedule": "baseline", "pruning_target": 0.5, "pruning_steps": 2}}}
+    controller, masked = lowbit.create_compressed_model(model, config)
+    epochs = []
+
+    def train_epoch(ctrl, m, epoch, optimizer, lr_scheduler):
+        epochs.append((epoch, ctrl.compression_stage()))
+
+    result = lowbit.accuracy_aware_training(controller, masked, train_epoch, lambda m, epoch: 99.0,
+                                            uncompressed_accuracy=99.0, maximal_absolute_accuracy_degradation=0.5,
+                                            maximal_total_epochs=5)
+    # within the target from the start, but only a fully compressed model may stop the run
+    assert [stage for _, stage in epochs] == [CompressionStage.UNCOMPRESSED, CompressionStage.PARTIALLY_COMPRESSED]
+    assert result is masked and controller.compression_stage() == CompressionStage.FULLY_COMPRESSED

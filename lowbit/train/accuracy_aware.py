@@ -115,8 +115,9 @@ def is_fully_compressed(controller: Any) -> bool:
     stage_fn = getattr(controller, "compression_stage", None)
     if not callable(stage_fn):
         return True
-    stage = str(stage_fn())
-    return "FULLY" in stage or stage == "fully_compressed"
+    stage = stage_fn()
+    stage = str(getattr(stage, "name", stage))  # an enum (lowbit's and NNCF's CompressionStage), or a string
+    return "FULLY" in stage.upper()
 
 
 def _check_callables(**fns: Callable | None) -> None:
