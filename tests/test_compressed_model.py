@@ -107,9 +107,12 @@ def test_a_bad_config_names_the_json_path(se, config, message):
         lowbit.create_compressed_model(model, config, dataset=data)
 
 
-def test_quantization_needs_data(se):
+def test_quantization_needs_data_and_a_torch_module(se, tmp_path):
     with pytest.raises(lowbit.DatasetError, match="initializer.range"):
         lowbit.create_compressed_model(se[0], CONFIG)
+    path = lowbit.export(se[0], tmp_path / "m.onnx", example_inputs=(se[1][:2],))
+    with pytest.raises(lowbit.UnsupportedModelError, match="compresses a torch module for training, not a str"):
+        lowbit.create_compressed_model(str(path), CONFIG, dataset=se[2])
 
 
 def test_the_compression_state_resumes_exactly(se):

@@ -28,7 +28,9 @@ import numpy as np
 from ..errors import ConfigError, DatasetError
 from .config import CompressionConfig, FilterPruning, Quantization, read_config
 
-QAT_PASSES = ["cleanup", "fold_bn", "fuse", "quantize"]
+# PTQ without bias correction (training moves the biases), and without cleanup: it would drop the Dropouts the
+# model trains with (the torch writer keeps them as nn.Dropout)
+QAT_PASSES = ["fold_bn", "fuse", "quantize"]
 
 
 class CompressionStage(enum.IntEnum):
@@ -267,6 +269,13 @@ def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, com
     calibrates the quantizers; `compression_state` (from `controller.get_compression_state()`) rebuilds a
     compressed model without data, to load a checkpoint's state_dict into. The model is captured with
     `example_inputs`, or random inputs of `input_info`'s sizes, or the first dataset item."""
+    from ..compiler import origin_target
+    from ..errors import UnsupportedModelError
+
+    if origin_target(model) != "torch":
+        raise UnsupportedModelError(f"create_compressed_model compresses a torch module for training, not a "
+                                    f"{type(model).__name__}: quantize an ONNX model with lowbit.quantize, prune it "
+                                    "with lowbit.prune")
     cfg = read_config(config if compression_state is None or config is not None else compression_state["config"])
     example = example_inputs if example_inputs is not None else _example_inputs(cfg, dataset)
     if compression_state is not None:
