@@ -23,13 +23,23 @@ def _model():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))).eval()
 
 
-@pytest.fixture(scope="module")
-def merged():
+@pytest.fixture(scope="module", params=["per_channel", "per_tensor"])
+def merged(request):
+    """A per-channel weight quantizer rounds W (folding scales its grid alike); a per-tensor one rounds W * s."""
+    from lowbit.train.config import Quantization
+    from lowbit.train.controller import _hw_for
+
     model = _model()
+    with torch.no_grad():
+        model[1].weight[0] *= -1  # a negative BN scale mirrors the folded grid
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     data = lowbit.Dataset([x[i:i + 8] for i in range(0, 32, 8)])
-    folded = lowbit.compile(model, QAT_PASSES, dataset=data)
-    return model, x, folded, lowbit.compile(model, QAT_PASSES, dataset=data, fold_bn="train")
+    hw = _hw_for("CPU", Quantization(weights={"per_channel": request.param == "per_channel"}))
+    folded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw)
+    q = lowbit.compile(model, QAT_PASSES, dataset=data, fold_bn="train", hw=hw)
+    simulated = "div.Tensor" in q.code
+    assert simulated == (request.param == "per_tensor")  # the simulated-folding form only where it is needed
+    return model, x, folded, q
 
 
 def _bns(module):

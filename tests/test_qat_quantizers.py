@@ -178,3 +178,15 @@ def test_the_learning_mode_survives_save_and_load(se, tmp_path):
     assert {type(m) for m in back.modules() if isinstance(m, FakeQuantize)} == {LSQFakeQuantize}
     with torch.no_grad():
         np.testing.assert_allclose(back(x).numpy(), _trained(x).numpy(), atol=1e-5)
+
+
+def test_a_quantized_resnet18_deep_copies_and_trains_apart():
+    factory, shape = REFERENCE_MODELS["resnet18"]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    q = lowbit.quantize(factory(), lowbit.Dataset([x]))
+    twin = copy.deepcopy(q)  # was a RecursionError: Graph's default deepcopy walked the whole graph recursively
+    assert twin.lowbit_graph is not q.lowbit_graph and len(twin.lowbit_graph.nodes) == len(q.lowbit_graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(twin(x), q(x))
+        twin.get_parameter(next(n for n, _ in twin.named_parameters() if n.endswith("weight"))).mul_(0)
+        assert not torch.equal(twin(x), q(x))  # its own weights

@@ -3,11 +3,12 @@
     s = bn.weight / sqrt(bn.running_var + eps)
     y = bn(conv(x, fake_quantize(W * s)) / s + b)
 
-the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT modules use. The BN module stays
+for a weight quantized per tensor (or not at all): the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT modules use. The BN module stays
 (under the user's path): in training it normalizes by the batch and updates its running statistics, so the
 network trains as the user's did, while the weight quantizer rounds the weight that will be deployed, W scaled
 by the running statistics. In eval mode it computes exactly the folded, quantized Conv that export writes
-(`patterns.library.bn_folding.fold_merged`).
+(`patterns.library.bn_folding.fold_merged`). A per-channel weight quantizer needs none of it: folding scales
+its grid with the weight, exactly, so the Conv is written as it is, on the quantized W, before its BN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ir.graph import Node
+from ..patterns.library.bn_folding import per_channel_quantizer
 
 if TYPE_CHECKING:
     from torch import fx
@@ -25,11 +27,19 @@ aten = torch.ops.aten
 
 
 def merged_conv(fq: Node) -> Node | None:
-    """The Conv marked `bn_merge` whose weight quantizer `fq` is, or None."""
+    """The Conv marked `bn_merge` whose per-tensor weight quantizer `fq` is, or None (a per-channel one rounds W
+    itself, emitted as it is: patterns/library/bn_folding.py)."""
     uses = fq.output.uses
-    if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "Conv" and uses[0][0].meta.get("bn_merge"):
+    if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "Conv" and uses[0][0].meta.get("bn_merge") \
+            and not per_channel_quantizer(fq.output):
         return uses[0][0]
     return None
+
+
+def simulated_folding(conv: Node) -> bool:
+    """Whether `conv` is emitted in the simulated-folding form: marked `bn_merge`, its weight a constant or read
+    through a per-tensor quantizer."""
+    return bool(conv.meta.get("bn_merge")) and not per_channel_quantizer(conv.input(1))
 
 
 def _bn_of(conv: Node) -> Node:

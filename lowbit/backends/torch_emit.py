@@ -279,9 +279,10 @@ def _sym_pads(node: Node, k: int) -> list[int]:
 @emits("Conv")
 def _conv(e: _Emitter, n: Node):
     if n.meta.get("bn_merge"):
-        from .torch_bn_merge import emit_merged_conv
+        from .torch_bn_merge import emit_merged_conv, simulated_folding
 
-        return emit_merged_conv(e, n, _conv_call)
+        if simulated_folding(n):
+            return emit_merged_conv(e, n, _conv_call)
     return _conv_call(e, n, e[n.input(1)], e[n.input(2)])
 
 

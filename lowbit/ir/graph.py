@@ -540,6 +540,13 @@ class Graph:
                                  "re-derives them)")
 
     # -- copying -------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> Graph:
+        """copy.deepcopy is `copy()`: the default walk recurses value -> producer -> inputs -> ... through the whole
+        graph and overflows Python's stack on a ResNet18 (copy.deepcopy of a module lowbit returned failed)."""
+        new = self.copy()
+        memo[id(self)] = new
+        return new
+
     def copy(self) -> Graph:
         """A structural deep copy; constant arrays (immutable) are shared."""
         new = Graph(self.name, self.opset_imports)

@@ -40,11 +40,12 @@ def preset_for(ctx: PassContext) -> str:
 
 
 def weight_range(graph: Graph, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
-    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train")."""
+    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train") and
+    the quantizer is per tensor (a per-channel one rounds W on a grid that folding scales with it)."""
     w = point.value.const.astype(np.float64)
     merged = {bn.name: bn for bn in graph if bn.op_type == "BatchNormalization"}
     for node, port in point.consumers:
-        if port == 1 and node.meta.get("bn_merge") in merged:
+        if port == 1 and node.meta.get("bn_merge") in merged and not point.config.per_channel:
             w = merged_weight(node, merged[node.meta["bn_merge"]])
     if not point.config.per_channel or w.ndim < 2:
         return np.array(w.min()), np.array(w.max())

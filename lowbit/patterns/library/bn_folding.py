@@ -124,9 +124,13 @@ rules = RuleSet([
 # -- BN merge for quantization-aware training (fold_bn="train") ------------------------------------------------
 #
 # The Conv keeps its BatchNormalization, which goes on training (batch statistics, running ones updated), and is
-# marked `bn_merge`; its weight quantizer sees the weight scaled by the BN as it stands, W * s (the torch writer's
-# merged form, backends/torch_bn_merge.py), so training sees the rounding of the weight that will be deployed.
-# `fold_merged` then folds each marked BN exactly, where the quantizer reads the folded weight.
+# marked `bn_merge`; training sees the rounding of the weight that will be deployed, W * s:
+# - a per-channel weight quantizer rounds W on its own grid: folding scales weight and grid alike per channel,
+#   q(W * s; grid * s) = s * q(W; grid) exactly, so its range is learned in W's units and never goes stale when
+#   the BN's statistics move;
+# - a per-tensor one rounds W * s itself (the simulated folding of backends/torch_bn_merge.py): one grid cannot
+#   follow per-channel scales.
+# `fold_merged` then folds each marked BN exactly by its running statistics.
 
 CONV_BN = _bn(P("Conv", Any("x"), Any("w"), name="layer"))
 
@@ -168,11 +172,25 @@ def merged_pairs(graph: Graph) -> list[tuple[Node, Node]]:
     return [(n, by_name[n.meta["bn_merge"]]) for n in graph if n.meta.get("bn_merge") in by_name]
 
 
+def per_channel_quantizer(w: Value) -> bool:
+    """A weight read through a FakeQuantize whose range varies along the output channels."""
+    fq = w.producer
+    return fq is not None and fq.op_type == "FakeQuantize" and fq.input(1).const is not None \
+        and fq.input(1).const.size > 1
+
+
 def merged_weight(conv: Node, bn: Node) -> np.ndarray:
     """The weight a merged Conv's quantizer sees: W * s along the output channels (float64)."""
     w = conv.input(1)
     w = w if w.const is not None else w.producer.input(0)
     return w.const.astype(np.float64) * bn_scale(bn).reshape([-1] + [1] * (w.const.ndim - 1))
+
+
+def _scale_ranges(graph: Graph, fq: Node, s: np.ndarray) -> None:
+    lows, highs = (fq.input(i).const.astype(np.float64) * s for i in (1, 2))
+    low, high = np.minimum(lows, highs).astype(np.float32), np.maximum(lows, highs).astype(np.float32)
+    for port, array in ((1, low), (2, high), (3, low), (4, high)):
+        fq.set_input(port, graph.add_constant(f"{fq.name}_folded_range", array))
 
 
 def fold_merged(graph: Graph) -> int:
@@ -182,6 +200,8 @@ def fold_merged(graph: Graph) -> int:
         s, w = bn_scale(bn), conv.input(1)
         weight = w if w.const is not None else w.producer.input(0)
         folded = merged_weight(conv, bn).astype(weight.const.dtype)
+        if per_channel_quantizer(w):  # its grid, in W's units, scales with the weight (mirrored where s < 0)
+            _scale_ranges(graph, w.producer, s.reshape([-1] + [1] * (folded.ndim - 1)))
         holder = w.producer if w.const is None else conv
         holder.set_input(0 if w.const is None else 1, graph.add_constant(f"{conv.name}.weight", folded))
         bias = conv.input(2)
