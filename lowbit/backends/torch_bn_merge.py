@@ -1,9 +1,10 @@
-"""The torch writer's form of a Conv whose BatchNormalization is merged while it trains (fold_bn="train"):
+"""The torch writer's form of a Conv whose BatchNormalization is merged while it trains (fold_bn="train") and
+whose weight is quantized per tensor:
 
     s = bn.weight / sqrt(bn.running_var + eps)
     y = bn(conv(x, fake_quantize(W * s)) / s + b)
 
-for a weight quantized per tensor (or not at all): the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT modules use. The BN module stays
+the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT modules use. The BN module stays
 (under the user's path): in training it normalizes by the batch and updates its running statistics, so the
 network trains as the user's did, while the weight quantizer rounds the weight that will be deployed, W scaled
 by the running statistics. In eval mode it computes exactly the folded, quantized Conv that export writes
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import UnsupportedOpError
 from ..ir.graph import Node
 from ..patterns.library.bn_folding import per_channel_quantizer
 
@@ -37,9 +39,11 @@ def merged_conv(fq: Node) -> Node | None:
 
 
 def simulated_folding(conv: Node) -> bool:
-    """Whether `conv` is emitted in the simulated-folding form: marked `bn_merge`, its weight a constant or read
-    through a per-tensor quantizer."""
-    return bool(conv.meta.get("bn_merge")) and not per_channel_quantizer(conv.input(1))
+    """Whether `conv` is emitted in the simulated-folding form: marked `bn_merge`, its weight read through a
+    per-tensor quantizer (an unquantized weight needs no folding to train: W * s / s is W)."""
+    fq = conv.input(1).producer
+    return bool(conv.meta.get("bn_merge")) and fq is not None and fq.op_type == "FakeQuantize" \
+        and not per_channel_quantizer(conv.input(1))
 
 
 def _bn_of(conv: Node) -> Node:
@@ -54,7 +58,9 @@ def emit_merged_conv(e, conv: Node, conv_call) -> fx.Node:
     bn = _bn_of(conv)
     path = e.merged_bn.get(bn.name) or _batch_norm_module(e, bn)
     if path is None:
-        raise RuntimeError(f"BN {bn.name!r} of merged Conv {conv.name!r} cannot be written as a module")
+        raise UnsupportedOpError(f"BatchNormalization {bn.name!r}, merged into Conv {conv.name!r}, shares its "
+                                 "parameters with other nodes and cannot be written as a module: compile with "
+                                 "fold_bn='eval' (BN folded before quantizing)")
     e.merged_bn[bn.name] = path
     module = e.root[path]
     for slot in ("weight", "running_var"):  # read through the BN module's path: training updates them in place
@@ -66,11 +72,8 @@ def emit_merged_conv(e, conv: Node, conv_call) -> fx.Node:
     rank = len(conv.output.shape) if conv.output.shape is not None else len(w.shape)
     per_filter = e.call(aten.reshape.default, s, [-1] + [1] * (rank - 1))
     per_channel = e.call(aten.reshape.default, s, [1, -1] + [1] * (rank - 2))
-    if w.const is None:  # FakeQuantize(W): the quantizer rounds W * s
-        fq = w.producer
-        weight = e.fx.call_module(e.names[fq.name], (e.call(aten.mul.Tensor, e[fq.input(0)], per_filter),))
-    else:
-        weight = e.call(aten.mul.Tensor, e[w], per_filter)
+    fq = w.producer  # FakeQuantize(W): the quantizer rounds W * s
+    weight = e.fx.call_module(e.names[fq.name], (e.call(aten.mul.Tensor, e[fq.input(0)], per_filter),))
     y = e.call(aten.div.Tensor, conv_call(e, conv, weight, None), per_channel)
     bias = conv.input(2)
     if bias is not None:

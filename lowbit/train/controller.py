@@ -74,7 +74,10 @@ class Statistics:
 
     def to_str(self) -> str:
         widths = [max(len(str(r[i])) for r in (self.header, *self.rows)) for i in range(len(self.header))]
-        line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
+
+        def line(row) -> str:
+            return "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+
         lines = [f"{self.algorithm}: " + ", ".join(f"{k} {v}" for k, v in self.summary.items()), line(self.header)]
         return "\n".join(lines + [line(r) for r in self.rows])
 
@@ -88,7 +91,6 @@ class CompressionController:
     def __init__(self, model: Any, config: CompressionConfig, scheduler: CompressionScheduler):
         self.model, self.config, self.scheduler = model, config, scheduler
         self.algorithm = config.algorithms[0]
-        self._distributed = False
 
     @property
     def pruning(self) -> bool:
@@ -118,13 +120,13 @@ class CompressionController:
         return quantization_statistics(graph, cost(graph))
 
     def _pruning_statistics(self, graph, model_cost) -> Statistics:
+        from ..pruning.cost import cost
+        from ..pruning.masks import strip_masks
+
         masks = self.model.lowbit_pruning
         rows = tuple((g.names[0] if g.names else "?", str(g.size), str(int(keep.sum())))
                      for g, keep in zip(masks.groups, masks.kept))
-        pruned = graph_of_stripped(self.model)
-        from ..pruning.cost import cost
-
-        after = cost(pruned)
+        after = cost(strip_masks(self.model))  # the physically pruned graph
         return Statistics("filter_pruning", rows, ("group", "channels", "kept"),
                           {"ratio": round(masks.ratio, 4), "params": f"{model_cost.params} -> {after.params}",
                            "MACs": f"{model_cost.macs} -> {after.macs}",
@@ -132,7 +134,7 @@ class CompressionController:
 
     def strip(self, do_copy: bool = True, format: str = "native") -> Any:
         """The deployable torch module: quantizers as torch's own fake-quantize ops (lowbit.strip), or the
-        physically pruned module. The compressed model is not changed."""
+        physically pruned module. The compressed model is never changed, so `do_copy` (NNCF's) has no effect."""
         from ..compiler import strip
 
         return strip(self.model, format=format)
@@ -156,13 +158,6 @@ class CompressionController:
         """Prepare for training under torch.distributed: average the quantizers' ranges over the ranks (each may
         have calibrated on its own shard), so that every rank holds the same model."""
         sync_ranges(self.model)
-        self._distributed = True
-
-
-def graph_of_stripped(model: Any):
-    from ..pruning.masks import strip_masks
-
-    return strip_masks(model)
 
 
 def quantization_statistics(graph, model_cost) -> Statistics:
