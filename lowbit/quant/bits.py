@@ -7,8 +7,7 @@ Without an entry a quantizer keeps the bits of the hardware config's quantizer. 
 form prints them (`print(lowbit.lower(model))`) or by their module path (`layer1.0.conv1`), by a regular
 expression with NNCF's `{re}` prefix, or by type with `{type}` (`{type}Conv2d`, `{type}Gemm`); later
 entries override earlier ones, and every entry must match a layer (IgnoredScope's check, with the closest
-names). A grid of fewer than 8 bits uses all its levels (narrow range is for 8-bit kernels: 4-bit weights are
-[-8, 7], as NNCF's). A weight quantizer takes its layer's bits; an activation quantizer the widest its reading layers ask
+names). A weight quantizer takes its layer's bits; an activation quantizer the widest its reading layers ask
 for (one grid feeds them all); a unified-scale group (a Concat's inputs) the widest of its members.
 """
 
@@ -123,9 +122,6 @@ class Bits:
             if b is None or b == p.config.bits:
                 out.append(p)
             else:
-                # narrow range ([-127, 127]) serves 8-bit integer kernels; a narrower grid uses all its 2^b
-                # levels, as NNCF's 4-bit weights ([-8, 7])
-                config = dataclasses.replace(p.config, bits=b, narrow_range=p.config.narrow_range and b == 8,
-                                             name=f"{p.config.name}@{b}bit")
+                config = dataclasses.replace(p.config, bits=b, name=f"{p.config.name}@{b}bit")
                 out.append(dataclasses.replace(p, config=config))
         return out
