@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import qat  # noqa: E402  (first: once deploy puts examples/ on sys.path, examples/qat.py would shadow it)
 import deploy  # noqa: E402
 import ir_scale  # noqa: E402
 import patterns  # noqa: E402
@@ -21,3 +22,4 @@ if __name__ == "__main__":
     zoo.main([])
     text.main([])
     prune.main([])
+    qat.main([])
