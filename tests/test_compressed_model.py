@@ -189,3 +189,36 @@ def test_accuracy_aware_training_runs_until_the_pruning_schedule_is_done(se):
     # within the target from the start, but only a fully compressed model may stop the run
     assert [stage for _, stage in epochs] == [CompressionStage.UNCOMPRESSED, CompressionStage.PARTIALLY_COMPRESSED]
     assert result is masked and controller.compression_stage() == CompressionStage.FULLY_COMPRESSED
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_qat_of_a_transformers_model_exports_what_it_trained(name, tmp_path):
+    """A transformers architecture (from its config, random weights) through the NNCF-style config, two LSQ
+    training steps, then its .onnx in ONNX Runtime and .xml in OpenVINO against the trained module."""
+    from conftest import run_onnx, run_openvino
+    from zoo_models import build
+
+    import openvino as ov
+    import onnx
+
+    model, make_input, _ = build(name)
+    x = make_input(8)
+    config = {"input_info": {"sample_size": list(x.shape), "type": "long" if x.dtype == torch.int64 else "float"},
+              "compression": {"algorithm": "quantization", "preset": "mixed", "range_learning": "lsq",
+                              "weights": {"bits": 4}}}
+    controller, q = lowbit.create_compressed_model(model, config, dataset=lowbit.Dataset([make_input(4)] * 2))
+    assert controller.statistics().summary["layers quantized"] in ("13/13", "14/14")
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-4)
+    for _ in range(2):
+        opt.zero_grad()
+        q(x).pow(2).mean().backward()
+        opt.step()
+    q.eval()
+    with torch.no_grad():
+        simulated = q(x).numpy().astype(np.float64)
+    proto = onnx.load(str(controller.export_model(tmp_path / "q.onnx")))
+    outputs = [run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0],
+               run_openvino(ov.Core().read_model(str(controller.export_model(tmp_path / "q.xml"))), [x.numpy()])[0]]
+    for out in outputs:
+        assert 10 * np.log10(np.sum(simulated ** 2) / np.sum((simulated - out) ** 2)) > 30
