@@ -222,3 +222,13 @@ def test_qat_of_a_transformers_model_exports_what_it_trained(name, tmp_path):
                run_openvino(ov.Core().read_model(str(controller.export_model(tmp_path / "q.xml"))), [x.numpy()])[0]]
     for out in outputs:
         assert 10 * np.log10(np.sum(simulated ** 2) / np.sum((simulated - out) ** 2)) > 30
+
+
+def test_a_bad_compression_state_is_a_state_error(se):
+    model, x, data = se
+    controller, _ = lowbit.create_compressed_model(model, CONFIG, dataset=data)
+    with pytest.raises(lowbit.StateError, match="not what controller.get_compression_state\\(\\) returned"):
+        lowbit.create_compressed_model(model, CONFIG, compression_state={"config": CONFIG})
+    other = REFERENCE_MODELS["concat"][0]()  # another model, the same input size
+    with pytest.raises(lowbit.StateError, match="saved from another model"):
+        lowbit.create_compressed_model(other, CONFIG, compression_state=controller.get_compression_state())
