@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Node, Value
-from ..ir.ops import REGROUPING, activation_axis, attribute, channel_params, weight_in_axis, weight_out_axis
+from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, is_fake_quantize, weight_in_axis,
+                      weight_out_axis)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -21,8 +22,31 @@ def _static(dims) -> int | None:
     return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
 
 
+def quantized_weight(node: Node, port: int = 1) -> Node | None:
+    """The FakeQuantize a layer reads its weight through (QAT with pruning masks: its input a constant), or
+    None."""
+    v = node.input(port) if len(node.inputs) > port else None
+    fq = v.producer if v is not None and v.const is None else None
+    return fq if fq is not None and is_fake_quantize(fq) and fq.input(0).const is not None else None
+
+
+def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: str) -> None:
+    """`node`'s weight along `axis` as a member: the constant itself, or the one its FakeQuantize reads, with
+    the quantizer's per-channel ranges where they vary along the same axis."""
+    fq = quantized_weight(node)
+    if fq is None:
+        cg.members.append(Member(node, 1, axis, segments, role))
+        return
+    cg.members.append(Member(fq, 0, axis, segments, role))
+    for port in range(1, 5):
+        r = fq.input(port).const
+        if r is not None and r.ndim == fq.input(0).const.ndim and r.shape[axis] > 1:
+            cg.members.append(Member(fq, port, axis, segments, "param"))
+
+
 def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
-    w = node.input(1) if len(node.inputs) > 1 else None
+    fq = quantized_weight(node)
+    w = fq.input(0) if fq is not None else node.input(1) if len(node.inputs) > 1 else None
     x = node.input(0)
     if node.op_type == "ConvTranspose" or (node.op_type == "Gemm" and attribute(node, "transA")):
         return False
@@ -39,19 +63,19 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
             if layout.axis != rank - 1 or layout.size != w.const.shape[in_axis]:
                 cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
             else:
-                cg.members.append(Member(node, 1, in_axis, layout.segments, "in"))
+                _weight_members(cg, node, in_axis, layout.segments, "in")
         return True
     if layout is not None:
         x_axis = activation_axis(node) % rank if rank else None
         if layout.axis != x_axis or layout.size != w.const.shape[in_axis]:
             cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
         else:
-            cg.members.append(Member(node, 1, in_axis, layout.segments, "in"))
+            _weight_members(cg, node, in_axis, layout.segments, "in")
     out = node.output
     channels = int(w.const.shape[out_axis])
     g = cg.new(channels, node)
     segments = (Segment(g, channels),)
-    cg.members.append(Member(node, 1, out_axis, segments, "out"))
+    _weight_members(cg, node, out_axis, segments, "out")
     bias = node.input(2) if len(node.inputs) > 2 else None
     if bias is not None:
         if bias.const is not None and bias.const.shape == (channels,):
@@ -70,12 +94,13 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
 
 def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     layout = cg.layout(node.input(0))
-    w = node.input(1)
+    fq = quantized_weight(node)
+    w = fq.input(0) if fq is not None else node.input(1)
     group = attribute(node, "group")
     depthwise = w.const is not None and w.const.shape[1] == 1 and w.const.shape[0] == group == layout.size
     if layout.axis != 1 or not depthwise:
         return False  # a grouped (not depthwise) conv ties channels in blocks: not followed
-    cg.members.append(Member(node, 1, 0, layout.segments, "scale"))
+    _weight_members(cg, node, 0, layout.segments, "scale")
     bias = node.input(2) if len(node.inputs) > 2 else None
     if bias is not None and bias.const is not None and bias.const.shape == (group,):
         cg.members.append(Member(node, 2, 0, layout.segments, "param"))

@@ -23,7 +23,7 @@ graph output (its shape is kept), a MatMul of two activations (attention).
 from __future__ import annotations
 
 from ..ir.graph import Graph, Node
-from ..ir.ops import channel_flow, weight_in_axis, weight_out_axis
+from ..ir.ops import channel_flow, is_fake_quantize, weight_in_axis, weight_out_axis
 from .flows import HANDLERS
 from .heads import HeadStructure, find_heads
 from .layout import ChannelGroups, Group, Layout, Member, Segment, layer_path
@@ -73,6 +73,14 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
 # -- following channels through one node ------------------------------------------------------------------
 
 def _visit(cg: ChannelGroups, node: Node, keep) -> None:
+    if is_fake_quantize(node):  # QAT with masks: a weight's is its layer's (flows.py), an activation's passes
+        layout = cg.layout(node.input(0))
+        if layout is not None and all(v is not None and v.const is not None and v.const.size == 1
+                                      for v in node.inputs[1:5]):
+            cg.set_layout(node.output, layout)
+        elif layout is not None:
+            cg.block(layout, f"the per-channel activation quantizer {node.name!r} holds them")
+        return
     flow = channel_flow(node)
     if not any(cg.layout(v) is not None for v in node.inputs) and flow != "layer":
         return  # nothing tracked reaches this node, and it makes no channels

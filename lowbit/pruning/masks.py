@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import PruneError
 from ..frontends import graph_of
+from ..ir.ops import is_fake_quantize
 from .criteria import scores
 from .groups import channel_groups
 from .plan import kept_channels
@@ -82,6 +83,8 @@ class MaskController:
             targets = []
             for m in g.members:
                 path = names.get(m.value.name)
+                if path is None and is_fake_quantize(m.node) and m.port > 0:
+                    continue  # a weight quantizer's range: the zeroed weight is on any grid; strip cuts it
                 if path is None:
                     raise PruneError(f"the constant {m.value.name!r} of {m.node.name!r} is not a tensor of the "
                                      "module: masks need every member as a parameter or buffer")

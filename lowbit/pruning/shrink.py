@@ -12,6 +12,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.infer import reinfer
+from .flows import quantized_weight
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
 
@@ -46,6 +47,13 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         _, by_axis, readers = cuts.setdefault(id(v), (v, {}, []))
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
         readers.append((m.node, m.port))
+    grouped = []  # (grouped Conv, the node and port its cut weight is read at: the Conv, or its quantizer)
+    for node in graph:
+        if node.op_type == "Conv" and node.attrs.get("group", 1) > 1:
+            fq = quantized_weight(node)  # QAT with masks: the constant the weight quantizer reads
+            holder, port = (fq, 0) if fq is not None else (node, 1)
+            if id(holder.input(port)) in cuts:
+                grouped.append((node, holder, port))
     for v, by_axis, readers in cuts.values():
         smaller = np.asarray(v.const)
         for axis, positions in by_axis.items():  # a layer's weight loses filters (axis 0) and input channels
@@ -58,9 +66,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
             copy.meta.update(v.meta)
             for node, port in readers:
                 node.set_input(port, copy)
-    for node in graph:
-        if node.op_type == "Conv" and node.attrs.get("group", 1) > 1 and id(node.input(1)) in cuts:
-            node.attrs["group"] = int(node.input(1).const.shape[0])
+    for node, holder, port in grouped:  # a depthwise Conv's group follows its filters
+        node.attrs["group"] = int(holder.input(port).const.shape[0])
     for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
         gone = removed.get(find(g))
         if gone is not None and gone.size:

@@ -69,7 +69,10 @@ class FilterPruning:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    algorithms: tuple[Quantization | FilterPruning, ...]
+    algorithms: tuple[Quantization | FilterPruning, ...]  # at most one of each
+
+    def algorithm(self, kind: type):
+        return next((a for a in self.algorithms if isinstance(a, kind)), None)
     target_device: str = "ANY"
     input_info: tuple[InputInfo, ...] = ()
     log_dir: str | None = None
@@ -122,10 +125,10 @@ def read_config(config: Any) -> CompressionConfig:
     algorithms = []
     for i, algo in enumerate(normalized["compression"]):
         algorithms.append(_quantization(algo) if algo["algorithm"] == "quantization" else _pruning(algo))
-    if len(algorithms) > 1:
-        raise ConfigError("config field compression: lowbit runs one algorithm per compressed model; prune first "
-                          "(filter_pruning, fine-tune, controller.strip()), then quantize the pruned model with a "
-                          "second config")
+    kinds = [type(a).__name__ for a in algorithms]
+    if len(set(kinds)) < len(kinds):
+        raise ConfigError("config field compression: each algorithm may appear once (quantization, "
+                          "filter_pruning)")
     inputs = tuple(InputInfo(tuple(i["sample_size"]), TORCH_TYPES[i.get("type", "float")], i.get("filler", "random"))
                    for i in normalized.get("input_info", []))
     for i, info in enumerate(normalized.get("input_info", [])):

@@ -90,11 +90,14 @@ class CompressionController:
 
     def __init__(self, model: Any, config: CompressionConfig, scheduler: CompressionScheduler):
         self.model, self.config, self.scheduler = model, config, scheduler
-        self.algorithm = config.algorithms[0]
 
     @property
     def pruning(self) -> bool:
-        return isinstance(self.algorithm, FilterPruning)
+        return self.config.algorithm(FilterPruning) is not None
+
+    @property
+    def quantization(self) -> bool:
+        return self.config.algorithm(Quantization) is not None
 
     def loss(self):
         """The compression loss to add to the task loss: zero (no regularizer is configured)."""
@@ -115,9 +118,14 @@ class CompressionController:
         from ..pruning.cost import cost
 
         graph = graph_of(self.model)
-        if self.pruning:
-            return self._pruning_statistics(graph, cost(graph))
-        return quantization_statistics(graph, cost(graph))
+        quantized = quantization_statistics(graph, cost(graph)) if self.quantization else None
+        if not self.pruning:
+            return quantized
+        pruned = self._pruning_statistics(graph, cost(graph))
+        if quantized is None:
+            return pruned
+        return Statistics("filter_pruning + quantization", quantized.rows, quantized.header,
+                          {**pruned.summary, "layers quantized": quantized.summary["layers quantized"]})
 
     def _pruning_statistics(self, graph, model_cost) -> Statistics:
         from ..pruning.cost import cost
@@ -141,9 +149,11 @@ class CompressionController:
 
     def export_model(self, path: Any, *, example_inputs: Any = None) -> Any:
         """Write the compressed model as .onnx (QDQ) or .xml (OpenVINO IR); a pruned one physically smaller."""
-        from ..compiler import export, strip
+        from ..compiler import _writeback, export
+        from ..pruning.masks import strip_masks
 
-        return export(strip(self.model) if self.pruning else self.model, path, example_inputs=example_inputs)
+        model = _writeback(strip_masks(self.model), self.model) if self.pruning else self.model
+        return export(model, path, example_inputs=example_inputs)
 
     def get_compression_state(self) -> dict:
         """What resumes this compression (with the model's state_dict): the config, lowbit's compression state
@@ -275,19 +285,32 @@ def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, com
     example = example_inputs if example_inputs is not None else _example_inputs(cfg, dataset)
     if compression_state is not None:
         return _resume(model, cfg, compression_state, example)
-    algo = cfg.algorithms[0]
-    if isinstance(algo, FilterPruning):
+    pruning, quantization = cfg.algorithm(FilterPruning), cfg.algorithm(Quantization)
+    compressed = model
+    if pruning is not None:
         from ..compiler import prune
 
-        compressed = prune(model, algo.pruning_target, criterion=algo.criterion, example_inputs=example,
-                           dataset=dataset if example is None else None, ignored_scope=_scope(algo.ignored_scopes),
-                           mode="mask", schedule={"initial": algo.pruning_init, "steps": algo.pruning_steps,
-                                                  "kind": algo.schedule, "unit": "epochs"})
-        return CompressionController(compressed, cfg, CompressionScheduler(compressed.lowbit_pruning)), compressed
+        compressed = prune(model, pruning.pruning_target, criterion=pruning.criterion, example_inputs=example,
+                           dataset=dataset if example is None else None,
+                           ignored_scope=_scope(pruning.ignored_scopes), mode="mask",
+                           schedule={"initial": pruning.pruning_init, "steps": pruning.pruning_steps,
+                                     "kind": pruning.schedule, "unit": "epochs"})
+    if quantization is not None:
+        compressed = _quantized(compressed, cfg, quantization, dataset, example)
+    compressed.train(model.training)
+    return CompressionController(compressed, cfg, CompressionScheduler(getattr(compressed, "lowbit_pruning", None))), \
+        compressed
+
+
+def _quantized(model: Any, cfg: CompressionConfig, algo: Quantization, dataset: Any, example: Any) -> Any:
+    """`model` (the user's, or a masked one) with quantizers calibrated on `dataset`; a masked model's masks
+    carry over, now zeroing the weights the quantizers read."""
     if dataset is None:
         raise DatasetError("quantization needs data to initialize its ranges (initializer.range): pass "
                            "dataset=lowbit.Dataset(loader, transform_fn), or compression_state= to resume")
     from ..compiler import compile
+    from ..frontends import graph_of
+    from ..pruning.masks import MaskController
     from ..quant.dataset import CalibrationData
     from .bn_adaptation import batch_norm_adaptation
 
@@ -296,14 +319,17 @@ def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, com
                          ignored_scope=_scope(algo.ignored_scopes), preset=algo.preset,
                          range_estimator=algo.range_type, overflow_fix=algo.overflow_fix, bits=algo.bits,
                          range_learning=algo.range_learning, fold_bn=algo.fold_bn, progress=False)
+    masks = getattr(model, "lowbit_pruning", None)
+    if masks is not None:
+        compressed.lowbit_pruning = MaskController(compressed, graph_of(compressed), masks.spec, masks.schedule,
+                                                   t=masks.t, keep=masks.kept)
     sync_ranges(compressed)
     if algo.num_bn_adaptation_samples > 0 and algo.fold_bn == "train":
         first = CalibrationData(dataset, 1).first()
         first = first[0] if isinstance(first, (tuple, list)) else first
         per_item = int(first.shape[0]) if getattr(first, "ndim", 0) else 1
         batch_norm_adaptation(compressed, dataset, max(1, -(-algo.num_bn_adaptation_samples // per_item)))
-    compressed.train(model.training)
-    return CompressionController(compressed, cfg, CompressionScheduler()), compressed
+    return compressed
 
 
 def _resume(model: Any, cfg: CompressionConfig, state: dict, example: Any) -> tuple[CompressionController, Any]:
