@@ -118,16 +118,17 @@ class CompressionController:
         from ..pruning.cost import cost
 
         graph = graph_of(self.model)
-        quantized = quantization_statistics(graph, cost(graph)) if self.quantization else None
+        model_cost = cost(graph)
+        quantized = quantization_statistics(graph, model_cost) if self.quantization else None
         if not self.pruning:
             return quantized
-        pruned = self._pruning_statistics(graph, cost(graph))
+        pruned = self._pruning_statistics(model_cost)
         if quantized is None:
             return pruned
         return Statistics("filter_pruning + quantization", quantized.rows, quantized.header,
                           {**pruned.summary, "layers quantized": quantized.summary["layers quantized"]})
 
-    def _pruning_statistics(self, graph, model_cost) -> Statistics:
+    def _pruning_statistics(self, model_cost) -> Statistics:
         from ..pruning.cost import cost
         from ..pruning.masks import strip_masks
 
