@@ -110,6 +110,8 @@ class LSQFakeQuantize(FakeQuantize):
     learning = "lsq"
 
     def _init_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        # LSQ's Qp, the grid's positive levels: read once here, not from a (maybe GPU) tensor at every step
+        self.positive_levels = max(self.levels - 1 - float(self.zero_point.min()), 1.0)
         self.scale = nn.Parameter(((high.double() - low.double()) / (self.levels - 1)).clamp_min(EPS).float())
         if self.grid == "asymmetric":
             self.offset = nn.Parameter(self.zero_point.clone())
@@ -121,8 +123,7 @@ class LSQFakeQuantize(FakeQuantize):
 
     def _grad_factor(self, elements: int) -> float:
         """LSQ's gradient scale for the step size: 1 / sqrt(elements per step x positive levels)."""
-        positive = max(self.levels - 1 - float(self.zero_point.min()), 1.0)
-        return 1.0 / math.sqrt(max(elements // max(self.scale.numel(), 1), 1) * positive)
+        return 1.0 / math.sqrt(max(elements // max(self.scale.numel(), 1), 1) * self.positive_levels)
 
 
 def _fake_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, levels: int,
