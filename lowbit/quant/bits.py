@@ -20,11 +20,10 @@ from typing import Any
 from ..errors import IgnoredScopeError, OptionError
 from ..ir.graph import Graph
 from ..ir.ops import layer_path, layer_types
-from .scope import IgnoredScope
+from .scope import nncf_scope
 
 KINDS = ("weights", "activations")
 MIN_BITS, MAX_BITS = 2, 8
-REGEX_PREFIX = "{re}"
 TYPE_PREFIX = "{type}"
 
 
@@ -57,10 +56,8 @@ def resolve_layers(graph: Graph, name: str, where: str) -> set[str]:
     by_path = {layer_path(n): n.name for n in graph if layer_path(n)}
     if name in by_path and name not in {n.name for n in graph}:
         return {by_path[name]}
-    scope = IgnoredScope(patterns=[name[len(REGEX_PREFIX):]]) if name.startswith(REGEX_PREFIX) \
-        else IgnoredScope(names=[name])
     try:
-        return scope.resolve(graph)
+        return nncf_scope([name]).resolve(graph)
     except IgnoredScopeError as e:
         raise OptionError(f"{where}: {str(e).replace('ignored scope ', '', 1)}") from None
 

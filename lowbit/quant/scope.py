@@ -101,6 +101,18 @@ class IgnoredScope:
                                 "are those `print(lowbit.lower(model))` shows")
 
 
+REGEX_PREFIX = "{re}"  # NNCF's scopes: a regular expression after it, a node name without
+
+
+def nncf_scope(entries: list[str] | tuple[str, ...]) -> IgnoredScope | None:
+    """NNCF's scope strings as an IgnoredScope (None for none): node names, and regular expressions after the
+    `{re}` prefix."""
+    if not entries:
+        return None
+    return IgnoredScope(names=[e for e in entries if not e.startswith(REGEX_PREFIX)],
+                        patterns=[e[len(REGEX_PREFIX):] for e in entries if e.startswith(REGEX_PREFIX)])
+
+
 def _names(value, field_name: str, kind: str) -> list[str]:
     if value is None:
         return []

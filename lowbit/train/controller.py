@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+from ..quant.scope import nncf_scope
 from .config import CompressionConfig, FilterPruning, Quantization, read_config
 
 # PTQ without bias correction (training moves the biases), and without cleanup: it would drop the Dropouts the
@@ -230,16 +231,6 @@ def _example_inputs(config: CompressionConfig, dataset: Any) -> Any:
     return tuple(out)
 
 
-def _scope(scopes: tuple[str, ...]):
-    if not scopes:
-        return None
-    from ..quant.scope import IgnoredScope
-
-    names = [s for s in scopes if not s.startswith("{re}")]
-    patterns = [s[len("{re}"):] for s in scopes if s.startswith("{re}")]
-    return IgnoredScope(names=names, patterns=patterns)
-
-
 def _hw_for(device: str, algo: Quantization):
     """The device's hardware config with each op's weight and activation quantizers narrowed to the config's
     mode, per_channel and signed (ConfigError where no quantizer of an op fits)."""
@@ -293,7 +284,7 @@ def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, com
 
         compressed = prune(model, pruning.pruning_target, criterion=pruning.criterion, example_inputs=example,
                            dataset=dataset if example is None else None,
-                           ignored_scope=_scope(pruning.ignored_scopes), mode="mask",
+                           ignored_scope=nncf_scope(pruning.ignored_scopes), mode="mask",
                            schedule={"initial": pruning.pruning_init, "steps": pruning.pruning_steps,
                                      "kind": pruning.schedule, "unit": "epochs"})
     if quantization is not None:
@@ -317,7 +308,7 @@ def _quantized(model: Any, cfg: CompressionConfig, algo: Quantization, dataset: 
 
     compressed = compile(model, QAT_PASSES, hw=_hw_for(cfg.target_device, algo), dataset=dataset,
                          example_inputs=example, subset_size=algo.num_init_samples,
-                         ignored_scope=_scope(algo.ignored_scopes), preset=algo.preset,
+                         ignored_scope=nncf_scope(algo.ignored_scopes), preset=algo.preset,
                          range_estimator=algo.range_type, overflow_fix=algo.overflow_fix, bits=algo.bits,
                          range_learning=algo.range_learning, fold_bn=algo.fold_bn, progress=False)
     masks = getattr(model, "lowbit_pruning", None)
