@@ -26,7 +26,7 @@ import numpy as np
 from ..ir.graph import Graph, Node, Value
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
-from ..patterns.library.bn_folding import merged_weight
+from ..patterns.library.bn_folding import merged_pairs, merged_weight
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
 from ..quant.ranges import fq_range
@@ -39,14 +39,14 @@ def preset_for(ctx: PassContext) -> str:
     return ctx.options.effective_preset
 
 
-def weight_range(graph: Graph, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
-    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train") and
-    the quantizer is per tensor (a per-channel one rounds W on a grid that folding scales with it)."""
+def weight_range(point: QuantPoint, merged_bn: dict[str, Node]) -> tuple[np.ndarray, np.ndarray]:
+    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train";
+    `merged_bn`: Conv name -> its BN) and the quantizer is per tensor (a per-channel one rounds W on a grid that
+    folding scales with it)."""
     w = point.value.const.astype(np.float64)
-    merged = {bn.name: bn for bn in graph if bn.op_type == "BatchNormalization"}
     for node, port in point.consumers:
-        if port == 1 and node.meta.get("bn_merge") in merged and not point.config.per_channel:
-            w = merged_weight(node, merged[node.meta["bn_merge"]])
+        if port == 1 and node.name in merged_bn and not point.config.per_channel:
+            w = merged_weight(node, merged_bn[node.name])
     if not point.config.per_channel or w.ndim < 2:
         return np.array(w.min()), np.array(w.max())
     axis = point.axis % w.ndim
@@ -197,9 +197,10 @@ class Quantize(Pass):
                 old = group_range.get(p.group, (lo, hi))
                 group_range[p.group] = (min(old[0], lo), max(old[1], hi))
         half = half_range_weights(graph, points, ctx.options.overflow_fix)
+        merged_bn = {conv.name: bn for conv, bn in merged_pairs(graph)}
         for p in points:
             if p.kind == "weight":
-                lo, hi = weight_range(graph, p)
+                lo, hi = weight_range(p, merged_bn)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
