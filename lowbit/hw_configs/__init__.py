@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HardwareConfigError
+from ..json_file import read_json
 
 HERE = Path(__file__).parent
 DEVICES = ("CPU", "GPU", "NPU", "ANY")
@@ -128,12 +129,8 @@ def load_hw_config(hw: str | os.PathLike | HwConfig | dict) -> HwConfig:
     if path.suffix.lower() != ".json":
         raise HardwareConfigError(f"unknown device {text!r}: use one of {', '.join(DEVICES)} or the path of a "
                                   "hardware config .json file")
-    if not path.exists():
-        raise HardwareConfigError(f"hardware config file {text!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HardwareConfigError(f"hardware config {text!r} is not valid JSON: {e}") from None
+    data = read_json(path, HardwareConfigError, missing=f"hardware config file {text!r} does not exist",
+                     what=f"hardware config {text!r}")
     return parse_hw_config(data, repr(text))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..json_file import read_json
 
 HERE = Path(__file__).parent
 DEVICES = {"ANY": "ANY", "CPU": "CPU", "GPU": "GPU", "NPU": "NPU", "CPU_SPR": "CPU", "TRIAL": "ANY"}
@@ -108,12 +109,8 @@ def read_config(config: Any) -> CompressionConfig:
     config_list (a list of dicts with quant_types) too."""
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"no compression config at {str(path)!r}: pass a dict or the path of a .json file")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"compression config {str(path)!r} is not valid JSON: {e}") from None
+        config = read_json(path, ConfigError, what=f"compression config {str(path)!r}",
+                           missing=f"no compression config at {str(path)!r}: pass a dict or the path of a .json file")
     if isinstance(config, list):
         return from_nni(config)
     if not isinstance(config, dict):
