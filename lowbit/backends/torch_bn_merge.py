@@ -50,10 +50,9 @@ def _bn_of(conv: Node) -> Node:
     return next(user for user, _ in conv.output.uses if user.name == conv.meta["bn_merge"])
 
 
-def emit_merged_conv(e, conv: Node, conv_call) -> fx.Node:
-    """Emit `conv` and the scaling around it (the BN itself is emitted after, as its own module); `conv_call(e,
-    n, weight, bias)` emits a Conv with the given weight and bias fx nodes."""
-    from .torch_emit import _batch_norm_module
+def emit_merged_conv(e, conv: Node) -> fx.Node:
+    """Emit `conv` and the scaling around it (the BN itself is emitted after, as its own module)."""
+    from .torch_emit import _batch_norm_module, _conv_call
 
     bn = _bn_of(conv)
     path = e.merged_bn.get(bn.name) or _batch_norm_module(e, bn)
@@ -74,7 +73,7 @@ def emit_merged_conv(e, conv: Node, conv_call) -> fx.Node:
     per_channel = e.call(aten.reshape.default, s, [1, -1] + [1] * (rank - 2))
     fq = w.producer  # FakeQuantize(W): the quantizer rounds W * s
     weight = e.fx.call_module(e.names[fq.name], (e.call(aten.mul.Tensor, e[fq.input(0)], per_filter),))
-    y = e.call(aten.div.Tensor, conv_call(e, conv, weight, None), per_channel)
+    y = e.call(aten.div.Tensor, _conv_call(e, conv, weight, None), per_channel)
     bias = conv.input(2)
     if bias is not None:
         y = e.call(aten.add.Tensor, y, e.call(aten.reshape.default, e[bias], [1, -1] + [1] * (rank - 2)))

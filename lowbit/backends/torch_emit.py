@@ -282,7 +282,7 @@ def _conv(e: _Emitter, n: Node):
         from .torch_bn_merge import emit_merged_conv, simulated_folding
 
         if simulated_folding(n):
-            return emit_merged_conv(e, n, _conv_call)
+            return emit_merged_conv(e, n)
     return _conv_call(e, n, e[n.input(1)], e[n.input(2)])
 
 

@@ -14,8 +14,8 @@ from ..quant.stats import RANGE_ESTIMATORS
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = ("transformer",)
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
-RANGE_LEARNING = ("range", "lsq")
-FOLD_BN = ("eval", "train")  # fold BN before quantizing, or merge it while it trains (passes/fold_bn.py)  # how a torch module's quantizers learn in QAT (backends/torch_fq.py)
+RANGE_LEARNING = ("range", "lsq")  # how a torch module's quantizers learn in QAT (backends/torch_fq.py)
+FOLD_BN = ("eval", "train")  # fold BN before quantizing, or merge it while it trains (passes/fold_bn.py)
 DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
 
 

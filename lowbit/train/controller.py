@@ -174,7 +174,7 @@ class CompressionController:
 
 def quantization_statistics(graph, model_cost) -> Statistics:
     """Bits of every quantized layer's weight and data input."""
-    from ..ir.ops import LAYERS, VALUE_PRESERVING
+    from ..ir.ops import LAYERS, VALUE_PRESERVING, is_fake_quantize
 
     rows = []
     for node in graph:
@@ -186,8 +186,8 @@ def quantization_statistics(graph, model_cost) -> Statistics:
             while v is not None and v.producer is not None and v.producer.op_type in VALUE_PRESERVING:
                 v = v.producer.input(0)  # a quantizer moved above a Flatten still quantizes this input
             fq = v.producer if v is not None and v.producer is not None else None
-            bits.append(str(int(np.ceil(np.log2(int(fq.attrs["levels"]))))) if fq is not None
-                        and fq.op_type == "FakeQuantize" else "fp32")
+            bits.append(str(int(np.ceil(np.log2(int(fq.attrs["levels"])))))
+                        if fq is not None and is_fake_quantize(fq) else "fp32")
         rows.append((node.name, node.op_type, *bits))
     quantized = sum(r[2] != "fp32" for r in rows)
     return Statistics("quantization", tuple(rows), ("layer", "op", "weight bits", "input bits"),
@@ -213,7 +213,8 @@ def sync_ranges(model: Any) -> None:
                     p.data /= world
 
 
-def _example_inputs(config: CompressionConfig, dataset: Any) -> Any:
+def _example_inputs(config: CompressionConfig) -> Any:
+    """Inputs of `input_info`'s sizes, types and fillers (random ones seeded), or None without input_info."""
     import torch
 
     if not config.input_info:
@@ -274,7 +275,7 @@ def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, com
                                     f"{type(model).__name__}: quantize an ONNX model with lowbit.quantize, prune it "
                                     "with lowbit.prune")
     cfg = read_config(config if compression_state is None or config is not None else compression_state["config"])
-    example = example_inputs if example_inputs is not None else _example_inputs(cfg, dataset)
+    example = example_inputs if example_inputs is not None else _example_inputs(cfg)
     if compression_state is not None:
         return _resume(model, cfg, compression_state, example)
     pruning, quantization = cfg.algorithm(FilterPruning), cfg.algorithm(Quantization)
