@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..ir.graph import Node
+from ..ir.ops import weight_quantizer
 from ..patterns.library.bn_folding import per_channel_quantizer
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ def merged_conv(fq: Node) -> Node | None:
 def simulated_folding(conv: Node) -> bool:
     """Whether `conv` is emitted in the simulated-folding form: marked `bn_merge`, its weight read through a
     per-tensor quantizer (an unquantized weight needs no folding to train: W * s / s is W)."""
-    fq = conv.input(1).producer
-    return bool(conv.meta.get("bn_merge")) and fq is not None and fq.op_type == "FakeQuantize" \
+    return bool(conv.meta.get("bn_merge")) and weight_quantizer(conv) is not None \
         and not per_channel_quantizer(conv.input(1))
 
 

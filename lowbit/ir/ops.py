@@ -266,3 +266,10 @@ def layer_path(node) -> str | None:
     name = (w.meta.get("torch_name") or w.name) if w is not None and w.const is not None else ""
     name = name.removesuffix(".T")  # written transposed by lowbit's ONNX writer
     return name.removesuffix(".weight") if name.endswith(".weight") else None
+
+
+def weight_quantizer(node, port: int = 1):
+    """The FakeQuantize a layer reads its weight at `port` through (its input a constant: QAT), or None."""
+    v = node.input(port) if len(node.inputs) > port else None
+    fq = v.producer if v is not None and v.const is None else None
+    return fq if fq is not None and is_fake_quantize(fq) and fq.input(0).const is not None else None

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Node, Value
-from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, is_fake_quantize, weight_in_axis,
-                      weight_out_axis)
+from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, weight_in_axis, weight_out_axis,
+                      weight_quantizer)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -22,18 +22,10 @@ def _static(dims) -> int | None:
     return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
 
 
-def quantized_weight(node: Node, port: int = 1) -> Node | None:
-    """The FakeQuantize a layer reads its weight through (QAT with pruning masks: its input a constant), or
-    None."""
-    v = node.input(port) if len(node.inputs) > port else None
-    fq = v.producer if v is not None and v.const is None else None
-    return fq if fq is not None and is_fake_quantize(fq) and fq.input(0).const is not None else None
-
-
 def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: str) -> None:
     """`node`'s weight along `axis` as a member: the constant itself, or the one its FakeQuantize reads, with
     the quantizer's per-channel ranges where they vary along the same axis."""
-    fq = quantized_weight(node)
+    fq = weight_quantizer(node)
     if fq is None:
         cg.members.append(Member(node, 1, axis, segments, role))
         return
@@ -45,7 +37,7 @@ def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: st
 
 
 def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
-    fq = quantized_weight(node)
+    fq = weight_quantizer(node)
     w = fq.input(0) if fq is not None else node.input(1) if len(node.inputs) > 1 else None
     x = node.input(0)
     if node.op_type == "ConvTranspose" or (node.op_type == "Gemm" and attribute(node, "transA")):
@@ -94,7 +86,7 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
 
 def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     layout = cg.layout(node.input(0))
-    fq = quantized_weight(node)
+    fq = weight_quantizer(node)
     w = fq.input(0) if fq is not None else node.input(1)
     group = attribute(node, "group")
     depthwise = w.const is not None and w.const.shape[1] == 1 and w.const.shape[0] == group == layout.size

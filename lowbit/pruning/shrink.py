@@ -12,7 +12,7 @@ import numpy as np
 
 from ..ir.graph import Graph
 from ..ir.infer import reinfer
-from .flows import quantized_weight
+from ..ir.ops import weight_quantizer
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
 
@@ -50,7 +50,7 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
     grouped = []  # (grouped Conv, the node and port its cut weight is read at: the Conv, or its quantizer)
     for node in graph:
         if node.op_type == "Conv" and node.attrs.get("group", 1) > 1:
-            fq = quantized_weight(node)  # QAT with masks: the constant the weight quantizer reads
+            fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
             holder, port = (fq, 0) if fq is not None else (node, 1)
             if id(holder.input(port)) in cuts:
                 grouped.append((node, holder, port))

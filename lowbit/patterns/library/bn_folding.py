@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Graph, Node, Value
-from ...ir.ops import weight_out_axis
+from ...ir.ops import is_fake_quantize, weight_out_axis, weight_quantizer
 from ..pattern import Any, Const, P, match_at
 from ..rewrite import Match, Rule, RuleSet
 
@@ -148,8 +148,7 @@ def _merge_candidate(bn: Node) -> Node | None:
     if found is None or not all(v is not None and v.const is not None for v in bn.inputs[1:5]):
         return None
     conv, w = found["layer"], found["w"]
-    if w.const is None and not (w.producer is not None and w.producer.op_type == "FakeQuantize"
-                                and w.producer.input(0).const is not None and len(w.uses) == 1):
+    if w.const is None and (weight_quantizer(conv) is None or len(w.uses) != 1):
         return None
     bias = conv.input(2)
     return conv if (bias is None or bias.const is not None) and bn.input(1).const.ndim == 1 else None
@@ -175,8 +174,7 @@ def merged_pairs(graph: Graph) -> list[tuple[Node, Node]]:
 def per_channel_quantizer(w: Value) -> bool:
     """A weight read through a FakeQuantize whose range varies along the output channels."""
     fq = w.producer
-    return fq is not None and fq.op_type == "FakeQuantize" and fq.input(1).const is not None \
-        and fq.input(1).const.size > 1
+    return fq is not None and is_fake_quantize(fq) and fq.input(1).const is not None and fq.input(1).const.size > 1
 
 
 def merged_weight(conv: Node, bn: Node) -> np.ndarray:
