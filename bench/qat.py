@@ -368,13 +368,13 @@ def tables(rows: list[dict], tools: list[str], check_rows, epochs: int, lr: floa
     for r in rows:
         cells = [r["model"], _f(r["fp32"]), _f(r["fp32_ft"]), _f(r["ptq lowbit"])]
         if "nncf" in tools:
-            cells.append(_f(r.get("ptq nncf")) if "ptq nncf" in r else _note(notes, f"NNCF PTQ, {r['model']}: "
+            cells.append(_f(r.get("ptq nncf")) if "ptq nncf" in r else deploy._note(notes, f"NNCF PTQ, {r['model']}: "
                                                                                     f"{r['ptq nncf_failed']}"))
         for k in qat_labels:
             if f"qat {k}" in r:
                 cells.append(f"{r[f'qat {k}']:.2f} ({r[f'start {k}']:.2f})")
             else:
-                cells.append("failed " + _note(notes, f"{name.get(k, k)} QAT, {r['model']}: "
+                cells.append("failed " + deploy._note(notes, f"{name.get(k, k)} QAT, {r['model']}: "
                                                       f"{r.get(f'qat {k}_failed', 'n/a')}"))
         body.append(cells)
         for k, text in r["notes"].items():
@@ -409,11 +409,11 @@ def tables(rows: list[dict], tools: list[str], check_rows, epochs: int, lr: floa
             continue
         cells = [r["model"], _f(r["qat lowbit"])]
         if "strip_failed" in r:
-            cells += ["failed " + _note(notes, f"lowbit.strip, {r['model']}: {r['strip_failed']}"), "-"]
+            cells += ["failed " + deploy._note(notes, f"lowbit.strip, {r['model']}: {r['strip_failed']}"), "-"]
         else:
             cells += [_f(r["strip_agree"]), _f(r["strip_sqnr"], "{:.1f}")]
         if "ov_failed" in r:
-            cells += ["-", "failed " + _note(notes, f"lowbit.export .xml, {r['model']}: {r['ov_failed']}"), "-"]
+            cells += ["-", "failed " + deploy._note(notes, f"lowbit.export .xml, {r['model']}: {r['ov_failed']}"), "-"]
         else:
             cells += [_f(r["ov_top1"]), _f(r["ov_agree"]), _f(r["ov_sqnr"], "{:.1f}")]
         body.append(cells)
@@ -422,11 +422,6 @@ def tables(rows: list[dict], tools: list[str], check_rows, epochs: int, lr: floa
                 head, body, notes))
     out.append(("Checks", ["where", "measured", "target", "result"], check_rows, []))
     return out
-
-
-def _note(notes: list[str], text: str) -> str:
-    notes.append(text)
-    return f"[{len(notes)}]"
 
 
 def main(argv=None) -> list[dict]:
