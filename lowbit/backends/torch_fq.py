@@ -28,7 +28,6 @@ import torch.nn as nn
 
 EPS = 1e-8
 GRIDS = ("symmetric", "asymmetric")
-LEARNING = ("range", "lsq")
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:
