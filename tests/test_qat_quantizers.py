@@ -190,3 +190,30 @@ def test_a_quantized_resnet18_deep_copies_and_trains_apart():
         assert torch.equal(twin(x), q(x))
         twin.get_parameter(next(n for n, _ in twin.named_parameters() if n.endswith("weight"))).mul_(0)
         assert not torch.equal(twin(x), q(x))  # its own weights
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_qat_exports_run_as_int8_in_both_runtimes(weight_bits, tmp_path):
+    """A trained QAT module exported: OpenVINO runs every conv and the classifier in u8/i8 (4-bit
+    weights too: they are written already rounded, behind a 255-level weight quantizer of the same step) and ONNX
+    Runtime's optimized graph has every conv as QLinearConv; both agree with the module."""
+    import openvino as ov
+    from deploy_checks import int8_count, openvino_layer_precisions, ort_optimized_ops
+
+    factory, shape = REFERENCE_MODELS["resnet18"]
+    x = torch.randn(8, *shape[1:], generator=torch.Generator().manual_seed(2))
+    config = {"input_info": {"sample_size": [2, *shape[1:]]},
+              "compression": {"algorithm": "quantization", "weights": {"bits": weight_bits}}}
+    controller, q = lowbit.create_compressed_model(factory(), config, dataset=lowbit.Dataset([x]))
+    opt = torch.optim.Adam(q.train().parameters(), lr=1e-3)
+    for _ in range(2):  # the controller's module itself trains (what export_model writes)
+        opt.zero_grad()
+        F.cross_entropy(q(x), torch.arange(len(x)) % 10).backward()
+        opt.step()
+    q.eval()
+    with torch.no_grad():
+        simulated = q(x).numpy()
+    xml, onnx_path = controller.export_model(tmp_path / "q.xml"), controller.export_model(tmp_path / "q.onnx")
+    assert int8_count(openvino_layer_precisions(xml)) == 21  # 20 convolutions and the classifier
+    assert ort_optimized_ops(onnx_path)["QLinearConv"] == 20
+    assert sqnr(simulated, run_openvino(ov.Core().read_model(str(xml)), [x.numpy()])[0]) > 35

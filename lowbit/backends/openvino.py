@@ -14,6 +14,7 @@ import re
 
 from ..errors import UnsupportedOpError
 from ..ir.graph import Graph
+from ..ir.ops import is_fake_quantize
 from .onnx import to_onnx
 
 
@@ -21,7 +22,7 @@ def to_openvino(graph: Graph):
     """Write a Graph as an openvino.Model."""
     import openvino as ov
 
-    proto = to_onnx(graph, fake_quantize="openvino")
+    proto = to_onnx(low_bit_weights_on_int8_grids(graph), fake_quantize="openvino")
     try:
         model = ov.convert_model(io.BytesIO(proto.SerializeToString()))
     except Exception as e:  # OpenVINO raises its own GeneralFailure/OpConversionFailure
@@ -31,6 +32,41 @@ def to_openvino(graph: Graph):
     ours = {n.name for n in graph} | {v.name for v in graph.values()}
     _name_generated_ops(model, ours)
     return model
+
+
+def low_bit_weights_on_int8_grids(graph: Graph) -> Graph:
+    """`graph`, or a copy in which each constant weight quantized on a signed grid of fewer than 8 bits (4-bit
+    weights: [-7, 7] or [-8, 7] steps) is stored already rounded, behind a 255-level FakeQuantize of the same
+    step: the same values, in the form OpenVINO's low-precision transformations run as INT8 (they take only
+    255/256-level weight FakeQuantizes; a 16-level one ran the Convolution in bf16 from decompressed weights)."""
+    import numpy as np
+
+    from .qdq import qdq_params
+
+    def narrow(n) -> bool:
+        return (is_fake_quantize(n) and int(n.attrs["levels"]) < 255 and all(v is not None and v.const is not None
+                                                                            for v in n.inputs[:5])
+                and qdq_params(int(n.attrs["levels"]), n.input(1).const, n.input(2).const).zero_point.dtype == np.int8)
+
+    if not any(narrow(n) for n in graph):
+        return graph
+    graph = graph.copy()
+    for n in [n for n in graph if narrow(n)]:
+        levels, w = int(n.attrs["levels"]), n.input(0).const
+        p = qdq_params(levels, n.input(1).const, n.input(2).const)
+        shape = [1] * w.ndim
+        if p.axis is not None:
+            shape[p.axis] = -1
+        step = p.scale.astype(np.float64).reshape(shape)
+        low = -(levels // 2)
+        q = np.clip(np.round(w.astype(np.float64) / step), low, low + levels - 1)
+        n.set_input(0, graph.add_constant(f"{n.name}_on_int8_grid", (q * step).astype(w.dtype)))
+        ends = [(e * step).astype(np.float32) for e in (-127, 127)]
+        for port, end in ((1, ends[0]), (2, ends[1]), (3, ends[0]), (4, ends[1])):
+            n.set_input(port, graph.add_constant(f"{n.name}_int8_range", end))
+        n.attrs["levels"] = 255
+    graph.remove_unused_constants()
+    return graph
 
 
 def _name_generated_ops(model, ours: set[str]) -> None:
