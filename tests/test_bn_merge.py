@@ -108,6 +108,45 @@ def test_save_and_load_keep_the_merge(merged, tmp_path):
         np.testing.assert_array_equal(back(x).numpy(), q(x).numpy())
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
+    """Folding W * s in floating point moved weights lying within rounding error of a midpoint between two levels
+    to the other level (a few per wide layer): the export must round each weight where the module did."""
+    from lowbit.backends.torch_bn_merge import rounded_merged_weights
+    from lowbit.backends.torch_fq import fake_quantize
+    from lowbit.frontends import graph_of
+    from lowbit.ir.ops import weight_quantizer
+    from lowbit.patterns.library.bn_folding import bn_scale, merged_pairs
+    from lowbit.train.config import Quantization
+    from lowbit.train.controller import _hw_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+                          nn.Conv2d(128, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU()).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for bn in (model[1], model[4]):  # BN statistics far from the identity, as trained ones are
+            bn.weight.copy_(0.2 + 3 * torch.rand(bn.num_features, generator=g))
+            bn.running_var.copy_(0.01 + 2 * torch.rand(bn.num_features, generator=g))
+    hw = _hw_for("CPU", Quantization(weights={"per_channel": per_channel}))
+    x = torch.randn(4, 3, 6, 6, generator=g)
+    q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset([x]), fold_bn="train", hw=hw)
+    merged = graph_of(q, fold_merged_bn=False)
+    trained = rounded_merged_weights(q, merged)
+    scales = {conv.name: bn_scale(bn).reshape(-1, 1, 1, 1) for conv, bn in merged_pairs(merged)}
+    folded = {n.name: n for n in graph_of(q) if n.op_type == "Conv"}
+    assert set(trained) == set(folded) == set(scales) and len(folded) == 2
+    for name, conv in folded.items():
+        fq = weight_quantizer(conv)
+        levels, low, high = int(fq.attrs["levels"]), fq.input(1).const, fq.input(2).const
+        exported = fake_quantize(levels, torch.from_numpy(low), torch.from_numpy(high), grid=fq.meta.get("grid"))
+        with torch.no_grad():
+            deployed = exported(torch.from_numpy(fq.input(0).const.copy())).numpy().astype(np.float64)
+        expected = trained[name] * scales[name] if per_channel else trained[name]
+        step = (high.astype(np.float64) - low) / (levels - 1)
+        assert (np.abs(deployed - expected) / step).max() < 1e-3, name  # no weight on another level
+
+
 def test_fold_bn_takes_two_values():
     with pytest.raises(lowbit.OptionError, match="unknown fold_bn 'merge': use one of eval, train"):
         lowbit.compile(_model(), QAT_PASSES, dataset=lowbit.Dataset([torch.randn(2, 3, 8, 8)]), fold_bn="merge")

@@ -78,3 +78,27 @@ def emit_merged_conv(e, conv: Node) -> fx.Node:
     if bias is not None:
         y = e.call(aten.add.Tensor, y, e.call(aten.reshape.default, e[bias], [1, -1] + [1] * (rank - 2)))
     return y
+
+
+def rounded_merged_weights(model: torch.nn.Module, graph) -> dict:
+    """The weight each merged Conv's quantizer gives in `model`'s forward, by Conv name, for `fold_merged`:
+    q(W) for a per-channel quantizer, q(W * s) for a per-tensor one, with s computed as `emit_merged_conv` does
+    (float32), so the integers are the module's to the last midpoint."""
+    from ..patterns.library.bn_folding import merged_pairs
+
+    names = getattr(model, "lowbit_names", {})
+    rounded = {}
+    for conv, bn in merged_pairs(graph):
+        fq = weight_quantizer(conv)
+        if fq is None or names.get(fq.name) is None:
+            continue
+        module = model.get_submodule(names[fq.name])
+        device = next(iter(module.buffers()), torch.empty(0)).device
+        w = torch.from_numpy(fq.input(0).const.copy()).to(device)
+        if not per_channel_quantizer(conv.input(1)):
+            gamma, var = (torch.from_numpy(bn.input(i).const.copy()).to(device) for i in (1, 4))
+            s = gamma / torch.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            w = w * s.reshape([-1] + [1] * (w.dim() - 1))
+        with torch.no_grad():
+            rounded[conv.name] = module(w).detach().cpu().numpy()
+    return rounded

@@ -87,9 +87,10 @@ def graph_of(model: Any, *, fold_merged_bn: bool = True) -> Graph | None:
                 node.set_input(port, graph.add_constant(f"{node.name}_range", array))
     graph.remove_unused_constants()
     if fold_merged_bn:
+        from ..backends.torch_bn_merge import rounded_merged_weights
         from ..patterns.library.bn_folding import fold_merged
 
-        fold_merged(graph)
+        fold_merged(graph, rounded_merged_weights(model, graph))
     return graph
 
 
