@@ -380,6 +380,39 @@ def test_strip_returns_a_module_lowbit_did_not_make_unchanged_with_a_warning():
         assert lowbit.strip(model) is model
 
 
+def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
+    """Swin pads its [batch, height, width, channels] maps to whole windows (a Pad of nothing on the channel
+    axis) and partitions them with Reshapes that keep the channels last: the first stage's width is one group
+    through them, its patch merging (a Concat of four neighbours, LayerNorm, Linear) included. The last stage's
+    width reaches the model output and stays, and the heads stay, read by a per-head relative position bias."""
+    from zoo_models import build
+
+    module, make_input, _ = build("swin", "small")
+    x = make_input(2)
+    before = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    pruned = lowbit.prune(module, 0.5, example_inputs=(x,))
+    after = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+
+    def key(suffix):
+        return next(k for k in before if k.endswith(suffix))
+
+    embed = key("embeddings.patch_embeddings.projection.weight")
+    assert before[embed][0] == 16 and after[embed] == (8,) + before[embed][1:]
+    assert after[key("embeddings.norm.weight")] == (8,)
+    merge = key("layers.0.downsample.reduction.weight")
+    assert after[merge] == (32, 32)  # 4 neighbours x 16 -> 4 x 8 inputs; the last stage's 32 outputs stay
+    assert after[key("layers.0.blocks.0.mlp.fc1.weight")] == (32, 8)
+    for proj in ("q_proj", "k_proj", "v_proj"):  # the heads stay: 16 outputs, read from the 8 channels kept
+        assert after[key(f"layers.0.blocks.0.attention.{proj}.weight")] == (16, 8)
+    assert after[key("layers.1.blocks.0.mlp.fc1.weight")] == (64, 32)
+    with torch.no_grad():  # LayerNorms normalize over the width, so the output changes: it runs, and agrees
+        expected, unpruned = pruned(x).numpy(), module(x).numpy()
+    written = lowbit.codegen(graph_of(pruned), "onnx")
+    got = run_onnx(written, {written.graph.input[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape == unpruned.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_gpt2s_mlps_and_heads_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():
     """GPT-2's Conv1D flattens [batch, tokens, channels] to [batch x tokens, channels] and back, spelling the
     channel count out in the Reshape's target: the channels stay whole on the last axis, and shrink rewrites it.

@@ -179,14 +179,16 @@ def _normalize(cg: ChannelGroups, node: Node, keep) -> bool:
 
 
 def _pool(cg: ChannelGroups, node: Node, keep) -> bool:
+    """Pools keep the channels of NCHW's axis 1; a Pad those of any axis it pads nothing on (a channels-last
+    tensor's, as Swin pads its windows)."""
     layout = cg.layout(node.input(0))
-    if layout.axis != 1 or node.op_type == "Resize":
-        return False
     if node.op_type == "Pad":
         pads = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
         rank = _rank(node.input(0))
-        if pads is None or len(node.inputs) > 3 or pads[1] or pads[rank + 1]:
+        if pads is None or rank is None or len(node.inputs) > 3 or pads[layout.axis] or pads[rank + layout.axis]:
             return False
+    elif layout.axis != 1 or node.op_type == "Resize":
+        return False
     cg.set_layout(node.output, layout)
     return True
 
