@@ -405,6 +405,8 @@ def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
     for proj in ("q_proj", "k_proj", "v_proj"):  # the heads stay: 16 outputs, read from the 8 channels kept
         assert after[key(f"layers.0.blocks.0.attention.{proj}.weight")] == (16, 8)
     assert after[key("layers.1.blocks.0.mlp.fc1.weight")] == (64, 32)
+    kept = [r["blocked"] for r in graph_of(pruned).meta["pruning"] if r["blocked"] and "per head" in r["blocked"]]
+    assert len(kept) == 6 and "adds a term per head ('unsqueeze') to its scores" in kept[0]  # q, k, v x 2
     with torch.no_grad():  # LayerNorms normalize over the width, so the output changes: it runs, and agrees
         expected, unpruned = pruned(x).numpy(), module(x).numpy()
     written = lowbit.codegen(graph_of(pruned), "onnx")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..ir.graph import Graph, Node
 from ..ir.ops import channel_flow, is_fake_quantize, weight_in_axis, weight_out_axis
 from .flows import HANDLERS
-from .heads import HeadStructure, find_heads
+from .heads import HeadStructure, find_heads, heads_kept
 from .layout import ChannelGroups, Group, Layout, Member, Segment, layer_path
 
 __all__ = ["ChannelGroups", "Group", "Layout", "Member", "Segment", "channel_groups", "layer_path"]
@@ -36,8 +36,9 @@ def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
     cg = ChannelGroups(graph)
     for structure in find_heads(graph):
         _add_heads(cg, structure, keep)
+    kept = heads_kept(graph)
     for node in graph:
-        _visit(cg, node, keep)
+        _visit(cg, node, keep, kept.get(node.name))
     for v in graph.outputs:
         cg.block(cg.layout(v), f"they reach the graph output {v.name!r}, whose shape is kept")
     for _, (v, layout) in list(cg.layouts.items()):
@@ -72,7 +73,7 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
 
 # -- following channels through one node ------------------------------------------------------------------
 
-def _visit(cg: ChannelGroups, node: Node, keep) -> None:
+def _visit(cg: ChannelGroups, node: Node, keep, blocked_because: str | None = None) -> None:
     if is_fake_quantize(node):  # QAT with masks: a weight's is its layer's (flows.py), an activation's passes
         layout = cg.layout(node.input(0))
         if layout is not None and all(v is not None and v.const is not None and v.const.size == 1
@@ -86,6 +87,6 @@ def _visit(cg: ChannelGroups, node: Node, keep) -> None:
         return  # nothing tracked reaches this node, and it makes no channels
     handler = HANDLERS.get(flow)
     if handler is None or handler(cg, node, keep) is False:
-        cg.block_inputs(node, "{node} does not let lowbit follow channels through it")
+        cg.block_inputs(node, blocked_because or "{node} does not let lowbit follow channels through it")
 
 

@@ -152,10 +152,37 @@ def find_heads(graph: Graph) -> list[HeadStructure]:
     return found
 
 
-def _core(node: Node) -> _Core | None:
+def heads_kept(graph: Graph) -> dict[str, str]:
+    """The Reshapes that cut the heads of an attention whose scores get a term per head (Swin's relative
+    position bias), each with why those heads stay: that term would have to be cut with them."""
+    kept = {}
+    for node in graph:
+        terms: list[Value] = []
+        core = _core(node, terms)
+        if core is None or not terms:
+            continue
+        reason = (f"attention {node.name!r} adds a term per head ({terms[0].name!r}) to its scores, which lowbit "
+                  "does not cut: its heads stay")
+        for v in (core.q, core.k, core.v):
+            traced = _back(v)
+            if traced is not None:
+                kept[traced[1].name] = reason
+    return kept
+
+
+def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None:
+    """The attention `node` ends (its Softmax or Attention), or None. A mask or scale on the scores with a dim
+    per head makes it None, unless `per_head_terms` collects them."""
     if node.domain:
         return None
     if node.op_type == "Attention" and len(node.inputs) >= 3:
+        masks = [v for v in node.inputs[3:] if v is not None]
+        if any(v.shape is None for v in masks):
+            return None
+        per_head = [v for v in masks if len(v.shape) >= 3 and v.shape[-3] != 1]
+        if per_head and per_head_terms is None:
+            return None  # a mask with a dim per head would have to be cut too
+        per_head_terms is None or per_head_terms.extend(per_head)
         return _Core(*node.inputs[:3], node.output, [node])
     if node.op_type != "Softmax" or node.output.shape is None or len(node.output.shape) != 4 \
             or node.attrs.get("axis", -1) % 4 != 3:
@@ -171,8 +198,12 @@ def _core(node: Node) -> _Core | None:
                 return None
             scores = computed[0] if step.op_type != "Add" else step.input(0)
             rest = [v for v in step.inputs if v is not scores]
-        if any(v is None or v.shape is None or (len(v.shape) >= 3 and v.shape[-3] != 1) for v in rest):
+        if any(v is None or v.shape is None for v in rest):
+            return None
+        per_head = [v for v in rest if len(v.shape) >= 3 and v.shape[-3] != 1]
+        if per_head and per_head_terms is None:
             return None  # a mask or scale with a dim per head would have to be cut too
+        per_head_terms is None or per_head_terms.extend(per_head)
         nodes.append(step)
     qk = scores.producer
     kt = qk.input(1).producer if qk is not None and qk.op_type == "MatMul" else None
