@@ -170,19 +170,28 @@ def heads_kept(graph: Graph) -> dict[str, str]:
     return kept
 
 
+def _heads_cut_with(terms, per_head_terms: list[Value] | None, optional: bool = False) -> bool:
+    """Whether the masks or scales `terms` on an attention's scores leave its heads prunable: all of known shape
+    (None entries skipped where `optional`), none with a dim per head, which would have to be cut too; where
+    `per_head_terms` is a list, such terms are collected into it instead."""
+    terms = [v for v in terms if v is not None or not optional]
+    if any(v is None or v.shape is None for v in terms):
+        return False
+    per_head = [v for v in terms if len(v.shape) >= 3 and v.shape[-3] != 1]
+    if per_head_terms is None:
+        return not per_head
+    per_head_terms.extend(per_head)
+    return True
+
+
 def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None:
     """The attention `node` ends (its Softmax or Attention), or None. A mask or scale on the scores with a dim
     per head makes it None, unless `per_head_terms` collects them."""
     if node.domain:
         return None
     if node.op_type == "Attention" and len(node.inputs) >= 3:
-        masks = [v for v in node.inputs[3:] if v is not None]
-        if any(v.shape is None for v in masks):
+        if not _heads_cut_with(node.inputs[3:], per_head_terms, optional=True):
             return None
-        per_head = [v for v in masks if len(v.shape) >= 3 and v.shape[-3] != 1]
-        if per_head and per_head_terms is None:
-            return None  # a mask with a dim per head would have to be cut too
-        per_head_terms is None or per_head_terms.extend(per_head)
         return _Core(*node.inputs[:3], node.output, [node])
     if node.op_type != "Softmax" or node.output.shape is None or len(node.output.shape) != 4 \
             or node.attrs.get("axis", -1) % 4 != 3:
@@ -198,12 +207,8 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
                 return None
             scores = computed[0] if step.op_type != "Add" else step.input(0)
             rest = [v for v in step.inputs if v is not scores]
-        if any(v is None or v.shape is None for v in rest):
+        if not _heads_cut_with(rest, per_head_terms):
             return None
-        per_head = [v for v in rest if len(v.shape) >= 3 and v.shape[-3] != 1]
-        if per_head and per_head_terms is None:
-            return None  # a mask or scale with a dim per head would have to be cut too
-        per_head_terms is None or per_head_terms.extend(per_head)
         nodes.append(step)
     qk = scores.producer
     kt = qk.input(1).producer if qk is not None and qk.op_type == "MatMul" else None
