@@ -201,6 +201,16 @@ def test_the_vit_prunes_whole_heads_and_leaves_only_the_classifier():
     assert [(row["channels"], row["kept"]) for row in heads] == [(4, 2), (4, 2)]  # 4 heads -> 2, per block
 
 
+def _zero_the_rows_reading_removed_heads(chosen):
+    """Zero the output projection's weight rows ([in, out]) that read the heads `chosen` removes."""
+    for m in chosen.groups.members:
+        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
+        if len(positions):
+            array = np.array(m.value.const)
+            array[positions] = 0
+            m.value.const = array
+
+
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
 def test_only_the_removed_heads_change_the_output(origin):
     """With the width and the MLPs excluded, only heads go: zero the output projection's rows that read the heads
@@ -214,12 +224,7 @@ def test_only_the_removed_heads_change_the_output(origin):
     chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
     pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
     assert [(row["channels"], row["kept"]) for row in pruned] == [(4, 2), (4, 2)]
-    for m in chosen.groups.members:
-        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
-        if len(positions):
-            array = np.array(m.value.const)
-            array[positions] = 0  # the output projection's weight rows ([in, out]) that read those heads
-            m.value.const = array
+    _zero_the_rows_reading_removed_heads(chosen)
     zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
     shrink(graph, chosen.groups, chosen.removed)
     graph.verify()
@@ -384,7 +389,7 @@ def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
     """Swin pads its [batch, height, width, channels] maps to whole windows (a Pad of nothing on the channel
     axis) and partitions them with Reshapes that keep the channels last: the first stage's width is one group
     through them, its patch merging (a Concat of four neighbours, LayerNorm, Linear) included. The last stage's
-    width reaches the model output and stays, and the heads stay, read by a per-head relative position bias."""
+    width reaches the model output and stays; half the heads go, with their relative position biases."""
     from zoo_models import build
 
     module, make_input, _ = build("swin", "small")
@@ -402,17 +407,66 @@ def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
     merge = key("layers.0.downsample.reduction.weight")
     assert after[merge] == (32, 32)  # 4 neighbours x 16 -> 4 x 8 inputs; the last stage's 32 outputs stay
     assert after[key("layers.0.blocks.0.mlp.fc1.weight")] == (32, 8)
-    for proj in ("q_proj", "k_proj", "v_proj"):  # the heads stay: 16 outputs, read from the 8 channels kept
-        assert after[key(f"layers.0.blocks.0.attention.{proj}.weight")] == (16, 8)
+    for proj in ("q_proj", "k_proj", "v_proj"):  # one head of two, read from the 8 channels kept
+        assert after[key(f"layers.0.blocks.0.attention.{proj}.weight")] == (8, 8)
+    assert after[key("layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table")] == (49, 1)
     assert after[key("layers.1.blocks.0.mlp.fc1.weight")] == (64, 32)
-    kept = [r["blocked"] for r in graph_of(pruned).meta["pruning"] if r["blocked"] and "per head" in r["blocked"]]
-    assert len(kept) == 6 and "adds a term per head ('unsqueeze') to its scores" in kept[0]  # q, k, v x 2
     with torch.no_grad():  # LayerNorms normalize over the width, so the output changes: it runs, and agrees
         expected, unpruned = pruned(x).numpy(), module(x).numpy()
     written = lowbit.codegen(graph_of(pruned), "onnx")
     got = run_onnx(written, {written.graph.input[0].name: x.numpy()})[0]
     assert got.shape == expected.shape == unpruned.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("origin", ["torch", "onnx"])
+def test_swins_heads_go_with_their_rows_of_the_relative_position_bias_table(origin):
+    """Swin adds a relative position bias per head to each attention's scores, gathered from a table [positions,
+    heads]: a head goes with its column of the table. With the widths and MLPs excluded, only heads go; zero
+    the output projection's rows that read them, and the pruned model computes what the zeroed one does."""
+    from zoo_models import build
+
+    module, make_input, _ = build("swin", "small")
+    x = make_input(2)
+    graph = lowbit.lower(module, (x,))
+    if origin == "onnx":
+        graph = lowbit.lower(lowbit.codegen(graph, "onnx"))
+    layers = ["embeddings.patch_embeddings.projection", "encoder.layers.0.blocks.0.mlp.fc1",
+              "encoder.layers.1.blocks.0.mlp.fc1"]
+    exclude = ({"exclude": True, "op_names": [f"model.{name}" for name in layers]},)
+    chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
+    pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
+    assert [(row["channels"], row["kept"]) for row in pruned] == [(2, 1), (2, 1)]
+    tables = [v for v in graph.constants.values() if v.name.endswith("relative_position_bias_table")]
+    assert len(tables) == 2 and all(t.const.shape == (49, 2) for t in tables)
+    _zero_the_rows_reading_removed_heads(chosen)
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    assert all(t.const.shape == (49, 1) for t in tables)
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
+                               zeroed, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_read_by_a_per_head_term_lowbit_cannot_cut_stay_and_the_report_says_why():
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.out = (torch.nn.Linear(16, 16) for _ in range(4))
+            self.bias = torch.nn.Parameter(torch.randn(2, 6, 6))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = (p(x).reshape(b, n, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.tanh(self.bias)[None])
+            return self.out(y.transpose(1, 2).reshape(b, n, 16))
+
+    model = Biased()
+    x = torch.randn(2, 6, 16)
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    assert pruned.get_submodule("q").weight.shape == (16, 16)  # both heads stay
+    reasons = {r["blocked"] for r in graph_of(pruned).meta["pruning"] if r["blocked"]}
+    assert any("adds a term per head" in r and "cannot follow to a constant" in r for r in reasons), reasons
 
 
 def test_gpt2s_mlps_and_heads_prune_through_its_conv1d_reshapes_and_run_in_onnx_runtime():

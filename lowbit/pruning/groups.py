@@ -65,6 +65,8 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
     out = structure.out_projection
     cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, structure.head_dim),),
                              "in"))
+    for reader, port, axis in structure.tables:  # a term per head on the scores (a relative position bias table)
+        cg.members.append(Member(reader, port, axis, (Segment(g, structure.heads, 1),), "param"))
     cg.heads.append((g, structure))
     excluded = [n.name for n in [*projections, out] if n.name in keep]
     if excluded:

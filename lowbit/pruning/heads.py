@@ -49,6 +49,7 @@ class HeadStructure:
     shape_entries: list[tuple[Node, int, int]] = field(default_factory=list)  # (Reshape, out dim, unit)
     split_sizes: list[tuple[Node, int]] = field(default_factory=list)  # (Split of a fused projection, unit)
     value_dims: list[tuple[Value, int, int]] = field(default_factory=list)  # (value, dim, unit)
+    tables: list[tuple[Node, int, int]] = field(default_factory=list)  # (reader, port, axis) of a per-head term
 
 
 def _const_index(node: Node) -> int | None:
@@ -145,9 +146,10 @@ def find_heads(graph: Graph) -> list[HeadStructure]:
     """Every attention whose heads can be pruned whole."""
     found = []
     for node in graph:
-        core = _core(node)
+        terms: list[Value] = []
+        core = _core(node, terms)
         structure = _structure(core) if core is not None else None
-        if structure is not None:
+        if structure is not None and all(_per_head_table(t, structure) for t in terms):
             found.append(structure)
     return found
 
@@ -159,15 +161,69 @@ def heads_kept(graph: Graph) -> dict[str, str]:
     for node in graph:
         terms: list[Value] = []
         core = _core(node, terms)
-        if core is None or not terms:
+        structure = _structure(core) if core is not None and terms else None
+        untraced = [t for t in terms if structure is None or not _per_head_table(t, structure)]
+        if core is None or not untraced:
             continue
-        reason = (f"attention {node.name!r} adds a term per head ({terms[0].name!r}) to its scores, which lowbit "
-                  "does not cut: its heads stay")
+        reason = (f"attention {node.name!r} adds a term per head ({untraced[0].name!r}) to its scores, which "
+                  "lowbit cannot follow to a constant to cut: its heads stay")
         for v in (core.q, core.k, core.v):
             traced = _back(v)
             if traced is not None:
                 kept[traced[1].name] = reason
     return kept
+
+
+def _per_head_table(term: Value, structure: HeadStructure) -> bool:
+    """Follow a term added to the scores per head ([..., heads, tokens, tokens], as Swin's relative position
+    bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim and a
+    Gather of other rows to the constant it is read from (a bias table [positions, heads]); record that
+    constant's heads axis and the values and Reshapes on the way in `structure` (for shrink). False where it
+    cannot be followed, or anything else reads the way."""
+    head, v = len(term.shape) - 3, term
+    dims, entries = [(term, head)], []
+    while v.const is None:
+        node = v.producer
+        if node is None or node.domain or len(v.uses) != 1 or v.is_graph_output:
+            return False
+        x = node.input(0)
+        if x is None or x.shape is None:
+            return False
+        if node.op_type == "Identity":
+            pass
+        elif node.op_type == "Unsqueeze":
+            axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
+            if axes is None:
+                return False
+            axes = sorted(int(a) % len(v.shape) for a in np.ravel(axes))
+            if head in axes:
+                return False
+            head -= sum(a < head for a in axes)
+        elif node.op_type == "Transpose":
+            perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
+            head = list(perm)[head]
+        elif node.op_type == "Reshape":
+            if head != len(v.shape) - 1 or x.shape[-1] != v.shape[-1] or shape_entry(node, head) is None:
+                return False
+            entries.append((node, head, 1))
+            head = len(x.shape) - 1
+        elif node.op_type == "Gather":
+            index, axis = node.input(1), node.attrs.get("axis", 0) % len(x.shape)
+            if index is None or index.const is None or axis <= head < axis + index.const.ndim:
+                return False
+            head = head if head < axis else head - index.const.ndim + 1
+        else:
+            return False
+        if x.shape[head] != structure.heads:
+            return False
+        reader, port, v = node, 0, x
+        dims.append((v, head))
+    if len(v.uses) != 1 or v.is_graph_output or len(dims) < 2:
+        return False
+    structure.tables.append((reader, port, head))
+    structure.shape_entries.extend(entries)
+    structure.value_dims.extend((value, dim, 1) for value, dim in dims[:-1])
+    return True
 
 
 def _heads_cut_with(terms, per_head_terms: list[Value] | None, optional: bool = False) -> bool:
@@ -356,9 +412,9 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             return False
         node = users[0]
         inside.add(id(node))
-        if node.op_type == "Transpose":
+        if node.op_type in ("Transpose", "Identity"):  # Identity: torch's .contiguous()
             perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
-            head = list(perm).index(head)
+            head = list(perm).index(head) if node.op_type == "Transpose" else head
             v = node.output
             structure.value_dims.append((v, head, 1))
             continue
