@@ -92,6 +92,16 @@ class Attention(nn.Module):
         return (a + b + c).transpose(1, 2).reshape(x.shape[0], 5, 16)
 
 
+class Windows(nn.Module):
+    """Swin's shifted windows: torch.roll over two dims and over one, and masks filled with masked_fill."""
+
+    def forward(self, x):                              # x: [B, 6, 4, 3]
+        shifted = torch.roll(x, shifts=(-2, 1), dims=(1, 2))
+        back = torch.roll(shifted, shifts=2, dims=1)
+        mask = x[..., :1] > 0
+        return shifted.masked_fill(mask, -100.0) + back.masked_fill(mask, torch.tensor(0.5))
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -117,4 +127,5 @@ OP_MODELS = {
     "shapes": (Shapes, lambda b: (torch.randint(0, 20, (b, 6)),),
                {"Gather", "Dropout", "Split", "Transpose", "Reshape", "Slice", "Concat", "Unsqueeze"}),
     "attention": (Attention, lambda b: (torch.randn(b, 5, 16),), {"Attention", "Transpose", "Reshape"}),
+    "windows": (Windows, lambda b: (torch.randn(b, 6, 4, 3),), {"Slice", "Concat", "Where", "Greater"}),
 }

@@ -1,5 +1,6 @@
 """IR -> torch for the index, comparison, range and padding ops (their lowering handlers are
-frontends/torch_indexing.py): Range, the comparisons, Not, And/Or, GatherElements, GatherND, CumSum, Pad.
+frontends/torch_indexing.py): Range, the comparisons, Where, Not, And/Or, GatherElements, GatherND, CumSum,
+Pad.
 
 Importing this module registers the emitters in torch_emit.EMITTERS.
 """
@@ -49,6 +50,11 @@ def _emit_compare(e: _Emitter, n: Node):
     if not isinstance(rhs, fx.Node) and a.const is None:
         return e.call(scalar_op, e[a], rhs)
     return e.call(tensor_op, e[a], e[b])
+
+
+@emits("Where")
+def _emit_where(e: _Emitter, n: Node):
+    return e.call(aten.where.self, e[n.input(0)], e[n.input(1)], e[n.input(2)])
 
 
 @emits("Not")

@@ -4,7 +4,8 @@ backends/torch_indexing.py).
 These are the ops HuggingFace transformers models carry besides their layers:
 the attention mask built from `arange(seq) >= 0` (BERT, DistilBERT, ViT),
 `gather` of position ids (BERT), `pad` before a strided conv (MobileNetV2,
-Swin) and `x[:, index]` (Swin's window shifts). Lowered to their ONNX ops,
+Swin), `x[:, index]` and `roll` (Swin's window shifts) and `masked_fill`
+(Swin's shifted-window attention mask). Lowered to their ONNX ops,
 they export to ONNX and OpenVINO and fold to constants where their inputs
 are static; left opaque, they blocked every export.
 
@@ -177,3 +178,49 @@ for _packet, _op in ((aten.__and__, "And"), (aten.bitwise_and, "And"), (aten.log
             handles(getattr(_packet, _overload))(lambda lw, node, a, b, _op=_op: (
                 lw.op(_op, [lw.val(a), lw.val(b)]) if isinstance(a, fx.Node) and isinstance(b, fx.Node)
                 and lw.val(a).dtype == "bool" == lw.val(b).dtype else NotImplemented))
+
+
+@handles(aten.roll.default)
+def _roll(lw, node, x, shifts, dims=()):
+    """torch.roll along dims of static size: the last `shift` entries, then the rest (Slice, Slice, Concat per
+    dim), as Swin shifts its windows. A roll of the flattened tensor (no dims) or by a symbolic shift stays
+    opaque."""
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    v = lw.val(x)
+    if not dims or len(shifts) != len(dims) or v.shape is None \
+            or any(not isinstance(s, int) or not isinstance(v.shape[d], int) for s, d in zip(shifts, dims)):
+        return NotImplemented
+    rank = len(v.shape)
+    moves = [(s % v.shape[d], d % rank) for s, d in zip(shifts, dims) if s % v.shape[d]]
+    if not moves:
+        return lw.op("Identity", [v])
+    for k, (shift, dim) in enumerate(moves):
+        size = v.shape[dim]
+
+        def part(start, end, label):
+            out = lw.op("Slice", [v, lw.ints([start], f"{label}{k}_start"), lw.ints([end], f"{label}{k}_end"),
+                                  lw.ints([dim], f"{label}{k}_axis")], suffix=f"_{label}{k}")
+            out.dtype, out.shape = v.dtype, v.shape[:dim] + (end - start,) + v.shape[dim + 1:]
+            return out
+
+        parts = [part(size - shift, size, "tail"), part(0, size - shift, "head")]
+        last = k == len(moves) - 1
+        v_next = lw.op("Concat", parts, {"axis": dim}, suffix="" if last else f"_rolled{k}")
+        if not last:
+            v_next.dtype, v_next.shape = v.dtype, v.shape
+        v = v_next
+    return v
+
+
+@handles(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def _masked_fill(lw, node, x, mask, value):
+    """x.masked_fill(mask, value) -> Where(mask, value, x) (a tensor value must be 0-d, as torch requires)."""
+    xv = lw.val(x)
+    if isinstance(value, fx.Node):
+        fill = lw.val(value)
+        if fill.dtype != xv.dtype:
+            return NotImplemented
+    else:
+        fill = lw.const(np.array(value, dtype=xv.dtype), "value")
+    return lw.op("Where", [lw.val(mask), fill, xv])
