@@ -407,9 +407,11 @@ def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
     merge = key("layers.0.downsample.reduction.weight")
     assert after[merge] == (32, 32)  # 4 neighbours x 16 -> 4 x 8 inputs; the last stage's 32 outputs stay
     assert after[key("layers.0.blocks.0.mlp.fc1.weight")] == (32, 8)
-    for proj in ("q_proj", "k_proj", "v_proj"):  # one head of two, read from the 8 channels kept
-        assert after[key(f"layers.0.blocks.0.attention.{proj}.weight")] == (8, 8)
-    assert after[key("layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table")] == (49, 1)
+    for block in (0, 1):  # one head of two, read from the 8 channels kept, in the shifted-window block too
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert after[key(f"layers.0.blocks.{block}.attention.{proj}.weight")] == (8, 8)
+        table = f"layers.0.blocks.{block}.attention.relative_position_bias.relative_position_bias_table"
+        assert after[key(table)] == (49, 1)
     assert after[key("layers.1.blocks.0.mlp.fc1.weight")] == (64, 32)
     with torch.no_grad():  # LayerNorms normalize over the width, so the output changes: it runs, and agrees
         expected, unpruned = pruned(x).numpy(), module(x).numpy()
@@ -422,8 +424,9 @@ def test_swins_stage_width_prunes_through_its_channels_last_window_padding():
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
 def test_swins_heads_go_with_their_rows_of_the_relative_position_bias_table(origin):
     """Swin adds a relative position bias per head to each attention's scores, gathered from a table [positions,
-    heads]: a head goes with its column of the table. With the widths and MLPs excluded, only heads go; zero
-    the output projection's rows that read them, and the pruned model computes what the zeroed one does."""
+    heads], and in its shifted-window blocks a window mask that is the same for every head: a head goes with
+    its column of the table. With the widths and MLPs excluded, only heads go; zero the output projection's rows
+    that read them, and the pruned model computes what the zeroed one does."""
     from zoo_models import build
 
     module, make_input, _ = build("swin", "small")
@@ -432,13 +435,13 @@ def test_swins_heads_go_with_their_rows_of_the_relative_position_bias_table(orig
     if origin == "onnx":
         graph = lowbit.lower(lowbit.codegen(graph, "onnx"))
     layers = ["embeddings.patch_embeddings.projection", "encoder.layers.0.blocks.0.mlp.fc1",
-              "encoder.layers.1.blocks.0.mlp.fc1"]
+              "encoder.layers.0.blocks.1.mlp.fc1", "encoder.layers.1.blocks.0.mlp.fc1"]
     exclude = ({"exclude": True, "op_names": [f"model.{name}" for name in layers]},)
     chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
     pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
-    assert [(row["channels"], row["kept"]) for row in pruned] == [(2, 1), (2, 1)]
+    assert [(row["channels"], row["kept"]) for row in pruned] == [(2, 1)] * 3
     tables = [v for v in graph.constants.values() if v.name.endswith("relative_position_bias_table")]
-    assert len(tables) == 2 and all(t.const.shape == (49, 2) for t in tables)
+    assert len(tables) == 3 and all(t.const.shape == (49, 2) for t in tables)
     _zero_the_rows_reading_removed_heads(chosen)
     zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
     shrink(graph, chosen.groups, chosen.removed)

@@ -39,7 +39,7 @@ def _small_config(name: str):
                                       initializer_range=0.1, bos_token_id=0, eos_token_id=0),
         "vit": lambda: tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, initializer_range=0.2),
-        "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+        "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
                                       window_size=4, initializer_range=0.2),
         "convnext": lambda: tf.ConvNextConfig(image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
                                               initializer_range=0.2),

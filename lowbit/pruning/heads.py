@@ -176,20 +176,24 @@ def heads_kept(graph: Graph) -> dict[str, str]:
 
 def _per_head_table(term: Value, structure: HeadStructure) -> bool:
     """Follow a term added to the scores per head ([..., heads, tokens, tokens], as Swin's relative position
-    bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim and a
-    Gather of other rows to the constant it is read from (a bias table [positions, heads]); record that
-    constant's heads axis and the values and Reshapes on the way in `structure` (for shrink). False where it
-    cannot be followed, or anything else reads the way."""
+    bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, a Gather
+    of other rows, and an Add of a term the same for every head (Swin's shifted-window mask), to the constant it
+    is read from (a bias table [positions, heads]); record that constant's heads axis and the values and
+    Reshapes on the way in `structure` (for shrink). False where it cannot be followed, or anything else reads
+    the way."""
     head, v = len(term.shape) - 3, term
     dims, entries = [(term, head)], []
     while v.const is None:
         node = v.producer
         if node is None or node.domain or len(v.uses) != 1 or v.is_graph_output:
             return False
-        x = node.input(0)
+        port = _per_head_operand(node, v, head) if node.op_type == "Add" else 0
+        x = node.input(port) if port is not None else None
         if x is None or x.shape is None:
             return False
-        if node.op_type == "Identity":
+        if node.op_type == "Add":  # broadcast: the per-head operand's dims are the output's last ones
+            head -= len(v.shape) - len(x.shape)
+        elif node.op_type == "Identity":
             pass
         elif node.op_type == "Unsqueeze":
             axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
@@ -216,7 +220,7 @@ def _per_head_table(term: Value, structure: HeadStructure) -> bool:
             return False
         if x.shape[head] != structure.heads:
             return False
-        reader, port, v = node, 0, x
+        reader, v = node, x
         dims.append((v, head))
     if len(v.uses) != 1 or v.is_graph_output or len(dims) < 2:
         return False
@@ -224,6 +228,19 @@ def _per_head_table(term: Value, structure: HeadStructure) -> bool:
     structure.shape_entries.extend(entries)
     structure.value_dims.extend((value, dim, 1) for value, dim in dims[:-1])
     return True
+
+
+def _per_head_operand(add: Node, out: Value, head: int) -> int | None:
+    """Which input of `add` carries the heads dim `head` of its output, the other being the same for every head
+    (size 1 there, or broadcast from fewer dims); None unless exactly one does."""
+    ports = []
+    for port, u in enumerate(add.inputs):
+        if u is None or u.shape is None:
+            return None
+        i = head - (len(out.shape) - len(u.shape))
+        if i >= 0 and u.shape[i] != 1:
+            ports.append(port)
+    return ports[0] if len(ports) == 1 else None
 
 
 def _heads_cut_with(terms, per_head_terms: list[Value] | None, optional: bool = False) -> bool:
