@@ -162,8 +162,8 @@ def heads_kept(graph: Graph) -> dict[str, str]:
         terms: list[Value] = []
         core = _core(node, terms)
         structure = _structure(core) if core is not None and terms else None
-        untraced = [t for t in terms if structure is None or not _per_head_table(t, structure)]
-        if core is None or not untraced:
+        untraced = [t for t in terms if not _per_head_table(t, structure)] if structure is not None else []
+        if not untraced:  # no such term, or heads that stay for another reason, which the flows name
             continue
         reason = (f"attention {node.name!r} adds a term per head ({untraced[0].name!r}) to its scores, which "
                   "lowbit cannot follow to a constant to cut: its heads stay")
