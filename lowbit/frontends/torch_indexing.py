@@ -189,7 +189,8 @@ def _roll(lw, node, x, shifts, dims=()):
     dims = [dims] if isinstance(dims, int) else list(dims)
     v = lw.val(x)
     if not dims or len(shifts) != len(dims) or v.shape is None \
-            or any(not isinstance(s, int) or not isinstance(v.shape[d], int) for s, d in zip(shifts, dims)):
+            or any(not isinstance(s, int) or not isinstance(v.shape[d], int) or v.shape[d] < 1
+                   for s, d in zip(shifts, dims)):
         return NotImplemented
     rank = len(v.shape)
     moves = [(s % v.shape[d], d % rank) for s, d in zip(shifts, dims) if s % v.shape[d]]
