@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from ..ir.graph import Graph, Node, Value
+from ..ir.graph import Graph, Node
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
 from ..patterns.library.bn_folding import merged_pairs, merged_weight
