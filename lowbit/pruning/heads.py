@@ -429,9 +429,13 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             return False
         node = users[0]
         inside.add(id(node))
-        if node.op_type in ("Transpose", "Identity"):  # Identity: torch's .contiguous()
+        if node.op_type == "Identity":  # torch's .contiguous()
+            v = node.output
+            structure.value_dims.append((v, head, 1))
+            continue
+        if node.op_type == "Transpose":
             perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
-            head = list(perm).index(head) if node.op_type == "Transpose" else head
+            head = list(perm).index(head)
             v = node.output
             structure.value_dims.append((v, head, 1))
             continue
