@@ -352,7 +352,8 @@ def checks(rows: list[dict], tools: list[str]) -> list[list[str]]:
                            if k != "lowbit" and f"qat {k}" in r)
         others = f" (lowbit {others})" if others else ""
         check(m, "failed" if lb is None else f"{lb:.2f} vs FP32 {r['fp32']:.2f}{others}",
-              f"lowbit QAT top-1 (mean over seeds) within {QAT_TOL} pt of FP32", lb is not None and r["fp32"] - lb <= QAT_TOL)
+              f"lowbit QAT top-1 (mean over seeds) within {QAT_TOL} pt of FP32",
+              lb is not None and r["fp32"] - lb <= QAT_TOL)
         if "nncf" in tools:
             nn = r.get("qat nncf")
             check(m, f"{_f(lb)} vs {_f(nn)}{others}", "lowbit QAT top-1 >= NNCF QAT top-1 (means over seeds)",
@@ -446,8 +447,9 @@ def tables(rows: list[dict], tools: list[str], check_rows, epochs: int, lr: floa
         else:
             cells += [_f(r["ov_top1"]), _f(r["ov_agree"]), _f(r["ov_sqnr"], "{:.1f}")]
         body.append(cells)
-    out.append(("Deploying lowbit's QAT model (\"lowbit\": range learning, BN merge; the seed-0 run): lowbit.strip (torch) and "
-                "lowbit.export .xml (OpenVINO, INFERENCE_PRECISION_HINT f32) against the QAT module, test split",
+    out.append(("Deploying lowbit's QAT model (\"lowbit\": range learning, BN merge; the seed-0 run): lowbit.strip "
+                "(torch) and lowbit.export .xml (OpenVINO, INFERENCE_PRECISION_HINT f32) against the QAT module, "
+                "test split",
                 head, body, notes))
     out.append(("Checks", ["where", "measured", "target", "result"], check_rows, []))
     return out
