@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..ir.graph import Graph, Node
 from ..ir.ops import channel_flow, is_fake_quantize, weight_in_axis, weight_out_axis
 from .flows import HANDLERS
-from .heads import HeadStructure, find_heads, heads_kept
+from .heads import HeadStructure, find_heads
 from .layout import ChannelGroups, Group, Layout, Member, Segment, layer_path
 
 __all__ = ["ChannelGroups", "Group", "Layout", "Member", "Segment", "channel_groups", "layer_path"]
@@ -34,9 +34,9 @@ __all__ = ["ChannelGroups", "Group", "Layout", "Member", "Segment", "channel_gro
 def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
     """The channel dependency groups of `graph`; the filters of layers named in `keep` are never pruned."""
     cg = ChannelGroups(graph)
-    for structure in find_heads(graph):
+    structures, kept = find_heads(graph)
+    for structure in structures:
         _add_heads(cg, structure, keep)
-    kept = heads_kept(graph)
     for node in graph:
         _visit(cg, node, keep, kept.get(node.name))
     for v in graph.outputs:

@@ -142,28 +142,20 @@ class _Core:
     nodes: list[Node]
 
 
-def find_heads(graph: Graph) -> list[HeadStructure]:
-    """Every attention whose heads can be pruned whole."""
-    found = []
+def find_heads(graph: Graph) -> tuple[list[HeadStructure], dict[str, str]]:
+    """Every attention whose heads can be pruned whole; and, by name, the Reshapes that cut the heads of one
+    whose scores get a term per head that cannot be followed to a constant to cut with them, each with why
+    those heads stay."""
+    found, kept = [], {}
     for node in graph:
         terms: list[Value] = []
         core = _core(node, terms)
         structure = _structure(core) if core is not None else None
-        if structure is not None and all(_per_head_table(t, structure) for t in terms):
+        if structure is None:  # heads that stay for another reason, which the flows name
+            continue
+        untraced = [t for t in terms if not _per_head_table(t, structure)]
+        if not untraced:
             found.append(structure)
-    return found
-
-
-def heads_kept(graph: Graph) -> dict[str, str]:
-    """The Reshapes that cut the heads of an attention whose scores get a term per head (Swin's relative
-    position bias), each with why those heads stay: that term would have to be cut with them."""
-    kept = {}
-    for node in graph:
-        terms: list[Value] = []
-        core = _core(node, terms)
-        structure = _structure(core) if core is not None and terms else None
-        untraced = [t for t in terms if not _per_head_table(t, structure)] if structure is not None else []
-        if not untraced:  # no such term, or heads that stay for another reason, which the flows name
             continue
         reason = (f"attention {node.name!r} adds a term per head ({untraced[0].name!r}) to its scores, which "
                   "lowbit cannot follow to a constant to cut: its heads stay")
@@ -171,7 +163,7 @@ def heads_kept(graph: Graph) -> dict[str, str]:
             traced = _back(v)
             if traced is not None:
                 kept[traced[1].name] = reason
-    return kept
+    return found, kept
 
 
 def _per_head_table(term: Value, structure: HeadStructure) -> bool:
