@@ -41,26 +41,27 @@ def low_bit_weights_on_int8_grids(graph: Graph) -> Graph:
     255/256-level weight FakeQuantizes; a 16-level one ran the Convolution in bf16 from decompressed weights)."""
     import numpy as np
 
-    from .qdq import qdq_params
+    from .qdq import grid_ends, qdq_params, quantize_array
 
-    def narrow(n) -> bool:
-        return (is_fake_quantize(n) and int(n.attrs["levels"]) < 255 and all(v is not None and v.const is not None
-                                                                            for v in n.inputs[:5])
-                and qdq_params(int(n.attrs["levels"]), n.input(1).const, n.input(2).const).zero_point.dtype == np.int8)
-
-    if not any(narrow(n) for n in graph):
+    narrow = {}  # FakeQuantize name -> its grid's scale and zero point
+    for n in graph:
+        if is_fake_quantize(n) and int(n.attrs["levels"]) < 255 \
+                and all(v is not None and v.const is not None for v in n.inputs[:5]):
+            p = qdq_params(int(n.attrs["levels"]), n.input(1).const, n.input(2).const)
+            if p.zero_point.dtype == np.int8:
+                narrow[n.name] = p
+    if not narrow:
         return graph
     graph = graph.copy()
-    for n in [n for n in graph if narrow(n)]:
-        levels, w = int(n.attrs["levels"]), n.input(0).const
-        p = qdq_params(levels, n.input(1).const, n.input(2).const)
+    for n in [n for n in graph if n.name in narrow]:
+        p, w = narrow[n.name], n.input(0).const
         shape = [1] * w.ndim
         if p.axis is not None:
             shape[p.axis] = -1
         step = p.scale.astype(np.float64).reshape(shape)
-        low = -(levels // 2)
-        q = np.clip(np.round(w.astype(np.float64) / step), low, low + levels - 1)
-        n.set_input(0, graph.add_constant(f"{n.name}_on_int8_grid", (q * step).astype(w.dtype)))
+        low, high = (end.reshape(shape) for end in grid_ends(int(n.attrs["levels"]), p))
+        on_grid = np.clip(quantize_array(w, p) * step, low, high)
+        n.set_input(0, graph.add_constant(f"{n.name}_on_int8_grid", on_grid.astype(w.dtype)))
         ends = [(e * step).astype(np.float32) for e in (-127, 127)]
         for port, end in ((1, ends[0]), (2, ends[1]), (3, ends[0]), (4, ends[1])):
             n.set_input(port, graph.add_constant(f"{n.name}_int8_range", end))
