@@ -71,13 +71,14 @@ class FilterPruning:
 @dataclass(frozen=True)
 class CompressionConfig:
     algorithms: tuple[Quantization | FilterPruning, ...]  # at most one of each
-
-    def algorithm(self, kind: type):
-        return next((a for a in self.algorithms if isinstance(a, kind)), None)
     target_device: str = "ANY"
     input_info: tuple[InputInfo, ...] = ()
     log_dir: str | None = None
     raw: dict = field(default_factory=dict)  # the config as given (a dict), what the compression state records
+
+    def algorithm(self, kind: type):
+        """The algorithm of class `kind` (Quantization or FilterPruning) in this config, or None."""
+        return next((a for a in self.algorithms if isinstance(a, kind)), None)
 
 
 def _as_list(value: Any) -> list:
