@@ -240,11 +240,12 @@ def deploy_check(q, x_test: torch.Tensor, y_test: np.ndarray, workdir: Path, nam
     return row
 
 
-def _runs(make, evaluate, x_train, y_train, epochs: int, lr: float, seeds: int):
-    """Train a fresh `make()` once per seed: (top-1 of each run, the seed-0 module, its seconds of training)."""
+def _runs(make, evaluate, x_train, y_train, epochs: int, lr: float, seeds: int, start=None):
+    """Train a fresh `make()` once per seed (`start`, made already, for seed 0): (top-1 of each run, the seed-0
+    module, its seconds of training)."""
     top1, first, seconds = [], None, 0.0
     for seed in range(seeds):
-        module = make()
+        module = start if seed == 0 and start is not None else make()
         start = time.perf_counter()
         train(module, x_train, y_train, epochs, lr, seed)
         if seed == 0:
@@ -294,7 +295,7 @@ def model_row(name: str, tools: list[str], epochs: int, lr: float, seeds: int, r
             if label in ("lowbit", "nncf"):
                 row["notes"][label] = quantizers(module, label)
             runs, trained[label], row[f"train_s {label}"] = _runs(make, evaluate, x_train, y_train, epochs, lr,
-                                                                  seeds)
+                                                                  seeds, start=module)
             row[f"qat {label}"], row[f"runs {label}"] = float(np.mean(runs)), runs
             console.log(f"{name}: {label} QAT {row[f'start {label}']:.2f} -> {row[f'qat {label}']:.2f} {runs} "
                         f"({row[f'train_s {label}']:.0f} s per run)")
