@@ -35,10 +35,11 @@ tensor), for both tools.
   each tool's quantizers (levels, per channel or not) and puts them under the
   table, so that the 4-bit weights are seen, not assumed. Two differences
   remain: NNCF's 4-bit grid has 16 levels (-8..7), lowbit's 15 (-7..7,
-  narrow range); and the NPU config places fewer activation quantizers than
-  NNCF's default (ANY) placement, which lowbit follows (ResNet18: 22 vs 30,
-  MobileNetV2: 54 vs 64), so NNCF's models carry less activation
-  quantization.
+  narrow range); and NNCF's NPU config unifies the scales of an Add's inputs
+  (one quantizer module for both, ResNet18: 22 modules for 30 activations,
+  MobileNetV2: 54 for 64), where lowbit's default (ANY) config, as NNCF's own
+  ANY, gives each input its own range. Both tools quantize the same
+  activations.
 - Calibration, both tools: the first 300 training images as 5 batches of 60
   (one image per item makes NNCF's torch statistics collection take minutes
   per model here).
@@ -145,24 +146,37 @@ def lowbit_qat_module(model, calib, options: dict):
     return lowbit.compile(model, PASSES, dataset=lowbit.Dataset(calib), bits=BITS, progress=False, **options)
 
 
-def quantizers(module, tool: str) -> str:
-    """What the tool's quantizer modules are: count x (levels, per channel or per tensor)."""
-    kinds = Counter()
+def quantizers(module, tool: str, x: torch.Tensor) -> str:
+    """What the tool's quantizers are: count x (levels, per channel or per tensor), counted where they quantize
+    in a forward pass on `x` (one module that quantizes several tensors, a unified-scale group, counts for each),
+    then how many modules that takes."""
+    kinds, calls, hooks = Counter(), Counter(), []
     if tool == "nncf":
         from nncf.torch.quantization.layers import BaseQuantizer
 
-        for m in module.modules():
-            if isinstance(m, BaseQuantizer):
-                kinds[f"{m.num_bits}-bit ({m.levels} levels, {'per channel' if m.per_channel else 'per tensor'}, "
-                      f"{type(m).__name__.removesuffix('Quantizer').lower()})"] += 1
+        found = [m for m in module.modules() if isinstance(m, BaseQuantizer)]
+        describe = {id(m): f"{m.num_bits}-bit ({m.levels} levels, {'per channel' if m.per_channel else 'per tensor'}, "
+                    f"{type(m).__name__.removesuffix('Quantizer').lower()})" for m in found}
     else:
-        for m in module.modules():
-            if hasattr(m, "levels") and hasattr(m, "zero_point"):
-                per_channel = m.zero_point.numel() > 1 or m.zero_point.dim() > 0
-                bits = int(np.ceil(np.log2(m.levels)))
-                kinds[f"{bits}-bit ({m.levels} levels, {'per channel' if per_channel else 'per tensor'}, "
-                      f"{m.grid}, {m.learning})"] += 1
-    return "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        found = [m for m in module.modules() if hasattr(m, "levels") and hasattr(m, "zero_point")]
+        describe = {}
+        for m in found:
+            per_channel = m.zero_point.numel() > 1 or m.zero_point.dim() > 0
+            describe[id(m)] = (f"{int(np.ceil(np.log2(m.levels)))}-bit ({m.levels} levels, "
+                               f"{'per channel' if per_channel else 'per tensor'}, {m.grid}, {m.learning})")
+    for m in found:
+        hooks.append(m.register_forward_hook(lambda mod, args, out: calls.update([id(mod)])))
+    training = module.training
+    with torch.no_grad():
+        module.eval()(x)
+    module.train(training)
+    for h in hooks:
+        h.remove()
+    for m in found:
+        kinds[describe[id(m)]] += max(calls[id(m)], 1)  # a weight quantizer of a merged BN is called once too
+    shared = sum(calls[id(m)] > 1 for m in found)
+    text = "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return text + (f"; {len(found)} modules ({shared} shared by a unified-scale group)" if shared else "")
 
 
 # -- training and measuring ---------------------------------------------------------------------------------
@@ -293,7 +307,7 @@ def model_row(name: str, tools: list[str], epochs: int, lr: float, seeds: int, r
             module = make()
             row[f"start {label}"] = evaluate(module)
             if label in ("lowbit", "nncf"):
-                row["notes"][label] = quantizers(module, label)
+                row["notes"][label] = quantizers(module, label, x_test[:2])
             runs, trained[label], row[f"train_s {label}"] = _runs(make, evaluate, x_train, y_train, epochs, lr,
                                                                   seeds, start=module)
             row[f"qat {label}"], row[f"runs {label}"] = float(np.mean(runs)), runs

@@ -217,3 +217,41 @@ def test_qat_exports_run_as_int8_in_both_runtimes(weight_bits, tmp_path):
     assert int8_count(openvino_layer_precisions(xml)) == 21  # 20 convolutions and the classifier
     assert ort_optimized_ops(onnx_path)["QLinearConv"] == 20
     assert sqnr(simulated, run_openvino(ov.Core().read_model(str(xml)), [x.numpy()])[0]) > 35
+
+
+@pytest.mark.parametrize("name, hw", [("concat", "CPU"), ("se", "NPU")])
+def test_unified_scale_quantizers_keep_one_range_while_they_train(name, hw, tmp_path):
+    """The quantizers of one unified-scale group (a Concat's inputs; on NPU, an Add's or a Mul's too) are one
+    torch module, so that training cannot give the device different scales where it needs one."""
+    from lowbit.frontends import graph_of
+
+    factory, shape = REFERENCE_MODELS[name]
+    x = torch.randn(16, *shape[1:], generator=torch.Generator().manual_seed(5))
+    q = _quantize(factory(), x, target_device=hw)
+    groups: dict[int, list] = {}
+    for node in q.lowbit_graph:
+        if node.op_type == "FakeQuantize" and "unified" in node.meta:
+            groups.setdefault(node.meta["unified"], []).append(node.name)
+    shared = [members for members in groups.values() if len(members) > 1]
+    assert shared  # the model has unified groups of two or more quantizers on this device
+    paths = [{q.lowbit_names[n] for n in members} for members in shared]
+    assert all(len(p) == 1 for p in paths)  # one module per group
+    fq_nodes = sum(node.op_type == "FakeQuantize" for node in q.lowbit_graph)
+    modules = sum(isinstance(m, FakeQuantize) for m in q.modules())
+    assert modules == fq_nodes - sum(len(m) - 1 for m in shared)
+    before = {p: float(q.get_submodule(p).high.detach().max()) for (p,) in paths}
+
+    trained = _train(q, x, steps=10, lr=1e-2)
+    assert any(float(trained.get_submodule(p).high.detach().max()) != v for p, v in before.items())  # they learned
+    graph = graph_of(trained)
+    for members in shared:
+        nodes = [graph.find_node(n) for n in members]
+        for port in (1, 2):
+            first = nodes[0].input(port).const
+            assert all(np.array_equal(first, n.input(port).const) for n in nodes[1:]), members
+    with torch.no_grad():
+        simulated = trained(x).numpy()
+    import onnx
+
+    proto = onnx.load(str(lowbit.export(trained, tmp_path / "t.onnx")))
+    assert sqnr(simulated, run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0]) > 35

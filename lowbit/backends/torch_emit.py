@@ -86,6 +86,9 @@ class _Emitter:
         self._modules: set[str] = set()  # submodule paths implied by dotted names in root
         self.names: dict[str, str] = {}
         self.consumed: set[int] = set()
+        # unified-scale group (FakeQuantize meta) -> (the module its FakeQuantizes call, (levels, grid, learning),
+        # low, high)
+        self.unified: dict[Any, tuple[str, tuple, np.ndarray, np.ndarray]] = {}
 
     # -- values ---------------------------------------------------------------
     def __getitem__(self, v: Value | None) -> Any:
@@ -650,17 +653,33 @@ def emit_fake_quantize(e: _Emitter, n: Node):
     if e.fake_quantize != "module":
         return _native_fake_quantize(e, n)
     x = e[n.input(0)]
-    name = e.fresh_path(n.name)
     from .torch_bn_merge import merged_conv
 
-    e.root[name] = fake_quantize(int(n.attrs["levels"]), torch.from_numpy(np.array(low.const)),
-                                 torch.from_numpy(np.array(high.const)), grid=n.meta.get("grid"),
-                                 learning=n.meta.get("learning", "range"))
-    e._modules.add(name)
+    kind = (int(n.attrs["levels"]), n.meta.get("grid"), n.meta.get("learning", "range"))
+    group = n.meta.get("unified")
+    name = _shared_quantizer(e, group, kind, low.const, high.const)
+    if name is None:  # the first FakeQuantize of its group (or of none) makes the module the group calls
+        name = e.fresh_path(n.name)
+        e.root[name] = fake_quantize(kind[0], torch.from_numpy(np.array(low.const)),
+                                     torch.from_numpy(np.array(high.const)), grid=kind[1], learning=kind[2])
+        e._modules.add(name)
+        if group is not None and group not in e.unified:
+            e.unified[group] = (name, kind, low.const, high.const)
     e.names[n.name] = name
     if merged_conv(n) is not None:  # the merged Conv calls it, on the BN-scaled weight (torch_bn_merge.py)
         return x
     return e.fx.call_module(name, (x,))
+
+
+def _shared_quantizer(e: _Emitter, group: Any, kind: tuple, low: np.ndarray, high: np.ndarray) -> str | None:
+    """The module of `group` when this FakeQuantize has its grid and learns as it does (a group whose members a
+    pass gave different grids keeps them apart: the module computes what the graph says)."""
+    shared = e.unified.get(group) if group is not None else None
+    if shared is None:
+        return None
+    name, shared_kind, shared_low, shared_high = shared
+    same = shared_kind == kind and np.array_equal(shared_low, low) and np.array_equal(shared_high, high)
+    return name if same else None
 
 
 def _native_fake_quantize(e: _Emitter, n: Node):

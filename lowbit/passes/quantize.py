@@ -60,14 +60,19 @@ def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.n
                          learning: str = "range") -> Node:
     """A FakeQuantize of `point`'s value. Its meta says how a torch module trains it (backends/torch_fq.py):
     `grid` "symmetric" keeps the zero point fixed, "asymmetric" lets it move (zero stays a level either way);
-    `learning` "lsq" learns the step size with LSQ's gradient scale instead of the range ends."""
+    `learning` "lsq" learns the step size with LSQ's gradient scale instead of the range ends; `unified` (the
+    point's unified-scale group) makes the FakeQuantizes of one group a single torch module, so that they keep
+    one range while they train, as the device needs (NNCF shares one quantizer module the same way)."""
     v = point.value
     lo = graph.add_constant(f"{v.name}_fq_low", low)
     hi = graph.add_constant(f"{v.name}_fq_high", high)
     where = {"after": v.producer} if v.producer is not None else {"before": min_consumer(graph, point)}
     fq = graph.make_node("FakeQuantize", [v, lo, hi, lo, hi], {"levels": levels}, domain=QUANT_DOMAIN,
-                         name=f"{v.name}_fq", meta={"quantizer": point.kind, "config": point.config.name, "grid": point.config.mode,
-                               **({"learning": learning} if learning != "range" else {})}, **where)
+                         name=f"{v.name}_fq", meta={"quantizer": point.kind, "config": point.config.name,
+                                                    "grid": point.config.mode,
+                                                    **({"learning": learning} if learning != "range" else {}),
+                                                    **({"unified": point.group} if point.group is not None else {})},
+                         **where)
     for node, port in point.consumers:
         node.set_input(port, fq.output)
     return fq
@@ -76,8 +81,6 @@ def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.n
 def min_consumer(graph: Graph, point: QuantPoint) -> Node:
     consumers = {id(n) for n, _ in point.consumers}
     return next(n for n in graph if id(n) in consumers)
-
-
 
 
 def first_quantized_convolutions(graph: Graph, weights: list[QuantPoint]) -> list[QuantPoint]:
