@@ -186,6 +186,13 @@ def test_ops_absent_from_config_stay_fp32(tmp_path, resnet_graph):
     full = place_quantizers(resnet_graph, load_hw_config("CPU"))
     points = place_quantizers(resnet_graph, no_add)
     assert "Add" in _consumer_ops(full)
+    # no quantizer is placed for an Add any more; the convs before them still have their outputs quantized, as
+    # the config's Conv says (quantized_output)
+    assert not any(layer.startswith("add") for p in points for layer in p.layers)
+    # 30 - 8 - 3 left, + the 11 outputs of the convs before the Adds, + the stem conv's (its MaxPool feeds an Add)
+    assert sum(p.kind == "activation" for p in points) == 30 - 8 - 3 + 11 + 1
+    del data["ops"]["Conv"]["quantized_output"]
+    points = place_quantizers(resnet_graph, load_hw_config(_write(tmp_path, data)))
     assert "Add" not in _consumer_ops(points)
     # 8 residual Adds: each loses the quantizer of its conv branch, the 3 downsampling ones also that of the shortcut
     assert sum(p.kind == "weight" for p in points) == 21
@@ -199,7 +206,8 @@ def test_compile_accepts_device_name_in_lower_case():
     torch.manual_seed(0)
     q = lowbit.compile(SmallResidual().eval(), ["cleanup", "fold_bn", "fuse", "quantize"], hw="npu",
                        dataset=lowbit.Dataset([torch.randn(2, 1, 8, 8)]), progress=False)
-    assert sum(isinstance(m, FakeQuantize) for m in q.modules()) == 8
+    assert sum(node.op_type == "FakeQuantize" for node in q.lowbit_graph) == 8
+    assert sum(isinstance(m, FakeQuantize) for m in q.modules()) == 7  # the Add's two inputs share one (NPU)
 
 
 def test_npu_add_inputs_share_one_range(small_graph):

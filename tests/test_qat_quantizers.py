@@ -255,3 +255,8 @@ def test_unified_scale_quantizers_keep_one_range_while_they_train(name, hw, tmp_
 
     proto = onnx.load(str(lowbit.export(trained, tmp_path / "t.onnx")))
     assert sqnr(simulated, run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0]) > 35
+    lowbit.save(trained, tmp_path / "t.state")  # the groups are in the state file: training resumes with them
+    back = lowbit.load(factory(), tmp_path / "t.state", example_inputs=(x[:2],))
+    assert sum(isinstance(m, FakeQuantize) for m in back.modules()) == modules
+    with torch.no_grad():
+        np.testing.assert_allclose(back(x).numpy(), simulated, atol=1e-5)

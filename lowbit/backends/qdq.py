@@ -15,7 +15,11 @@ writes). So the quantizers a fusable layer links (its activation inputs, its
 output, and everything sharing a grid with them through a Concat) form one
 group, and a group with an unsigned grid stores its signed grids as uint8
 (a MobileNetV2 expand conv reads a signed linear bottleneck and writes its
-ReLU6 output: with an int8 input it stayed in float). Every other signed grid
+ReLU6 output: with an int8 input it stayed in float). So does a group with a
+signed grid that several ops read: ONNX Runtime converts an int8 Q -> DQ to
+uint8 itself only where one DequantizeLinear reads the QuantizeLinear (a
+Conv before a SiLU, whose Sigmoid and Mul both read it, stayed in float
+beside its uint8 input). Every other signed grid
 is int8 with zero point 0, the form OpenVINO needs: it cannot move a
 dequantization with a zero point through a ReLU or into a fused attention
 block, and ran those parts in float (a ViT's query/key/value quantizers, a
@@ -191,7 +195,9 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
     """ids of the activation FakeQuantize nodes on signed grids that must be stored as uint8 for ONNX Runtime.
 
     The quantizers a fusable layer links (inputs and output) and a Concat joins are connected; a connected
-    group with any unsigned grid stores its signed ones as uint8.
+    group with any unsigned grid stores its signed ones as uint8, and so does one with a signed grid that several
+    ops read (ONNX Runtime turns an int8 pair into uint8 itself only where one DequantizeLinear reads the
+    QuantizeLinear: a squeeze-excite Conv whose output a SiLU's Sigmoid and Mul both read stayed in float).
     """
     import networkx as nx
 
@@ -214,7 +220,7 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
     as_uint8 = set()
     for group in nx.connected_components(links):
         signed = [q for q in group if _is_signed(q)]
-        if len(signed) < len(group):
+        if len(signed) < len(group) or any(len(q.output.uses) > 1 for q in signed):
             as_uint8.update(id(q) for q in signed)
     return as_uint8
 

@@ -46,6 +46,7 @@ class OpConfig:
     inputs: tuple[int, ...] | None = None
     unified_scales: bool = False
     propagate: bool = False
+    quantized_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class HwConfig:
                     quantizers.update({q.name: q for q in configs})
             if spec.inputs is not None:
                 entry["inputs"] = list(spec.inputs)
-            entry.update({k: True for k in ("unified_scales", "propagate") if getattr(spec, k)})
+            entry.update({k: True for k in ("unified_scales", "propagate", "quantized_output") if getattr(spec, k)})
             ops[op] = entry
         return {"device": self.device,
                 "quantizers": {name: {"bits": q.bits, "mode": q.mode, "granularity": q.granularity,
@@ -111,7 +112,8 @@ def parse_hw_config(data: dict, where: str = "(dict)") -> HwConfig:
     ops = {op: OpConfig(activations=configs(op, "activations", spec.get("activations", [])),
                         weights=configs(op, "weights", spec.get("weights", [])),
                         inputs=tuple(spec["inputs"]) if "inputs" in spec else None,
-                        unified_scales=spec.get("unified_scales", False), propagate=spec.get("propagate", False))
+                        unified_scales=spec.get("unified_scales", False), propagate=spec.get("propagate", False),
+                        quantized_output=spec.get("quantized_output", False))
            for op, spec in data["ops"].items()}
     return HwConfig(data["device"], ops, where)
 

@@ -14,6 +14,16 @@
    consumers that asked; model outputs stay FP32.
 4. Quantizers on the inputs of an op with `unified_scales` (Concat on every
    device; Add and Mul on NPU) form one group that shares a range.
+5. A quantized op whose config says `quantized_output` (Conv on CPU and ANY)
+   gets a quantizer on its output for each reader that asked for none: ONNX
+   Runtime runs a convolution on integers only as QLinearConv, whose output is
+   quantized; without it the Conv ran in FP32 there (a squeeze-excite Conv,
+   read by its Sigmoid; a Conv before a SiLU). The output is taken after the
+   Relu or Clip of its fused pattern, which ONNX Runtime folds into the
+   quantizer, but before a SiLU, HardSwish or other activation, which it does
+   not. Model outputs still stay FP32, and so does an output that reshaping
+   ops carry into a Concat (a ViT's patch embedding: see
+   `_reshaped_into_concat`).
 
 For transformers (`transformer=True`), as NNCF's model type does: a MatMul of
 two activations (and an Attention's query and key) takes symmetric quantizers whatever the preset (OpenVINO runs
@@ -26,9 +36,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..hw_configs import HwConfig, QuantizerConfig
+from ..hw_configs import HwConfig, OpConfig, QuantizerConfig
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import channel_flow, op_info, weight_out_axis
+from ..ir.ops import FUSABLE_ACTIVATIONS, ORT_FOLDED_ACTIVATIONS, channel_flow, op_info, weight_out_axis
 from ..ir.types import is_float
 
 
@@ -82,6 +92,36 @@ def _same_group(a: Node, b: Node) -> bool:
     return "fused" in a.meta and a.meta.get("fused") == b.meta.get("fused")
 
 
+def _pattern_output(node: Node) -> Value:
+    """Where `node`'s output is quantized for a runtime that needs it quantized: after the rest of its fused
+    pattern (a bias Add, a BatchNorm it keeps training, a Relu or Clip, which ONNX Runtime folds into the
+    quantizer), but before any other activation of it (SiLU, HardSwish, ...), which ONNX Runtime does not."""
+    out = node.outputs[0]
+    while len(out.uses) == 1 and _same_group(node, out.uses[0][0]) and out.uses[0][0].outputs:
+        user = out.uses[0][0]
+        if user.op_type in FUSABLE_ACTIVATIONS and user.op_type not in ORT_FOLDED_ACTIVATIONS:
+            break
+        out = user.outputs[0]
+    return out
+
+
+def _reshaped_into_concat(value: Value) -> bool:
+    """True if `value` reaches a Concat through reshaping ops alone (a ViT's patch embedding, joined to its class
+    token). OpenVINO's low-precision transformations mishandle a dequantized value that a Concat joins to a float
+    one: from an .onnx, the ViT's patch-embedding output came out wrong (2.8 dB against ONNX Runtime), and a
+    smaller patch model did not compile; so such a Conv's output gets no quantizer of its own (step 5)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        for user, _ in v.uses:
+            if user.op_type == "Concat" and not user.domain:
+                return True
+            if channel_flow(user) == "reshape" and id(user) not in seen:
+                seen.add(id(user))
+                stack.extend(user.outputs)
+    return False
+
+
 def attention_output_matmuls(graph: Graph) -> set[str]:
     """MatMuls that read a Softmax, directly or through a Reshape or Transpose (attention probabilities x V)."""
     names = set()
@@ -117,10 +157,13 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
         values[id(v)] = v
 
     nodes = graph.nodes
+    output_quantized: list[tuple[Node, OpConfig]] = []  # layers whose outputs the config wants quantized (step 5)
     for node in nodes:
         cfg = hw.op(node.op_type) if node.domain == "" else None
         if cfg is None or node.name in ignored or node.op_type in skip_ops:
             continue
+        if cfg.quantized_output and cfg.activations:
+            output_quantized.append((node, cfg))
         info = op_info(node.op_type)
         if cfg.weights and info is not None:
             for port in info.weight_inputs:
@@ -170,6 +213,17 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
         for port, v in sources:
             ask(v, _Request(node, port, configs, set(groups), any(r.two_activation_matmul for r in reqs),
                             frozenset().union(*(r.layers for r in reqs))))
+
+    for node, cfg in output_quantized:
+        out = _pattern_output(node)
+        if out.is_graph_output or not is_float(out.dtype) or _reshaped_into_concat(out):
+            continue
+        reqs = requests.get(id(out), [])
+        asked = {(id(r.consumer), r.port) for r in reqs}
+        configs = _common(reqs) if reqs else cfg.activations
+        for user, port in out.uses:  # a subgraph's read (a capture, at a negative port) stays FP32
+            if port >= 0 and (id(user), port) not in asked and user.name not in ignored and configs:
+                ask(out, _Request(user, port, configs, layers=frozenset({node.name})))
 
     points: list[QuantPoint] = []
     for key, reqs in requests.items():
