@@ -17,6 +17,9 @@ class Convs(nn.Module):
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
         self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, dilation=1)
         self.dilated = nn.Conv2d(8, 4, 3, padding=2, dilation=2)
+        # padding="same" with an even kernel: pads differ at the two ends (EfficientNet's convs use "same")
+        self.same = nn.Conv2d(4, 4, (2, 3), padding="same", dilation=(1, 2))
+        self.valid = nn.Conv2d(4, 4, 1, padding="valid")
         self.bn = nn.BatchNorm2d(8)
         with torch.no_grad():
             self.bn.running_mean.uniform_(-0.5, 0.5)
@@ -27,7 +30,7 @@ class Convs(nn.Module):
         y = y.view(y.shape[0], 8, 8, 8)
         y = F.relu(self.bn(self.grouped(y)))
         y = F.relu6(self.depthwise(y))
-        return F.hardtanh(self.dilated(y), -0.5, 0.5)
+        return self.valid(self.same(F.hardtanh(self.dilated(y), -0.5, 0.5)))
 
 
 class Pools(nn.Module):
@@ -35,7 +38,8 @@ class Pools(nn.Module):
         a = F.max_pool2d(x, 3, stride=2, padding=1)
         b = F.avg_pool2d(x, 2)
         c = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False, ceil_mode=True)
-        g = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        g = F.adaptive_avg_pool2d(x, 1).flatten(1) + F.avg_pool2d(x, 16, ceil_mode=True).flatten(1)  # a kernel
+        # wider than the map (HuggingFace's EfficientNet pooler): the runtimes refuse it as an AveragePool
         m = x.mean(dim=(2, 3))
         return a.sum() + b.mean((1, 2, 3), keepdim=True).squeeze(-1).squeeze(-1).squeeze(-1), c, g - m
 

@@ -5,7 +5,7 @@ the architecture's last hidden state as one tensor; make_input(batch) gives
 one input (token ids for the text models, an image for the vision ones).
 size="small" is a few layers and a narrow width, for the test suite;
 size="full" is the configuration's defaults (BERT-base, GPT-2 small, ViT-B/16,
-Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0), for bench/zoo.py.
+Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0; EfficientNet-B0), for bench/zoo.py.
 
 Weights are drawn wider than HuggingFace's initialiser (std 0.02, BatchNorm
 at identity): at that scale every branch is tiny next to the residual
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 TEXT = ("bert", "distilbert", "gpt2")
-VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2")
+VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2", "efficientnet")
 ARCHITECTURES = TEXT + VISION
 TRANSFORMERS = ("bert", "distilbert", "gpt2", "vit", "swin")
 VOCAB, SEQ = 100, 12
@@ -46,12 +46,17 @@ def _small_config(name: str):
         "resnet": lambda: tf.ResNetConfig(image_size=32, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                           layer_type="bottleneck"),
         "mobilenet_v2": lambda: tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, initializer_range=0.2),
+        # top BatchNorm width = the top conv's (1280 x width 0.25); convs with padding="same", SiLU, squeeze-excite
+        "efficientnet": lambda: tf.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.25,
+                                                      hidden_dim=320, initializer_range=0.2),
     }[name]()
 
 
 def _full_config(name: str):
     import transformers as tf
 
+    if name == "efficientnet":  # the class's defaults are B7's widths at B0's resolution: B0 itself
+        return tf.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
     return {"bert": tf.BertConfig, "distilbert": tf.DistilBertConfig, "gpt2": tf.GPT2Config, "vit": tf.ViTConfig,
             "swin": tf.SwinConfig, "convnext": tf.ConvNextConfig, "resnet": tf.ResNetConfig,
             "mobilenet_v2": tf.MobileNetV2Config}[name]()
@@ -62,7 +67,7 @@ def _model_class(name: str):
 
     return {"bert": tf.BertModel, "distilbert": tf.DistilBertModel, "gpt2": tf.GPT2Model, "vit": tf.ViTModel,
             "swin": tf.SwinModel, "convnext": tf.ConvNextModel, "resnet": tf.ResNetModel,
-            "mobilenet_v2": tf.MobileNetV2Model}[name]
+            "mobilenet_v2": tf.MobileNetV2Model, "efficientnet": tf.EfficientNetModel}[name]
 
 
 class LastHiddenState(nn.Module):

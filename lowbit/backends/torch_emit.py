@@ -290,10 +290,20 @@ def _conv(e: _Emitter, n: Node):
 
 
 def _conv_call(e: _Emitter, n: Node, weight, bias):
+    """The convolution; pads that differ at the two ends of an axis (padding="same" with an even kernel, a model
+    converted from TensorFlow) become a zero pad of the input first, which torch's conv cannot take itself."""
     k = len(n.input(1).shape) - 2
     target = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[k]
-    return e.call(target, e[n.input(0)], weight, bias, _spatial(n, "strides", k, 1), _sym_pads(n, k),
-                  _spatial(n, "dilations", k, 1), n.attrs.get("group", 1))
+    x, pads = e[n.input(0)], _spatial(n, "pads", 2 * k, 0)
+    if n.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and pads[:k] != pads[k:]:
+        # constant_pad_nd takes (begin, end) pairs from the last axis back
+        x = e.call(aten.constant_pad_nd.default, x, [p for axis in reversed(range(k)) for p in (pads[axis],
+                                                                                            pads[k + axis])], 0.0)
+        pads = [0] * k
+    else:
+        pads = _sym_pads(n, k)
+    return e.call(target, x, weight, bias, _spatial(n, "strides", k, 1), pads, _spatial(n, "dilations", k, 1),
+                  n.attrs.get("group", 1))
 
 
 # MatMul by a 2-D float weight, then an Add of a 1-D bias on its right that alone reads it: one aten.linear,

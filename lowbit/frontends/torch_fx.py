@@ -406,6 +406,25 @@ def _conv(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                   "dilations": _pair(dilation, k), "group": groups})
 
 
+@handles(aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+def _conv_padding_string(lw, node, x, w, b=None, stride=1, padding="valid", dilation=1, groups=1):
+    """Conv with padding="valid" (no pads) or "same" (torch allows it at stride 1 only: dilation x (kernel - 1) in
+    all per axis, the odd one at the end, as torch pads; the ONNX pads say it explicitly)."""
+    weight = lw.val(w)
+    k = len(weight.shape) - 2
+    kernel, dilations = list(weight.shape[2:]), _pair(dilation, k)
+    if padding == "valid":
+        begin = end = [0] * k
+    elif padding == "same":
+        total = [d * (size - 1) for d, size in zip(dilations, kernel)]
+        begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
+    else:
+        return NotImplemented
+    return lw.op("Conv", [lw.val(x), weight, lw.maybe(b)],
+                 {"kernel_shape": kernel, "strides": _pair(stride, k), "pads": begin + end, "dilations": dilations,
+                  "group": groups})
+
+
 @handles(aten.convolution.default)
 def _convolution(lw, node, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
     if transposed:
@@ -561,9 +580,17 @@ def _avg_pool(lw, node, x, kernel, stride=(), padding=0, ceil_mode=False, count_
         return NotImplemented
     k = len(kernel)
     pads = _pair(padding, k)
-    return lw.op("AveragePool", [lw.val(x)], {"kernel_shape": list(kernel), "strides": _pair(stride or kernel, k),
-                                              "pads": pads + pads, "ceil_mode": int(ceil_mode),
-                                              "count_include_pad": int(count_include_pad)})
+    xv = lw.val(x)
+    kernel, stride = list(kernel), _pair(stride or kernel, k)
+    spatial = list(xv.shape[-k:]) if xv.shape is not None and len(xv.shape) == k + 2 else None
+    out = node.meta.get("val")
+    if spatial is not None and not any(pads) and out is not None and list(out.shape[-k:]) == [1] * k:
+        # one window from the corner (HuggingFace's EfficientNet pools 7x7 with a kernel of its hidden size,
+        # 2560): torch clips it to the map, and so does the kernel here, which the runtimes refuse larger than the
+        # map; torch computes the same sums and divisor either way
+        kernel = [min(kk, d) if isinstance(d, int) else kk for kk, d in zip(kernel, spatial)]
+    return lw.op("AveragePool", [xv], {"kernel_shape": kernel, "strides": stride, "pads": pads + pads,
+                                       "ceil_mode": int(ceil_mode), "count_include_pad": int(count_include_pad)})
 
 
 @handles(aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)
