@@ -345,8 +345,8 @@ def test_quantize_names_data_that_does_not_fit(onnx_file, two_inputs, tmp_path, 
 def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibration, tmp_path, capsys, no_work):
     src, data = onnx_file[0], calibration / "calib.npz"
     assert _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--target-device", "TPU") == (
-        "lowbit: error: unknown device 'TPU': use one of CPU, GPU, NPU, ANY or the path of a hardware config .json "
-        "file")
+        "lowbit: error: unknown device 'TPU': use one of CPU, GPU, NPU, ANY, CPU_ORT or the path of a hardware "
+        "config .json file")
     assert _quantize_error(capsys, src, "-o", tmp_path / "q.onnx", "--data", data, "--hw", "gpu.json") == (
         "lowbit: error: hardware config file 'gpu.json' does not exist")
     (tmp_path / "file").write_text("")

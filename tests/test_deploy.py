@@ -126,15 +126,38 @@ def test_onnx_runtime_runs_every_quantized_layer_it_can_in_int8(deployed, form):
     layers = quantized_layers(onnx.load(deployed.paths[form]))
     ops = ort_optimized_ops(deployed.paths[form])
     integer = sum(ops[op] for op in ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"))
-    # ONNX Runtime has no integer convolution with a float output, so a quantized Conv has its output quantized
-    # (the CPU config's quantized_output): before its SiLU or HardSwish (the squeeze-excite family). The one left in
-    # float is the ViT's patch embedding, whose output reshapes carry into a Concat with the class token, which
-    # OpenVINO mishandles (placement._reshaped_into_concat). A Relu before a signed grid (the DenseNet stem, whose
-    # ReLU output a Concat joins to signed conv outputs) is written so that it fuses.
-    float_output = [name for name, layer in layers.items() if layer["op"] == "Conv" and not layer["quantized_output"]]
+    # ONNX Runtime has no integer convolution with a float output: a Conv whose output feeds a float op (SiLU,
+    # Hardswish, the squeeze-excite family's) runs as DequantizeLinear -> Conv (OpenVINO runs it in INT8). A Relu
+    # before a signed grid (the DenseNet stem, whose ReLU output a Concat joins to signed conv outputs) is
+    # written so that it fuses.
+    float_output_convs = [name for name, layer in layers.items() if layer["op"] == "Conv"
+                          and not layer["quantized_output"]]
     assert len(layers) > 0
-    assert len(float_output) == (1 if deployed.family == "transformer" else 0), float_output
-    assert integer == len(layers) - len(float_output), (ops, layers)
+    assert integer == len(layers) - len(float_output_convs), (ops, layers)
+    if deployed.family == "densenet":
+        assert float_output_convs == []
+
+
+def test_for_onnx_runtime_every_squeeze_excite_conv_runs_in_int8(tmp_path):
+    """target_device="CPU_ORT" quantizes each Conv's output before its SiLU, HardSwish or HardSigmoid, so ONNX
+    Runtime runs all of them as QLinearConv (with the default device 8 of the 9 layers stay float there), and both
+    runtimes still agree with the torch simulation."""
+    model, x_train, x_test = _model_and_digits("se")
+    calibration = lowbit.Dataset([x_train[i:i + 1] for i in range(N_CALIBRATION)])
+    for device, float_layers in (("ANY", 8), ("CPU_ORT", 0)):
+        q = lowbit.quantize(model, calibration, target_device=device, overflow_fix=OVERFLOW_FIX)
+        path = lowbit.export(q, tmp_path / f"{device}.onnx")
+        ops = ort_optimized_ops(path)
+        assert len(quantized_layers(onnx.load(path))) == 9
+        assert sum(ops[op] for op in ("QLinearConv", "QGemm", "MatMulIntegerToFloat")) == 9 - float_layers, ops
+    with torch.no_grad():
+        simulation = q(x_test).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    compiled = ov.Core().compile_model(str(lowbit.export(q, tmp_path / "q.xml")), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    for got in (session.run(None, {session.get_inputs()[0].name: x_test.numpy()})[0],
+                compiled(x_test.numpy())[compiled.output(0)]):
+        assert agreement(simulation, got) >= TOP1 and sqnr(simulation, got) >= SQNR_DB
 
 
 @pytest.mark.parametrize("form", ["torch.onnx", "onnx.onnx"])

@@ -18,7 +18,7 @@ from ..errors import HardwareConfigError
 from ..json_file import read_json
 
 HERE = Path(__file__).parent
-DEVICES = ("CPU", "GPU", "NPU", "ANY")
+DEVICES = ("CPU", "GPU", "NPU", "ANY", "CPU_ORT")
 
 
 @dataclass(frozen=True)

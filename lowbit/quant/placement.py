@@ -14,7 +14,7 @@
    consumers that asked; model outputs stay FP32.
 4. Quantizers on the inputs of an op with `unified_scales` (Concat on every
    device; Add and Mul on NPU) form one group that shares a range.
-5. A quantized op whose config says `quantized_output` (Conv on CPU and ANY)
+5. A quantized op whose config says `quantized_output` (Conv for CPU_ORT)
    gets a quantizer on its output for each reader that asked for none: ONNX
    Runtime runs a convolution on integers only as QLinearConv, whose output is
    quantized; without it the Conv ran in FP32 there (a squeeze-excite Conv,
