@@ -62,7 +62,7 @@ class Linears(nn.Module):
     def forward(self, x):                              # x: [B, 16]
         y = self.fc2d(x)
         z = self.fc3d(y.unsqueeze(1).expand(-1, 3, -1))
-        z = self.ln(self.nobias(z))
+        z = self.ln(self.nobias(z)) + F.layer_norm(z, (6,))  # the second has no affine weight
         w = torch.matmul(z, z.transpose(1, 2))           # [B, 3, 3]
         return torch.bmm(w, z).softmax(-1), F.log_softmax(y, dim=1)
 

@@ -126,3 +126,19 @@ def test_signed_activation_grids_load_in_onnx_runtime(tmp_path, opset):
     with torch.no_grad():
         want = model(items[0]).numpy()
     assert 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum()) > 25  # quantization noise only
+
+
+def test_an_op_openvino_cannot_convert_is_named_with_openvinos_reason(tmp_path):
+    """OpenVINO's conversion error names the failing op only after its first line (which names a C++ check); the
+    UnsupportedOpError carries that part."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x, 3)
+
+    graph = lowbit.lower(Pool(), (torch.randn(1, 2, 12, 12),))
+    pool = next(n for n in graph if n.op_type == "AveragePool")
+    pool.attrs["kernel_shape"] = [40, 40]  # wider than the 12x12 map, which OpenVINO refuses
+    with pytest.raises(lowbit.UnsupportedOpError, match=r"could not convert graph .*AveragePool.*larger than the "
+                                                        r"data shape"):
+        lowbit.codegen(graph, "openvino")

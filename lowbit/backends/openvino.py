@@ -26,12 +26,22 @@ def to_openvino(graph: Graph):
     try:
         model = ov.convert_model(io.BytesIO(proto.SerializeToString()))
     except Exception as e:  # OpenVINO raises its own GeneralFailure/OpConversionFailure
-        first = str(e).strip().splitlines()
-        raise UnsupportedOpError(f"OpenVINO could not convert graph {graph.name!r}: "
-                                 f"{first[0] if first else type(e).__name__}") from e
+        raise UnsupportedOpError(f"OpenVINO could not convert graph {graph.name!r}: {_conversion_failure(e)}") from e
     ours = {n.name for n in graph} | {v.name for v in graph.values()}
     _name_generated_ops(model, ours)
     return model
+
+
+def _conversion_failure(e: Exception, limit: int = 600) -> str:
+    """What OpenVINO's conversion error says about the ops that failed (its first line only names the C++ check
+    that threw: "Check 'false' failed at .../unconverted_ops_report.cpp")."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if "Failed operations detailed log" in line), None)
+    if marker is None:
+        return lines[0] if lines else type(e).__name__
+    detail = [line for line in lines[marker + 1:] if not line.startswith("Summary")]
+    text = " ".join(detail)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def low_bit_weights_on_int8_grids(graph: Graph) -> Graph:
