@@ -560,11 +560,11 @@ def _batch_norm_legit(lw, node, x, w, b, mean, var, momentum, eps):
 def _layer_norm(lw, node, x, shape, w=None, b=None, eps=1e-5, cudnn_enable=True):
     xv = lw.val(x)
     if w is None:  # no affine weight (elementwise_affine=False): ONNX's Scale input is required, so a fixed 1
+        if xv.dtype is not None and xv.dtype != "float32":
+            return NotImplemented
         scale = lw.graph.add_constant(lw.graph.unique_name(f"{node.name}_scale"),
                                       np.ones([int(d) for d in shape], dtype=np.float32))
         scale.meta["torch_kind"] = "buffer"  # not a parameter the module would start to train
-        if xv.dtype is not None and xv.dtype != "float32":
-            return NotImplemented
     else:
         scale = lw.val(w)
     return lw.op("LayerNormalization", [xv, scale, lw.maybe(b)], {"axis": -len(shape), "epsilon": float(eps)})

@@ -107,9 +107,9 @@ def _pattern_output(node: Node) -> Value:
 
 def _reshaped_into_concat(value: Value) -> bool:
     """True if `value` reaches a Concat through reshaping ops alone (a ViT's patch embedding, joined to its class
-    token). OpenVINO's low-precision transformations mishandle a dequantized value that a Concat joins to a float
-    one: from an .onnx, the ViT's patch-embedding output came out wrong (2.8 dB against ONNX Runtime), and a
-    smaller patch model did not compile; so such a Conv's output gets no quantizer of its own (step 5)."""
+    token). With a quantizer there, OpenVINO computed the ViT's .onnx wrong from the patch embedding's own output
+    on (2.8 dB against ONNX Runtime; the .xml was right), so such a Conv's output gets no quantizer of its own
+    (step 5)."""
     stack, seen = [value], set()
     while stack:
         v = stack.pop()
