@@ -394,34 +394,25 @@ def _pair(x: Any, n: int) -> list[int]:
     return x * n if len(x) == 1 else x
 
 
-@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 def _conv(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    weight = lw.val(w)
-    k = len(weight.shape) - 2
-    if isinstance(padding, str):
-        return NotImplemented
-    pads = _pair(padding, k)
-    return lw.op("Conv", [lw.val(x), weight, lw.maybe(b)],
-                 {"kernel_shape": list(weight.shape[2:]), "strides": _pair(stride, k), "pads": pads + pads,
-                  "dilations": _pair(dilation, k), "group": groups})
-
-
-@handles(aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
-def _conv_padding_string(lw, node, x, w, b=None, stride=1, padding="valid", dilation=1, groups=1):
-    """Conv with padding="valid" (no pads) or "same" (torch allows it at stride 1 only: dilation x (kernel - 1) in
-    all per axis, the odd one at the end, as torch pads; the ONNX pads say it explicitly)."""
+    """Conv; padding="valid" is no pads, and "same" (torch allows it at stride 1 only) dilation x (kernel - 1) in
+    all per axis, the odd one at the end, as torch pads: the ONNX pads say it explicitly."""
     weight = lw.val(w)
     k = len(weight.shape) - 2
     kernel, dilations = list(weight.shape[2:]), _pair(dilation, k)
-    if padding == "valid":
-        begin = end = [0] * k
-    elif padding == "same":
+    if padding == "same":
         total = [d * (size - 1) for d, size in zip(dilations, kernel)]
-        begin, end = [t // 2 for t in total], [t - t // 2 for t in total]
-    else:
+        pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+    elif padding == "valid":
+        pads = [0] * (2 * k)
+    elif isinstance(padding, str):
         return NotImplemented
+    else:
+        pads = _pair(padding, k) * 2
     return lw.op("Conv", [lw.val(x), weight, lw.maybe(b)],
-                 {"kernel_shape": kernel, "strides": _pair(stride, k), "pads": begin + end, "dilations": dilations,
+                 {"kernel_shape": kernel, "strides": _pair(stride, k), "pads": pads, "dilations": dilations,
                   "group": groups})
 
 
