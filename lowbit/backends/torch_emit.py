@@ -21,7 +21,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from ..errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import TORCH_DOMAIN, is_fake_quantize
+from ..ir.ops import TORCH_DOMAIN, is_fake_quantize, transpose_perm
 from ..ir.types import is_float
 from ..patterns import Any as AnyValue
 from ..patterns import Const, P, match_at
@@ -527,8 +527,7 @@ def _reshape(e: _Emitter, n: Node):
 
 @emits("Transpose")
 def _transpose(e: _Emitter, n: Node):
-    perm = n.attrs.get("perm") or list(reversed(range(n.input(0).rank)))
-    return e.call(aten.permute.default, e[n.input(0)], list(perm))
+    return e.call(aten.permute.default, e[n.input(0)], transpose_perm(n, n.input(0).rank))
 
 
 @emits("Concat")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Node, Value
-from .ops import op_info
+from .ops import op_info, transpose_perm
 from .types import Shape, from_onnx_dtype
 
 
@@ -57,7 +57,7 @@ def infer_output(node: Node) -> tuple[str | None, Shape]:
     elif op == "Cast" and "to" in node.attrs:
         dtype, shape = from_onnx_dtype(node.attrs["to"]), first.shape
     elif op == "Transpose" and first is not None and first.shape is not None:
-        perm = node.attrs.get("perm") or list(reversed(range(len(first.shape))))
+        perm = transpose_perm(node, len(first.shape))
         if sorted(perm) == list(range(len(first.shape))):
             dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
     elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None \

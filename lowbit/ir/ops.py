@@ -185,6 +185,11 @@ def weight_out_axis(node) -> int | None:
     return {"Conv": 0, "ConvTranspose": 1, "MatMul": -1}.get(node.op_type) if not node.domain else None
 
 
+def transpose_perm(node, rank: int) -> list[int]:
+    """A Transpose's permutation: its `perm`, or the reversed axes of a rank-`rank` input, ONNX's default."""
+    return list(node.attrs.get("perm") or reversed(range(rank)))
+
+
 def weight_in_axis(node) -> int | None:
     """The axis of a layer's constant weight along which its input channels run (SmoothQuant's scaling)."""
     if node.op_type == "Gemm":

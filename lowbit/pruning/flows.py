@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Node, Value
-from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, weight_in_axis, weight_out_axis,
-                      weight_quantizer)
+from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, transpose_perm, weight_in_axis,
+                      weight_out_axis, weight_quantizer)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -258,8 +258,7 @@ def _reshape(cg: ChannelGroups, node: Node, keep) -> bool:
     if op == "Identity":
         new_axis = axis
     elif op == "Transpose":
-        perm = node.attrs.get("perm") or list(reversed(range(rank)))
-        new_axis = list(perm).index(axis)
+        new_axis = transpose_perm(node, rank).index(axis)
     elif op == "Squeeze" or op == "Unsqueeze":
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) > 1 and node.input(1) is not None and node.input(1).const is not None:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, weight_in_axis, weight_out_axis
+from ..ir.ops import (DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, transpose_perm, weight_in_axis,
+                      weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -98,8 +99,7 @@ def _back(value: Value):
     for n in reversed(chain):
         rank = len(labels)
         if n.op_type == "Transpose":
-            perm = n.attrs.get("perm") or list(reversed(range(rank)))
-            labels = [labels[p] for p in perm]
+            labels = [labels[p] for p in transpose_perm(n, rank)]
         else:
             index, axis = _const_index(n), n.attrs.get("axis", 0) % rank
             if index is None or labels[axis][0] != "f":
@@ -196,8 +196,7 @@ def _per_head_table(term: Value, structure: HeadStructure) -> bool:
                 return False
             head -= sum(a < head for a in axes)
         elif node.op_type == "Transpose":
-            perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
-            head = list(perm)[head]
+            head = transpose_perm(node, len(v.shape))[head]
         elif node.op_type == "Reshape":
             if head != len(v.shape) - 1 or x.shape[-1] != v.shape[-1] or shape_entry(node, head) is None:
                 return False
@@ -426,8 +425,7 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             structure.value_dims.append((v, head, 1))
             continue
         if node.op_type == "Transpose":
-            perm = node.attrs.get("perm") or list(reversed(range(len(v.shape))))
-            head = list(perm).index(head)
+            head = transpose_perm(node, len(v.shape)).index(head)
             v = node.output
             structure.value_dims.append((v, head, 1))
             continue
