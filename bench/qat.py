@@ -158,7 +158,9 @@ def quantizers(module, tool: str, x: torch.Tensor) -> str:
         describe = {id(m): f"{m.num_bits}-bit ({m.levels} levels, {'per channel' if m.per_channel else 'per tensor'}, "
                     f"{type(m).__name__.removesuffix('Quantizer').lower()})" for m in found}
     else:
-        found = [m for m in module.modules() if hasattr(m, "levels") and hasattr(m, "zero_point")]
+        from lowbit.backends.torch_fq import FakeQuantize
+
+        found = [m for m in module.modules() if isinstance(m, FakeQuantize)]
         describe = {}
         for m in found:
             per_channel = m.zero_point.numel() > 1 or m.zero_point.dim() > 0
@@ -260,10 +262,10 @@ def _runs(make, evaluate, x_train, y_train, epochs: int, lr: float, seeds: int, 
     top1, first, seconds = [], None, 0.0
     for seed in range(seeds):
         module = start if seed == 0 and start is not None else make()
-        start = time.perf_counter()
+        began = time.perf_counter()
         train(module, x_train, y_train, epochs, lr, seed)
         if seed == 0:
-            first, seconds = module, time.perf_counter() - start
+            first, seconds = module, time.perf_counter() - began
         top1.append(evaluate(module))
     return top1, first, seconds
 
