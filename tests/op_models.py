@@ -106,6 +106,23 @@ class Windows(nn.Module):
         return shifted.masked_fill(mask, -100.0) + back.masked_fill(mask, torch.tensor(0.5))
 
 
+class Rotary(nn.Module):
+    """Llama's rotary embedding (sin and cos of positions times frequencies, rotate-half), with the pass-through
+    part empty as when every dim rotates (Phi-3), and T5's relative-bucket ops (full_like, torch.min/max of two
+    tensors, torch.where with a number)."""
+
+    def forward(self, x):                              # x: [B, 6, 8]
+        positions = torch.arange(x.shape[1], dtype=torch.float32)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+        freqs = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        rot, kept = x[..., :8], x[..., 8:]               # kept has no dims: every dim rotates
+        half = torch.cat([-rot[..., 4:], rot[..., :4]], dim=-1)
+        y = torch.cat([rot * angles.cos() + half * angles.sin(), kept], dim=-1)
+        capped = torch.max(torch.min(y, torch.full_like(y, 0.5)), x - 1.0)
+        return torch.where(y > 0, capped, 0.25)
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -132,4 +149,5 @@ OP_MODELS = {
                {"Gather", "Dropout", "Split", "Transpose", "Reshape", "Slice", "Concat", "Unsqueeze"}),
     "attention": (Attention, lambda b: (torch.randn(b, 5, 16),), {"Attention", "Transpose", "Reshape"}),
     "windows": (Windows, lambda b: (torch.randn(b, 6, 4, 3),), {"Slice", "Concat", "Where", "Greater"}),
+    "rotary": (Rotary, lambda b: (torch.randn(b, 6, 8),), {"Sin", "Cos", "Range", "Min", "Max", "Expand", "Where"}),
 }

@@ -254,3 +254,28 @@ def test_a_scalar_constant_stays_a_scalar_in_the_generated_module():
     from lowbit.api import graph_of
 
     assert graph_of(module).constants["flag"].const.shape == ()
+
+
+def test_rsqrt_of_an_rms_norm_lowers_to_sqrt_then_reciprocal():
+    """Llama's RMSNorm: ONNX has no Rsqrt; Sqrt then Reciprocal equals torch.rsqrt up to a rounding."""
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    model = RMSNorm().eval()
+    graph = lowbit.lower(model, (torch.randn(2, 3, 8),))
+    root = next(n for n in graph if n.op_type == "Reciprocal")
+    assert root.input(0).producer.op_type == "Sqrt" and not [n for n in graph if n.domain]
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        want = model(x).numpy()
+        np.testing.assert_allclose(lowbit.codegen(graph, "torch")(x).numpy(), want, rtol=1e-6, atol=1e-6)
+    (got,) = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    (got,) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

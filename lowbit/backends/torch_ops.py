@@ -11,7 +11,7 @@ aten = torch.ops.aten
 UNARY = {"Relu": aten.relu.default, "Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default,
          "HardSwish": aten.hardswish.default, "Exp": aten.exp.default, "Log": aten.log.default,
          "Sqrt": aten.sqrt.default, "Erf": aten.erf.default, "Neg": aten.neg.default, "Abs": aten.abs.default,
-         "Reciprocal": aten.reciprocal.default}
+         "Reciprocal": aten.reciprocal.default, "Sin": aten.sin.default, "Cos": aten.cos.default}
 BINARY = {"Add": aten.add.Tensor, "Sub": aten.sub.Tensor, "Mul": aten.mul.Tensor, "Div": aten.div.Tensor,
           "Pow": aten.pow.Tensor_Tensor, "Max": aten.maximum.default, "Min": aten.minimum.default,
           "Equal": aten.eq.Tensor, "Less": aten.lt.Tensor, "Greater": aten.gt.Tensor}

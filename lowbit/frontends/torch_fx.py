@@ -466,6 +466,7 @@ def _binary(op_type: str) -> Callable:
 
 for _op, _overload in BINARY.items():
     HANDLERS[_overload.overloadpacket] = _binary(_op)
+HANDLERS[aten.min.other], HANDLERS[aten.max.other] = _binary("Min"), _binary("Max")  # torch.min(a, b)
 
 
 def _unary(op_type: str) -> Callable:
@@ -477,6 +478,14 @@ def _unary(op_type: str) -> Callable:
 for _op, _overload in UNARY.items():
     HANDLERS[_overload] = _unary(_op)
 HANDLERS[aten.silu.default] = _unary("Swish")
+
+
+@handles(aten.rsqrt.default)
+def _rsqrt(lw, node, x):
+    """1 / sqrt(x) (RMSNorm's): ONNX has no Rsqrt, so Sqrt then Reciprocal."""
+    root = lw.op("Sqrt", [lw.val(x)], suffix="_sqrt")
+    root.dtype, root.shape = lw.type_of(node.meta["val"])
+    return lw.op("Reciprocal", [root])
 
 
 @handles(aten.hardsigmoid.default)

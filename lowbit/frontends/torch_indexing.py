@@ -225,3 +225,26 @@ def _masked_fill(lw, node, x, mask, value):
     else:
         fill = lw.const(np.array(value, dtype=xv.dtype), "value")
     return lw.op("Where", [lw.val(mask), fill, xv])
+
+
+@handles(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
+def _where(lw, node, condition, a, b):
+    """torch.where(condition, a, b) -> Where; a Python number takes the output's dtype (T5's relative-position
+    buckets, a mask's fill)."""
+    dtype = from_torch_dtype(node.meta["val"].dtype)
+    operands = [lw.val(v) if isinstance(v, fx.Node) else lw.const(np.array(v, dtype=dtype), hint)
+                for v, hint in ((a, "x"), (b, "y"))]
+    if any(v.dtype != dtype for v in operands):  # type promotion: ONNX's Where takes one type
+        return NotImplemented
+    return lw.op("Where", [lw.val(condition), *operands])
+
+
+@handles(aten.full_like.default)
+def _full_like(lw, node, x, fill_value, **kwargs):
+    """torch.full_like(x, v) -> Expand(v, Shape(x)): a constant where x's shape is static (cleanup folds it)."""
+    if isinstance(fill_value, fx.Node):
+        return NotImplemented
+    shape = lw.op("Shape", [lw.val(x)], suffix="_shape")
+    shape.dtype, shape.shape = "int64", (len(node.meta["val"].shape),)
+    value = lw.const(np.array(fill_value, dtype=from_torch_dtype(node.meta["val"].dtype)), "value")
+    return lw.op("Expand", [value, shape])

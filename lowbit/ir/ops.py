@@ -69,7 +69,8 @@ ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", 
 ARITHMETIC = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")  # broadcast, output of the inputs' type
 COMPARISONS = ("Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual")  # broadcast, bool output
 ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish", "LeakyRelu",
-               "Elu", "Selu", "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs")
+               "Elu", "Selu", "Softplus", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin",
+               "Cos")
 # Activations that a hardware config fuses into the layer before them (fuse.py's patterns)
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "Swish", "HardSwish", "HardSigmoid", "Gelu",
                                  "LeakyRelu", "Elu"})
