@@ -238,6 +238,30 @@ def test_gpt2_with_its_kv_cache_output_is_a_capture_error_saying_use_cache_false
     assert q(ids).last_hidden_state.shape == (1, 6, 32)
 
 
+def test_phi3_whose_rotary_pass_through_part_is_empty_quantizes_and_runs_in_onnx_runtime():
+    """Phi-3 rotates every dim of q and k but still concatenates the empty rest (x[..., rotary_dim:]): the
+    statistics of that empty tensor failed smooth_quant (zero-size reduction); cleanup now drops it."""
+    transformers = pytest.importorskip("transformers")
+    from lowbit.api import graph_of
+
+    config = transformers.Phi3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.Phi3Model(config).eval()
+    items = [torch.randint(0, 100, (1, 10)) for _ in range(4)]
+    q = lowbit.quantize(model, lowbit.Dataset(items), model_type="transformer")
+    graph = graph_of(q)
+    concats = [n for n in graph if n.op_type == "Concat"]
+    assert concats and not [n.name for n in concats for v in n.inputs if v.shape and v.shape[-1] == 0]
+    assert sum(n.op_type == "FakeQuantize" for n in graph) > 0
+    x = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        simulation = q(x).last_hidden_state.numpy()
+    (got, *_) = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})
+    np.testing.assert_allclose(got, simulation, rtol=1e-3, atol=1e-3)
+
+
 # -- threads ---------------------------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@
     Dropout(x)         -> x      (no training_mode input set to true, mask output unused)
     Pad(x, zeros)      -> x      (constant pads that are all 0: MobileNetV2's 1x1 convolutions)
     Concat(e, x, ...)  -> Concat(x, ...), or x alone
-                                 (e a 1-D empty tensor beside inputs of another rank: torch.cat skips it, a
-                                 legacy rule ONNX does not have; transformers' DynamicCache starts from one)
+                                 (e empty: of size 0 along the axis, as the pass-through half of a rotary
+                                 embedding that rotates every dim (Phi-3's x[..., rotary_dim:]); or a 1-D empty
+                                 tensor beside inputs of another rank: torch.cat skips it, a legacy rule ONNX
+                                 does not have; transformers' DynamicCache starts from one)
 
 A node whose output is a graph output is kept, so the model's output names
 do not change.
@@ -37,14 +39,25 @@ def _input(m: Match):
     return [m["x"]] + [None] * (len(m.root.outputs) - 1)
 
 
-def _has_legacy_empty_input(node) -> bool:
+def _empty_inputs(node) -> list[bool]:
+    """Per input of a Concat, whether it adds nothing: size 0 along the axis, or a legacy 1-D empty tensor
+    beside inputs of another rank."""
     shapes = [v.shape if v is not None else None for v in node.inputs]
-    return any(is_legacy_empty(s) for s in shapes) and any(s is not None and len(s) != 1 for s in shapes)
+    legacy = any(s is not None and len(s) != 1 for s in shapes)
+    rank = len(node.output.shape) if node.output.shape is not None else None
+    axis = node.attrs.get("axis", 0) % rank if rank else None
+    return [s is not None and ((legacy and is_legacy_empty(s)) or (len(s) == rank and s[axis] == 0))
+            for s in shapes]
+
+
+def _has_empty_input(node) -> bool:
+    empty = _empty_inputs(node)
+    return any(empty) and not all(empty)
 
 
 def _without_empty_inputs(m: Match):
     node = m.root
-    kept = [v for v in node.inputs if not is_legacy_empty(v.shape)]
+    kept = [v for v, empty in zip(node.inputs, _empty_inputs(node)) if not empty]
     if len(kept) == 1:
         return kept[0] if kept[0].dtype == node.output.dtype else False
     return m.graph.make_node("Concat", kept, dict(node.attrs), name=node.name, before=node).output
@@ -58,7 +71,7 @@ def _pads_nothing(m: Match) -> bool:
 
 rules = RuleSet([
     Rule("drop_zero_pad", P("Pad"), lambda m: m.root.input(0), where=_pads_nothing),
-    Rule("drop_empty_concat_inputs", P("Concat"), _without_empty_inputs, precheck=_has_legacy_empty_input),
+    Rule("drop_empty_concat_inputs", P("Concat"), _without_empty_inputs, precheck=_has_empty_input),
     Rule("drop_identity", P("Identity", Any("x")), lambda m: m["x"], where=_passes_through),
     Rule("drop_eval_dropout", P("Dropout", Any("x")), _input, where=_passes_through),
 ])
