@@ -4,8 +4,9 @@
 the architecture's last hidden state as one tensor; make_input(batch) gives
 one input (token ids for the text models, an image for the vision ones).
 size="small" is a few layers and a narrow width, for the test suite;
-size="full" is the configuration's defaults (BERT-base, GPT-2 small, ViT-B/16,
-Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0; EfficientNet-B0), for bench/zoo.py.
+size="full" is the configuration's defaults (BERT-base, GPT-2 small, T5-small's encoder,
+ViT-B/16, Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0; EfficientNet-B0 and, for Llama,
+SmolLM-135M's shape), for bench/zoo.py.
 
 Weights are drawn wider than HuggingFace's initialiser (std 0.02, BatchNorm
 at identity): at that scale every branch is tiny next to the residual
@@ -20,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-TEXT = ("bert", "distilbert", "gpt2")
+TEXT = ("bert", "distilbert", "gpt2", "llama", "t5")
 VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2", "efficientnet")
 ARCHITECTURES = TEXT + VISION
-TRANSFORMERS = ("bert", "distilbert", "gpt2", "vit", "swin")
+TRANSFORMERS = ("bert", "distilbert", "gpt2", "llama", "t5", "vit", "swin")
 VOCAB, SEQ = 100, 12
 
 
@@ -37,6 +38,12 @@ def _small_config(name: str):
                                                   max_position_embeddings=64, initializer_range=0.2),
         "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                       initializer_range=0.1, bos_token_id=0, eos_token_id=0),
+        # RMSNorm, rotary embeddings, grouped-query attention, SwiGLU: Llama, Qwen2 and Mistral are built so
+        "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        initializer_range=0.1),
+        # T5's encoder: RMS-style LayerNorm without a bias, relative-position buckets (log, min, where, casts)
+        "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
         "vit": lambda: tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, initializer_range=0.2),
         "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
@@ -57,7 +64,12 @@ def _full_config(name: str):
 
     if name == "efficientnet":  # the class's defaults are B7's widths at B0's resolution: B0 itself
         return tf.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)
-    return {"bert": tf.BertConfig, "distilbert": tf.DistilBertConfig, "gpt2": tf.GPT2Config, "vit": tf.ViTConfig,
+    if name == "llama":  # the class's defaults are Llama-2-7B's: SmolLM-135M's published shape instead
+        return tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                              rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return {"bert": tf.BertConfig, "distilbert": tf.DistilBertConfig, "gpt2": tf.GPT2Config, "t5": tf.T5Config,
+            "vit": tf.ViTConfig,
             "swin": tf.SwinConfig, "convnext": tf.ConvNextConfig, "resnet": tf.ResNetConfig,
             "mobilenet_v2": tf.MobileNetV2Config}[name]()
 
@@ -65,7 +77,8 @@ def _full_config(name: str):
 def _model_class(name: str):
     import transformers as tf
 
-    return {"bert": tf.BertModel, "distilbert": tf.DistilBertModel, "gpt2": tf.GPT2Model, "vit": tf.ViTModel,
+    return {"bert": tf.BertModel, "distilbert": tf.DistilBertModel, "gpt2": tf.GPT2Model, "llama": tf.LlamaModel,
+            "t5": tf.T5EncoderModel, "vit": tf.ViTModel,
             "swin": tf.SwinModel, "convnext": tf.ConvNextModel, "resnet": tf.ResNetModel,
             "mobilenet_v2": tf.MobileNetV2Model, "efficientnet": tf.EfficientNetModel}[name]
 
@@ -79,7 +92,8 @@ class LastHiddenState(nn.Module):
         self.text = text
 
     def forward(self, x):
-        out = self.model(x, use_cache=False) if self.text and "GPT2" in type(self.model).__name__ else self.model(x)
+        decoder = self.text and any(k in type(self.model).__name__ for k in ("GPT2", "Llama"))
+        out = self.model(x, use_cache=False) if decoder else self.model(x)
         return out.last_hidden_state
 
 
