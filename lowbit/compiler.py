@@ -91,8 +91,22 @@ def _writeback(graph: Graph, model: Any) -> Any:
     target = origin_target(model)
     result = codegen(graph, target)  # a torch module holds its graph (lowbit_graph)
     if target == "torch":
-        result.train(bool(getattr(model, "training", False)))
+        result.train(_trains(model))
     return result
+
+
+def _trains(model: Any) -> bool:
+    """Whether the module lowbit writes for `model` starts in training mode: the user's flag, unless every
+    module whose behaviour the flag changes (Dropout, BatchNorm) is in eval mode, as in a fresh wrapper
+    (training by default) around a model the user put in eval mode: that model does not drop out, nor should
+    what lowbit gives back."""
+    import torch
+
+    if not getattr(model, "training", False):
+        return False
+    moded = [m for m in model.modules() if isinstance(m, (torch.nn.modules.dropout._DropoutNd,
+                                                              torch.nn.modules.batchnorm._BatchNorm))]
+    return not moded or any(m.training for m in moded)
 
 
 def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300, ignored_scope: Any = None,

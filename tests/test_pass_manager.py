@@ -440,6 +440,29 @@ def test_compile_does_not_mutate_the_users_model():
     assert model.training is False
 
 
+def test_a_training_wrapper_around_a_model_in_eval_mode_gives_a_module_in_eval_mode():
+    """nn.Module starts in training mode: a wrapper made around a model the user put in eval mode (its Dropout
+    off) must not give back a module whose Dropout drops out."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    inner = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)).eval()
+    wrapper, x = Wrapper(inner), torch.randn(6, 8)
+    assert wrapper.training and not inner[1].training
+    out = lowbit.compile(wrapper, [], example_inputs=(x,))
+    assert not out.training
+    with torch.no_grad():
+        np.testing.assert_allclose(out(x).numpy(), wrapper(x).numpy(), rtol=1e-6, atol=1e-6)
+    inner.train()  # every Dropout training: the module lowbit gives back trains too
+    assert lowbit.compile(wrapper, [], example_inputs=(x,)).training
+
+
 def _onnx_model(tmp_path):
     model, x = _model("concat")
     proto = lowbit.codegen(lowbit.lower(model, (x,)), "onnx")
