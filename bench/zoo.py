@@ -2,8 +2,9 @@
 
 Models (tests/zoo_models.py, size "full": each configuration's defaults,
 random weights drawn wider than HuggingFace's initialiser for the vision
-models, no download): BERT-base, DistilBERT, GPT-2 (124M), ViT-B/16,
-Swin-T, ConvNeXt-T, ResNet-50, MobileNetV2 1.0; text models take 128 token
+models, no download): BERT-base, DistilBERT, GPT-2 (124M), Llama at
+SmolLM-135M's shape, T5-small's encoder, ViT-B/16, Swin-T, ConvNeXt-T,
+ResNet-50, MobileNetV2 1.0, EfficientNet-B0; text models take 128 token
 ids, vision models a 224x224 image; the module returns the last hidden state.
 
 Both tools get the same calibration items (N_CALIB random inputs, batch 1),
