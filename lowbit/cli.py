@@ -152,7 +152,8 @@ def _compile(args) -> int:
     records = _run_and_write(lower(args.model), passes, PassContext(hw=args.hw), args.dump_dir, out, args.runtime)
     for r in records:
         fired = ", ".join(f"{k} x{v}" for k, v in sorted(r.fired.items())) or "-"
-        print(f"{r.index:02d} {r.name:<24} {1000 * r.seconds:8.1f} ms  {r.nodes_before:>6} -> {r.nodes_after:<6} {fired}")
+        print(f"{r.index:02d} {r.name:<24} {1000 * r.seconds:8.1f} ms  "
+              f"{r.nodes_before:>6} -> {r.nodes_after:<6} {fired}")
     print(_wrote(out, args.dump_dir))
     return 0
 

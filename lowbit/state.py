@@ -7,10 +7,11 @@ without calibration.
 The JSON holds the format and its version, the lowbit version, the origin (torch or onnx), the passes that ran
 and the device and options they ran with, the device's whole hardware config (`hw_config`, in the JSON form
 lowbit/hw_configs reads), a fingerprint of the source model (its inputs, and its weights' names, dtypes and
-shapes), the compressed graph in lowbit's text form (every quantizer's place, levels and node attributes included) and, per constant, the facts
-the torch writer names parameters by; for a module pruned with masks, its masks and the schedule's position
-(`load` gives the controller back, so fine-tuning resumes). The .npz holds every constant of the compressed graph (weights after
-folding and bias correction, quantizer ranges as they are, after training too), keyed by index.
+shapes), the compressed graph in lowbit's text form (every quantizer's place, levels and node attributes
+included) and, per constant, the facts the torch writer names parameters by; for a module pruned with masks,
+its masks and the schedule's position (`load` gives the controller back, so fine-tuning resumes). The .npz holds
+every constant of the compressed graph (weights after folding and bias correction, quantizer ranges as they are,
+after training too), keyed by index.
 
 `load` lowers the original model again, checks its fingerprint against the saved one (a state from another
 model is a StateError naming the first difference), and gives back the compressed model of the same kind as the

@@ -53,7 +53,8 @@ def node_proto(node: Node) -> onnx.NodeProto:
     """One node as an onnx.NodeProto (cleanup folds constants by running it in onnx.reference)."""
     types = node.meta.get("onnx_attr_types", {})
     values = list(node.inputs)
-    if node.op_type == "Concat" and not node.domain and any(v is not None and is_legacy_empty(v.shape) for v in values) \
+    if node.op_type == "Concat" and not node.domain \
+            and any(v is not None and is_legacy_empty(v.shape) for v in values) \
             and any(v is not None and v.shape is not None and len(v.shape) != 1 for v in values):
         values = [v for v in values if v is None or not is_legacy_empty(v.shape)]  # torch.cat skips them; ONNX won't
     inputs = ["" if v is None else v.name for v in values]

@@ -138,7 +138,8 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
     `runtime` (one of RUNTIMES) runs as INT8."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: one of {RUNTIMES}")
-    if runtime == "openvino" and any(SIGNED_GRID_AS_INT8.match(graph, n) for n in graph if n.op_type == "QuantizeLinear"):
+    if runtime == "openvino" and any(SIGNED_GRID_AS_INT8.match(graph, n)
+                                     for n in graph if n.op_type == "QuantizeLinear"):
         graph = graph.copy()
         RuleSet([SIGNED_GRID_AS_INT8]).apply(graph)
         graph.remove_unused_constants()

@@ -499,7 +499,8 @@ class Graph:
                 if v is None:
                     continue
                 if id(v) not in defined:
-                    where = "a later node" if v.producer is not None and v.producer.graph is self else "nowhere in this graph"
+                    later = v.producer is not None and v.producer.graph is self
+                    where = "a later node" if later else "nowhere in this graph"
                     raise GraphError(f"node {node.name!r} ({node.op_type}) input {i} {v.name!r} is defined by {where}")
                 if (node, i) not in v._uses:
                     raise GraphError(f"value {v.name!r} does not list node {node.name!r} input {i} as a use")
@@ -535,9 +536,9 @@ class Graph:
         for node in self:
             stale = stale_type(node)
             if stale is not None:
-                raise GraphError(f"node {node.name!r} ({node.op_type}) output {node.outputs[0].name!r} records {stale}: "
-                                 "a pass changed its inputs without updating it (lowbit.ir.infer.reinfer(graph) "
-                                 "re-derives them)")
+                raise GraphError(f"node {node.name!r} ({node.op_type}) output {node.outputs[0].name!r} records "
+                                 f"{stale}: a pass changed its inputs without updating it "
+                                 "(lowbit.ir.infer.reinfer(graph) re-derives them)")
 
     # -- copying -------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> Graph:
@@ -645,7 +646,8 @@ def _local_names(g: Any) -> set[str]:
 
 def subgraph_free_names(g: Any) -> list[str]:
     """The names a GraphProto reads from its enclosing scopes, in first-read order (nested subgraphs included)."""
-    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    defined = ({vi.name for vi in g.input} | {t.name for t in g.initializer}
+               | {t.values.name for t in g.sparse_initializer})
     free: dict[str, None] = {}
     for n in g.node:
         for name in n.input:

@@ -14,5 +14,5 @@ PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "quantize", "fast_bias_correction"
 TRANSFORMER_PTQ_PIPELINE = ["cleanup", "fold_bn", "fuse", "smooth_quant", "quantize", "fast_bias_correction",
                             "snap_bias"]
 
-__all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "TRANSFORMER_PTQ_PIPELINE", "FunctionPass", "Options", "Pass", "PassContext", "PassResult", "PassManager",
-           "StepRecord", "register_pass", "resolve"]
+__all__ = ["PASSES", "DEFAULT_PIPELINE", "PTQ_PIPELINE", "TRANSFORMER_PTQ_PIPELINE", "FunctionPass", "Options", "Pass",
+           "PassContext", "PassResult", "PassManager", "StepRecord", "register_pass", "resolve"]

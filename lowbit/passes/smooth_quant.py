@@ -85,8 +85,7 @@ class SmoothQuant(Pass):
         return [Need(layers[0].input(0), -1, extremes=True) for layers in _groups(graph, ctx).values()]
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        alpha = self.alpha if self.alpha is not None else (ctx.options.smooth_quant_alpha if ctx.options.smooth_quant_alpha is not None
-                                                              else DEFAULT_ALPHA)
+        alpha = next((a for a in (self.alpha, ctx.options.smooth_quant_alpha) if a is not None), DEFAULT_ALPHA)
         groups = _groups(graph, ctx)
         if not groups:
             return PassResult(graph, changed=False)

@@ -6,4 +6,5 @@
 from .pattern import Any, Const, OneOf, Opt, P, Pattern, match_at
 from .rewrite import Match, Rule, RuleSet, explain, remove_dead
 
-__all__ = ["Any", "Const", "OneOf", "Opt", "P", "Pattern", "match_at", "Match", "Rule", "RuleSet", "explain", "remove_dead"]
+__all__ = ["Any", "Const", "OneOf", "Opt", "P", "Pattern", "match_at", "Match", "Rule", "RuleSet", "explain",
+           "remove_dead"]

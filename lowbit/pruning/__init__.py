@@ -16,5 +16,5 @@ from .criteria import CRITERIA
 from .groups import ChannelGroups, Group, channel_groups
 from .plan import Plan, PruneSpec, plan, prune_graph, resolve_config_list
 
-__all__ = ["Cost", "cost", "CRITERIA", "ChannelGroups", "Group", "channel_groups", "Plan", "PruneSpec", "plan", "prune_graph",
-           "resolve_config_list"]
+__all__ = ["Cost", "cost", "CRITERIA", "ChannelGroups", "Group", "channel_groups", "Plan", "PruneSpec", "plan",
+           "prune_graph", "resolve_config_list"]

@@ -53,7 +53,8 @@ def _macs(node: Node) -> int | None:
 def cost(graph: Graph) -> Cost:
     """Parameters and per-sample MACs of `graph`."""
     params = sum(int(v.const.size) for v in graph.constants.values()
-                 if v.const is not None and np.ndim(v.const) >= 1 and np.issubdtype(np.asarray(v.const).dtype, np.floating))
+                 if v.const is not None and np.ndim(v.const) >= 1
+                 and np.issubdtype(np.asarray(v.const).dtype, np.floating))
     macs, unknown = 0, 0
     for node in graph:
         if node.op_type in LAYERS and not node.domain:

@@ -50,7 +50,8 @@ def conv(x: np.ndarray, w: np.ndarray, attrs: dict) -> np.ndarray:
     x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[k + i]) for i in range(k)])
     extents = [(w.shape[2 + i] - 1) * dilations[i] + 1 for i in range(k)]
     windows = sliding_window_view(x, extents, axis=tuple(range(2, 2 + k)))  # [N, C, *positions, *extents]
-    pick = (slice(None), slice(None), *(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dilations))
+    pick = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
+            *(slice(None, None, d) for d in dilations))
     windows = windows[pick]  # [N, C, *out, *kernel]
     n, c = x.shape[:2]
     out = windows.shape[2:2 + k]

@@ -1,6 +1,6 @@
 """Layers as the passes after quantization see them: which have a constant bias, and how a bias is set (the
-channel axis of their activations is ops.activation_axis). Shared by fast_bias_correction and the passes that correct or prune layers, so that no pass
-imports another."""
+channel axis of their activations is ops.activation_axis). Shared by fast_bias_correction and the passes that
+correct or prune layers, so that no pass imports another."""
 
 from __future__ import annotations
 
