@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import lowbit
-from conftest import run_onnx
+from conftest import run_onnx, run_openvino
 from lowbit import InputShapeError
 
 
@@ -260,6 +260,30 @@ def test_phi3_whose_rotary_pass_through_part_is_empty_quantizes_and_runs_in_onnx
         simulation = q(x).last_hidden_state.numpy()
     (got, *_) = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})
     np.testing.assert_allclose(got, simulation, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_llama_like_decoders_quantize_and_agree_in_onnx_runtime_and_openvino(family):
+    """Qwen2 (biased q/k/v projections) and Mistral (a sliding-window mask) beside the zoo's Llama: RMSNorm's rsqrt
+    and the rotary embedding's sin and cos lower to ONNX ops, so both runtimes take what lowbit writes."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, use_cache=False)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}Model")(config).eval()
+    q = lowbit.quantize(model, lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
+                        model_type="transformer")
+    graph = lowbit.api.graph_of(q)
+    assert not [n.op_type for n in graph if n.domain and n.domain != "org.openvinotoolkit"]
+    assert sum(n.op_type == "FakeQuantize" for n in graph) > 0
+    x = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        simulation = q(x).last_hidden_state.numpy()
+    (got, *_) = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})
+    np.testing.assert_allclose(got, simulation, rtol=1e-3, atol=1e-3)
+    (got, *_) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
+    np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
 
 
 # -- threads ---------------------------------------------------------------------------------
