@@ -123,6 +123,19 @@ class Rotary(nn.Module):
         return torch.where(y > 0, capped, 0.25)
 
 
+class Promotions(nn.Module):
+    """Type promotion in binary ops (float16 x float32, int / int) and T5's float16 overflow guard: isinf, any,
+    torch.where of two numbers, clamp with tensor bounds."""
+
+    def forward(self, x):                              # x: [B, 6, 8]
+        h = x.half()                                     # (no float16 arithmetic: runtimes round it differently)
+        scaled = h * x.pow(2).mean(-1, keepdim=True)    # float16 x float32 -> float32
+        guard = torch.where(torch.isinf(h).any(), 0.5, 1.5)
+        clamped = torch.clamp(h, min=-guard, max=guard)  # float16 clamped by float32 0-d bounds
+        steps = torch.arange(8) / 2                      # int / int -> float32
+        return scaled + steps, clamped
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -149,5 +162,6 @@ OP_MODELS = {
                {"Gather", "Dropout", "Split", "Transpose", "Reshape", "Slice", "Concat", "Unsqueeze"}),
     "attention": (Attention, lambda b: (torch.randn(b, 5, 16),), {"Attention", "Transpose", "Reshape"}),
     "windows": (Windows, lambda b: (torch.randn(b, 6, 4, 3),), {"Slice", "Concat", "Where", "Greater"}),
+    "promotions": (Promotions, lambda b: (torch.randn(b, 6, 8),), {"Cast", "Clip", "Abs", "Equal", "ReduceSum"}),
     "rotary": (Rotary, lambda b: (torch.randn(b, 6, 8),), {"Sin", "Cos", "Range", "Min", "Max", "Expand", "Where"}),
 }

@@ -30,8 +30,8 @@ from ..backends.torch_guard import record_fixed_dims
 from ..backends.torch_ops import BINARY, UNARY
 from ..errors import CaptureError
 from ..ir.graph import Graph, Value
-from ..ir.ops import IR_OPSET, TORCH_DOMAIN
-from ..ir.types import from_torch_dtype
+from ..ir.ops import ARITHMETIC, IR_OPSET, TORCH_DOMAIN
+from ..ir.types import from_torch_dtype, to_onnx_dtype
 from .torch_capture import as_example_tuple, capture, capture_program  # noqa: F401  (re-exported)
 from .torch_inplace import InplaceTracker, functional_of
 
@@ -458,10 +458,23 @@ def _binary(op_type: str) -> Callable:
             return NotImplemented
         av = lw.scalar(a, None) if not isinstance(a, fx.Node) else lw.val(a)
         bv = lw.scalar(b, av) if not isinstance(b, fx.Node) else lw.val(b)
-        if av.dtype != bv.dtype:  # type promotion: ONNX wants matching types
-            return NotImplemented
+        out = lw.type_of(node.meta.get("val"))[0] if op_type in ARITHMETIC else None
+        if av.dtype != bv.dtype or (out is not None and av.dtype != out):
+            if out is None:  # a comparison of two types, or no tensor result: left to torch
+                return NotImplemented
+            # type promotion (float16 x float32 in T5's norm, int / int): ONNX wants the result's type on both
+            av, bv = (_cast_to(lw, v, out, f"_{side}") for v, side in ((av, "a"), (bv, "b")))
         return lw.op(op_type, [av, bv])
     return handler
+
+
+def _cast_to(lw, v: Value, dtype: str, suffix: str) -> Value:
+    """`v` as `dtype`: itself, or a Cast of it."""
+    if v.dtype == dtype:
+        return v
+    cast = lw.op("Cast", [v], {"to": to_onnx_dtype(dtype)}, suffix=f"{suffix}_cast")
+    cast.dtype, cast.shape = dtype, v.shape
+    return cast
 
 
 for _op, _overload in BINARY.items():
@@ -516,6 +529,40 @@ def _clip(lw, node, x, min=None, max=None):
     bound = [None if m is None else lw.python_scalar(m, xv.dtype, hint) for m, hint in
              ((min, "min"), (max, "max"))]
     return lw.op("Clip", [xv, *bound])
+
+
+@handles(aten.clamp.Tensor)
+def _clip_by_tensors(lw, node, x, min=None, max=None):
+    """clamp(x, min=t, max=u) with 0-d tensor bounds (T5's float16 overflow guard) -> Clip, the bounds as x's
+    type (a 0-d tensor does not change the result's type in torch)."""
+    xv = lw.val(x)
+    bounds = [None if b is None else lw.val(b) if isinstance(b, fx.Node) else lw.python_scalar(b, xv.dtype, hint)
+              for b, hint in ((min, "min"), (max, "max"))]
+    if any(b is not None and b.shape != () for b in bounds):
+        return NotImplemented
+    return lw.op("Clip", [xv, *(None if b is None else _cast_to(lw, b, xv.dtype, f"_{hint}")
+                                for b, hint in zip(bounds, ("min", "max")))])
+
+
+@handles(aten.isinf.default)
+def _isinf(lw, node, x):
+    """isinf(x) -> Equal(Abs(x), inf): ONNX's IsInf is outside lowbit's vocabulary, and this is the same test."""
+    xv = lw.val(x)
+    magnitude = lw.op("Abs", [xv], suffix="_abs")
+    magnitude.dtype, magnitude.shape = xv.dtype, xv.shape
+    return lw.op("Equal", [magnitude, lw.const(np.array(np.inf, dtype=xv.dtype), "inf")])
+
+
+@handles(aten.any.default)
+def _any(lw, node, x):
+    """x.any() of a bool tensor -> ReduceSum(Cast(x, float32)) > 0: whether any entry is true."""
+    xv = lw.val(x)
+    if xv.dtype != "bool":
+        return NotImplemented
+    ones = _cast_to(lw, xv, "float32", "")
+    total = lw.op("ReduceSum", [ones], {"keepdims": 0}, suffix="_count")
+    total.dtype, total.shape = "float32", ()
+    return lw.op("Greater", [total, lw.const(np.array(0.0, dtype=np.float32), "zero")])
 
 
 @handles(aten.softmax.int, aten._softmax.default)
@@ -781,8 +828,6 @@ def _to(lw, node, x, *args, **kwargs):
         return NotImplemented
     if src.dtype == dst.dtype:
         return lw.op("Identity", [lw.val(x)])
-    from ..ir.types import to_onnx_dtype
-
     return lw.op("Cast", [lw.val(x)], {"to": to_onnx_dtype(from_torch_dtype(dst.dtype))})
 
 
