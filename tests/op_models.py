@@ -132,7 +132,7 @@ class Promotions(nn.Module):
         scaled = h * x.pow(2).mean(-1, keepdim=True)    # float16 x float32 -> float32
         guard = torch.where(torch.isinf(h).any(), 0.5, 1.5)
         clamped = torch.clamp(h, min=-guard, max=guard)  # float16 clamped by float32 0-d bounds
-        steps = torch.arange(8) / 2                      # int / int -> float32
+        steps = torch.arange(8) / 2 + torch.arange(8) / torch.arange(1, 9)  # int / int -> float32 (true division)
         return scaled + steps, clamped
 
 
