@@ -463,12 +463,12 @@ def _binary(op_type: str) -> Callable:
             if out is None:  # a comparison of two types, or no tensor result: left to torch
                 return NotImplemented
             # type promotion (float16 x float32 in T5's norm, int / int): ONNX wants the result's type on both
-            av, bv = (_cast_to(lw, v, out, f"_{side}") for v, side in ((av, "a"), (bv, "b")))
+            av, bv = (cast_to(lw, v, out, f"_{side}") for v, side in ((av, "a"), (bv, "b")))
         return lw.op(op_type, [av, bv])
     return handler
 
 
-def _cast_to(lw, v: Value, dtype: str, suffix: str) -> Value:
+def cast_to(lw, v: Value, dtype: str, suffix: str) -> Value:
     """`v` as `dtype`: itself, or a Cast of it."""
     if v.dtype == dtype:
         return v
@@ -540,7 +540,7 @@ def _clip_by_tensors(lw, node, x, min=None, max=None):
               for b, hint in ((min, "min"), (max, "max"))]
     if any(b is not None and b.shape != () for b in bounds):
         return NotImplemented
-    return lw.op("Clip", [xv, *(None if b is None else _cast_to(lw, b, xv.dtype, f"_{hint}")
+    return lw.op("Clip", [xv, *(None if b is None else cast_to(lw, b, xv.dtype, f"_{hint}")
                                 for b, hint in zip(bounds, ("min", "max")))])
 
 
@@ -550,7 +550,7 @@ def _isinf(lw, node, x):
     xv = lw.val(x)
     magnitude = lw.op("Abs", [xv], suffix="_abs")
     magnitude.dtype, magnitude.shape = xv.dtype, xv.shape
-    return lw.op("Equal", [magnitude, lw.const(np.array(np.inf, dtype=xv.dtype), "inf")])
+    return lw.op("Equal", [magnitude, lw.python_scalar(float("inf"), xv.dtype, "inf")])
 
 
 @handles(aten.any.default)
@@ -559,10 +559,10 @@ def _any(lw, node, x):
     xv = lw.val(x)
     if xv.dtype != "bool":
         return NotImplemented
-    ones = _cast_to(lw, xv, "float32", "")
+    ones = cast_to(lw, xv, "float32", "")
     total = lw.op("ReduceSum", [ones], {"keepdims": 0}, suffix="_count")
     total.dtype, total.shape = "float32", ()
-    return lw.op("Greater", [total, lw.const(np.array(0.0, dtype=np.float32), "zero")])
+    return lw.op("Greater", [total, lw.python_scalar(0.0, "float32", "zero")])
 
 
 @handles(aten.softmax.int, aten._softmax.default)

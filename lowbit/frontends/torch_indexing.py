@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 from ..backends.torch_ops import PAD_MODES
-from ..ir.types import from_torch_dtype, to_onnx_dtype
-from .torch_fx import handles
+from ..ir.types import from_torch_dtype
+from .torch_fx import cast_to, handles
 
 aten = torch.ops.aten
 
@@ -64,10 +64,7 @@ def _scalar_operand(lw, x, dtype: str, hint: str):
         if v.shape != ():
             v = lw.op("Reshape", [v, lw.ints([], f"{hint}_scalar")], suffix=f"_{hint}")
             v.dtype, v.shape = lw.val(x).dtype, ()
-        if v.dtype != dtype:
-            v = lw.op("Cast", [v], {"to": to_onnx_dtype(dtype)}, suffix=f"_{hint}_cast")
-            v.dtype, v.shape = dtype, ()
-        return v
+        return cast_to(lw, v, dtype, f"_{hint}")
     return lw.const(np.array(x, dtype=dtype), hint)
 
 
@@ -143,9 +140,7 @@ def _gather_nd(lw, node, x, indices):
 def _cumsum(lw, node, x, dim, dtype=None):
     xv = lw.val(x)
     out_dtype = from_torch_dtype(node.meta["val"].dtype)
-    if xv.dtype != out_dtype:  # torch sums bools and small ints as int64; ONNX CumSum keeps its input type
-        xv = lw.op("Cast", [xv], {"to": to_onnx_dtype(out_dtype)}, suffix="_cast")
-        xv.dtype, xv.shape = out_dtype, lw.val(x).shape
+    xv = cast_to(lw, xv, out_dtype, "")  # torch sums bools and small ints as int64; ONNX CumSum keeps its type
     return lw.op("CumSum", [xv, lw.const(np.array(dim, dtype=np.int64), "axis")])
 
 
@@ -232,7 +227,7 @@ def _where(lw, node, condition, a, b):
     """torch.where(condition, a, b) -> Where; a Python number takes the output's dtype (T5's relative-position
     buckets, a mask's fill)."""
     dtype = from_torch_dtype(node.meta["val"].dtype)
-    operands = [lw.val(v) if isinstance(v, fx.Node) else lw.const(np.array(v, dtype=dtype), hint)
+    operands = [lw.val(v) if isinstance(v, fx.Node) else lw.python_scalar(v, dtype, hint)
                 for v, hint in ((a, "x"), (b, "y"))]
     if any(v.dtype != dtype for v in operands):  # type promotion: ONNX's Where takes one type
         return NotImplemented
@@ -246,5 +241,5 @@ def _full_like(lw, node, x, fill_value, **kwargs):
         return NotImplemented
     shape = lw.op("Shape", [lw.val(x)], suffix="_shape")
     shape.dtype, shape.shape = "int64", (len(node.meta["val"].shape),)
-    value = lw.const(np.array(fill_value, dtype=from_torch_dtype(node.meta["val"].dtype)), "value")
+    value = lw.python_scalar(fill_value, from_torch_dtype(node.meta["val"].dtype), "value")
     return lw.op("Expand", [value, shape])
