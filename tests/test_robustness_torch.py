@@ -274,9 +274,9 @@ def test_llama_like_decoders_quantize_and_agree_in_onnx_runtime_and_openvino(fam
     """Qwen2 (biased q/k/v projections) and Mistral (a sliding-window mask) beside the zoo's Llama: RMSNorm's rsqrt
     and the rotary embedding's sin and cos lower to ONNX ops, so both runtimes take what lowbit writes."""
     transformers = pytest.importorskip("transformers")
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, use_cache=False)
+    from zoo_models import SMALL_DECODER
+
+    config = getattr(transformers, f"{family}Config")(**SMALL_DECODER, use_cache=False)
     torch.manual_seed(0)
     model = getattr(transformers, f"{family}Model")(config).eval()
     q = lowbit.quantize(model, lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),

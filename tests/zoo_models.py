@@ -26,6 +26,9 @@ VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2", "efficientnet")
 ARCHITECTURES = TEXT + VISION
 TRANSFORMERS = ("bert", "distilbert", "gpt2", "llama", "t5", "vit", "swin")
 VOCAB, SEQ = 100, 12
+# a small Llama-shaped decoder (4 query heads sharing 2 key/value heads); Qwen2 and Mistral configs take it too
+SMALL_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
 
 
 def _small_config(name: str):
@@ -39,9 +42,7 @@ def _small_config(name: str):
         "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                       initializer_range=0.1, bos_token_id=0, eos_token_id=0),
         # RMSNorm, rotary embeddings, grouped-query attention, SwiGLU: Llama, Qwen2 and Mistral are built so
-        "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        initializer_range=0.1),
+        "llama": lambda: tf.LlamaConfig(**SMALL_DECODER),
         # T5's encoder: RMS-style LayerNorm without a bias, relative-position buckets (log, min, where, casts)
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
         "vit": lambda: tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
