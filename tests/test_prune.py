@@ -497,3 +497,44 @@ def test_gpt2s_mlps_and_heads_prune_through_its_conv1d_reshapes_and_run_in_onnx_
     written = lowbit.codegen(graph_of(pruned), "onnx")
     got = run_onnx(written, {written.graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _small_decoder(family: str) -> torch.nn.Module:
+    """transformers' `family` model of the zoo's small decoder shape, as a tensor -> last hidden state module."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import SMALL_DECODER, LastHiddenState
+
+    config = getattr(transformers, f"{family}Config")(**SMALL_DECODER, use_cache=False)
+    torch.manual_seed(0)
+    return LastHiddenState(getattr(transformers, f"{family}Model")(config).eval(), text=True).eval()
+
+
+@pytest.mark.parametrize("family,origin", [("Llama", "torch"), ("Llama", "onnx"), ("Qwen2", "torch"),
+                                           ("Mistral", "torch")])
+def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that_read_them(family, origin):
+    """Llama, Qwen2 (biased projections) and Mistral: 4 query heads share 2 key/value heads (repeat_kv: an
+    Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg, Concat, Mul, Add on head_dim) stands
+    between each projection's split into heads and the attention. A group is one key/value head with its 2
+    query heads. With the MLPs excluded, only heads go: zero the output projection's rows that read the query
+    heads about to be removed, and the pruned model computes what the zeroed one does, in ONNX Runtime and
+    OpenVINO."""
+    module = _small_decoder(family)
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    graph = lowbit.lower(module, (x,))
+    if origin == "onnx":
+        graph = lowbit.lower(lowbit.codegen(graph, "onnx"))
+    mlps = [f"model.layers.{i}.mlp.{name}" for i in range(2) for name in ("gate_proj", "up_proj")]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
+    pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
+    assert pruned == [([f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], 2, 1) for i in range(2)]
+    _zero_the_rows_reading_removed_heads(chosen)
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    widths = {name: v.const.shape for name, v in graph.constants.items() if "self_attn" in name and v.const.ndim == 2}
+    assert sorted(widths.values()) == [(16, 32)] * 2 + [(32, 8)] * 4 + [(32, 16)] * 2  # o_proj; k, v; q (as [in, out])
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
+                               zeroed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
+                               rtol=1e-4, atol=1e-4)
+

@@ -54,7 +54,7 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
     g = cg.new(structure.heads, projections[0])
     cg._producers[g] = list(projections)
     for mm, add in structure.projections:
-        segments = (Segment(g, structure.heads, structure.head_dim),) * structure.outer
+        segments = (Segment(g, structure.heads, structure.widths[id(mm)]),) * structure.outer
         cg.members.append(Member(mm, 1, weight_out_axis(mm) % 2, segments, "out"))
         if add is not None:
             port = next(i for i, v in enumerate(add.inputs) if v is not None and v.const is not None)
@@ -63,8 +63,8 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
             cg.members.append(Member(mm, 2, 0, segments, "param"))
         cg.head_projections.add(id(mm))
     out = structure.out_projection
-    cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, structure.head_dim),),
-                             "in"))
+    width = structure.head_dim * structure.repeat  # per group: its attention heads
+    cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, width),), "in"))
     for reader, port, axis in structure.tables:  # a term per head on the scores (a relative position bias table)
         cg.members.append(Member(reader, port, axis, (Segment(g, structure.heads, 1),), "param"))
     cg.heads.append((g, structure))

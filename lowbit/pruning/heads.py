@@ -18,6 +18,13 @@ weights (once per outer factor: q, k and v of a fused projection):
   head_dim where they merge) and the recorded shapes of the values between,
   which `shrink` rewrites with the number of heads kept.
 
+On the way back, ops that leave the heads dim as it is (a rotary embedding on
+head_dim: q * cos + cat(-q2, q1) * sin, its cos and sin the same for every
+head) are passed. Grouped-query attention (Llama, Qwen2, Mistral) repeats each
+key/value head for n query heads (Unsqueeze, Expand, Reshape: attention head a
+reads key/value head a // n): there a channel of the group is one key/value
+head with its n query heads, so that every query head keeps its key and value.
+
 Where a step does not fit (a value read outside the structure, a shape that is
 not a constant), nothing is recorded, and the projections are ordinary layers
 whose groups the Reshape blocks, as before.
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import (DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, transpose_perm, weight_in_axis,
+from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, transpose_perm, weight_in_axis,
                       weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
@@ -38,13 +45,16 @@ OUTER, HEAD, DIM = "outer", "head", "dim"
 
 @dataclass
 class HeadStructure:
-    """One attention's heads: `heads` of `head_dim`, the projections (MatMul, bias Add or None, outer factor
-    indices its value covers), the output projection, and what shrink rewrites."""
+    """One attention's heads: `heads` groups of `repeat` attention heads of `head_dim` (repeat > 1: grouped-query
+    attention, a group is one key/value head), the projections (MatMul, bias Add or None) with the channels
+    each gives a group (`widths`, by id of the MatMul), the output projection, and what shrink rewrites."""
 
     attention: Node  # the Attention node, or the MatMul by the values of a decomposed attention
     heads: int
     head_dim: int
     outer: int
+    repeat: int = 1
+    widths: dict[int, int] = field(default_factory=dict)  # id(projection MatMul) -> channels per group
     projections: list[tuple[Node, Node | None]] = field(default_factory=list)
     out_projection: Node | None = None
     shape_entries: list[tuple[Node, int, int]] = field(default_factory=list)  # (Reshape, out dim, unit)
@@ -72,13 +82,39 @@ def _split(reshape: Node) -> list[int] | None:
     return factors if int(np.prod(factors)) == x.shape[-1] else None
 
 
-def _back(value: Value):
-    """From an Attention input back to the projection output it is cut from: (projection output, split
-    Reshape, factors, the nodes from the Reshape to the input each with the labels of its output's dims, the
-    labels of the input's dims, outer digits chosen)."""
-    chain = []
-    v = value
+@dataclass
+class _Path:
+    """Query, key or value traced back from the attention to the Reshape that split a projection's output into
+    heads: the projection output, the split, its factors; the Transposes and Gathers from the split on, each
+    with the labels of its output's dims; the labels at the attention and the outer factors a Gather chose; the
+    ops passed that keep the heads dim (a rotary embedding), each with the dim of its output holding the heads;
+    and, for grouped-query attention, how many attention heads read each of its heads and the Unsqueeze,
+    Expand and Reshape that repeat them."""
+
+    p_out: Value
+    split: Node
+    factors: list[int]
+    steps: list[tuple[Node, list]]
+    labels: list
+    chosen: dict[int, int]
+    kept: list[tuple[Node, int]]
+    repeat: int = 1
+    repeat_nodes: list[Node] = field(default_factory=list)
+
+
+def _back(value: Value) -> _Path | None:
+    """From an Attention input ([batch, heads, tokens, head_dim]) back to the projection output it is cut from."""
+    repeat, repeat_nodes = 1, []
+    found = _repeat(value)
+    if found is not None:
+        value, repeat, repeat_nodes = found
+    chain, kept, v, head = [], [], value, 1
     while True:
+        region = _kept_region(v, head)
+        if region is None:
+            return None
+        v, nodes = region
+        kept += nodes
         node = v.producer
         if node is None or node.domain:
             return None
@@ -87,9 +123,13 @@ def _back(value: Value):
             if factors is None:
                 return None
             break
-        if node.op_type not in DIM_MOVERS:
+        if node.op_type not in DIM_MOVERS or node.input(0).shape is None:
             return None
         chain.append(node)
+        if node.op_type == "Transpose":
+            head = transpose_perm(node, len(v.shape))[head]
+        elif head >= node.attrs.get("axis", 0) % len(node.input(0).shape):  # a Gather of one index drops its axis
+            head += 1
         v = node.input(0)
     split = node
     rank_in = len(split.input(0).shape)
@@ -107,7 +147,87 @@ def _back(value: Value):
             chosen[labels[axis][1]] = index % factors[labels[axis][1]]
             labels = labels[:axis] + labels[axis + 1:]
         steps.append((n, labels))
-    return split.input(0), split, factors, steps, labels, chosen
+    return _Path(split.input(0), split, factors, steps, labels, chosen, kept, repeat, repeat_nodes)
+
+
+def _repeat(value: Value) -> tuple[Value, int, list[Node]] | None:
+    """Grouped-query attention's repeat of the key/value heads (transformers' repeat_kv): an Unsqueeze of the dim
+    after the heads, an Expand of it to n, a Reshape of (heads, n) into one dim, so that attention head a reads
+    head a // n. (the value repeated, n, [Unsqueeze, Expand, Reshape]) or None."""
+    merge = value.producer
+    expand = merge.input(0).producer if merge is not None and merge.op_type == "Reshape" else None
+    unsqueeze = expand.input(0).producer if expand is not None and expand.op_type == "Expand" else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or any(n.domain for n in (merge, expand, unsqueeze)):
+        return None
+    x, wide = unsqueeze.input(0), expand.output
+    if x.shape is None or wide.shape is None or value.shape is None or len(x.shape) != 4 or len(wide.shape) != 5:
+        return None
+    axes = unsqueeze.input(1).const if len(unsqueeze.inputs) > 1 and unsqueeze.input(1) is not None else None
+    n, heads = wide.shape[2], x.shape[1]
+    if axes is None or [int(a) % 5 for a in np.ravel(axes)] != [2] or not isinstance(n, int) \
+            or not isinstance(heads, int) or list(wide.shape) != [*x.shape[:2], n, *x.shape[2:]] \
+            or list(value.shape) != [x.shape[0], heads * n, *x.shape[2:]]:
+        return None
+    if shape_entry(expand, 1) is None or shape_entry(merge, 1) is None:
+        return None
+    return x, n, [unsqueeze, expand, merge]
+
+
+def _kept_region(value: Value, head: int) -> tuple[Value, list[tuple[Node, int]]] | None:
+    """Back from `value` (its heads at dim `head`) through ops that leave the heads dim as it is (DIM_KEEPERS: a
+    rotary embedding) to the one value they start from: (that value, the nodes passed, each with `head`); None
+    where they start from two values, or one of them mixes the heads (a Slice or Concat of the heads dim, an
+    operand with another count of heads)."""
+    if value.shape is None or not isinstance(value.shape[head], int):
+        return None
+    rank, heads = len(value.shape), value.shape[head]
+    starts, nodes, todo, seen = {}, [], [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer
+        if node is None or node.domain or node.op_type not in DIM_KEEPERS or len(node.outputs) != 1:
+            starts[id(v)] = v
+            continue
+        operands = _head_operands(node, head, heads, rank)
+        if not operands:
+            return None
+        nodes.append((node, head))
+        todo.extend(operands)
+    return (next(iter(starts.values())), nodes) if len(starts) == 1 else None
+
+
+def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] | None:
+    """The inputs of `node` that carry its output's heads (dim `head`, `heads` of them), or None where the node
+    mixes them: a Slice or Concat along that dim, or an operand with neither the same heads nor one for all."""
+    def carries(u: Value | None) -> bool:
+        return u is not None and u.shape is not None and len(u.shape) == rank and u.shape[head] == heads
+
+    out = node.output
+    if out.shape is None or len(out.shape) != rank or out.shape[head] != heads or heads == 1:
+        return None
+    if node.op_type == "Slice":
+        axes = node.input(3).const if len(node.inputs) > 3 and node.input(3) is not None else None
+        if axes is None or head in [int(a) % rank for a in np.ravel(axes)]:
+            return None
+        operands = [node.input(0)]
+    elif node.op_type == "Concat":
+        if node.attrs.get("axis", 0) % rank == head:
+            return None
+        operands = list(node.inputs)
+    elif len(node.inputs) == 1:  # Neg, Identity
+        operands = [node.input(0)]
+    else:  # element-wise with broadcasting: an operand without the heads dim is the same for every head
+        operands = []
+        for u in node.inputs:
+            i = head - (rank - len(u.shape)) if u is not None and u.shape is not None else None
+            if i is None:
+                return None
+            if i >= 0 and u.shape[i] != 1:
+                operands.append(u)
+    return operands if all(carries(u) for u in operands) else None
 
 
 def shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
@@ -162,7 +282,7 @@ def find_heads(graph: Graph) -> tuple[list[HeadStructure], dict[str, str]]:
         for v in (core.q, core.k, core.v):
             traced = _back(v)
             if traced is not None:
-                kept[traced[1].name] = reason
+                kept[traced.split.name] = reason
     return found, kept
 
 
@@ -173,6 +293,8 @@ def _per_head_table(term: Value, structure: HeadStructure) -> bool:
     is read from (a bias table [positions, heads]); record that constant's heads axis and the values and
     Reshapes on the way in `structure` (for shrink). False where it cannot be followed, or anything else reads
     the way."""
+    if structure.repeat != 1:  # grouped-query attention with a table per attention head: not followed
+        return False
     head, v = len(term.shape) - 3, term
     dims, entries = [(term, head)], []
     while v.const is None:
@@ -286,62 +408,23 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
 
 
 def _structure(core: _Core) -> HeadStructure | None:
-    att = core.nodes[-1]
-    traced = [_back(v) for v in (core.q, core.k, core.v)]
-    if any(t is None for t in traced):
+    paths = [_back(v) for v in (core.q, core.k, core.v)]
+    if any(p is None or len(p.labels) != 4 or p.labels[1][0] != "f" or p.labels[3][0] != "f" for p in paths):
         return None
+    # the attention's heads: each path's, times its repeat (grouped-query attention repeats the key/value heads)
+    attention_heads = {p.factors[p.labels[1][1]] * p.repeat for p in paths}
+    repeat = max(p.repeat for p in paths)
+    if len(attention_heads) != 1 or any(p.repeat not in (1, repeat) for p in paths):
+        return None
+    structure = HeadStructure(core.nodes[-1], attention_heads.pop() // repeat, 0, 0, repeat=repeat)
     inside: set[int] = {id(n) for n in core.nodes}
     outer_seen: dict[int, set[int]] = {}
-    structure = None
-    for p_out, split, factors, steps, labels, chosen in traced:
-        if len(labels) != 4 or labels[1][0] != "f" or labels[3][0] != "f":
-            return None
-        head_k, dim_k = labels[1][1], labels[3][1]
-        if dim_k != len(factors) - 1 or head_k != dim_k - 1 or set(chosen) != set(range(head_k)):
-            return None  # heads and head_dim must be the last two factors; outer factors chosen by a Gather
-        heads, head_dim = factors[head_k], factors[dim_k]
-        outer = int(np.prod(factors[:head_k])) if head_k else 1
-        if structure is None:
-            structure = HeadStructure(att, heads, head_dim, outer)
-        elif (structure.heads, structure.head_dim) != (heads, head_dim):
-            return None
-        digit = int(np.ravel_multi_index([chosen[k] for k in range(head_k)], factors[:head_k])) if head_k else 0
-        source = _source(p_out)
-        if source is None:
-            return None
-        total = source.parts * outer
-        if structure.outer != total:
-            if structure.projections:
-                return None
-            structure.outer = total
-        projection = source.projection
-        outer_seen.setdefault(id(projection[0]), set()).add(source.part * outer + digit)
-        last = len(p_out.shape) - 1
-        structure.value_dims.append((p_out, last, head_dim * outer))
-        if projection not in structure.projections:
-            structure.projections.append(projection)
-            for value in [*source.values, projection[0].output]:
-                structure.value_dims.append((value, len(value.shape) - 1, head_dim * total))
-            for reshape in source.reshapes:
-                if shape_entry(reshape, len(reshape.output.shape) - 1) is None:
-                    return None
-                structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, head_dim * total))
-            if source.split is not None:
-                structure.split_sizes.append((source.split, head_dim * outer))
-                inside.add(id(source.split))
-            inside |= {id(n) for n in source.reshapes}
-        entry = shape_entry(split, len(split.input(0).shape) - 1 + head_k)
-        if entry is None:
-            return None
-        structure.shape_entries.append((split, len(split.input(0).shape) - 1 + head_k, 1))
-        structure.value_dims.append((split.output, len(split.input(0).shape) - 1 + head_k, 1))
-        inside |= {id(split)} | {id(n) for n, _ in steps} | {id(n) for n in projection if n is not None}
-        for n, dims in steps:  # the dim holding the heads, after each Transpose and Gather
-            structure.value_dims.append((n.output, dims.index(("f", head_k)), 1))
+    if not all(_add_path(structure, p, inside, outer_seen) for p in paths):
+        return None
     if any(len(digits) != structure.outer for digits in outer_seen.values()):
         return None  # a fused projection whose q, k or v part goes elsewhere
     for n in core.nodes[:-1]:  # the scores between q @ kT and the Softmax: [batch, heads, ...]
-        structure.value_dims.append((n.output, 1, 1))
+        structure.value_dims.append((n.output, 1, repeat))
     if not _forward(structure, core.out, inside):
         return None
     # every value inside is read only inside (a projection output used elsewhere would lose channels)
@@ -349,6 +432,66 @@ def _structure(core: _Core) -> HeadStructure | None:
         if value.is_graph_output or any(id(u) not in inside for u, _ in value.uses):
             return None
     return structure
+
+
+def _add_path(structure: HeadStructure, path: _Path, inside: set[int], outer_seen: dict[int, set[int]]) -> bool:
+    """Record query, key or value `path` in `structure`: its projection, the channels it gives each group, the
+    shapes and values shrink rewrites; the nodes it passes go `inside`. False where it does not fit."""
+    head_k, dim_k = path.labels[1][1], path.labels[3][1]
+    factors = path.factors
+    if dim_k != len(factors) - 1 or head_k != dim_k - 1 or set(path.chosen) != set(range(head_k)):
+        return False  # heads and head_dim must be the last two factors; outer factors chosen by a Gather
+    head_dim, outer = factors[dim_k], int(np.prod(factors[:head_k])) if head_k else 1
+    per = factors[head_k] // structure.heads  # this path's heads per group: a query's repeat, else 1
+    if structure.head_dim not in (0, head_dim):
+        return False
+    structure.head_dim = head_dim
+    if not structure.outer:
+        structure.outer = outer
+    digit = int(np.ravel_multi_index([path.chosen[k] for k in range(head_k)], factors[:head_k])) if head_k else 0
+    source = _source(path.p_out)
+    if source is None:
+        return False
+    total = source.parts * outer
+    if structure.outer != total:
+        if structure.projections:
+            return False
+        structure.outer = total
+    projection = source.projection
+    outer_seen.setdefault(id(projection[0]), set()).add(source.part * outer + digit)
+    width = head_dim * per
+    if structure.widths.setdefault(id(projection[0]), width) != width:
+        return False
+    structure.value_dims.append((path.p_out, len(path.p_out.shape) - 1, width * outer))
+    if projection not in structure.projections:
+        structure.projections.append(projection)
+        for value in [*source.values, projection[0].output]:
+            structure.value_dims.append((value, len(value.shape) - 1, width * total))
+        for reshape in source.reshapes:
+            if shape_entry(reshape, len(reshape.output.shape) - 1) is None:
+                return False
+            structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, width * total))
+        if source.split is not None:
+            structure.split_sizes.append((source.split, width * outer))
+            inside.add(id(source.split))
+        inside |= {id(n) for n in source.reshapes}
+    split, dim = path.split, len(path.split.input(0).shape) - 1 + head_k
+    if shape_entry(split, dim) is None:
+        return False
+    structure.shape_entries.append((split, dim, per))
+    structure.value_dims.append((split.output, dim, per))
+    inside |= {id(split)} | {id(n) for n, _ in path.steps} | {id(n) for n in projection if n is not None}
+    for n, dims in path.steps:  # the dim holding the heads, after each Transpose and Gather
+        structure.value_dims.append((n.output, dims.index(("f", head_k)), per))
+    for n, head in path.kept:  # a rotary embedding's ops, the heads in dim `head`
+        structure.value_dims.append((n.output, head, per))
+        inside.add(id(n))
+    if path.repeat_nodes:  # [batch, heads, 1 | n, ...] after the Unsqueeze and Expand, heads x n after the Reshape
+        unsqueeze, expand, merge = path.repeat_nodes
+        structure.value_dims += [(unsqueeze.output, 1, per), (expand.output, 1, per), (merge.output, 1, path.repeat)]
+        structure.shape_entries += [(expand, 1, per), (merge, 1, path.repeat)]
+        inside |= {id(n) for n in path.repeat_nodes}
+    return True
 
 
 @dataclass
@@ -412,8 +555,8 @@ def _source(p_out: Value) -> _Source | None:
 
 def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
     """From the attention's output to the Reshape merging heads and head_dim and the projection reading it."""
-    head = 1
-    structure.value_dims.append((v, head, 1))
+    head, repeat, width = 1, structure.repeat, structure.head_dim * structure.repeat
+    structure.value_dims.append((v, head, repeat))
     while True:
         users = v.users
         if len(users) != 1 or users[0].domain:
@@ -422,12 +565,12 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         inside.add(id(node))
         if node.op_type == "Identity":  # torch's .contiguous()
             v = node.output
-            structure.value_dims.append((v, head, 1))
+            structure.value_dims.append((v, head, repeat))
             continue
         if node.op_type == "Transpose":
             head = transpose_perm(node, len(v.shape)).index(head)
             v = node.output
-            structure.value_dims.append((v, head, 1))
+            structure.value_dims.append((v, head, repeat))
             continue
         if node.op_type != "Reshape" or node.output.shape is None or v.shape is None:
             return False
@@ -435,24 +578,24 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         if list(out.shape) == list(v.shape):  # a Reshape to the same shape: its head entry follows the heads
             if shape_entry(node, head) is None:
                 return False
-            structure.shape_entries.append((node, head, 1))
+            structure.shape_entries.append((node, head, repeat))
             v = out
-            structure.value_dims.append((v, head, 1))
+            structure.value_dims.append((v, head, repeat))
             continue
         merged = len(v.shape) - 2
         if head != merged or len(out.shape) != len(v.shape) - 1 or list(out.shape[:merged]) != list(v.shape[:merged]):
             return False
         if shape_entry(node, merged) is None:
             return False
-        structure.shape_entries.append((node, merged, structure.head_dim))
-        structure.value_dims.append((out, merged, structure.head_dim))
+        structure.shape_entries.append((node, merged, width))
+        structure.value_dims.append((out, merged, width))
         readers = out.users
         while len(readers) == 1 and _keeps_last_dim(readers[0]):  # back to [batch x tokens, channels] (GPT-2)
             reshape = readers[0]
             if shape_entry(reshape, len(reshape.output.shape) - 1) is None:
                 return False
-            structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, structure.head_dim))
-            structure.value_dims.append((reshape.output, len(reshape.output.shape) - 1, structure.head_dim))
+            structure.shape_entries.append((reshape, len(reshape.output.shape) - 1, width))
+            structure.value_dims.append((reshape.output, len(reshape.output.shape) - 1, width))
             inside.add(id(reshape))
             out = reshape.output
             readers = out.users
@@ -461,7 +604,7 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             return False
         w = readers[0].input(1)
         if w.const is None or w.const.ndim != 2 or \
-                w.const.shape[weight_in_axis(readers[0]) % 2] != structure.heads * structure.head_dim:
+                w.const.shape[weight_in_axis(readers[0]) % 2] != structure.heads * width:
             return False
         structure.out_projection = readers[0]
         inside.add(id(readers[0]))
