@@ -538,3 +538,30 @@ def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that
     np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
                                rtol=1e-4, atol=1e-4)
 
+
+def test_masks_zero_a_linear_layers_filters_in_the_modules_own_layout_and_strip_to_the_shrunk_decoder():
+    """A Linear's weight is [out, in] in the module and [in, out] in the IR (its MatMul reads it transposed): the
+    masks must zero the module's rows. Llama's MLP channels and grouped key/value heads, masked, trained and
+    stripped, give the model lowbit.prune(mode="shrink") gives, computing what the masked one does."""
+    module = _small_decoder("Llama")
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    masked = lowbit.prune(module, 0.5, mode="mask", example_inputs=(x,))
+    opt = torch.optim.SGD(masked.parameters(), lr=0.05, momentum=0.9)
+    masked.train()
+    for _ in range(2):
+        opt.zero_grad()
+        masked(x).pow(2).mean().backward()
+        opt.step()
+    masked.eval()
+    with torch.no_grad():
+        y = masked(x)
+    gate = masked.get_parameter("model.layers.0.mlp.gate_proj.weight")
+    k = masked.get_parameter("model.layers.0.self_attn.k_proj.weight")
+    assert gate.shape == (64, 32) and (gate.abs().sum(1) == 0).sum() == 32 and (gate.abs().sum(0) == 0).sum() == 0
+    assert k.shape == (16, 32) and (k.abs().sum(1) == 0).sum() == 8  # one of the two key/value heads of 8
+    stripped = lowbit.strip(masked)
+    shapes = {n: tuple(p.shape) for n, p in stripped.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in lowbit.prune(module, 0.5, example_inputs=(x,)).named_parameters()}
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), y, rtol=1e-5, atol=1e-5)

@@ -88,7 +88,8 @@ class MaskController:
                 if path is None:
                     raise PruneError(f"the constant {m.value.name!r} of {m.node.name!r} is not a tensor of the "
                                      "module: masks need every member as a parameter or buffer")
-                targets.append((path, m.axis, m.segments))
+                axis = 1 - m.axis if m.value.meta.get("torch_transposed") and np.ndim(m.value.const) == 2 else m.axis
+                targets.append((path, axis, m.segments))  # a Linear's weight: the IR holds it transposed
             self._targets.append(targets)
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
