@@ -136,6 +136,37 @@ class Promotions(nn.Module):
         return scaled + steps, clamped
 
 
+class Tensors(nn.Module):
+    """What transformers models build tensors with: type_as (Gemma), .T (Falcon), reshape_as (LeViT), ones and
+    zeros of the batch's size and ~ of a bool mask (OPT, DeBERTa), stack and repeat_interleave (GPT-J's rotary),
+    repeat by the batch (Bloom's ALiBi), softmax in a given dtype (Gemma-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x):                              # x: [B, 6, 8]
+        b = x.shape[0]
+        mask = torch.ones(b, 6, dtype=torch.int64) > torch.zeros(b, 6, dtype=torch.int64)
+        y = (x @ self.w.T).type_as(x).masked_fill(~mask[:, :, None], 0.0)                # [B, 6, 6]
+        pairs = torch.stack([-y[..., 1::2], y[..., ::2]], dim=-1).reshape_as(y)       # rotate every pair
+        slopes = torch.arange(1.0, 4.0)[:, None, None].repeat(b, 1, 6)                  # [3B, 1, 6]
+        doubled = x[..., :3].repeat_interleave(2, dim=-1)                               # [B, 6, 6]
+        scores = torch.softmax(pairs + doubled, dim=-1, dtype=torch.float32)
+        return scores, slopes
+
+
+class Products(nn.Module):
+    """Bloom's scores, baddbmm(alibi, q, k, beta, alpha), and ConvNeXt-V2's global response norm (the L2 norm over
+    the spatial dims) beside an L1 norm."""
+
+    def forward(self, x):                              # x: [B, 6, 8]
+        scores = torch.baddbmm(x[:, :, :1], x, x.transpose(1, 2), beta=0.5, alpha=0.25)   # [B, 6, 6]
+        l2 = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        l1 = torch.linalg.vector_norm(x, ord=1, dim=-1)
+        return scores, x / (l2 + 1e-6), l1
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -164,4 +195,9 @@ OP_MODELS = {
     "windows": (Windows, lambda b: (torch.randn(b, 6, 4, 3),), {"Slice", "Concat", "Where", "Greater"}),
     "promotions": (Promotions, lambda b: (torch.randn(b, 6, 8),), {"Cast", "Clip", "Abs", "Equal", "ReduceSum"}),
     "rotary": (Rotary, lambda b: (torch.randn(b, 6, 8),), {"Sin", "Cos", "Range", "Min", "Max", "Expand", "Where"}),
+    "products": (Products, lambda b: (torch.randn(b, 6, 8),), {"MatMul", "ReduceSum", "Sqrt", "Abs"}),
+    "tensors": (Tensors, lambda b: (torch.randn(b, 6, 8),), {"Not", "Expand", "Concat", "Shape", "Reshape", "Transpose"}),
 }
+# models whose ops lower to several ONNX ops that round differently from torch's fused kernel (baddbmm's
+# product and sum, vector_norm's sum of squares): their torch round trip is exact to a float32 rounding only
+ROUNDED = {"products"}

@@ -288,6 +288,38 @@ def test_llama_like_decoders_quantize_and_agree_in_onnx_runtime_and_openvino(fam
     np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
 
 
+# the config of each text family below, at the zoo's small size (transformers' own argument names)
+_SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+OTHER_TEXT_FAMILIES = {
+    "Gemma": dict(_SMALL, num_key_value_heads=2, head_dim=8),     # type_as in its RMSNorm
+    "Gemma2": dict(_SMALL, num_key_value_heads=2, head_dim=8),    # softmax in float32, logit soft-capping
+    "Falcon": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),  # weight.T
+    "OPT": dict(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32),                            # torch.ones of the batch's size
+    "Bloom": dict(vocab_size=100, hidden_size=32, n_layer=2, n_head=4),  # ALiBi: repeat, baddbmm
+    "DebertaV2": _SMALL,                                            # ~mask, ones and zeros of the batch's size
+    "GPTJ": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),  # stack, repeat_interleave
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_TEXT_FAMILIES))
+def test_text_families_whose_tensor_ops_were_opaque_quantize_and_agree_in_onnx_runtime_and_openvino(family):
+    """type_as, x.T, torch.ones/zeros of a symbolic batch, ~mask, stack, repeat, repeat_interleave, baddbmm and
+    softmax(dtype=) left one or more opaque nodes in each of these families, so neither ONNX nor OpenVINO could be
+    written. They lower to ONNX ops now: nothing is opaque, and both runtimes agree with the simulation."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")(**OTHER_TEXT_FAMILIES[family], use_cache=False)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}Model")(config).eval()
+    q = lowbit.quantize(model, lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
+                        model_type="transformer")
+    graph = lowbit.api.graph_of(q)
+    assert not [n.op_type for n in graph if n.domain and n.domain != "org.openvinotoolkit"]
+    x, simulation = _agrees_in_onnx_runtime(q, graph)
+    (got, *_) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
+    np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
+
+
 # -- threads ---------------------------------------------------------------------------------
 
 

@@ -567,9 +567,13 @@ def _any(lw, node, x):
 
 @handles(aten.softmax.int, aten._softmax.default)
 def _softmax(lw, node, x, dim, dtype_or_half=None):
-    if dtype_or_half not in (None, False):
+    """Softmax; softmax(x, dim, dtype) (Gemma-2, Bloom: in float32) casts x to dtype first, as torch does."""
+    xv = lw.val(x)
+    if node.target == aten.softmax.int and isinstance(dtype_or_half, torch.dtype):
+        xv = cast_to(lw, xv, from_torch_dtype(dtype_or_half), "_in")
+    elif dtype_or_half not in (None, False):
         return NotImplemented
-    return lw.op("Softmax", [lw.val(x)], {"axis": dim})
+    return lw.op("Softmax", [xv], {"axis": dim})
 
 
 @handles(aten.log_softmax.int, aten._log_softmax.default)
@@ -832,3 +836,4 @@ def _to(lw, node, x, *args, **kwargs):
 
 
 from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers)
+from . import torch_tensors  # noqa: E402,F401  (registers the make/cast/stack/repeat handlers)
