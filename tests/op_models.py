@@ -167,6 +167,26 @@ class Products(nn.Module):
         return scores, x / (l2 + 1e-6), l1
 
 
+class Layers(nn.Module):
+    """Group norm (PoolFormer, wav2vec2), a weight-normed conv (wav2vec2's positional conv) and upsampling,
+    bilinear with and without align_corners and nearest (BEiT, MobileViT, FPN necks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv = nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1), dim=2)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):                              # x: [B, 4, 5, 6]
+        y = self.conv(self.norm(x))
+        up = F.interpolate(y, size=(7, 9), mode="bilinear", align_corners=False)
+        corners = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
+        near = F.interpolate(y, scale_factor=2, mode="nearest")
+        return up, corners + near
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -196,8 +216,10 @@ OP_MODELS = {
     "promotions": (Promotions, lambda b: (torch.randn(b, 6, 8),), {"Cast", "Clip", "Abs", "Equal", "ReduceSum"}),
     "rotary": (Rotary, lambda b: (torch.randn(b, 6, 8),), {"Sin", "Cos", "Range", "Min", "Max", "Expand", "Where"}),
     "products": (Products, lambda b: (torch.randn(b, 6, 8),), {"MatMul", "ReduceSum", "Sqrt", "Abs"}),
+    "layers": (Layers, lambda b: (torch.randn(b, 4, 5, 6),), {"LayerNormalization", "Resize", "ReduceSum"}),
     "tensors": (Tensors, lambda b: (torch.randn(b, 6, 8),), {"Not", "Expand", "Concat", "Shape", "Reshape", "Transpose"}),
 }
 # models whose ops lower to several ONNX ops that round differently from torch's fused kernel (baddbmm's
-# product and sum, vector_norm's sum of squares): their torch round trip is exact to a float32 rounding only
-ROUNDED = {"products"}
+# product and sum, vector_norm's sum of squares, group and weight norm): their torch round trip is exact to a
+# float32 rounding only
+ROUNDED = {"products", "layers"}

@@ -487,6 +487,25 @@ def _global_avg_pool(e: _Emitter, n: Node):
     return e.call(target, e[n.input(0)], [1] * k)
 
 
+@emits("Resize")
+def _resize(e: _Emitter, n: Node):
+    """Resize of the two spatial dims of a [N, C, H, W] tensor to its recorded output size: bilinear (ONNX's
+    linear with align_corners or pytorch_half_pixel) or nearest (asymmetric, floor), the ones torch computes."""
+    x, out = n.input(0), n.output
+    size = list(out.shape[2:]) if out.shape is not None and x.rank == 4 else None
+    mode = n.attrs.get("mode", "nearest")
+    transform = n.attrs.get("coordinate_transformation_mode", "half_pixel")
+    if size is None or any(not isinstance(d, int) for d in size) or list(out.shape[:2]) != list(x.shape[:2]):
+        raise UnsupportedOpError(f"Resize {n.name!r}: the torch writer resizes the spatial dims of a 4-D tensor "
+                                 "to a static size only")
+    if mode == "linear" and transform in ("align_corners", "pytorch_half_pixel"):
+        return e.call(aten.upsample_bilinear2d.vec, e[x], size, transform == "align_corners", None)
+    if mode == "nearest" and transform == "asymmetric" and n.attrs.get("nearest_mode", "round_prefer_floor") == "floor":
+        return e.call(aten.upsample_nearest2d.vec, e[x], size, None)
+    raise UnsupportedOpError(f"Resize {n.name!r} ({mode}, {transform}) has no torch equivalent: torch resizes "
+                             "bilinear with align_corners or pytorch_half_pixel, or nearest asymmetric with floor")
+
+
 def _axes(e: _Emitter, n: Node) -> list[int] | None:
     if n.input(1) is not None:
         return e.ints(n.input(1))

@@ -468,6 +468,13 @@ def _binary(op_type: str) -> Callable:
     return handler
 
 
+def typed(v: Value, dtype: str | None, shape) -> Value:
+    """`v` with its recorded type: an op a handler makes with a suffix (a step before the fx node's own result)
+    gets none from the fx node."""
+    v.dtype, v.shape = dtype, tuple(shape) if shape is not None else None
+    return v
+
+
 def cast_to(lw, v: Value, dtype: str, suffix: str) -> Value:
     """`v` as `dtype`: itself, or a Cast of it."""
     if v.dtype == dtype:
@@ -837,3 +844,4 @@ def _to(lw, node, x, *args, **kwargs):
 
 from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers)
 from . import torch_tensors  # noqa: E402,F401  (registers the make/cast/stack/repeat handlers)
+from . import torch_layers  # noqa: E402,F401  (registers the group norm, weight norm, upsampling handlers)

@@ -17,15 +17,10 @@ import torch
 import torch.fx as fx
 
 from ..ir.types import from_torch_dtype, to_onnx_dtype
-from .torch_fx import handles
+from .torch_fx import handles, typed
 
 aten = torch.ops.aten
 
-
-def _typed(v, dtype, shape):
-    """`v` with its recorded type (an op made with a suffix gets none of its own)."""
-    v.dtype, v.shape = dtype, tuple(shape) if shape is not None else None
-    return v
 
 
 @handles(aten.type_as.default)
@@ -49,7 +44,7 @@ def _numpy_t(lw, node, x):
 def _reshape_as(lw, node, x, other):
     """x.reshape_as(other) -> Reshape(x, Shape(other))."""
     ov = lw.val(other)
-    shape = _typed(lw.op("Shape", [ov], suffix="_shape"), "int64", (ov.rank,))
+    shape = typed(lw.op("Shape", [ov], suffix="_shape"), "int64", (ov.rank,))
     return lw.op("Reshape", [lw.val(x), shape])
 
 
@@ -80,7 +75,7 @@ def _stack(lw, node, tensors, dim=0):
     parts = []
     for i, v in enumerate(values):
         shape = None if v.shape is None else v.shape[:dim] + (1,) + v.shape[dim:]
-        parts.append(_typed(lw.op("Unsqueeze", [v, lw.ints([dim], f"axes{i}")], suffix=f"_part{i}"), v.dtype, shape))
+        parts.append(typed(lw.op("Unsqueeze", [v, lw.ints([dim], f"axes{i}")], suffix=f"_part{i}"), v.dtype, shape))
     return lw.op("Concat", parts, {"axis": dim})
 
 
@@ -108,7 +103,7 @@ def _repeat(lw, node, x, repeats):
     spread = _unsqueezed_pairs(lw, xv, rank, interleaved)
     wide_shape = tuple(d for pair in zip(repeats, dims) for d in pair)
     sizes = lw.int_list([r for pair in zip(repeats, (1,) * rank) for r in pair])
-    wide = _typed(lw.op("Expand", [spread, sizes], suffix="_wide"), xv.dtype,
+    wide = typed(lw.op("Expand", [spread, sizes], suffix="_wide"), xv.dtype,
                   tuple(r if isinstance(r, int) else None for r in wide_shape))
     return lw.op("Reshape", [wide, lw.ints(target, "tiled")])
 
@@ -117,7 +112,7 @@ def _unsqueezed_pairs(lw, xv, rank: int, interleaved: tuple):
     """x ([d0, d1, ...], leading dims missing) as [1, d0, 1, d1, ...] by one Unsqueeze (keeps symbolic dims)."""
     missing = rank - xv.rank
     axes = list(range(2 * missing)) + [2 * (missing + i) for i in range(xv.rank)]
-    return _typed(lw.op("Unsqueeze", [xv, lw.ints(axes, "pairs")], suffix="_spread"), xv.dtype, interleaved)
+    return typed(lw.op("Unsqueeze", [xv, lw.ints(axes, "pairs")], suffix="_spread"), xv.dtype, interleaved)
 
 
 @handles(aten.repeat_interleave.self_int)
@@ -133,9 +128,9 @@ def _repeat_interleave(lw, node, x, repeats, dim=None, output_size=None):
     if any(not isinstance(d, int) for d in later):
         return NotImplemented
     shape = xv.shape[:dim + 1] + (1,) + xv.shape[dim + 1:]
-    spread = _typed(lw.op("Unsqueeze", [xv, lw.ints([dim + 1], "axes")], suffix="_spread"), xv.dtype, shape)
+    spread = typed(lw.op("Unsqueeze", [xv, lw.ints([dim + 1], "axes")], suffix="_spread"), xv.dtype, shape)
     sizes = lw.ints([1] * (dim + 1) + [repeats] + [1] * len(later), "sizes")
-    wide = _typed(lw.op("Expand", [spread, sizes], suffix="_wide"), xv.dtype,
+    wide = typed(lw.op("Expand", [spread, sizes], suffix="_wide"), xv.dtype,
                   xv.shape[:dim + 1] + (repeats,) + xv.shape[dim + 1:])
     return lw.op("Reshape", [wide, lw.ints([0] * dim + [-1] + later, "merged")])
 
@@ -145,15 +140,15 @@ def _baddbmm(lw, node, x, batch1, batch2, *, beta=1, alpha=1):
     """beta * x + alpha * (batch1 @ batch2) -> MatMul, Mul by the scalars that are not 1, Add (x is not read where
     beta is 0, as torch)."""
     out_dtype, out_shape = lw.type_of(node.meta["val"])
-    product = _typed(lw.op("MatMul", [lw.val(batch1), lw.val(batch2)], suffix="_product"), out_dtype, out_shape)
+    product = typed(lw.op("MatMul", [lw.val(batch1), lw.val(batch2)], suffix="_product"), out_dtype, out_shape)
     if alpha != 1:
-        product = _typed(lw.op("Mul", [product, lw.python_scalar(alpha, out_dtype, "alpha")], suffix="_alpha"),
+        product = typed(lw.op("Mul", [product, lw.python_scalar(alpha, out_dtype, "alpha")], suffix="_alpha"),
                          out_dtype, out_shape)
     if beta == 0:
         return lw.op("Identity", [product])
     xv = lw.val(x)
     if beta != 1:
-        xv = _typed(lw.op("Mul", [xv, lw.python_scalar(beta, out_dtype, "beta")], suffix="_beta"), xv.dtype, xv.shape)
+        xv = typed(lw.op("Mul", [xv, lw.python_scalar(beta, out_dtype, "beta")], suffix="_beta"), xv.dtype, xv.shape)
     return lw.op("Add", [xv, product])
 
 
@@ -167,10 +162,10 @@ def _vector_norm(lw, node, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     axes = list(range(xv.rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
     reduced = tuple(1 if i in [a % xv.rank for a in axes] else d for i, d in enumerate(xv.shape or ()))
     if ord == 1:
-        magnitude = _typed(lw.op("Abs", [xv], suffix="_abs"), xv.dtype, xv.shape)
+        magnitude = typed(lw.op("Abs", [xv], suffix="_abs"), xv.dtype, xv.shape)
         return lw.op("ReduceSum", [magnitude, lw.ints(axes, "axes")], {"keepdims": int(keepdim)})
-    square = _typed(lw.op("Mul", [xv, xv], suffix="_square"), xv.dtype, xv.shape)
-    total = _typed(lw.op("ReduceSum", [square, lw.ints(axes, "axes")], {"keepdims": int(keepdim)}, suffix="_sum"),
+    square = typed(lw.op("Mul", [xv, xv], suffix="_square"), xv.dtype, xv.shape)
+    total = typed(lw.op("ReduceSum", [square, lw.ints(axes, "axes")], {"keepdims": int(keepdim)}, suffix="_sum"),
                    xv.dtype, reduced if keepdim else tuple(d for i, d in enumerate(reduced)
                                                           if i not in [a % xv.rank for a in axes]))
     return lw.op("Sqrt", [total])
