@@ -22,7 +22,6 @@ from .torch_fx import handles, typed
 aten = torch.ops.aten
 
 
-
 def _per_channel(lw, param, rank: int, label: str):
     """A [C] parameter as [C, 1, ...] to broadcast over a [N, C, ...] tensor of `rank` dims (an Unsqueeze, so that
     a parameter stays one, trainable, in the torch module lowbit writes)."""

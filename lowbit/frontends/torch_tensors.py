@@ -22,7 +22,6 @@ from .torch_fx import handles, typed
 aten = torch.ops.aten
 
 
-
 @handles(aten.type_as.default)
 def _type_as(lw, node, x, other):
     """x.type_as(other) -> Cast to other's dtype (x itself where they match)."""
