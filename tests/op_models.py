@@ -187,6 +187,28 @@ class Layers(nn.Module):
         return up, corners + near
 
 
+class ComputedIndex(nn.Module):
+    """BEiT's relative position index, built at forward time: meshgrid, in-place adds into select views, a copy
+    into a slice of zeros, then read through a view of those zeros. Opaque ops on constants alone: computed by
+    torch at lowering, so that ONNX and OpenVINO get the index as a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 3))
+
+    def forward(self, x):                              # x: [B, 3, 4]
+        coords = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+        relative[:, :, 0] += 1
+        relative[:, :, 1] += 1
+        relative[:, :, 0] *= 3
+        index = torch.zeros(5, 5, dtype=torch.long)
+        index[1:, 1:] = relative.sum(-1)
+        index[0, 0] = 9
+        bias = self.table[index.view(-1)].view(5, 5, 3)[:3, :4]      # [3, 4, 3]
+        return x + bias.permute(2, 0, 1)[None].sum(1)
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -217,6 +239,7 @@ OP_MODELS = {
     "rotary": (Rotary, lambda b: (torch.randn(b, 6, 8),), {"Sin", "Cos", "Range", "Min", "Max", "Expand", "Where"}),
     "products": (Products, lambda b: (torch.randn(b, 6, 8),), {"MatMul", "ReduceSum", "Sqrt", "Abs"}),
     "layers": (Layers, lambda b: (torch.randn(b, 4, 5, 6),), {"LayerNormalization", "Resize", "ReduceSum"}),
+    "computed_index": (ComputedIndex, lambda b: (torch.randn(b, 3, 4),), {"Gather", "Reshape"}),
     "tensors": (Tensors, lambda b: (torch.randn(b, 6, 8),), {"Not", "Expand", "Concat", "Shape", "Reshape", "Transpose"}),
 }
 # models whose ops lower to several ONNX ops that round differently from torch's fused kernel (baddbmm's

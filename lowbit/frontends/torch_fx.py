@@ -346,7 +346,10 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str = "main",
     `fixed_batch` (from `capture_program`) says why the program's batch is static: the graph then records
     its inputs' dim 0 as fixed, so that what lowbit writes refuses other batches (torch_guard.py).
     """
+    from .torch_constants import fold_opaque_constants
+
     graph = _Lowerer(ep, name).run()
+    fold_opaque_constants(graph)  # what opaque ops compute from constants alone (BEiT's position index)
     if fixed_batch is not None:
         record_fixed_dims(graph, fixed_batch)
     return graph
