@@ -499,26 +499,31 @@ def test_gpt2s_mlps_and_heads_prune_through_its_conv1d_reshapes_and_run_in_onnx_
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _small_decoder(family: str) -> torch.nn.Module:
-    """transformers' `family` model of the zoo's small decoder shape, as a tensor -> last hidden state module."""
+def _small_decoder(family: str, use_cache: bool = False) -> torch.nn.Module:
+    """transformers' `family` model of the zoo's small decoder shape (head_dim 8), as a tensor -> last hidden
+    state module."""
     transformers = pytest.importorskip("transformers")
     from zoo_models import SMALL_DECODER, LastHiddenState
 
-    config = getattr(transformers, f"{family}Config")(**SMALL_DECODER, use_cache=False)
+    config = getattr(transformers, f"{family}Config")(**SMALL_DECODER, head_dim=8, use_cache=use_cache)
     torch.manual_seed(0)
-    return LastHiddenState(getattr(transformers, f"{family}Model")(config).eval(), text=True).eval()
+    # text=False: called as model(x), so that the config's use_cache decides, as when a user calls it
+    return LastHiddenState(getattr(transformers, f"{family}Model")(config).eval(), text=False).eval()
 
 
-@pytest.mark.parametrize("family,origin", [("Llama", "torch"), ("Llama", "onnx"), ("Qwen2", "torch"),
-                                           ("Mistral", "torch")])
-def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that_read_them(family, origin):
-    """Llama, Qwen2 (biased projections) and Mistral: 4 query heads share 2 key/value heads (repeat_kv: an
-    Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg, Concat, Mul, Add on head_dim) stands
-    between each projection's split into heads and the attention. A group is one key/value head with its 2
+@pytest.mark.parametrize("family,origin,use_cache", [
+    ("Llama", "torch", False), ("Llama", "onnx", False), ("Llama", "torch", True), ("Qwen2", "torch", False),
+    ("Mistral", "torch", False), ("Qwen3", "torch", True)])
+def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that_read_them(family, origin,
+                                                                                           use_cache):
+    """Llama, Qwen2 (biased projections), Mistral and Qwen3 (an RMSNorm of each query and key head): 4 query heads
+    share 2 key/value heads (repeat_kv: an Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg,
+    Concat, Mul, Add on head_dim) stands between each projection's split into heads and the attention; with
+    the cache on, keys and values are also joined to the (empty) cache. A group is one key/value head with its 2
     query heads. With the MLPs excluded, only heads go: zero the output projection's rows that read the query
     heads about to be removed, and the pruned model computes what the zeroed one does, in ONNX Runtime and
     OpenVINO."""
-    module = _small_decoder(family)
+    module = _small_decoder(family, use_cache)
     x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     graph = lowbit.lower(module, (x,))
     if origin == "onnx":

@@ -201,7 +201,8 @@ def _kept_region(value: Value, head: int) -> tuple[Value, list[tuple[Node, int]]
 
 def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] | None:
     """The inputs of `node` that carry its output's heads (dim `head`, `heads` of them), or None where the node
-    mixes them: a Slice or Concat along that dim, or an operand with neither the same heads nor one for all."""
+    mixes them: a Slice, Concat or reduction along that dim, or an operand with neither the same heads nor one
+    for all."""
     def carries(u: Value | None) -> bool:
         return u is not None and u.shape is not None and len(u.shape) == rank and u.shape[head] == heads
 
@@ -213,11 +214,16 @@ def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] 
         if axes is None or head in [int(a) % rank for a in np.ravel(axes)]:
             return None
         operands = [node.input(0)]
-    elif node.op_type == "Concat":
+    elif node.op_type == "Concat":  # an empty input adds nothing (transformers' empty key/value cache)
         if node.attrs.get("axis", 0) % rank == head:
             return None
-        operands = list(node.inputs)
-    elif len(node.inputs) == 1:  # Neg, Identity
+        operands = [u for u in node.inputs if u is None or u.shape is None or 0 not in u.shape]
+    elif node.op_type.startswith("Reduce"):  # over other dims, keeping them (RMSNorm's mean of squares)
+        axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else node.attrs.get("axes")
+        if axes is None or not node.attrs.get("keepdims", 1) or head in [int(a) % rank for a in np.ravel(axes)]:
+            return None
+        operands = [node.input(0)]
+    elif len(node.inputs) == 1:  # Neg, Sqrt, Reciprocal, Cast, Identity
         operands = [node.input(0)]
     else:  # element-wise with broadcasting: an operand without the heads dim is the same for every head
         operands = []
