@@ -282,3 +282,28 @@ def test_rsqrt_of_an_rms_norm_lowers_to_sqrt_then_reciprocal():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     (got,) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_transposed_in_forward_is_the_constant_weight_of_a_layer():
+    """Falcon multiplies by `self.weight.T` in forward: the MatMul reads the transposed weight as a constant (the
+    module keeps its own layout), so it quantizes and prunes as a layer; before, it read a Transpose node and
+    pruning found no group in Falcon at all."""
+    class TransposedInForward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 6))
+            self.out = torch.nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return torch.relu(x @ self.weight.T) @ self.out.t()
+
+    model = TransposedInForward().eval()
+    x = torch.randn(3, 6)
+    graph = lowbit.lower(model, (x,))
+    matmuls = [n for n in graph if n.op_type == "MatMul"]
+    assert [n.input(1).const.shape for n in matmuls] == [(6, 8), (8, 4)]
+    assert all(n.input(1).meta["torch_transposed"] for n in matmuls)
+    q = lowbit.quantize(model, lowbit.Dataset([torch.randn(3, 6) for _ in range(4)]))
+    assert sum(n.op_type == "FakeQuantize" and n.input(0).const is not None for n in lowbit.api.graph_of(q)) == 2
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    assert dict((k, tuple(v.shape)) for k, v in pruned.named_parameters()) == {"weight": (4, 6), "out": (4, 4)}

@@ -426,6 +426,15 @@ def _convolution(lw, node, x, w, b, stride, padding, dilation, transposed, outpu
     return _conv(lw, node, x, w, b, stride, padding, dilation, groups)
 
 
+def transposed_weight(lw, wv: Value) -> Value:
+    """A 2-D weight constant's transpose, as a constant the IR holds (a layer reads its weight as a constant) that
+    remembers the module's tensor: the torch writer keeps the module's layout and transposes it on use."""
+    wt = lw.graph.add_constant(f"{wv.name}.T", np.ascontiguousarray(wv.const.T))
+    wt.meta.update(torch_kind=wv.meta.get("torch_kind", "parameter"), torch_name=wv.meta.get("torch_name"),
+                   torch_transposed=True)
+    return wt
+
+
 @handles(aten.linear.default)
 def _linear(lw, node, x, w, b=None):
     xv, wv = lw.val(x), lw.val(w)
@@ -433,9 +442,7 @@ def _linear(lw, node, x, w, b=None):
         return NotImplemented
     if xv.rank == 2:
         return lw.op("Gemm", [xv, wv, lw.maybe(b)], {"transB": 1})
-    wt = lw.graph.add_constant(f"{wv.name}.T", np.ascontiguousarray(wv.const.T))
-    wt.meta.update(torch_kind=wv.meta.get("torch_kind", "parameter"), torch_name=wv.meta.get("torch_name"),
-                   torch_transposed=True)
+    wt = transposed_weight(lw, wv)
     if b is None:
         return lw.op("MatMul", [xv, wt])
     mm = lw.op("MatMul", [xv, wt], suffix="_matmul")
@@ -724,7 +731,16 @@ def _transpose(lw, node, x, a, b):
 
 @handles(aten.t.default)
 def _t(lw, node, x):
-    return lw.op("Transpose", [lw.val(x)], {"perm": [1, 0]} if lw.val(x).rank == 2 else {"perm": [0]})
+    return transpose_2d(lw, lw.val(x))
+
+
+def transpose_2d(lw, xv: Value) -> Value:
+    """x.t(); of a 2-D weight (Falcon's `x @ self.weight.T`), the transposed weight as a constant, so that the
+    MatMul reading it is a layer that quantizes and prunes."""
+    if xv.rank == 2 and xv.const is not None and xv.meta.get("torch_kind") == "parameter" \
+            and not xv.meta.get("torch_transposed"):
+        return transposed_weight(lw, xv)
+    return lw.op("Transpose", [xv], {"perm": [1, 0]} if xv.rank == 2 else {"perm": [0]})
 
 
 @handles(aten.cat.default)
