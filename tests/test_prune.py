@@ -570,3 +570,42 @@ def test_masks_zero_a_linear_layers_filters_in_the_modules_own_layout_and_strip_
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == (16, 32)
     with torch.no_grad():
         torch.testing.assert_close(stripped(x), y, rtol=1e-5, atol=1e-5)
+
+
+MHA_DECODERS = {  # family: (config, the MLP layers' names, the attention projections' names)
+    "GPTNeoX": (dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                "layers.{i}.mlp.dense_h_to_4h", ["layers.{i}.attention.query_key_value"]),
+    "OPT": (dict(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                 word_embed_proj_dim=32), "decoder.layers.{i}.fc1",
+            [f"decoder.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"]),
+}
+
+
+@pytest.mark.parametrize("family", list(MHA_DECODERS))
+def test_heads_prune_through_a_per_head_qkv_split_and_scaled_queries(family):
+    """GPT-NeoX's fused projection gives each head its q, k and v side by side ([..., heads, 3 x head_dim], then a
+    Split of the last dim) and rotates part of each; OPT scales its queries by a number after the projection. A
+    head goes whole: zero the output projection's rows that read the heads about to be removed (the MLPs
+    excluded), and the pruned model computes what the zeroed one does."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import LastHiddenState
+
+    config, mlp, attention = MHA_DECODERS[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}Model")(getattr(transformers, f"{family}Config")(**config,
+                                                                                            use_cache=False))
+    module = LastHiddenState(model.eval(), text=False).eval()
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    graph = lowbit.lower(module, (x,))
+    mlps = [f"model.{mlp.format(i=i)}" for i in range(2)]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
+    pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
+    assert pruned == [([f"model.{name.format(i=i)}" for name in attention], 4, 2) for i in range(2)]
+    _zero_the_rows_reading_removed_heads(chosen)
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
+                               zeroed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
+                               rtol=1e-4, atol=1e-4)

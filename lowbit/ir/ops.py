@@ -107,10 +107,10 @@ REGROUPING = frozenset({"Flatten", "Reshape"})
 # Ops that only move or pick dims (pruning follows attention heads from a projection's Reshape through them)
 DIM_MOVERS = frozenset({"Transpose", "Gather"})
 # Ops that can leave a dim as it is, element by element, cutting and joining or reducing other dims (a rotary
-# embedding on a query's or key's head_dim: q * cos + cat(-q2, q1) * sin; Qwen3's RMSNorm of each head; pruning
-# checks the heads dim is untouched)
+# embedding on a query's or key's head_dim: q * cos + cat(-q2, q1) * sin; Qwen3's RMSNorm of each head; GPT-NeoX's
+# split of each head into q, k and v; pruning checks the heads dim is untouched)
 DIM_KEEPERS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Cast", "Identity", "Slice",
-                         "Concat", "ReduceMean", "ReduceSum"})
+                         "Split", "Concat", "ReduceMean", "ReduceSum"})
 # What an attention written out in ops applies to q @ kT before its Softmax: a scale, a mask
 SCALES = frozenset({"Mul", "Div"})
 SCORE_STEPS = SCALES | {"Add", "Where"}

@@ -63,8 +63,8 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
             cg.members.append(Member(mm, 2, 0, segments, "param"))
         cg.head_projections.add(id(mm))
     out = structure.out_projection
-    width = structure.head_dim * structure.repeat  # per group: its attention heads
-    cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, width),), "in"))
+    cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, structure.out_width),),
+                             "in"))
     for reader, port, axis in structure.tables:  # a term per head on the scores (a relative position bias table)
         cg.members.append(Member(reader, port, axis, (Segment(g, structure.heads, 1),), "param"))
     cg.heads.append((g, structure))

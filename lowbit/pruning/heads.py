@@ -55,6 +55,7 @@ class HeadStructure:
     outer: int
     repeat: int = 1
     widths: dict[int, int] = field(default_factory=dict)  # id(projection MatMul) -> channels per group
+    out_width: int = 0  # the output projection's input channels per group
     projections: list[tuple[Node, Node | None]] = field(default_factory=list)
     out_projection: Node | None = None
     shape_entries: list[tuple[Node, int, int]] = field(default_factory=list)  # (Reshape, out dim, unit)
@@ -188,7 +189,8 @@ def _kept_region(value: Value, head: int) -> tuple[Value, list[tuple[Node, int]]
             continue
         seen.add(id(v))
         node = v.producer
-        if node is None or node.domain or node.op_type not in DIM_KEEPERS or len(node.outputs) != 1:
+        if node is None or node.domain or node.op_type not in DIM_KEEPERS \
+                or len(node.outputs) != 1 and node.op_type != "Split":
             starts[id(v)] = v
             continue
         operands = _head_operands(node, head, heads, rank)
@@ -206,12 +208,15 @@ def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] 
     def carries(u: Value | None) -> bool:
         return u is not None and u.shape is not None and len(u.shape) == rank and u.shape[head] == heads
 
-    out = node.output
-    if out.shape is None or len(out.shape) != rank or out.shape[head] != heads or heads == 1:
+    if heads == 1 or any(o.shape is None or len(o.shape) != rank or o.shape[head] != heads for o in node.outputs):
         return None
     if node.op_type == "Slice":
         axes = node.input(3).const if len(node.inputs) > 3 and node.input(3) is not None else None
         if axes is None or head in [int(a) % rank for a in np.ravel(axes)]:
+            return None
+        operands = [node.input(0)]
+    elif node.op_type == "Split":  # of another dim (GPT-NeoX: q, k and v out of each head's channels)
+        if node.attrs.get("axis", 0) % rank == head:
             return None
         operands = [node.input(0)]
     elif node.op_type == "Concat":  # an empty input adds nothing (transformers' empty key/value cache)
@@ -480,7 +485,7 @@ def _add_path(structure: HeadStructure, path: _Path, inside: set[int], outer_see
         if source.split is not None:
             structure.split_sizes.append((source.split, width * outer))
             inside.add(id(source.split))
-        inside |= {id(n) for n in source.reshapes}
+        inside |= {id(n) for n in [*source.reshapes, source.scale] if n is not None}
     split, dim = path.split, len(path.split.input(0).shape) - 1 + head_k
     if shape_entry(split, dim) is None:
         return False
@@ -490,7 +495,7 @@ def _add_path(structure: HeadStructure, path: _Path, inside: set[int], outer_see
     for n, dims in path.steps:  # the dim holding the heads, after each Transpose and Gather
         structure.value_dims.append((n.output, dims.index(("f", head_k)), per))
     for n, head in path.kept:  # a rotary embedding's ops, the heads in dim `head`
-        structure.value_dims.append((n.output, head, per))
+        structure.value_dims.extend((o, head, per) for o in n.outputs)
         inside.add(id(n))
     if path.repeat_nodes:  # [batch, heads, 1 | n, ...] after the Unsqueeze and Expand, heads x n after the Reshape
         unsqueeze, expand, merge = path.repeat_nodes
@@ -512,6 +517,7 @@ class _Source:
     values: list[Value] = field(default_factory=list)  # last dim: parts x heads x head_dim (x outer)
     reshapes: list[Node] = field(default_factory=list)  # target's last entry, likewise
     split: Node | None = None
+    scale: Node | None = None  # a Mul or Div by one number after the projection
 
 
 def _keeps_last_dim(reshape: Node) -> bool:
@@ -539,6 +545,12 @@ def _source(p_out: Value) -> _Source | None:
         v = node.input(0)
         source.values.append(v)
         node = v.producer
+    if node is not None and node.op_type in SCALES and not node.domain and node.input(1) is not None \
+            and node.input(1).const is not None and node.input(1).const.size == 1:  # OPT's q_proj(h) * scaling
+        source.scale = node
+        v = node.input(0)
+        source.values.append(v)
+        node = v.producer
     add = None
     if node is not None and node.op_type == "Add" and not node.domain:
         consts = [x for x in node.inputs if x is not None and x.const is not None]
@@ -561,7 +573,10 @@ def _source(p_out: Value) -> _Source | None:
 
 def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
     """From the attention's output to the Reshape merging heads and head_dim and the projection reading it."""
-    head, repeat, width = 1, structure.repeat, structure.head_dim * structure.repeat
+    # per group: its attention heads, each as wide as a value head (GPT-NeoX splits q, k and v out of each head)
+    head, repeat = 1, structure.repeat
+    width = (v.shape[-1] if v.shape is not None and isinstance(v.shape[-1], int) else structure.head_dim) * repeat
+    structure.out_width = width
     structure.value_dims.append((v, head, repeat))
     while True:
         users = v.users
