@@ -288,17 +288,17 @@ def test_llama_like_decoders_quantize_and_agree_in_onnx_runtime_and_openvino(fam
     np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
 
 
-# the config of each text family below, at the zoo's small size (transformers' own argument names)
-_SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+# the config of each text family below, at the zoo's small width with one layer (transformers' names)
+_SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
 OTHER_TEXT_FAMILIES = {
     "Gemma": dict(_SMALL, num_key_value_heads=2, head_dim=8),     # type_as in its RMSNorm
     "Gemma2": dict(_SMALL, num_key_value_heads=2, head_dim=8),    # softmax in float32, logit soft-capping
-    "Falcon": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),  # weight.T
-    "OPT": dict(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+    "Falcon": dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4),  # weight.T
+    "OPT": dict(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
                 word_embed_proj_dim=32),                            # torch.ones of the batch's size
-    "Bloom": dict(vocab_size=100, hidden_size=32, n_layer=2, n_head=4),  # ALiBi: repeat, baddbmm
+    "Bloom": dict(vocab_size=100, hidden_size=32, n_layer=1, n_head=4),  # ALiBi: repeat, baddbmm
     "DebertaV2": _SMALL,                                            # ~mask, ones and zeros of the batch's size
-    "GPTJ": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),  # stack, repeat_interleave
+    "GPTJ": dict(vocab_size=100, n_embd=32, n_layer=1, n_head=4, rotary_dim=4),  # stack, repeat_interleave
 }
 
 
