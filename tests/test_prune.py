@@ -513,11 +513,11 @@ def _small_decoder(family: str, use_cache: bool = False) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family,origin,use_cache", [
     ("Llama", "torch", False), ("Llama", "onnx", False), ("Llama", "torch", True), ("Qwen2", "torch", False),
-    ("Mistral", "torch", False), ("Qwen3", "torch", True)])
+    ("Mistral", "torch", False), ("Qwen3", "torch", True), ("Gemma2", "torch", False)])
 def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that_read_them(family, origin,
                                                                                            use_cache):
-    """Llama, Qwen2 (biased projections), Mistral and Qwen3 (an RMSNorm of each query and key head): 4 query heads
-    share 2 key/value heads (repeat_kv: an Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg,
+    """Llama, Qwen2 (biased projections), Mistral, Qwen3 (an RMSNorm of each query and key head) and Gemma-2 (eager
+    attention: a soft cap on the scores, dropout after the Softmax): 4 query heads share 2 key/value heads (repeat_kv: an Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg,
     Concat, Mul, Add on head_dim) stands between each projection's split into heads and the attention; with
     the cache on, keys and values are also joined to the (empty) cache. A group is one key/value head with its 2
     query heads. With the MLPs excluded, only heads go: zero the output projection's rows that read the query

@@ -111,9 +111,13 @@ DIM_MOVERS = frozenset({"Transpose", "Gather"})
 # split of each head into q, k and v; pruning checks the heads dim is untouched)
 DIM_KEEPERS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Cast", "Identity", "Slice",
                          "Split", "Concat", "ReduceMean", "ReduceSum"})
-# What an attention written out in ops applies to q @ kT before its Softmax: a scale, a mask
+# What an attention written out in ops applies to q @ kT before its Softmax: a scale, a mask, a soft cap
+# (Gemma-2: tanh(scores / cap) * cap)
 SCALES = frozenset({"Mul", "Div"})
-SCORE_STEPS = SCALES | {"Add", "Where"}
+SCORE_STEPS = SCALES | {"Add", "Where", "Tanh"}
+# What may stand between an attention's Softmax and its MatMul by the values, entry by entry (eager attention
+# lowered without cleanup: `.to(dtype)`, dropout on the probabilities)
+PROBABILITY_STEPS = frozenset({"Identity", "Cast", "Dropout"})
 
 VOCABULARY: dict[str, OpInfo] = _ops(
     OpInfo("Conv", weight_inputs=(1,), traits=_t("weighted", "convolution"), flow="layer",

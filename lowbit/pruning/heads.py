@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, MATMULS, SCALES, SCORE_STEPS, attribute, transpose_perm, weight_in_axis,
-                      weight_out_axis)
+from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, MATMULS, PROBABILITY_STEPS, SCALES, SCORE_STEPS, attribute,
+                      transpose_perm, weight_in_axis, weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -411,8 +411,13 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
     kt = qk.input(1).producer if qk is not None and qk.op_type == "MatMul" else None
     if kt is None or kt.op_type != "Transpose" or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]:
         return None
-    users = node.output.users
-    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input(0) is not node.output:
+    probabilities = node.output
+    while len(probabilities.users) == 1 and probabilities.users[0].op_type in PROBABILITY_STEPS \
+            and not probabilities.users[0].domain and len(probabilities.users[0].outputs) == 1:
+        nodes.append(probabilities.users[0])
+        probabilities = probabilities.users[0].output
+    users = probabilities.users
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input(0) is not probabilities:
         return None
     pv = users[0]
     return _Core(qk.input(0), kt.input(0), pv.input(1), pv.output, [qk, kt, *nodes, pv])
