@@ -609,3 +609,35 @@ def test_heads_prune_through_a_per_head_qkv_split_and_scaled_queries(family):
                                zeroed, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("origin", ["torch", "onnx"])
+def test_t5s_heads_go_in_every_layer_at_once_with_their_column_of_the_shared_position_bias(origin):
+    """T5 computes its relative position bias once, from a table [buckets, heads] gathered by computed buckets, and
+    every layer's attention adds it to its scores (behind its own padding-mask Where): the same heads must go in
+    every layer, with the table's column. One group spans both layers' q, k and v; with the MLPs excluded, zero
+    the output projections' rows that read the heads about to go, and the pruned model computes what the zeroed
+    one does."""
+    from zoo_models import build
+
+    module, make_input, _ = build("t5", "small")
+    x = make_input(2)
+    graph = lowbit.lower(module, (x,))
+    if origin == "onnx":
+        graph = lowbit.lower(lowbit.codegen(graph, "onnx"))
+    mlps = [f"model.encoder.block.{i}.layer.1.DenseReluDense.wi" for i in range(2)]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
+    pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
+    attention = [f"model.encoder.block.{i}.layer.0.SelfAttention.{p}" for i in range(2) for p in "qkv"]
+    assert pruned == [(attention, 4, 2)]
+    table = next(v for v in graph.constants.values() if v.name.endswith("relative_attention_bias.weight"))
+    assert table.const.shape == (32, 4)
+    _zero_the_rows_reading_removed_heads(chosen)
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    assert table.const.shape == (32, 2)
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
+                               zeroed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
+                               rtol=1e-4, atol=1e-4)

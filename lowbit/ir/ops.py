@@ -115,6 +115,9 @@ DIM_KEEPERS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reci
 # (Gemma-2: tanh(scores / cap) * cap)
 SCALES = frozenset({"Mul", "Div"})
 SCORE_STEPS = SCALES | {"Add", "Where", "Tanh"}
+# What joins a per-head term on an attention's scores to one the same for every head (Swin's window mask is
+# added, T5's padding mask selects with Where)
+HEAD_TERM_JOINS = frozenset({"Add", "Where"})
 # What may stand between an attention's Softmax and its MatMul by the values, entry by entry (eager attention
 # lowered without cleanup: `.to(dtype)`, dropout on the probabilities)
 PROBABILITY_STEPS = frozenset({"Identity", "Cast", "Dropout"})

@@ -35,8 +35,12 @@ def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
     """The channel dependency groups of `graph`; the filters of layers named in `keep` are never pruned."""
     cg = ChannelGroups(graph)
     structures, kept = find_heads(graph)
+    group_of, tables = {}, set()
     for structure in structures:
-        _add_heads(cg, structure, keep)
+        group_of[id(structure)] = _add_heads(cg, structure, keep, tables)
+    for structure in structures:  # attentions sharing a per-head term (T5's position bias): the same heads go
+        for other in structure.tied:
+            cg.union(group_of[id(structure)], group_of[id(other)])
     for node in graph:
         _visit(cg, node, keep, kept.get(node.name))
     for v in graph.outputs:
@@ -47,9 +51,10 @@ def channel_groups(graph: Graph, keep: set[str] = frozenset()) -> ChannelGroups:
     return cg
 
 
-def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
+def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep, tables: set) -> int:
     """One group of an attention's heads (see heads.py): its projections' filters, per head, and the output
-    projection's input channels."""
+    projection's input channels; returns the group. A per-head table several attentions read is a member once
+    (`tables`: those added)."""
     projections = [mm for mm, _ in structure.projections]
     g = cg.new(structure.heads, projections[0])
     cg._producers[g] = list(projections)
@@ -66,11 +71,14 @@ def _add_heads(cg: ChannelGroups, structure: HeadStructure, keep) -> None:
     cg.members.append(Member(out, 1, weight_in_axis(out) % 2, (Segment(g, structure.heads, structure.out_width),),
                              "in"))
     for reader, port, axis in structure.tables:  # a term per head on the scores (a relative position bias table)
-        cg.members.append(Member(reader, port, axis, (Segment(g, structure.heads, 1),), "param"))
+        if (id(reader), port) not in tables:
+            tables.add((id(reader), port))
+            cg.members.append(Member(reader, port, axis, (Segment(g, structure.heads, 1),), "param"))
     cg.heads.append((g, structure))
     excluded = [n.name for n in [*projections, out] if n.name in keep]
     if excluded:
         cg.block_ids([g], f"the attention projection {excluded[0]!r} is excluded from pruning")
+    return g
 
 
 # -- following channels through one node ------------------------------------------------------------------

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, MATMULS, PROBABILITY_STEPS, SCALES, SCORE_STEPS, attribute,
-                      transpose_perm, weight_in_axis, weight_out_axis)
+from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
+                      SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -62,6 +62,11 @@ class HeadStructure:
     split_sizes: list[tuple[Node, int]] = field(default_factory=list)  # (Split of a fused projection, unit)
     value_dims: list[tuple[Value, int, int]] = field(default_factory=list)  # (value, dim, unit)
     tables: list[tuple[Node, int, int]] = field(default_factory=list)  # (reader, port, axis) of a per-head term
+    # a per-head term's values that other attentions read too (T5 computes its position bias once for every
+    # layer): (value, reader, port) of each read this attention's walk makes; and the attentions tied to this
+    # one by them, whose heads must go together
+    shared_reads: list[tuple[Value, Node, int]] = field(default_factory=list)
+    tied: list = field(default_factory=list)
 
 
 def _const_index(node: Node) -> int | None:
@@ -284,39 +289,69 @@ def find_heads(graph: Graph) -> tuple[list[HeadStructure], dict[str, str]]:
         structure = _structure(core) if core is not None else None
         if structure is None:  # heads that stay for another reason, which the flows name
             continue
-        untraced = [t for t in terms if not _per_head_table(t, structure)]
+        untraced = [t for t in terms if not _per_head_table(t, structure, {id(n) for n in core.nodes})]
         if not untraced:
-            found.append(structure)
+            found.append((structure, core))
             continue
-        reason = (f"attention {node.name!r} adds a term per head ({untraced[0].name!r}) to its scores, which "
-                  "lowbit cannot follow to a constant to cut: its heads stay")
-        for v in (core.q, core.k, core.v):
-            traced = _back(v)
-            if traced is not None:
-                kept[traced.split.name] = reason
-    return found, kept
+        _keep_heads(kept, core, f"attention {node.name!r} adds a term per head ({untraced[0].name!r}) to its "
+                                "scores, which lowbit cannot follow to a constant to cut: its heads stay")
+    return _tie_shared_terms(found, kept), kept
 
 
-def _per_head_table(term: Value, structure: HeadStructure) -> bool:
+def _keep_heads(kept: dict[str, str], core: _Core, reason: str) -> None:
+    for v in (core.q, core.k, core.v):
+        traced = _back(v)
+        if traced is not None:
+            kept[traced.split.name] = reason
+
+
+def _tie_shared_terms(found: list[tuple[HeadStructure, _Core]], kept: dict[str, str]) -> list[HeadStructure]:
+    """Tie the attentions whose per-head terms share values: where every read of such a value is one of their
+    walks', their heads go together (the same heads of every layer); else they all stay."""
+    reads: dict[int, tuple[Value, set, list]] = {}
+    for structure, core in found:
+        for value, reader, port in structure.shared_reads:
+            entry = reads.setdefault(id(value), (value, set(), []))
+            entry[1].add((id(reader), port))
+            entry[2].append((structure, core))
+    dropped: set[int] = set()
+    for value, traced, owners in reads.values():
+        sizes = {s.heads for s, _ in owners}
+        if value.is_graph_output or {(id(u), p) for u, p in value.uses} != traced or len(sizes) != 1:
+            for structure, core in owners:
+                dropped.add(id(structure))
+                _keep_heads(kept, core, f"attention {structure.attention.name!r} shares a term per head "
+                                        f"({value.name!r}) with what lowbit cannot prune with it: its heads stay")
+            continue
+        first = owners[0][0]
+        first.tied.extend(s for s, _ in owners[1:] if s is not first and s not in first.tied)
+    return [s for s, _ in found if id(s) not in dropped]
+
+
+def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -> bool:
     """Follow a term added to the scores per head ([..., heads, tokens, tokens], as Swin's relative position
     bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, a Gather
-    of other rows, and an Add of a term the same for every head (Swin's shifted-window mask), to the constant it
-    is read from (a bias table [positions, heads]); record that constant's heads axis and the values and
-    Reshapes on the way in `structure` (for shrink). False where it cannot be followed, or anything else reads
-    the way."""
+    of other rows, and an Add or Where of a term the same for every head (Swin's shifted-window mask, T5's
+    padding mask), to the constant it is read from (a bias table [positions, heads]); record that constant's
+    heads axis and the values and Reshapes on the way in `structure` (for shrink). A value other attentions
+    read too is recorded in `structure.shared_reads` (find_heads ties them or keeps their heads). False where
+    it cannot be followed."""
     if structure.repeat != 1:  # grouped-query attention with a table per attention head: not followed
         return False
     head, v = len(term.shape) - 3, term
-    dims, entries = [(term, head)], []
+    dims, entries, shared = [(term, head)], [], []
+    readers = [(u, p) for u, p in term.uses if id(u) in core_ids]
     while v.const is None:
         node = v.producer
-        if node is None or node.domain or len(v.uses) != 1 or v.is_graph_output:
+        if node is None or node.domain or v.is_graph_output or len(readers) != 1:
             return False
-        port = _per_head_operand(node, v, head) if node.op_type == "Add" else 0
-        x = node.input(port) if port is not None else None
+        if len(v.uses) > 1:  # read by other attentions too: accounted for once every walk is done
+            shared.append((v, *readers[0]))
+        port = _per_head_operand(node, v, head) if node.op_type in HEAD_TERM_JOINS else 0
+        x = node.input(port) if port is not None and (node.op_type != "Where" or port > 0) else None
         if x is None or x.shape is None:
             return False
-        if node.op_type == "Add":  # broadcast: the per-head operand's dims are the output's last ones
+        if node.op_type in HEAD_TERM_JOINS:  # broadcast: the per-head operand's dims are the output's last ones
             head -= len(v.shape) - len(x.shape)
         elif node.op_type == "Identity":
             pass
@@ -335,19 +370,22 @@ def _per_head_table(term: Value, structure: HeadStructure) -> bool:
                 return False
             entries.append((node, head, 1))
             head = len(x.shape) - 1
-        elif node.op_type == "Gather":
+        elif node.op_type == "Gather":  # rows picked by any index (T5's relative position buckets)
             index, axis = node.input(1), node.attrs.get("axis", 0) % len(x.shape)
-            if index is None or index.const is None or axis <= head < axis + index.const.ndim:
+            if index is None or index.shape is None or axis <= head < axis + len(index.shape):
                 return False
-            head = head if head < axis else head - index.const.ndim + 1
+            head = head if head < axis else head - len(index.shape) + 1
         else:
             return False
         if x.shape[head] != structure.heads:
             return False
-        reader, v = node, x
+        reader, v, readers = node, x, [(node, port)]
         dims.append((v, head))
-    if len(v.uses) != 1 or v.is_graph_output or len(dims) < 2:
+    if v.is_graph_output or len(dims) < 2:
         return False
+    if len(v.uses) > 1:
+        shared.append((v, reader, port))
+    structure.shared_reads.extend(shared)
     structure.tables.append((reader, port, head))
     structure.shape_entries.extend(entries)
     structure.value_dims.extend((value, dim, 1) for value, dim in dims[:-1])
