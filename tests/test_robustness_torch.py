@@ -273,13 +273,19 @@ def _agrees_in_onnx_runtime(q, graph):
 def test_llama_like_decoders_quantize_and_agree_in_onnx_runtime_and_openvino(family):
     """Qwen2 (biased q/k/v projections) and Mistral (a sliding-window mask) beside the zoo's Llama: RMSNorm's rsqrt
     and the rotary embedding's sin and cos lower to ONNX ops, so both runtimes take what lowbit writes."""
-    transformers = pytest.importorskip("transformers")
     from zoo_models import SMALL_DECODER
 
-    config = getattr(transformers, f"{family}Config")(**SMALL_DECODER, use_cache=False)
+    _quantizes_to_onnx_ops_and_agrees_in_onnx_runtime_and_openvino(family, SMALL_DECODER)
+
+
+def _quantizes_to_onnx_ops_and_agrees_in_onnx_runtime_and_openvino(family: str, config: dict) -> None:
+    """transformers' `family` model built from `config` (no cache) quantizes with no opaque op, and ONNX Runtime
+    and OpenVINO agree with the simulation."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = getattr(transformers, f"{family}Model")(config).eval()
-    q = lowbit.quantize(model, lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
+    model = getattr(transformers, f"{family}Model")(getattr(transformers, f"{family}Config")(**config,
+                                                                                            use_cache=False))
+    q = lowbit.quantize(model.eval(), lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
                         model_type="transformer")
     graph = lowbit.api.graph_of(q)
     assert not [n.op_type for n in graph if n.domain and n.domain != "org.openvinotoolkit"]
@@ -307,17 +313,7 @@ def test_text_families_whose_tensor_ops_were_opaque_quantize_and_agree_in_onnx_r
     """type_as, x.T, torch.ones/zeros of a symbolic batch, ~mask, stack, repeat, repeat_interleave, baddbmm and
     softmax(dtype=) left one or more opaque nodes in each of these families, so neither ONNX nor OpenVINO could be
     written. They lower to ONNX ops now: nothing is opaque, and both runtimes agree with the simulation."""
-    transformers = pytest.importorskip("transformers")
-    config = getattr(transformers, f"{family}Config")(**OTHER_TEXT_FAMILIES[family], use_cache=False)
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{family}Model")(config).eval()
-    q = lowbit.quantize(model, lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
-                        model_type="transformer")
-    graph = lowbit.api.graph_of(q)
-    assert not [n.op_type for n in graph if n.domain and n.domain != "org.openvinotoolkit"]
-    x, simulation = _agrees_in_onnx_runtime(q, graph)
-    (got, *_) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
-    np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
+    _quantizes_to_onnx_ops_and_agrees_in_onnx_runtime_and_openvino(family, OTHER_TEXT_FAMILIES[family])
 
 
 # -- threads ---------------------------------------------------------------------------------
