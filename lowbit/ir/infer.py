@@ -187,6 +187,18 @@ def is_legacy_empty(shape: Shape) -> bool:
     return shape is not None and len(shape) == 1 and shape[0] == 0
 
 
+def empty_concat_inputs(node: Node) -> list[bool]:
+    """Per input of a Concat, whether it adds nothing: size 0 along the axis (the pass-through half of a rotary
+    embedding that rotates every dim), or a legacy 1-D empty tensor beside inputs of another rank (transformers'
+    empty key/value cache)."""
+    shapes = [v.shape if v is not None else None for v in node.inputs]
+    legacy = any(s is not None and len(s) != 1 for s in shapes)
+    rank = len(node.output.shape) if node.output.shape is not None else None
+    axis = node.attrs.get("axis", 0) % rank if rank else None
+    return [s is not None and ((legacy and is_legacy_empty(s)) or (len(s) == rank and s[axis] == 0))
+            for s in shapes]
+
+
 def _concat(shapes: list, axis: int) -> Shape:
     kept = [s for s in shapes if not is_legacy_empty(s)]
     if not kept:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
+from ..ir.infer import empty_concat_inputs
 from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
                       SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
 
@@ -227,7 +228,7 @@ def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] 
     elif node.op_type == "Concat":  # an empty input adds nothing (transformers' empty key/value cache)
         if node.attrs.get("axis", 0) % rank == head:
             return None
-        operands = [u for u in node.inputs if u is None or u.shape is None or 0 not in u.shape]
+        operands = [u for u, empty in zip(node.inputs, empty_concat_inputs(node)) if not empty]
     elif node.op_type.startswith("Reduce"):  # over other dims, keeping them (RMSNorm's mean of squares)
         axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else node.attrs.get("axes")
         if axes is None or not node.attrs.get("keepdims", 1) or head in [int(a) % rank for a in np.ravel(axes)]:

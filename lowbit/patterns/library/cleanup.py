@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...ir.infer import is_legacy_empty
+from ...ir.infer import empty_concat_inputs
 from ..pattern import Any, P
 from ..rewrite import Match, Rule, RuleSet
 
@@ -39,25 +39,14 @@ def _input(m: Match):
     return [m["x"]] + [None] * (len(m.root.outputs) - 1)
 
 
-def _empty_inputs(node) -> list[bool]:
-    """Per input of a Concat, whether it adds nothing: size 0 along the axis, or a legacy 1-D empty tensor
-    beside inputs of another rank."""
-    shapes = [v.shape if v is not None else None for v in node.inputs]
-    legacy = any(s is not None and len(s) != 1 for s in shapes)
-    rank = len(node.output.shape) if node.output.shape is not None else None
-    axis = node.attrs.get("axis", 0) % rank if rank else None
-    return [s is not None and ((legacy and is_legacy_empty(s)) or (len(s) == rank and s[axis] == 0))
-            for s in shapes]
-
-
 def _has_empty_input(node) -> bool:
-    empty = _empty_inputs(node)
+    empty = empty_concat_inputs(node)
     return any(empty) and not all(empty)
 
 
 def _without_empty_inputs(m: Match):
     node = m.root
-    kept = [v for v, empty in zip(node.inputs, _empty_inputs(node)) if not empty]
+    kept = [v for v, empty in zip(node.inputs, empty_concat_inputs(node)) if not empty]
     if len(kept) == 1:
         return kept[0] if kept[0].dtype == node.output.dtype else False
     return m.graph.make_node("Concat", kept, dict(node.attrs), name=node.name, before=node).output
