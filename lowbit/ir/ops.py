@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # The default-domain opset of graphs lowered from torch. 20, not 21: ONNX Runtime (1.32) cannot load an
 # opset-21 model in which an int8 activation QuantizeLinear -> DequantizeLinear feeds a Transpose, Reshape,
 # MaxPool, ... (its QDQ propagation writes a QuantizeLinear whose output_dtype says int8 beside the uint8 zero
@@ -204,6 +206,18 @@ def weight_out_axis(node) -> int | None:
 def transpose_perm(node, rank: int) -> list[int]:
     """A Transpose's permutation: its `perm`, or the reversed axes of a rank-`rank` input, ONNX's default."""
     return list(node.attrs.get("perm") or reversed(range(rank)))
+
+
+def const_axes(node, rank: int) -> list[int] | None:
+    """The axes a Slice, Squeeze, Unsqueeze or Reduce* acts on, each in [0, rank): its `axes` attribute (older
+    opsets) or its constant axes input (a Slice's input 3, the others' input 1); None where neither gives them
+    as a constant (a Reduce without axes reduces every one)."""
+    axes = node.attrs.get("axes")
+    if axes is None:
+        port = 3 if node.op_type == "Slice" else 1
+        v = node.input(port) if len(node.inputs) > port else None
+        axes = None if v is None else v.const
+    return None if axes is None else [int(a) % rank for a in np.ravel(axes)]
 
 
 def weight_in_axis(node) -> int | None:

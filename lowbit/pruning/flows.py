@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Node, Value
-from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, transpose_perm, weight_in_axis,
-                      weight_out_axis, weight_quantizer)
+from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, const_axes, transpose_perm,
+                      weight_in_axis, weight_out_axis, weight_quantizer)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -197,12 +197,9 @@ def _reduce(cg: ChannelGroups, node: Node, keep) -> bool:
     layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
     if node.op_type == "ArgMax" or rank is None:
         return False
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and node.input(1) is not None:
-        axes = None if node.input(1).const is None else node.input(1).const.tolist()
+    axes = const_axes(node, rank)
     if axes is None:
         return False
-    axes = [a % rank for a in axes]
     if layout.axis in axes:
         return False
     keepdims = node.attrs.get("keepdims", 1)
@@ -236,10 +233,9 @@ def _split(cg: ChannelGroups, node: Node, keep) -> bool:
     layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
     axis = node.attrs.get("axis", 0)
     if node.op_type == "Slice":
-        axes = node.input(3).const if len(node.inputs) > 3 and node.input(3) is not None else None
-        if rank is None or axes is None:
+        touched = const_axes(node, rank) if rank is not None else None
+        if touched is None:
             return False
-        touched = [int(a) % rank for a in np.atleast_1d(axes)]
     else:
         touched = [axis % rank] if rank is not None else None
     if touched is None or layout.axis in touched:
@@ -260,20 +256,16 @@ def _reshape(cg: ChannelGroups, node: Node, keep) -> bool:
     elif op == "Transpose":
         new_axis = transpose_perm(node, rank).index(axis)
     elif op == "Squeeze" or op == "Unsqueeze":
-        axes = node.attrs.get("axes")
-        if axes is None and len(node.inputs) > 1 and node.input(1) is not None and node.input(1).const is not None:
-            axes = node.input(1).const.tolist()
+        axes = const_axes(node, rank if op == "Squeeze" else out_rank)
         if axes is None:
             return False
         if op == "Squeeze":
-            axes = [a % rank for a in axes]
             if axis in axes:
                 return False
             new_axis = axis - sum(a < axis for a in axes)
         else:
-            axes = sorted(a % out_rank for a in axes)
             new_axis = axis
-            for a in axes:
+            for a in sorted(axes):
                 if a <= new_axis:
                     new_axis += 1
     elif op in REGROUPING and _same_dims(x.shape[:axis + 1], out.shape[:axis + 1]):

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import empty_concat_inputs
-from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
+from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, const_axes, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
                       SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
@@ -169,9 +169,8 @@ def _repeat(value: Value) -> tuple[Value, int, list[Node]] | None:
     x, wide = unsqueeze.input(0), expand.output
     if x.shape is None or wide.shape is None or value.shape is None or len(x.shape) != 4 or len(wide.shape) != 5:
         return None
-    axes = unsqueeze.input(1).const if len(unsqueeze.inputs) > 1 and unsqueeze.input(1) is not None else None
     n, heads = wide.shape[2], x.shape[1]
-    if axes is None or [int(a) % 5 for a in np.ravel(axes)] != [2] or not isinstance(n, int) \
+    if const_axes(unsqueeze, 5) != [2] or not isinstance(n, int) \
             or not isinstance(heads, int) or list(wide.shape) != [*x.shape[:2], n, *x.shape[2:]] \
             or list(value.shape) != [x.shape[0], heads * n, *x.shape[2:]]:
         return None
@@ -217,8 +216,8 @@ def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] 
     if heads == 1 or any(o.shape is None or len(o.shape) != rank or o.shape[head] != heads for o in node.outputs):
         return None
     if node.op_type == "Slice":
-        axes = node.input(3).const if len(node.inputs) > 3 and node.input(3) is not None else None
-        if axes is None or head in [int(a) % rank for a in np.ravel(axes)]:
+        axes = const_axes(node, rank)
+        if axes is None or head in axes:
             return None
         operands = [node.input(0)]
     elif node.op_type == "Split":  # of another dim (GPT-NeoX: q, k and v out of each head's channels)
@@ -230,8 +229,8 @@ def _head_operands(node: Node, head: int, heads: int, rank: int) -> list[Value] 
             return None
         operands = [u for u, empty in zip(node.inputs, empty_concat_inputs(node)) if not empty]
     elif node.op_type.startswith("Reduce"):  # over other dims, keeping them (RMSNorm's mean of squares)
-        axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else node.attrs.get("axes")
-        if axes is None or not node.attrs.get("keepdims", 1) or head in [int(a) % rank for a in np.ravel(axes)]:
+        axes = const_axes(node, rank)
+        if axes is None or not node.attrs.get("keepdims", 1) or head in axes:
             return None
         operands = [node.input(0)]
     elif len(node.inputs) == 1:  # Neg, Sqrt, Reciprocal, Cast, Identity
@@ -357,11 +356,8 @@ def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -
         elif node.op_type == "Identity":
             pass
         elif node.op_type == "Unsqueeze":
-            axes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
-            if axes is None:
-                return False
-            axes = sorted(int(a) % len(v.shape) for a in np.ravel(axes))
-            if head in axes:
+            axes = const_axes(node, len(v.shape))
+            if axes is None or head in axes:
                 return False
             head -= sum(a < head for a in axes)
         elif node.op_type == "Transpose":
