@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import NEVER_FOLDED, TORCH_DOMAIN, UNREPEATABLE_TORCH_OPS
+from ..ir.ops import MAX_FOLDED_ELEMENTS, NEVER_FOLDED, TORCH_DOMAIN, UNREPEATABLE_TORCH_OPS
+from ..patterns import remove_dead
 
-MAX_ELEMENTS = 1 << 22  # as cleanup: a constant larger than this stays computed
 VARIABLE_KINDS = ("parameter", "buffer")
 
 
@@ -33,16 +33,14 @@ def fold_opaque_constants(graph: Graph) -> int:
     boundary = [v for n in part for v in n.outputs
                 if v.is_graph_output or any(id(u) not in inside for u, _ in v.uses)]
     if not boundary or any(v.shape is None or any(not isinstance(d, int) for d in v.shape)
-                           or int(np.prod(v.shape)) > MAX_ELEMENTS for v in boundary):
+                           or int(np.prod(v.shape)) > MAX_FOLDED_ELEMENTS for v in boundary):
         return 0
     arrays = _run(graph, part, boundary)
     for v, array in zip(boundary, arrays):
         const = graph.add_constant(f"{v.name}_computed", array)
         const.dtype, const.shape = v.dtype, v.shape
         graph.replace_all_uses(v, const)
-    for node in reversed(part):
-        if not any(o.uses or o.is_graph_output for o in node.outputs):
-            graph.remove(node, safe=False)
+    remove_dead(graph, part)
     graph.remove_unused_constants()
     return len(boundary)
 

@@ -95,6 +95,9 @@ KEEPS_VALUES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxP
 # Ops cleanup never constant-folds: random ones, Dropout (kept for training) and DequantizeLinear (what keeps a
 # quantized model's integer weights)
 RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+# The most elements a constant lowbit computes once may have (cleanup's folding, the torch lowerer's opaque
+# constant regions): a larger one stays computed, as the model computed it
+MAX_FOLDED_ELEMENTS = 1 << 22
 # Words in the name of an opaque torch op (aten::randn.default, aten::empty_like.default) whose result differs
 # from run to run: drawn at random, or uninitialized memory; never computed once at lowering
 UNREPEATABLE_TORCH_OPS = ("rand", "normal", "uniform", "bernoulli", "multinomial", "dropout", "empty")

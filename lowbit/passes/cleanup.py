@@ -23,12 +23,9 @@ from onnx import helper
 from ..backends.onnx import node_proto
 from ..ir.graph import Graph, Node
 from ..ir.infer import pad_shape
-from ..ir.ops import NEVER_FOLDED, SHAPE_PICKERS
+from ..ir.ops import MAX_FOLDED_ELEMENTS, NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
-
-MAX_FOLDED_ELEMENTS = 1 << 22
-
 
 def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
     """Run one node on its constant inputs (or `arrays`, by input index) with onnx.reference."""
