@@ -489,9 +489,15 @@ def cast_to(lw, v: Value, dtype: str, suffix: str) -> Value:
     """`v` as `dtype`: itself, or a Cast of it."""
     if v.dtype == dtype:
         return v
-    cast = lw.op("Cast", [v], {"to": to_onnx_dtype(dtype)}, suffix=f"{suffix}_cast")
-    cast.dtype, cast.shape = dtype, v.shape
-    return cast
+    return typed(lw.op("Cast", [v], {"to": to_onnx_dtype(dtype)}, suffix=f"{suffix}_cast"), dtype, v.shape)
+
+
+def converted(lw, xv: Value, dtype: str) -> Value:
+    """x as `dtype`, as the fx node's own result (x.to(dtype), x.type_as(y)): an Identity where it has that type
+    already, else a Cast."""
+    if xv.dtype == dtype:
+        return lw.op("Identity", [xv])
+    return lw.op("Cast", [xv], {"to": to_onnx_dtype(dtype)})
 
 
 for _op, _overload in BINARY.items():
@@ -513,8 +519,7 @@ HANDLERS[aten.silu.default] = _unary("Swish")
 @handles(aten.rsqrt.default)
 def _rsqrt(lw, node, x):
     """1 / sqrt(x) (RMSNorm's): ONNX has no Rsqrt, so Sqrt then Reciprocal."""
-    root = lw.op("Sqrt", [lw.val(x)], suffix="_sqrt")
-    root.dtype, root.shape = lw.type_of(node.meta["val"])
+    root = typed(lw.op("Sqrt", [lw.val(x)], suffix="_sqrt"), *lw.type_of(node.meta["val"]))
     return lw.op("Reciprocal", [root])
 
 
@@ -565,8 +570,7 @@ def _clip_by_tensors(lw, node, x, min=None, max=None):
 def _isinf(lw, node, x):
     """isinf(x) -> Equal(Abs(x), inf): ONNX's IsInf is outside lowbit's vocabulary, and this is the same test."""
     xv = lw.val(x)
-    magnitude = lw.op("Abs", [xv], suffix="_abs")
-    magnitude.dtype, magnitude.shape = xv.dtype, xv.shape
+    magnitude = typed(lw.op("Abs", [xv], suffix="_abs"), xv.dtype, xv.shape)
     return lw.op("Equal", [magnitude, lw.python_scalar(float("inf"), xv.dtype, "inf")])
 
 
@@ -577,8 +581,7 @@ def _any(lw, node, x):
     if xv.dtype != "bool":
         return NotImplemented
     ones = cast_to(lw, xv, "float32", "")
-    total = lw.op("ReduceSum", [ones], {"keepdims": 0}, suffix="_count")
-    total.dtype, total.shape = "float32", ()
+    total = typed(lw.op("ReduceSum", [ones], {"keepdims": 0}, suffix="_count"), "float32", ())
     return lw.op("Greater", [total, lw.python_scalar(0.0, "float32", "zero")])
 
 
@@ -856,9 +859,7 @@ def _to(lw, node, x, *args, **kwargs):
     src, dst = node.args[0].meta.get("val"), node.meta.get("val")
     if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
         return NotImplemented
-    if src.dtype == dst.dtype:
-        return lw.op("Identity", [lw.val(x)])
-    return lw.op("Cast", [lw.val(x)], {"to": to_onnx_dtype(from_torch_dtype(dst.dtype))})
+    return converted(lw, lw.val(x), from_torch_dtype(dst.dtype))
 
 
 from . import torch_indexing  # noqa: E402,F401  (registers the index/compare/range/pad handlers)

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..backends.torch_ops import PAD_MODES
 from ..ir.types import from_torch_dtype
-from .torch_fx import cast_to, handles
+from .torch_fx import cast_to, handles, typed
 
 aten = torch.ops.aten
 
@@ -239,7 +239,6 @@ def _full_like(lw, node, x, fill_value, **kwargs):
     """torch.full_like(x, v) -> Expand(v, Shape(x)): a constant where x's shape is static (cleanup folds it)."""
     if isinstance(fill_value, fx.Node):
         return NotImplemented
-    shape = lw.op("Shape", [lw.val(x)], suffix="_shape")
-    shape.dtype, shape.shape = "int64", (len(node.meta["val"].shape),)
+    shape = typed(lw.op("Shape", [lw.val(x)], suffix="_shape"), "int64", (len(node.meta["val"].shape),))
     value = lw.python_scalar(fill_value, from_torch_dtype(node.meta["val"].dtype), "value")
     return lw.op("Expand", [value, shape])

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir.types import from_torch_dtype, to_onnx_dtype
-from .torch_fx import handles, transpose_2d, typed
+from ..ir.types import from_torch_dtype
+from .torch_fx import converted, handles, transpose_2d, typed
 
 aten = torch.ops.aten
 
@@ -25,12 +25,8 @@ aten = torch.ops.aten
 @handles(aten.type_as.default)
 def _type_as(lw, node, x, other):
     """x.type_as(other) -> Cast to other's dtype (x itself where they match)."""
-    xv, dtype = lw.val(x), lw.val(other).dtype
-    if dtype is None:
-        return NotImplemented
-    if xv.dtype == dtype:
-        return lw.op("Identity", [xv])
-    return lw.op("Cast", [xv], {"to": to_onnx_dtype(dtype)})
+    dtype = lw.val(other).dtype
+    return NotImplemented if dtype is None else converted(lw, lw.val(x), dtype)
 
 
 @handles(aten.numpy_T.default)
