@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .torch_fx import handles, typed
+from .torch_tensors import sum_of_squares
 
 aten = torch.ops.aten
 
@@ -47,10 +48,10 @@ def _group_norm(lw, node, x, groups, weight=None, bias=None, eps=1e-5, cudnn_ena
     normed = typed(lw.op("LayerNormalization", [grouped, ones], {"axis": -1, "epsilon": float(eps)},
                           suffix="_normalized"), xv.dtype, grouped.shape)
     shape = typed(lw.op("Shape", [xv], suffix="_shape"), "int64", (rank,))
-    out = normed = typed(lw.op("Reshape", [normed, shape], suffix="_ungrouped"), xv.dtype, xv.shape)
+    out = typed(lw.op("Reshape", [normed, shape], suffix="_ungrouped"), xv.dtype, xv.shape)
     if weight is not None:
-        out = typed(lw.op("Mul", [normed, _per_channel(lw, weight, rank, "scale")], suffix="_scaled"),
-                     xv.dtype, xv.shape)
+        out = typed(lw.op("Mul", [out, _per_channel(lw, weight, rank, "scale")], suffix="_scaled"),
+                    xv.dtype, xv.shape)
     if bias is None:
         return lw.op("Identity", [out])
     return lw.op("Add", [out, _per_channel(lw, bias, rank, "shift")])
@@ -62,14 +63,9 @@ def _weight_norm(lw, node, v, g, dim=0):
     vv, gv = lw.val(v), lw.val(g)
     if vv.shape is None:
         return NotImplemented
-    rank = vv.rank
-    axes = [a for a in range(rank) if a != dim % rank]
-    kept = tuple(d if a == dim % rank else 1 for a, d in enumerate(vv.shape))
-    square = typed(lw.op("Mul", [vv, vv], suffix="_square"), vv.dtype, vv.shape)
-    total = typed(lw.op("ReduceSum", [square, lw.ints(axes, "axes")], {"keepdims": 1}, suffix="_sum"),
-                   vv.dtype, kept)
-    norm = typed(lw.op("Sqrt", [total], suffix="_norm"), vv.dtype, kept)
-    gain = typed(lw.op("Div", [gv, norm], suffix="_gain"), vv.dtype, kept)
+    total = sum_of_squares(lw, vv, [a for a in range(vv.rank) if a != dim % vv.rank], keepdims=True)
+    norm = typed(lw.op("Sqrt", [total], suffix="_norm"), vv.dtype, total.shape)
+    gain = typed(lw.op("Div", [gv, norm], suffix="_gain"), vv.dtype, total.shape)
     return lw.op("Mul", [vv, gain])
 
 

@@ -157,13 +157,17 @@ def _vector_norm(lw, node, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         return NotImplemented
     xv = lw.val(x)
     axes = list(range(xv.rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
-    reduced = tuple(1 if i in [a % xv.rank for a in axes] else d for i, d in enumerate(xv.shape or ()))
-    if ord == 1:
-        magnitude = typed(lw.op("Abs", [xv], suffix="_abs"), xv.dtype, xv.shape)
-        return lw.op("ReduceSum", [magnitude, lw.ints(axes, "axes")], {"keepdims": int(keepdim)})
-    square = typed(lw.op("Mul", [xv, xv], suffix="_square"), xv.dtype, xv.shape)
-    total = typed(lw.op("ReduceSum", [square, lw.ints(axes, "axes")], {"keepdims": int(keepdim)}, suffix="_sum"),
-                   xv.dtype, reduced if keepdim else tuple(d for i, d in enumerate(reduced)
-                                                          if i not in [a % xv.rank for a in axes]))
-    return lw.op("Sqrt", [total])
+    if ord == 2:
+        return lw.op("Sqrt", [sum_of_squares(lw, xv, axes, keepdim)])
+    magnitude = typed(lw.op("Abs", [xv], suffix="_abs"), xv.dtype, xv.shape)
+    return lw.op("ReduceSum", [magnitude, lw.ints(axes, "axes")], {"keepdims": int(keepdim)})
 
+
+def sum_of_squares(lw, xv, axes: list[int], keepdims: bool):
+    """ReduceSum of x * x over `axes` (an L2 norm's before its Sqrt), typed."""
+    axes = sorted({a % xv.rank for a in axes})
+    shape = None if xv.shape is None else tuple(
+        1 if i in axes else d for i, d in enumerate(xv.shape) if keepdims or i not in axes)
+    square = typed(lw.op("Mul", [xv, xv], suffix="_square"), xv.dtype, xv.shape)
+    return typed(lw.op("ReduceSum", [square, lw.ints(axes, "axes")], {"keepdims": int(keepdims)}, suffix="_sum"),
+                 xv.dtype, shape)
