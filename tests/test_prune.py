@@ -641,3 +641,39 @@ def test_t5s_heads_go_in_every_layer_at_once_with_their_column_of_the_shared_pos
                                zeroed, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_attentions_tied_by_a_shared_term_keep_their_heads_when_one_of_them_cannot_lose_any():
+    """Two attentions add the same per-head term (a bias table's rows) to their scores, which ties their heads;
+    the second also adds a term that something else reads (the model's output), so its heads stay. The first's
+    must stay too, with the table whole: cutting only the first's heads would take the second's columns."""
+    class SharedBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(8))
+            self.shared, self.own = (torch.nn.Parameter(torch.randn(11, 2)) for _ in range(2))
+            self.register_buffer("index", torch.randint(0, 11, (6, 6), generator=torch.Generator().manual_seed(0)))
+
+        def attend(self, x, first, *terms):
+            b, n, _ = x.shape
+            q, k, v = (p(x).reshape(b, n, 2, 8).transpose(1, 2) for p in self.proj[first:first + 3])
+            scores = q @ k.transpose(-1, -2) * 0.35
+            for t in terms:
+                scores = scores + t
+            y = torch.softmax(scores, dim=-1) @ v
+            return self.proj[first + 3](y.transpose(1, 2).reshape(b, n, 16))
+
+        def forward(self, x):
+            shared, own = (t[self.index].permute(2, 0, 1)[None] for t in (self.shared, self.own))
+            h = x + self.attend(x, 0, shared)
+            return h + self.attend(h, 4, shared, own) + own.mean()
+
+    model = SharedBias().eval()
+    x = torch.randn(2, 6, 16)
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    assert [pruned.get_parameter(f"proj.{i}.weight").shape for i in (0, 4)] == [(16, 16), (16, 16)]
+    assert pruned.get_parameter("shared").shape == (11, 2)
+    reasons = {r["blocked"] for r in graph_of(pruned).meta["pruning"] if r["blocked"]}
+    assert any("shares a term per head" in r for r in reasons), reasons
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)

@@ -307,24 +307,33 @@ def _keep_heads(kept: dict[str, str], core: _Core, reason: str) -> None:
 
 def _tie_shared_terms(found: list[tuple[HeadStructure, _Core]], kept: dict[str, str]) -> list[HeadStructure]:
     """Tie the attentions whose per-head terms share values: where every read of such a value is one of their
-    walks', their heads go together (the same heads of every layer); else they all stay."""
+    walks', their heads go together (the same heads of every layer); else they all stay, and so do the heads of
+    every attention tied to them through another value (ties are transitive)."""
     reads: dict[int, tuple[Value, set, list]] = {}
     for structure, core in found:
         for value, reader, port in structure.shared_reads:
             entry = reads.setdefault(id(value), (value, set(), []))
             entry[1].add((id(reader), port))
             entry[2].append((structure, core))
+    staying = {key for key, (value, traced, owners) in reads.items()
+               if value.is_graph_output or {(id(u), p) for u, p in value.uses} != traced
+               or len({s.heads for s, _ in owners}) != 1}
     dropped: set[int] = set()
-    for value, traced, owners in reads.values():
-        sizes = {s.heads for s, _ in owners}
-        if value.is_graph_output or {(id(u), p) for u, p in value.uses} != traced or len(sizes) != 1:
-            for structure, core in owners:
-                dropped.add(id(structure))
-                _keep_heads(kept, core, f"attention {structure.attention.name!r} shares a term per head "
-                                        f"({value.name!r}) with what lowbit cannot prune with it: its heads stay")
-            continue
-        first = owners[0][0]
-        first.tied.extend(s for s, _ in owners[1:] if s is not first and s not in first.tied)
+    while staying:
+        key = staying.pop()
+        value, _, owners = reads[key]
+        for structure, core in owners:
+            if id(structure) in dropped:
+                continue
+            dropped.add(id(structure))
+            _keep_heads(kept, core, f"attention {structure.attention.name!r} shares a term per head "
+                                    f"({value.name!r}) with what lowbit cannot prune with it: its heads stay")
+            staying |= {k for k, (_, _, others) in reads.items()
+                        if k != key and any(s is structure for s, _ in others)}
+    for value, _, owners in reads.values():
+        if not any(id(s) in dropped for s, _ in owners):
+            first = owners[0][0]
+            first.tied.extend(s for s, _ in owners[1:] if s is not first and s not in first.tied)
     return [s for s, _ in found if id(s) not in dropped]
 
 
