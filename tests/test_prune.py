@@ -201,14 +201,23 @@ def test_the_vit_prunes_whole_heads_and_leaves_only_the_classifier():
     assert [(row["channels"], row["kept"]) for row in heads] == [(4, 2), (4, 2)]  # 4 heads -> 2, per block
 
 
-def _zero_the_rows_reading_removed_heads(chosen):
-    """Zero the output projection's weight rows ([in, out]) that read the heads `chosen` removes."""
+def _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol: float, openvino: bool = False):
+    """Zero the output projection's weight rows ([in, out]) that read the heads `chosen` removes and run that;
+    then shrink `graph`: it verifies and computes what the zeroed one did, in ONNX Runtime (and OpenVINO)."""
     for m in chosen.groups.members:
         positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
         if len(positions):
             array = np.array(m.value.const)
             array[positions] = 0
             m.value.const = array
+    feeds = {graph.inputs[0].name: x.numpy()}
+    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), feeds)[0]
+    shrink(graph, chosen.groups, chosen.removed)
+    graph.verify()
+    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), feeds)[0], zeroed, rtol=1e-5, atol=atol)
+    if openvino:
+        np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
@@ -224,13 +233,8 @@ def test_only_the_removed_heads_change_the_output(origin):
     chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
     pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
     assert [(row["channels"], row["kept"]) for row in pruned] == [(4, 2), (4, 2)]
-    _zero_the_rows_reading_removed_heads(chosen)
-    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
-    shrink(graph, chosen.groups, chosen.removed)
-    graph.verify()
+    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-6)
     assert next(v for v in graph.constants.values() if "qkv" in v.name and v.const.ndim == 2).const.shape[1] == 48
-    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
-                               zeroed, rtol=1e-5, atol=1e-6)
 
 
 def test_prune_filters_runs_inside_a_pipeline_and_the_users_model_is_untouched():
@@ -442,13 +446,8 @@ def test_swins_heads_go_with_their_rows_of_the_relative_position_bias_table(orig
     assert [(row["channels"], row["kept"]) for row in pruned] == [(2, 1)] * 3
     tables = [v for v in graph.constants.values() if v.name.endswith("relative_position_bias_table")]
     assert len(tables) == 3 and all(t.const.shape == (49, 2) for t in tables)
-    _zero_the_rows_reading_removed_heads(chosen)
-    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
-    shrink(graph, chosen.groups, chosen.removed)
-    graph.verify()
+    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-6)
     assert all(t.const.shape == (49, 1) for t in tables)
-    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
-                               zeroed, rtol=1e-5, atol=1e-6)
 
 
 def test_heads_read_by_a_per_head_term_lowbit_cannot_cut_stay_and_the_report_says_why():
@@ -517,8 +516,9 @@ def _small_decoder(family: str, use_cache: bool = False) -> torch.nn.Module:
 def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that_read_them(family, origin,
                                                                                            use_cache):
     """Llama, Qwen2 (biased projections), Mistral, Qwen3 (an RMSNorm of each query and key head) and Gemma-2 (eager
-    attention: a soft cap on the scores, dropout after the Softmax): 4 query heads share 2 key/value heads (repeat_kv: an Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg,
-    Concat, Mul, Add on head_dim) stands between each projection's split into heads and the attention; with
+    attention: a soft cap on the scores, dropout after the Softmax): 4 query heads share 2 key/value heads
+    (repeat_kv: an Unsqueeze, Expand and Reshape), and a rotary embedding (Slices, Neg, Concat, Mul, Add on
+    head_dim) stands between each projection's split into heads and the attention; with
     the cache on, keys and values are also joined to the (empty) cache. A group is one key/value head with its 2
     query heads. With the MLPs excluded, only heads go: zero the output projection's rows that read the query
     heads about to be removed, and the pruned model computes what the zeroed one does, in ONNX Runtime and
@@ -532,16 +532,9 @@ def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that
     chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
     pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
     assert pruned == [([f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], 2, 1) for i in range(2)]
-    _zero_the_rows_reading_removed_heads(chosen)
-    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
-    shrink(graph, chosen.groups, chosen.removed)
-    graph.verify()
+    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
     widths = {name: v.const.shape for name, v in graph.constants.items() if "self_attn" in name and v.const.ndim == 2}
     assert sorted(widths.values()) == [(16, 32)] * 2 + [(32, 8)] * 4 + [(32, 16)] * 2  # o_proj; k, v; q (as [in, out])
-    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
-                               zeroed, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
-                               rtol=1e-4, atol=1e-4)
 
 
 def test_masks_zero_a_linear_layers_filters_in_the_modules_own_layout_and_strip_to_the_shrunk_decoder():
@@ -601,14 +594,7 @@ def test_heads_prune_through_a_per_head_qkv_split_and_scaled_queries(family):
     chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
     pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
     assert pruned == [([f"model.{name.format(i=i)}" for name in attention], 4, 2) for i in range(2)]
-    _zero_the_rows_reading_removed_heads(chosen)
-    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
-    shrink(graph, chosen.groups, chosen.removed)
-    graph.verify()
-    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
-                               zeroed, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
-                               rtol=1e-4, atol=1e-4)
+    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
 
 
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
@@ -632,15 +618,8 @@ def test_t5s_heads_go_in_every_layer_at_once_with_their_column_of_the_shared_pos
     assert pruned == [(attention, 4, 2)]
     table = next(v for v in graph.constants.values() if v.name.endswith("relative_attention_bias.weight"))
     assert table.const.shape == (32, 4)
-    _zero_the_rows_reading_removed_heads(chosen)
-    zeroed = run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0]
-    shrink(graph, chosen.groups, chosen.removed)
-    graph.verify()
+    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
     assert table.const.shape == (32, 2)
-    np.testing.assert_allclose(run_onnx(lowbit.codegen(graph, "onnx"), {graph.inputs[0].name: x.numpy()})[0],
-                               zeroed, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])[0], zeroed,
-                               rtol=1e-4, atol=1e-4)
 
 
 def test_attentions_tied_by_a_shared_term_keep_their_heads_when_one_of_them_cannot_lose_any():
