@@ -25,6 +25,8 @@ VARIABLE_KINDS = ("parameter", "buffer")
 
 def fold_opaque_constants(graph: Graph) -> int:
     """Replace what opaque torch ops compute from constants alone by constants; returns how many values."""
+    if not any(n.domain == TORCH_DOMAIN for n in graph):  # most models: nothing to look for
+        return 0
     region = _constant_region(graph)
     part = _opaque_part(region)
     if not part:
