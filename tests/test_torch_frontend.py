@@ -287,23 +287,29 @@ def test_rsqrt_of_an_rms_norm_lowers_to_sqrt_then_reciprocal():
 def test_a_weight_transposed_in_forward_is_the_constant_weight_of_a_layer():
     """Falcon multiplies by `self.weight.T` in forward: the MatMul reads the transposed weight as a constant (the
     module keeps its own layout), so it quantizes and prunes as a layer; before, it read a Transpose node and
-    pruning found no group in Falcon at all."""
+    pruning found no group in Falcon at all. w.t(), w.transpose(0, 1) and w.permute(1, 0) are the same."""
     class TransposedInForward(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.randn(8, 6))
             self.out = torch.nn.Parameter(torch.randn(4, 8))
+            self.last = torch.nn.Parameter(torch.randn(4, 4))
+            self.head = torch.nn.Parameter(torch.randn(2, 4))
 
         def forward(self, x):
-            return torch.relu(x @ self.weight.T) @ self.out.t()
+            y = torch.relu(torch.relu(x @ self.weight.T) @ self.out.t()) @ self.last.transpose(0, 1)
+            return y @ self.head.permute(1, 0)
 
     model = TransposedInForward().eval()
     x = torch.randn(3, 6)
     graph = lowbit.lower(model, (x,))
     matmuls = [n for n in graph if n.op_type == "MatMul"]
-    assert [n.input(1).const.shape for n in matmuls] == [(6, 8), (8, 4)]
+    assert [n.input(1).const.shape for n in matmuls] == [(6, 8), (8, 4), (4, 4), (4, 2)]
     assert all(n.input(1).meta["torch_transposed"] for n in matmuls)
     q = lowbit.quantize(model, lowbit.Dataset([torch.randn(3, 6) for _ in range(4)]))
-    assert sum(n.op_type == "FakeQuantize" and n.input(0).const is not None for n in lowbit.api.graph_of(q)) == 2
+    assert sum(n.op_type == "FakeQuantize" and n.input(0).const is not None for n in lowbit.api.graph_of(q)) == 4
     pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
-    assert dict((k, tuple(v.shape)) for k, v in pruned.named_parameters()) == {"weight": (4, 6), "out": (4, 4)}
+    assert dict((k, tuple(v.shape)) for k, v in pruned.named_parameters()) == {
+        "weight": (4, 6), "out": (2, 4), "last": (2, 2), "head": (2, 2)}
+    with torch.no_grad():
+        np.testing.assert_allclose(lowbit.codegen(graph, "torch")(x).numpy(), model(x).numpy(), rtol=0, atol=0)

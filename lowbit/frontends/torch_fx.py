@@ -720,7 +720,7 @@ def _reshape(lw, node, x, shape):
 @handles(aten.permute.default)
 def _permute(lw, node, x, dims):
     rank = lw.val(x).rank
-    return lw.op("Transpose", [lw.val(x)], {"perm": [d % rank for d in dims]})
+    return transposed(lw, lw.val(x), [d % rank for d in dims])
 
 
 @handles(aten.transpose.int)
@@ -729,21 +729,22 @@ def _transpose(lw, node, x, a, b):
     perm = list(range(rank))
     a, b = a % rank, b % rank
     perm[a], perm[b] = perm[b], perm[a]
-    return lw.op("Transpose", [lw.val(x)], {"perm": perm})
+    return transposed(lw, lw.val(x), perm)
 
 
 @handles(aten.t.default)
 def _t(lw, node, x):
-    return transpose_2d(lw, lw.val(x))
+    return transposed(lw, lw.val(x), [1, 0] if lw.val(x).rank == 2 else [0])
 
 
-def transpose_2d(lw, xv: Value) -> Value:
-    """x.t(); of a 2-D weight (Falcon's `x @ self.weight.T`), the transposed weight as a constant, so that the
-    MatMul reading it is a layer that quantizes and prunes."""
-    if xv.rank == 2 and xv.const is not None and xv.meta.get("torch_kind") == "parameter" \
+def transposed(lw, xv: Value, perm: list[int]) -> Value:
+    """x with its dims in `perm`'s order. A 2-D weight swapped in forward (Falcon's `x @ self.weight.T`, w.t(),
+    w.transpose(0, 1), w.permute(1, 0)) is the transposed weight as a constant, so that the MatMul reading it
+    is a layer that quantizes and prunes."""
+    if perm == [1, 0] and xv.const is not None and xv.meta.get("torch_kind") == "parameter" \
             and not xv.meta.get("torch_transposed"):
         return transposed_weight(lw, xv)
-    return lw.op("Transpose", [xv], {"perm": [1, 0]} if xv.rank == 2 else {"perm": [0]})
+    return lw.op("Transpose", [xv], {"perm": perm})
 
 
 @handles(aten.cat.default)

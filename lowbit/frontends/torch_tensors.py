@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.types import from_torch_dtype
-from .torch_fx import converted, handles, transpose_2d, typed
+from .torch_fx import converted, handles, transposed, typed
 
 aten = torch.ops.aten
 
@@ -32,9 +32,7 @@ def _type_as(lw, node, x, other):
 @handles(aten.numpy_T.default)
 def _numpy_t(lw, node, x):
     """x.T: the dims reversed (of a 2-D weight, as x.t(): a transposed constant a layer reads)."""
-    if lw.val(x).rank == 2:
-        return transpose_2d(lw, lw.val(x))
-    return lw.op("Transpose", [lw.val(x)], {"perm": list(range(lw.val(x).rank))[::-1]})
+    return transposed(lw, lw.val(x), list(range(lw.val(x).rank))[::-1])
 
 
 @handles(aten.reshape_as.default)
