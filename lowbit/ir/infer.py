@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Node, Value
-from .ops import op_info, transpose_perm
+from .ops import DIM_CARRIERS, SHAPE_PICKERS, op_info, transpose_perm
 from .types import Shape, from_onnx_dtype
 
 
@@ -60,9 +60,9 @@ def infer_output(node: Node) -> tuple[str | None, Shape]:
         perm = transpose_perm(node, len(first.shape))
         if sorted(perm) == list(range(len(first.shape))):
             dtype, shape = first.dtype, tuple(first.shape[p] for p in perm)
-    elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and ins[1].const is not None \
-            and not node.attrs.get("allowzero", 0):
-        dtype, shape = first.dtype, _reshape(first.shape, ins[1].const)
+    elif op == "Reshape" and len(ins) == 2 and ins[1] is not None and not node.attrs.get("allowzero", 0):
+        target = shape_entries(ins[1])
+        dtype, shape = first.dtype, (_reshape(first.shape, target) if target is not None else None)
     elif op == "QuantizeLinear" and len(ins) >= 3 and ins[2] is not None:
         dtype, shape = ins[2].dtype, first.shape
     elif op == "DequantizeLinear" and len(ins) >= 2 and ins[1] is not None:
@@ -147,6 +147,27 @@ def reinfer(graph, *, only_stale: bool = False) -> int:
     return changed
 
 
+def refine_shapes(graph) -> int:
+    """Where inference gives a dim that a value's record holds as symbolic or unknown, take it: a static size,
+    or the symbol of the input it follows from (an exporter's shape inference saw sizes computed at run time and
+    made up names: transformers' MobileNetV2 "same" pads, torch.onnx.export's `x.view(batch, tokens, -1, 16)`);
+    in order, so that what follows sees it. Recorded static dims are never changed. Returns how many values were
+    refined."""
+    refined = 0
+    for node in graph:
+        if not node.outputs:
+            continue
+        shape, out = infer_output(node)[1], node.outputs[0]
+        if shape is None or (out.shape is not None and len(out.shape) != len(shape)):
+            continue
+        new = shape if out.shape is None else tuple(i if i is not None and not isinstance(r, int) else r
+                                                    for r, i in zip(out.shape, shape))
+        if new != out.shape:
+            out.shape = new
+            refined += 1
+    return refined
+
+
 def stale_type(node: Node) -> str | None:
     """Why `node`'s first output's recorded dtype or shape contradicts what its inputs give, or None. Only
     facts known on both sides count: a dtype, a rank, a static dim."""
@@ -213,17 +234,96 @@ def _concat(shapes: list, axis: int) -> Shape:
     return tuple(dims)
 
 
-def _reshape(shape: Shape, target: np.ndarray) -> Shape:
-    dims = [int(d) for d in target.reshape(-1)]
+def shape_entries(v: Value, known: dict[int, list] | None = None) -> list | None:
+    """The entries of a 1-D int64 value that holds dims, each an int, a symbolic dim (its name) or None (unknown):
+    a constant, or dims read with Shape, picked with a Gather or Slice by constant indices and joined with
+    Unsqueeze and Concat (how torch.onnx.export writes `x.view(x.size(0), -1, 16)`); None for anything else.
+    `known` gives the entries of some values by id (picked_dims: which dims a Shape's readers take)."""
+    if known is not None and id(v) in known:
+        return known[id(v)]
+    if v.const is not None:
+        return [int(d) for d in np.ravel(v.const)] if np.issubdtype(v.const.dtype, np.integer) else None
+    node = v.producer
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Shape":
+        shape = node.input(0).shape
+        return None if shape is None else list(shape)[node.attrs.get("start", 0):node.attrs.get("end", len(shape))]
+    if op in DIM_CARRIERS or op in SHAPE_PICKERS:
+        parts = [shape_entries(x, known) for x in (node.inputs if op == "Concat" else node.inputs[:1])]
+        if any(p is None for p in parts):
+            return None
+        dims = [d for p in parts for d in p]
+        if op == "Gather":
+            index = node.input(1).const
+            if index is None or node.attrs.get("axis", 0) != 0 or not all(-len(dims) <= i < len(dims)
+                                                                          for i in np.ravel(index)):
+                return None
+            return [dims[int(i)] for i in np.ravel(index)]
+        if op == "Slice":
+            bounds = [x.const if x is not None else None for x in node.inputs[1:]]
+            if len(bounds) < 2 or any(b is None or b.size != 1 for b in bounds[:2]) or \
+                    any(b is not None and b.size != 1 for b in bounds[2:]):
+                return None
+            step = int(np.ravel(bounds[3])[0]) if len(bounds) > 3 and bounds[3] is not None else 1
+            return dims[int(np.ravel(bounds[0])[0]):int(np.ravel(bounds[1])[0]):step]
+        return dims
+    return None
+
+
+def picked_dims(shape_op: Node) -> list[tuple[Node, list[int]]] | None:
+    """For a Shape node: each reader of its output with the dims of the Shape's input it picks (a Gather or Slice
+    by constant indices); None where a reader is anything else (the whole shape read at once)."""
+    x = shape_op.input(0)
+    if x.shape is None:
+        return None
+    rank = len(x.shape)
+    dims = list(range(rank))[shape_op.attrs.get("start", 0):shape_op.attrs.get("end", rank)]
+    picked = []
+    for reader, port in shape_op.output.uses:
+        if port != 0 or reader.domain or reader.op_type not in SHAPE_PICKERS:
+            return None
+        held = {id(reader.input(0)): dims}
+        entries = shape_entries(reader.output, held)
+        if entries is None:
+            return None
+        picked.append((reader, entries))
+    return picked
+
+
+def _reshape(shape: Shape, target: list) -> Shape:
+    """A Reshape's output from its input's shape and target entries (ints, symbolic dims, None): a 0 copies the
+    input's dim, and a -1 is what the input's dims leave once the other entries are divided out, symbols
+    cancelling symbols (`[batch, 12, 32]` to `[batch, 12, -1, 16]` gives 2)."""
     out: list = []
-    for i, d in enumerate(dims):
+    for i, d in enumerate(target):
         if d == 0:
             out.append(shape[i] if shape is not None and i < len(shape) else None)
-        elif d == -1:
+        elif d == -1 or (isinstance(d, int) and d < -1):
             out.append(None)
         else:
             out.append(d)
-    if -1 in dims and shape is not None and all(isinstance(d, int) for d in shape):
-        known = int(np.prod([d for d in out if d is not None]))
-        out[dims.index(-1)] = int(np.prod(shape)) // max(known, 1)
+    if -1 in target and shape is not None:
+        out[target.index(-1)] = _remaining_dim(list(shape), [d for i, d in enumerate(out) if i != target.index(-1)])
     return tuple(out)
+
+
+def _remaining_dim(dims: list, divided_by: list):
+    """The dim that the product of `dims` leaves once divided by the product of `divided_by` (ints and symbolic
+    dims), or None where it is not a whole int or one symbol."""
+    if any(d is None for d in dims + divided_by):
+        return None
+    left = [d for d in dims if not isinstance(d, int)]
+    for d in divided_by:
+        if not isinstance(d, int):
+            if d not in left:
+                return None
+            left.remove(d)
+    num = int(np.prod([d for d in dims if isinstance(d, int)]))
+    den = int(np.prod([d for d in divided_by if isinstance(d, int)]))
+    if den == 0 or num % den:
+        return None
+    if not left:
+        return num // den
+    return left[0] if len(left) == 1 and num == den else None

@@ -53,9 +53,10 @@ class OpInfo:
 # inputs (broadcast); "normalize" keeps them, with per-channel parameters (BatchNormalization) or over an axis;
 # "pool" keeps them and changes the spatial size; "reduce" may remove the axis it reduces; "concat" and
 # "split" join and cut along an axis (attribute `axis`); "reshape" moves them (Reshape, Flatten, Transpose, ...);
-# "index" picks some (Gather); "opaque" is anything a pass cannot follow.
+# "index" picks some (Gather); "size" reads the sizes of its input, not its values (Shape); "opaque" is anything
+# a pass cannot follow.
 FLOWS = ("layer", "grouped", "elementwise", "normalize", "pool", "reduce", "concat", "split", "reshape", "index",
-         "opaque")
+         "size", "opaque")
 
 
 def _ops(*infos: OpInfo) -> dict[str, OpInfo]:
@@ -80,7 +81,7 @@ SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
              "GatherND", "Split",
              "Concat", "Expand", "Tile", "Identity", "Shape", "Cast", "Pad", "DepthToSpace", "SpaceToDepth")
 SHAPE_FLOW = {"Slice": "split", "Split": "split", "Concat": "concat", "Gather": "index", "GatherElements": "index",
-              "GatherND": "index", "Identity": "elementwise", "Cast": "elementwise", "Shape": "opaque",
+              "GatherND": "index", "Identity": "elementwise", "Cast": "elementwise", "Shape": "size",
               "Pad": "pool"}
 
 # Shape ops a quantizer does not move up through: Shape and Cast change the dtype, Concat joins several grids
@@ -187,6 +188,8 @@ ORT_QDQ_READERS = LAYERS | {"Add", "Mul", "AveragePool", "GlobalAveragePool"}
 ORT_FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Ops that pick dims out of a Shape's output (cleanup folds those that pick static dims)
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})
+# Ops that carry dims read with Shape on, unchanged, to a Reshape's target (`x.view(x.size(0), -1, 16)`)
+DIM_CARRIERS = frozenset({"Concat", "Unsqueeze", "Cast"})
 # Elementwise ops NNCF's transformer model type leaves unquantized (their inputs get no quantizer)
 TRANSFORMER_FP32_ELEMENTWISE = frozenset({"Add", "Mul"})
 

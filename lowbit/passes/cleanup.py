@@ -9,7 +9,10 @@ attention scale computed from it), and replaces its outputs by constants,
 except a
 DequantizeLinear: an integer weight and its DequantizeLinear are how a QDQ
 model says a layer runs in INT8, so folding it would silently dequantize the
-model. Nodes whose outputs nothing reads are removed, last to first.
+model. Shapes are then refined: a dim the exporter's shape inference left
+symbolic, which the folded sizes now give (a Pad's pads, a Reshape's target
+with its -1), becomes static. Nodes whose outputs nothing reads are removed,
+last to first.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from onnx import helper
 
 from ..backends.onnx import node_proto
 from ..ir.graph import Graph, Node
-from ..ir.infer import pad_shape
+from ..ir.infer import refine_shapes
 from ..ir.ops import MAX_FOLDED_ELEMENTS, NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
@@ -99,22 +102,6 @@ def fold_constants(graph: Graph) -> int:
     return folded
 
 
-def refine_pad_shapes(graph: Graph) -> int:
-    """Give a Pad whose pads folded into a constant the output shape they imply: shape inference saw pads
-    computed at run time (transformers' MobileNetV2 "same" padding) and left every dim symbolic, the channel
-    count included."""
-    refined = 0
-    for node in graph.nodes:
-        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
-            continue
-        shape, out = pad_shape(node), node.output
-        if shape is not None and shape != out.shape and (out.shape is None or len(out.shape) == len(shape)) and \
-                sum(isinstance(d, int) for d in shape) > sum(isinstance(d, int) for d in out.shape or ()):
-            out.shape = shape
-            refined += 1
-    return refined
-
-
 def remove_dead_nodes(graph: Graph) -> int:
     removed = 0
     for node in reversed(graph.nodes):
@@ -134,7 +121,7 @@ class Cleanup(Pass):
         folded = fold_constants(graph)
         if folded:  # what folding made constant (a Pad's pads, computed from shapes) may now match a rule
             fired.update(rules.apply(graph))
-        counts = {"fold_constants": folded, "refine_pad_shapes": refine_pad_shapes(graph),
+        counts = {"fold_constants": folded, "refine_shapes": refine_shapes(graph),
                   "remove_dead_nodes": remove_dead_nodes(graph),
                   "remove_unused_constants": graph.remove_unused_constants()}
         fired.update({k: v for k, v in counts.items() if v})
