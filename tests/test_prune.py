@@ -201,14 +201,17 @@ def test_the_vit_prunes_whole_heads_and_leaves_only_the_classifier():
     assert [(row["channels"], row["kept"]) for row in heads] == [(4, 2), (4, 2)]  # 4 heads -> 2, per block
 
 
-def _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol: float, openvino: bool = False):
-    """Zero the output projection's weight rows ([in, out]) that read the heads `chosen` removes and run that;
-    then shrink `graph`: it verifies and computes what the zeroed one did, in ONNX Runtime (and OpenVINO)."""
+def _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol: float, openvino: bool = False):
+    """Zero the weight entries that read the channels `chosen` removes (the output projection's rows, for heads)
+    and run that; then shrink `graph`: it verifies and computes what the zeroed one did, in ONNX Runtime (and
+    OpenVINO)."""
     for m in chosen.groups.members:
         positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
         if len(positions):
             array = np.array(m.value.const)
-            array[positions] = 0
+            index = [slice(None)] * array.ndim
+            index[m.axis] = positions
+            array[tuple(index)] = 0
             m.value.const = array
     feeds = {graph.inputs[0].name: x.numpy()}
     zeroed = run_onnx(lowbit.codegen(graph, "onnx"), feeds)[0]
@@ -233,7 +236,7 @@ def test_only_the_removed_heads_change_the_output(origin):
     chosen = plan(graph, PruneSpec(0.5, config_list=exclude))
     pruned = [row for row in chosen.report if row["kept"] < row["channels"]]
     assert [(row["channels"], row["kept"]) for row in pruned] == [(4, 2), (4, 2)]
-    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-6)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-6)
     assert next(v for v in graph.constants.values() if "qkv" in v.name and v.const.ndim == 2).const.shape[1] == 48
 
 
@@ -446,7 +449,7 @@ def test_swins_heads_go_with_their_rows_of_the_relative_position_bias_table(orig
     assert [(row["channels"], row["kept"]) for row in pruned] == [(2, 1)] * 3
     tables = [v for v in graph.constants.values() if v.name.endswith("relative_position_bias_table")]
     assert len(tables) == 3 and all(t.const.shape == (49, 2) for t in tables)
-    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-6)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-6)
     assert all(t.const.shape == (49, 1) for t in tables)
 
 
@@ -532,7 +535,7 @@ def test_grouped_query_attention_loses_key_value_heads_with_the_query_heads_that
     chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
     pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
     assert pruned == [([f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"], 2, 1) for i in range(2)]
-    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
     widths = {name: v.const.shape for name, v in graph.constants.items() if "self_attn" in name and v.const.ndim == 2}
     assert sorted(widths.values()) == [(16, 32)] * 2 + [(32, 8)] * 4 + [(32, 16)] * 2  # o_proj; k, v; q (as [in, out])
 
@@ -594,7 +597,7 @@ def test_heads_prune_through_a_per_head_qkv_split_and_scaled_queries(family):
     chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
     pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
     assert pruned == [([f"model.{name.format(i=i)}" for name in attention], 4, 2) for i in range(2)]
-    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
 
 
 @pytest.mark.parametrize("origin", ["torch", "onnx"])
@@ -618,7 +621,7 @@ def test_t5s_heads_go_in_every_layer_at_once_with_their_column_of_the_shared_pos
     assert pruned == [(attention, 4, 2)]
     table = next(v for v in graph.constants.values() if v.name.endswith("relative_attention_bias.weight"))
     assert table.const.shape == (32, 4)
-    _shrinks_to_what_zeroing_the_removed_heads_gives(graph, chosen, x, atol=1e-5, openvino=True)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
     assert table.const.shape == (32, 2)
 
 
@@ -656,3 +659,52 @@ def test_attentions_tied_by_a_shared_term_keep_their_heads_when_one_of_them_cann
     assert any("shares a term per head" in r for r in reasons), reasons
     with torch.no_grad():
         np.testing.assert_allclose(pruned(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _torch_onnx_export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    """`module` as torch.onnx.export (TorchScript) writes it, with a dynamic batch: what a user brings as an ONNX
+    file."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (x,), buffer, input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("family", ["Bert", "Segformer"])
+def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family):
+    """torch.onnx.export stores equal initializers once (the zero biases of every layer: one tensor that layers
+    of different groups add), reads sizes with Shape (the batch for every view; `x.flatten(2)` as Reshape(x,
+    [Shape(x)[0:2], -1])), splits heads by a target with a -1 ([batch, tokens, -1, head_dim]) and makes kT with
+    one Transpose from the split, scaled after it. Each layer gets its own cut of a shared bias, and the file
+    loses the same channels and heads as its torch module: BERT its heads and MLPs (its pooler is dead code in
+    the file), Segformer a stage's width as well. The pruned file computes what the pruned module does, in ONNX
+    Runtime and OpenVINO."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import LastHiddenState
+
+    config = {"Bert": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64),
+              "Segformer": dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2])}[family]
+    torch.manual_seed(0)
+    module = getattr(transformers, f"{family}Model")(getattr(transformers, f"{family}Config")(**config))
+    module = LastHiddenState(module.eval(), text=False).eval()
+    x = torch.randint(0, 100, (2, 12)) if family == "Bert" else torch.randn(2, 3, 32, 32)
+    file = _torch_onnx_export(module, x[:1])
+
+    def pruned_rows(graph, dead=()):
+        return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report
+                      if row["kept"] < row["channels"] and (row["layers"][0], row["channels"]) not in dead)
+    dead = [("model.pooler.dense", 32)] if family == "Bert" else []
+    rows = pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
+    assert rows == pruned_rows(lowbit.lower(module, (x,)), dead)
+    assert len(rows) == (4 if family == "Bert" else 5)
+    with torch.no_grad():
+        expected = lowbit.prune(module, 0.5, example_inputs=(x,))(x).numpy()
+    pruned = lowbit.prune(file, 0.5)
+    assert sum(np.prod(i.dims) for i in pruned.graph.initializer) < sum(np.prod(i.dims) for i in file.graph.initializer)
+    feeds = {"x": x.numpy()}
+    np.testing.assert_allclose(run_onnx(pruned, feeds)[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(lowbit.lower(pruned), "openvino"), [x.numpy()])[0],
+                               expected, rtol=1e-4, atol=1e-4)

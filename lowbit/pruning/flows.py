@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import Node, Value
-from ..ir.ops import (REGROUPING, activation_axis, attribute, channel_params, const_axes, transpose_perm,
-                      weight_in_axis, weight_out_axis, weight_quantizer)
+from ..ir.infer import picked_dims
+from ..ir.ops import (DIM_CARRIERS, REGROUPING, activation_axis, attribute, channel_params, const_axes,
+                      transpose_perm, weight_in_axis, weight_out_axis, weight_quantizer)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -326,6 +327,31 @@ def _index(cg: ChannelGroups, node: Node, keep) -> bool:
     return True
 
 
+def _size(cg: ChannelGroups, node: Node, keep) -> bool:
+    """A Shape of channels reads their count, not their values. Each dim it gives must be picked out (a Gather or
+    Slice by constant indices); one that is the channel axis may only go, as it is, into the target of a Reshape
+    of the very value the Shape reads (torch.onnx.export's `x.flatten(2)`: Reshape(x, [Shape(x)[0:2], -1])),
+    which then reads the kept count. Anywhere else the count would change behind the graph's back (a Reshape of
+    other values by it), and the channels stay."""
+    x, layout = node.input(0), cg.layout(node.input(0))
+    picked = picked_dims(node)
+    return picked is not None and all(layout.axis not in dims or _only_reshapes(picker.output, x)
+                                      for picker, dims in picked)
+
+
+def _only_reshapes(sizes: Value, x: Value) -> bool:
+    """`sizes` (dims of `x`) reaches nothing but the target of Reshapes of `x`, through DIM_CARRIERS."""
+    for user, port in sizes.uses:
+        if user.domain or port < 0:
+            return False
+        if user.op_type == "Reshape" and port == 1 and user.input(0) is x:
+            continue
+        if user.op_type not in DIM_CARRIERS or (user.op_type != "Concat" and port != 0) \
+                or not _only_reshapes(user.output, x):
+            return False
+    return True
+
+
 HANDLERS = {"layer": _layer, "grouped": _grouped, "elementwise": _elementwise, "normalize": _normalize,
           "pool": _pool, "reduce": _reduce, "concat": _concat, "split": _split, "reshape": _reshape,
-          "index": _index}
+          "index": _index, "size": _size}

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.infer import empty_concat_inputs
+from ..ir.infer import empty_concat_inputs, picked_dims
 from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, const_axes, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
                       SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
 
@@ -276,6 +276,7 @@ class _Core:
     v: Value
     out: Value
     nodes: list[Node]
+    k_transposed: bool = False  # k is kT, [batch, heads, head_dim, tokens] (no Transpose of k alone before q @ kT)
 
 
 def find_heads(graph: Graph) -> tuple[list[HeadStructure], dict[str, str]]:
@@ -452,9 +453,11 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
             return None
         nodes.append(step)
     qk = scores.producer
-    kt = qk.input(1).producer if qk is not None and qk.op_type == "MatMul" else None
-    if kt is None or kt.op_type != "Transpose" or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]:
+    if qk is None or qk.op_type != "MatMul" or qk.domain:
         return None
+    kt = qk.input(1).producer
+    if kt is not None and (kt.op_type != "Transpose" or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]):
+        kt = None  # kT made otherwise (torch.onnx.export: one Transpose [0, 2, 3, 1] from the split, then a scale)
     probabilities = node.output
     while len(probabilities.users) == 1 and probabilities.users[0].op_type in PROBABILITY_STEPS \
             and not probabilities.users[0].domain and len(probabilities.users[0].outputs) == 1:
@@ -464,11 +467,16 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input(0) is not probabilities:
         return None
     pv = users[0]
+    if kt is None:
+        return _Core(qk.input(0), qk.input(1), pv.input(1), pv.output, [qk, *nodes, pv], k_transposed=True)
     return _Core(qk.input(0), kt.input(0), pv.input(1), pv.output, [qk, kt, *nodes, pv])
 
 
 def _structure(core: _Core) -> HeadStructure | None:
     paths = [_back(v) for v in (core.q, core.k, core.v)]
+    if core.k_transposed and paths[1] is not None and len(paths[1].labels) == 4:  # kT's labels, as k's
+        labels = paths[1].labels
+        paths[1].labels = [labels[0], labels[1], labels[3], labels[2]]
     if any(p is None or len(p.labels) != 4 or p.labels[1][0] != "f" or p.labels[3][0] != "f" for p in paths):
         return None
     # the attention's heads: each path's, times its repeat (grouped-query attention repeats the key/value heads)
@@ -488,10 +496,19 @@ def _structure(core: _Core) -> HeadStructure | None:
     if not _forward(structure, core.out, inside):
         return None
     # every value inside is read only inside (a projection output used elsewhere would lose channels)
-    for value, _, _ in structure.value_dims:
-        if value.is_graph_output or any(id(u) not in inside for u, _ in value.uses):
+    for value, dim, _ in structure.value_dims:
+        if value.is_graph_output or any(id(u) not in inside and not _reads_sizes_but(u, dim) for u, _ in value.uses):
             return None
     return structure
+
+
+def _reads_sizes_but(node: Node, dim: int) -> bool:
+    """`node` is a Shape whose readers pick dims of its input other than `dim` (torch.onnx.export reads the batch
+    size of a value it reshapes so): pruning the heads in `dim` changes nothing it gives."""
+    if node.op_type != "Shape" or node.domain:
+        return False
+    picked = picked_dims(node)
+    return picked is not None and all(dim not in dims for _, dims in picked)
 
 
 def _add_path(structure: HeadStructure, path: _Path, inside: set[int], outer_seen: dict[int, set[int]]) -> bool:
@@ -628,7 +645,7 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
     structure.out_width = width
     structure.value_dims.append((v, head, repeat))
     while True:
-        users = v.users
+        users = [u for u in v.users if not _reads_sizes_but(u, head)]
         if len(users) != 1 or users[0].domain:
             return False
         node = users[0]

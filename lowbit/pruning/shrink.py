@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir.graph import Graph
+from ..ir.graph import Graph, Node, Value
 from ..ir.infer import reinfer
 from ..ir.ops import weight_quantizer
 from .groups import ChannelGroups, Layout, Segment
@@ -35,18 +35,43 @@ def _kept_size(layout: Layout, removed: dict[int, np.ndarray], find) -> int:
     return layout.size - sum(gone)
 
 
+def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.ndarray]]]) -> None:
+    """Cut constant `v` for the member `readers` (node, port, {axis: positions}) that read it. Readers that lose
+    the same entries share one cut; `v` itself is cut in place (its name, a parameter's, stays) when one cut
+    serves every use of it, and otherwise each cut is a new constant. A constant that several layers read (an
+    exporter stores equal initializers once: the zero biases of every layer of a model) keeps what each of them
+    needs."""
+    by_cut: dict[tuple, list[tuple[Node, int]]] = {}
+    for node, port, by_axis in readers:
+        key = tuple(sorted((axis, positions.astype(np.int64).tobytes()) for axis, positions in by_axis.items()))
+        by_cut.setdefault(key, []).append((node, port))
+    every_use = {(id(n), p) for n, p in v.uses}
+    for key, nodes in by_cut.items():
+        smaller = np.asarray(v.const)
+        for axis, positions in key:  # a layer's weight loses filters (axis 0) and input channels
+            smaller = np.delete(smaller, np.frombuffer(positions, np.int64), axis=axis)
+        smaller = np.array(smaller, order="C")  # contiguous, its rank kept
+        if len(by_cut) == 1 and {(id(n), p) for n, p in nodes} >= every_use:
+            v.const = smaller
+            return
+        copy = graph.add_constant(f"{v.name}_pruned", smaller)
+        copy.meta.update(v.meta)
+        for node, port in nodes:
+            node.set_input(port, copy)
+
+
 def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
     """Remove `removed[group root]` (channel indices) from every member; returns how many constants changed."""
     find = cg.find
-    cuts: dict[int, tuple] = {}  # id(value) -> (value, {axis: positions}, [(node, port), ...])
+    cuts: dict[int, tuple] = {}  # id(value) -> (value, {(id(node), port): (node, port, {axis: positions})})
     for m in cg.members:
         positions = _positions(m.segments, removed, find)
         if not positions.size:
             continue
         v = m.value
-        _, by_axis, readers = cuts.setdefault(id(v), (v, {}, []))
+        _, readers = cuts.setdefault(id(v), (v, {}))
+        _, _, by_axis = readers.setdefault((id(m.node), m.port), (m.node, m.port, {}))
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
-        readers.append((m.node, m.port))
     grouped = []  # (grouped Conv, the node and port its cut weight is read at: the Conv, or its quantizer)
     for node in graph:
         if node.op_type == "Conv" and node.attrs.get("group", 1) > 1:
@@ -54,18 +79,9 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
             holder, port = (fq, 0) if fq is not None else (node, 1)
             if id(holder.input(port)) in cuts:
                 grouped.append((node, holder, port))
-    for v, by_axis, readers in cuts.values():
-        smaller = np.asarray(v.const)
-        for axis, positions in by_axis.items():  # a layer's weight loses filters (axis 0) and input channels
-            smaller = np.delete(smaller, positions.astype(np.int64), axis=axis)
-        smaller = np.array(smaller, order="C")  # contiguous, its rank kept
-        if {(id(n), p) for n, p in readers} >= {(id(n), p) for n, p in v.uses}:
-            v.const = smaller  # every reader is a member: cut it in place (its name, a parameter's, stays)
-        else:
-            copy = graph.add_constant(f"{v.name}_pruned", smaller)
-            copy.meta.update(v.meta)
-            for node, port in readers:
-                node.set_input(port, copy)
+    for v, readers in cuts.values():
+        _cut(graph, v, list(readers.values()))
+    graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
     for node, holder, port in grouped:  # a depthwise Conv's group follows its filters
         node.attrs["group"] = int(holder.input(port).const.shape[0])
     for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
