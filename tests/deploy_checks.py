@@ -132,3 +132,9 @@ def host_has_vnni() -> bool:
     except OSError:
         return True
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+# The overflow fix a user deploying to this test host uses (README: `overflow_fix`): the default where the CPU has
+# VNNI, the 7-bit weight grid where its u8 x s8 kernels saturate. A test that runs what lowbit wrote in this host's
+# int8 kernels and compares numbers quantizes with it; what lowbit writes never depends on the host.
+HOST_OVERFLOW_FIX = "first_layer" if host_has_vnni() else "enable"

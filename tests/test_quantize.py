@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_onnx, run_openvino
-from deploy_checks import activation_quantizers, repeated_quantizers
+from deploy_checks import HOST_OVERFLOW_FIX, activation_quantizers, repeated_quantizers
 
 import lowbit
 from lowbit.backends.torch_fq import FakeQuantize
@@ -444,7 +444,8 @@ def token_mlp():
     user = TokenMLP().eval()
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(8, 5, 16, generator=g) for _ in range(4)]
-    return user, lowbit.quantize(user, lowbit.Dataset(data)), torch.randn(16, 5, 16, generator=g)
+    return user, lowbit.quantize(user, lowbit.Dataset(data), overflow_fix=HOST_OVERFLOW_FIX), \
+        torch.randn(16, 5, 16, generator=g)
 
 
 def test_quantized_token_linears_keep_parameter_layout(token_mlp):

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import lowbit
 from conftest import run_onnx, run_openvino
+from deploy_checks import HOST_OVERFLOW_FIX, host_has_vnni
 from lowbit import InputShapeError
 
 
@@ -250,7 +251,7 @@ def test_phi3_whose_rotary_pass_through_part_is_empty_quantizes_and_runs_in_onnx
     torch.manual_seed(0)
     model = transformers.Phi3Model(config).eval()
     items = [torch.randint(0, 100, (1, 10)) for _ in range(4)]
-    q = lowbit.quantize(model, lowbit.Dataset(items), model_type="transformer")
+    q = lowbit.quantize(model, lowbit.Dataset(items), model_type="transformer", overflow_fix=HOST_OVERFLOW_FIX)
     graph = graph_of(q)
     concats = [n for n in graph if n.op_type == "Concat"]
     assert concats and not [n.name for n in concats for v in n.inputs if v.shape and v.shape[-1] == 0]
@@ -286,12 +287,15 @@ def _quantizes_to_onnx_ops_and_agrees_in_onnx_runtime_and_openvino(family: str, 
     model = getattr(transformers, f"{family}Model")(getattr(transformers, f"{family}Config")(**config,
                                                                                             use_cache=False))
     q = lowbit.quantize(model.eval(), lowbit.Dataset([torch.randint(0, 100, (1, 10)) for _ in range(4)]),
-                        model_type="transformer")
+                        model_type="transformer", overflow_fix=HOST_OVERFLOW_FIX)
     graph = lowbit.api.graph_of(q)
     assert not [n.op_type for n in graph if n.domain and n.domain != "org.openvinotoolkit"]
     x, simulation = _agrees_in_onnx_runtime(q, graph)
     (got, *_) = run_openvino(lowbit.codegen(graph, "openvino"), [x.numpy()])
-    np.testing.assert_allclose(got, simulation, rtol=1e-2, atol=1e-2)
+    # without VNNI, OpenVINO runs query x key as a plain, saturating INT8 MatMul (test_deploy.py): Qwen2 and
+    # Mistral then differ by up to 0.045 (measured on an AVX2-only CPU)
+    tolerance = 1e-2 if host_has_vnni() else 5e-2
+    np.testing.assert_allclose(got, simulation, rtol=tolerance, atol=tolerance)
 
 
 # the config of each text family below, at the zoo's small width with one layer (transformers' names)
@@ -540,7 +544,7 @@ def test_natural_length_sentences_calibrate_a_torch_bert_captured_with_a_dynamic
     model, _, model_type = build("bert", "small")
     g = torch.Generator().manual_seed(0)
     items = [torch.randint(0, 100, (1, n), generator=g) for n in (12, 7, 9, 12, 5, 10, 7, 3)]
-    q = lowbit.quantize(model, lowbit.Dataset(items), model_type=model_type)
+    q = lowbit.quantize(model, lowbit.Dataset(items), model_type=model_type, overflow_fix=HOST_OVERFLOW_FIX)
     for x in (items[1], torch.randint(0, 100, (2, 6), generator=g)):
         with torch.no_grad():
             fp32, sim = model(x).numpy(), q(x).numpy()

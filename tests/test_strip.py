@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_onnx
+from deploy_checks import HOST_OVERFLOW_FIX
 from models import REFERENCE_MODELS
 
 import lowbit
@@ -17,7 +18,7 @@ def quantized():
     factory, shape = REFERENCE_MODELS["se"]
     model = factory()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
-    return model, x, lowbit.quantize(model, lowbit.Dataset([x[:1], x[1:]]))
+    return model, x, lowbit.quantize(model, lowbit.Dataset([x[:1], x[1:]]), overflow_fix=HOST_OVERFLOW_FIX)
 
 
 @pytest.mark.parametrize("form", ["native", "dequantize"])
