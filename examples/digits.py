@@ -116,5 +116,7 @@ def trained(name: str = "digits_cnn", factory=None, epochs: int = 30, size: int 
     x, y, _, _ = load_digits_split(size=size, channels=channels)
     train(model, x, y, epochs, cosine=cosine)
     CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, path)  # whole or absent: another process (a parallel test worker) may be reading it
     return model.eval()

@@ -14,6 +14,7 @@ length or at each sentence's natural length.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def tokenizer():
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator(sentences(), vocab_size=VOCAB, min_frequency=2)
     CACHE.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tok.save(str(partial))
+    os.replace(partial, path)  # whole or absent: a parallel test worker may be reading it
     return Tokenizer.from_file(str(path))
 
 
@@ -123,5 +126,7 @@ def encoder() -> SentenceEncoder:
     else:
         _train_mlm(mlm, encode(sentences(), padded=True), STEPS)
         CACHE.mkdir(parents=True, exist_ok=True)
-        torch.save(mlm.state_dict(), path)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        torch.save(mlm.state_dict(), partial)
+        os.replace(partial, path)  # whole or absent: a parallel test worker may be reading it
     return SentenceEncoder(mlm.bert).eval()

@@ -1,5 +1,6 @@
 """Shared fixtures: quiet runtimes, the reference models, and runners for each backend."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 ort.set_default_logger_severity(3)
 torch.manual_seed(0)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)  # one of two workers on two cores: torch's own threads would only contend
 
 
 def run_onnx(model, feeds):
