@@ -646,3 +646,26 @@ def test_a_relu_conv_output_needs_no_extra_quantizer_and_a_vit_patch_embedding_g
     conv = next(n for n in q.lowbit_graph if n.op_type == "Conv")
     assert conv.input(0).producer.op_type == "FakeQuantize"  # a quantized layer ...
     assert [u.op_type for u in conv.output.users] == ["Reshape"]  # ... whose output stays FP32
+
+
+@pytest.mark.parametrize("origin", ["torch", "onnx"])
+def test_the_fix_for_cpus_without_vnni_keeps_query_times_key_fp32(origin):
+    """A MatMul of two activations (the ViT's query x key: an Attention node from torch, a MatMul reading the
+    Softmax's inputs from an ONNX file) multiplies two full 8-bit grids, which saturate on a CPU without VNNI
+    where it runs as a plain INT8 MatMul: overflow_fix="enable" leaves it FP32, with its weights on the 7-bit
+    grid; the default quantizes both of its inputs."""
+    model, ds = _vit()
+    source = model if origin == "torch" else lowbit.codegen(lowbit.lower(model, (next(iter(ds)),)), "onnx")
+    if origin == "onnx":
+        ds = lowbit.Dataset([x.numpy() for x in ds])
+    quantized = {}
+    for mode in ("first_layer", "enable"):
+        q = lowbit.compile(source, PTQ, dataset=ds, model_type="transformer", overflow_fix=mode, progress=False)
+        graph = graph_of(q) if origin == "torch" else lowbit.lower(q)
+        two = [n for n in graph if n.op_type in ("Attention", "MatMul") and not any(
+            v is not None and (v.const is not None or (v.producer is not None and v.producer.input(0).const
+                                                        is not None)) for v in n.inputs[:2])]
+        quantized[mode] = sorted(sum(v.producer is not None and v.producer.op_type in ("FakeQuantize", "DequantizeLinear") for v in n.inputs[:2]) for n in two)
+    # from torch: the two Attention nodes; from ONNX: query x key and probabilities x V (FP32 either way) of each
+    expected = {"torch": ([2, 2], [0, 0]), "onnx": ([0, 0, 2, 2], [0, 0, 0, 0])}[origin]
+    assert (quantized["first_layer"], quantized["enable"]) == expected

@@ -12,7 +12,8 @@ Options (ctx.options): `preset` ("performance": symmetric activations;
 "mixed": asymmetric), `model_type` ("transformer", as NNCF's: mixed preset by
 default, element-wise Add/Mul and the attention-probabilities x V MatMul stay
 FP32, a MatMul of two activations gets symmetric quantizers), `range_estimator` (see quant/stats.py),
-`overflow_fix` ("enable", "first_layer" (default), "disable"; 8-bit weights only), `batch_size`
+`overflow_fix` ("enable", "first_layer" (default), "disable"; 8-bit weights only; "enable" also keeps
+every MatMul of two activations FP32), `batch_size`
 for calibration, `bits` (quant/bits.py: 2 to 8 bits per weight or activation, per layer), `range_learning`
 (how the torch module's quantizers train: "range" or "lsq").
 """
@@ -28,7 +29,7 @@ from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
 from ..patterns.library.bn_folding import merged_pairs, merged_weight
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
-from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers
+from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers, reads_two_activations
 from ..quant.ranges import fq_range
 from ..quant.stats import RangeStats
 from ..quant.summary import DERIVABLE_ESTIMATORS, Need
@@ -112,6 +113,13 @@ def half_range_weights(graph: Graph, points: list[QuantPoint], mode: str) -> set
     default, as NNCF) only on the first convolutions, whose inputs are widest,
     "disable" nowhere. The choice is the caller's: nothing here reads the CPU
     that quantizes, since the model is deployed elsewhere.
+
+    A MatMul of two activations (attention's query x key) multiplies two full
+    8-bit grids, which no weight grid fixes: OpenVINO, which fuses attention
+    only on CPUs with AVX-512, runs it as a plain INT8 MatMul elsewhere, and on
+    an AVX2-only CPU a ViT then lands 19.7 dB from the simulation (69 dB with
+    query x key in FP32). So "enable" also leaves those MatMuls FP32
+    (`quant_points`).
     """
     weights = [p for p in points if p.kind == "weight" and p.config.bits == 8]  # NNCF's fix: 8-bit grids only
     if mode == "enable":
@@ -140,6 +148,8 @@ def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     transformer = ctx.options.model_type == "transformer"
     if transformer:
         ignored |= attention_output_matmuls(graph)
+    if ctx.options.overflow_fix == "enable":  # the grid for CPUs without VNNI: see half_range_weights
+        ignored |= {n.name for n in graph if reads_two_activations(n)}
     points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
                               skip_ops=TRANSFORMER_FP32_ELEMENTWISE if transformer else frozenset(),
                               transformer=transformer)

@@ -137,7 +137,7 @@ def attention_output_matmuls(graph: Graph) -> set[str]:
     return names
 
 
-def _reads_two_activations(node: Node) -> bool:
+def reads_two_activations(node: Node) -> bool:
     """A MatMul of two activations, or an Attention (query x key)."""
     if node.domain:
         return False
@@ -185,7 +185,7 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
                 continue
             if v.producer is not None and _same_group(v.producer, node):
                 continue
-            ask(v, _Request(node, port, cfg.activations, {group} if group else set(), _reads_two_activations(node),
+            ask(v, _Request(node, port, cfg.activations, {group} if group else set(), reads_two_activations(node),
                             frozenset({node.name})))
 
     # Move requests up through agnostic ops, consumers first.
