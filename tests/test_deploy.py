@@ -22,7 +22,7 @@ graph). MobileNetV2 keeps its random initialisation: it needs 40 epochs at
 The agreement runs this host's int8 kernels, so the model is quantized as a
 user deploying to this CPU would: the default overflow fix where the CPU has
 VNNI, `overflow_fix="enable"` (the documented grid for AVX2-only CPUs) where
-it does not. What lowbit writes never depends on the host (test_no_host_dependence).
+it does not. What lowbit writes never depends on the host (test_export.py: test_no_module_reads_the_host_cpu).
 """
 
 import collections
