@@ -15,6 +15,15 @@ torch.manual_seed(0)
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)  # one of two workers on two cores: torch's own threads would only contend
 
+SLOWEST_FILES = ("test_zoo.py", "test_prune.py", "test_deploy.py", "test_robustness_torch.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest files first: the two workers take one file at a time (pyproject's addopts), and a slow file
+    taken last would leave one of them running it alone."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def run_onnx(model, feeds):
     """Run an onnx.ModelProto in ONNX Runtime; feeds maps input name -> array."""
