@@ -234,6 +234,12 @@ def _concat(shapes: list, axis: int) -> Shape:
     return tuple(dims)
 
 
+def shape_output(shape_op: Node, dims):
+    """What Shape node `shape_op` gives for its input's `dims` (a list or array): those from its start to its
+    end."""
+    return dims[shape_op.attrs.get("start", 0):shape_op.attrs.get("end", len(dims))]
+
+
 def shape_entries(v: Value, known: dict[int, list] | None = None) -> list | None:
     """The entries of a 1-D int64 value that holds dims, each an int, a symbolic dim (its name) or None (unknown):
     a constant, or dims read with Shape, picked with a Gather or Slice by constant indices and joined with
@@ -249,7 +255,7 @@ def shape_entries(v: Value, known: dict[int, list] | None = None) -> list | None
     op = node.op_type
     if op == "Shape":
         shape = node.input(0).shape
-        return None if shape is None else list(shape)[node.attrs.get("start", 0):node.attrs.get("end", len(shape))]
+        return None if shape is None else shape_output(node, list(shape))
     if op in DIM_CARRIERS or op in SHAPE_PICKERS:
         parts = [shape_entries(x, known) for x in (node.inputs if op == "Concat" else node.inputs[:1])]
         if any(p is None for p in parts):
@@ -279,7 +285,7 @@ def picked_dims(shape_op: Node) -> list[tuple[Node, list[int]]] | None:
     if x.shape is None:
         return None
     rank = len(x.shape)
-    dims = list(range(rank))[shape_op.attrs.get("start", 0):shape_op.attrs.get("end", rank)]
+    dims = shape_output(shape_op, list(range(rank)))
     picked = []
     for reader, port in shape_op.output.uses:
         if port != 0 or reader.domain or reader.op_type not in SHAPE_PICKERS:

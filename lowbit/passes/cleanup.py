@@ -25,7 +25,7 @@ from onnx import helper
 
 from ..backends.onnx import node_proto
 from ..ir.graph import Graph, Node
-from ..ir.infer import refine_shapes
+from ..ir.infer import refine_shapes, shape_output
 from ..ir.ops import MAX_FOLDED_ELEMENTS, NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
@@ -66,7 +66,7 @@ def _static_part_of_shape(node: Node, opset: int) -> list[np.ndarray] | None:
     if shape is None:
         return None
     dims = np.array([d if isinstance(d, int) else DYNAMIC - i for i, d in enumerate(shape)], dtype=np.int64)
-    dims = dims[shape_op.attrs.get("start", 0):shape_op.attrs.get("end", len(dims))]
+    dims = shape_output(shape_op, dims)
     try:
         results = evaluate(node, opset, {0: dims})
     except Exception:
@@ -86,7 +86,7 @@ def fold_constants(graph: Graph) -> int:
                 continue
         elif node.op_type == "Shape":
             dims = np.array(node.input(0).shape, dtype=np.int64)
-            results = [dims[node.attrs.get("start", 0):node.attrs.get("end", len(dims))]]
+            results = [shape_output(node, dims)]
         else:
             try:
                 results = evaluate(node, opset)

@@ -43,13 +43,13 @@ def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.nda
     needs."""
     by_cut: dict[tuple, list[tuple[Node, int]]] = {}
     for node, port, by_axis in readers:
-        key = tuple(sorted((axis, positions.astype(np.int64).tobytes()) for axis, positions in by_axis.items()))
+        key = tuple(sorted((axis, tuple(positions.tolist())) for axis, positions in by_axis.items()))
         by_cut.setdefault(key, []).append((node, port))
     every_use = {(id(n), p) for n, p in v.uses}
     for key, nodes in by_cut.items():
         smaller = np.asarray(v.const)
         for axis, positions in key:  # a layer's weight loses filters (axis 0) and input channels
-            smaller = np.delete(smaller, np.frombuffer(positions, np.int64), axis=axis)
+            smaller = np.delete(smaller, np.asarray(positions, np.int64), axis=axis)
         smaller = np.array(smaller, order="C")  # contiguous, its rank kept
         if len(by_cut) == 1 and {(id(n), p) for n, p in nodes} >= every_use:
             v.const = smaller
