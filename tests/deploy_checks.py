@@ -98,11 +98,12 @@ def ort_optimized_ops(path: str | Path) -> collections.Counter:
     return collections.Counter(n.op_type for n in optimized.graph.node)
 
 
-def openvino_layer_precisions(path: str | Path) -> collections.Counter:
-    """(layer type, runtime precision) counts of the conv/matmul layers OpenVINO's CPU plugin runs."""
+def openvino_layer_precisions(model) -> collections.Counter:
+    """(layer type, runtime precision) counts of the conv/matmul layers OpenVINO's CPU plugin runs of `model` (a
+    file's path, or an ov.Model)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    compiled = ov.Core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU")
     counts = collections.Counter()
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

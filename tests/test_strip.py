@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_onnx
-from deploy_checks import HOST_OVERFLOW_FIX
+from deploy_checks import HOST_OVERFLOW_FIX, int8_count, openvino_layer_precisions
 from models import REFERENCE_MODELS
 
 import lowbit
@@ -51,6 +51,8 @@ def test_a_stripped_module_exports_with_torch_and_runs_in_openvino(quantized, tm
     torch.onnx.export(plain, (x,), str(tmp_path / "plain.onnx"), dynamo=False)
     ov_model = ov.convert_model(plain, example_input=(x,))
     assert sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops()) > 0
+    own = int8_count(openvino_layer_precisions(lowbit.export(q, tmp_path / "q.xml")))
+    assert int8_count(openvino_layer_precisions(ov_model)) == own > 0  # runs as INT8, as lowbit's own .xml does
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled([x.numpy()])[compiled.outputs[0]]
     with torch.no_grad():
