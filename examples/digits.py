@@ -18,6 +18,15 @@ import torch.nn.functional as F
 CACHE = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
+def save_to_cache(path: Path, save) -> None:
+    """`save(file)` writes the cache file `path` whole or not at all: another process (a parallel test worker) may
+    be reading it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    save(partial)
+    os.replace(partial, path)
+
+
 def load_digits_split(seed: int = 0, size: int = 8, channels: int = 1):
     """(x_train, y_train, x_test, y_test): images as [N, channels, size, size] float32 in [0, 1], a fixed 75/25 split.
 
@@ -115,8 +124,5 @@ def trained(name: str = "digits_cnn", factory=None, epochs: int = 30, size: int 
         return model.eval()
     x, y, _, _ = load_digits_split(size=size, channels=channels)
     train(model, x, y, epochs, cosine=cosine)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, path)  # whole or absent: another process (a parallel test worker) may be reading it
+    save_to_cache(path, lambda file: torch.save(model.state_dict(), file))
     return model.eval()

@@ -4,7 +4,7 @@ No download: the sentences come from `pydoc_data.topics` (the Python
 documentation's help topics, part of the standard library), split into
 sentences of 6 to 40 words. A WordPiece tokenizer (HuggingFace `tokenizers`)
 and a 4-layer BERT (hidden 128) are trained on them with masked-language
-modelling; both are cached under ~/.cache/lowbit like the digits models.
+modelling; both are cached with the digits models (~/.cache/lowbit, or LOWBIT_CACHE).
 
 `encoder()` gives a module (input_ids, attention_mask) -> mean-pooled,
 L2-normalised sentence embeddings: the model a semantic-search user
@@ -14,14 +14,12 @@ length or at each sentence's natural length.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+from digits import CACHE, save_to_cache
 
-CACHE = Path.home() / ".cache" / "lowbit"
 VOCAB = 2000
 MAX_LEN = 64
 STEPS = 1500
@@ -50,10 +48,7 @@ def tokenizer():
         return Tokenizer.from_file(str(path))
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator(sentences(), vocab_size=VOCAB, min_frequency=2)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tok.save(str(partial))
-    os.replace(partial, path)  # whole or absent: a parallel test worker may be reading it
+    save_to_cache(path, lambda file: tok.save(str(file)))
     return Tokenizer.from_file(str(path))
 
 
@@ -125,8 +120,5 @@ def encoder() -> SentenceEncoder:
         mlm.load_state_dict(torch.load(path, weights_only=True))
     else:
         _train_mlm(mlm, encode(sentences(), padded=True), STEPS)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        torch.save(mlm.state_dict(), partial)
-        os.replace(partial, path)  # whole or absent: a parallel test worker may be reading it
+        save_to_cache(path, lambda file: torch.save(mlm.state_dict(), file))
     return SentenceEncoder(mlm.bert).eval()
