@@ -658,14 +658,19 @@ def test_the_fix_for_cpus_without_vnni_keeps_query_times_key_fp32(origin):
     source = model if origin == "torch" else lowbit.codegen(lowbit.lower(model, (next(iter(ds)),)), "onnx")
     if origin == "onnx":
         ds = lowbit.Dataset([x.numpy() for x in ds])
+    def is_weight(v) -> bool:  # a constant, or a quantizer of one
+        return v.const is not None or (v.producer is not None and v.producer.input(0).const is not None)
+
+    def is_quantized(v) -> bool:
+        return v.producer is not None and v.producer.op_type in ("FakeQuantize", "DequantizeLinear")
+
     quantized = {}
     for mode in ("first_layer", "enable"):
         q = lowbit.compile(source, PTQ, dataset=ds, model_type="transformer", overflow_fix=mode, progress=False)
         graph = graph_of(q) if origin == "torch" else lowbit.lower(q)
-        two = [n for n in graph if n.op_type in ("Attention", "MatMul") and not any(
-            v is not None and (v.const is not None or (v.producer is not None and v.producer.input(0).const
-                                                        is not None)) for v in n.inputs[:2])]
-        quantized[mode] = sorted(sum(v.producer is not None and v.producer.op_type in ("FakeQuantize", "DequantizeLinear") for v in n.inputs[:2]) for n in two)
+        two = [n for n in graph if n.op_type in ("Attention", "MatMul")
+               and not any(v is not None and is_weight(v) for v in n.inputs[:2])]
+        quantized[mode] = sorted(sum(is_quantized(v) for v in n.inputs[:2]) for n in two)
     # from torch: the two Attention nodes; from ONNX: query x key and probabilities x V (FP32 either way) of each
     expected = {"torch": ([2, 2], [0, 0]), "onnx": ([0, 0, 2, 2], [0, 0, 0, 0])}[origin]
     assert (quantized["first_layer"], quantized["enable"]) == expected
