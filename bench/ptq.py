@@ -73,7 +73,7 @@ for _sub in ("examples", "tests"):
         sys.path.insert(0, str(ROOT / _sub))
 
 import lowbit  # noqa: E402
-from digits import CACHE, load_digits_split, trained  # noqa: E402
+from digits import load_digits_split, trained  # noqa: E402
 from models import TinyViT, mobilenet_v2, resnet18  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "ptq.md"
@@ -89,7 +89,7 @@ LATENCY_PROCESSES = 4  # latency runs in this many fresh processes, pooled (see 
 MODELS = {
     "resnet18": dict(factory=lambda: resnet18(num_classes=10), epochs=15, size=32, channels=3,
                      model_type=None, latency=True),
-    # MobileNetV2 underfits with examples/digits.train's constant lr (78% after 20 epochs): cosine schedule here
+    # MobileNetV2 underfits with examples/digits.train's constant lr (78% after 20 epochs): its cosine schedule
     "mobilenet_v2": dict(factory=lambda: mobilenet_v2(num_classes=10), epochs=40, size=32, channels=3,
                          model_type=None, latency=True, schedule="cosine"),
     "vit": dict(factory=lambda: TinyViT(num_classes=10), epochs=30, size=8, channels=1,
@@ -179,36 +179,10 @@ def cold_warm(fn, model, profile: bool = False):
 # -- the parts of the bench --------------------------------------------------------------------------------
 
 
-def trained_cosine(name: str, spec: dict):
-    """Like examples/digits.trained (same data, Adam lr 3e-3, batch 64, seed 0), with a cosine lr schedule."""
-    path = CACHE / f"{name}-cosine-s{spec['size']}c{spec['channels']}-e{spec['epochs']}.pt"
-    torch.manual_seed(0)
-    model = spec["factory"]()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    x, y, _, _ = load_digits_split(size=spec["size"], channels=spec["channels"])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec["epochs"])
-    model.train()
-    for _ in range(spec["epochs"]):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        schedule.step()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
-
-
 def load(name: str):
     spec = MODELS[name]
-    if spec.get("schedule") == "cosine":
-        model = trained_cosine(name, spec)
-    else:
-        model = trained(name, factory=spec["factory"], epochs=spec["epochs"], size=spec["size"],
-                        channels=spec["channels"])
+    model = trained(name, factory=spec["factory"], epochs=spec["epochs"], size=spec["size"],
+                    channels=spec["channels"], cosine=spec.get("schedule") == "cosine")
     x_train, _, x_test, y_test = load_digits_split(size=spec["size"], channels=spec["channels"])
     return model, x_train, x_test, y_test.numpy()
 
