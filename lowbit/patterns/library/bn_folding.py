@@ -24,11 +24,6 @@ def _bn(layer):
     return P("BatchNormalization", layer, Const("gamma"), Const("beta"), Const("mean"), Const("var"), name="bn")
 
 
-def _scale(m: Match) -> np.ndarray:
-    eps = float(m["bn"].attrs.get("epsilon", 1e-5))
-    return m["gamma"].const.astype(np.float64) / np.sqrt(m["var"].const.astype(np.float64) + eps)
-
-
 def _shift(m: Match, bias: np.ndarray | None, s: np.ndarray) -> np.ndarray:
     b = np.zeros_like(s) if bias is None else bias.astype(np.float64)
     return (b - m["mean"].const.astype(np.float64)) * s + m["beta"].const.astype(np.float64)
@@ -54,7 +49,7 @@ def _set_const(graph: Graph, node: Node, index: int, array: np.ndarray, name: st
 
 def _fold_layer(m: Match, layer: Node, out_axis: int) -> Value:
     """Scale the weight of `layer` along `out_axis` and rewrite its bias input (index 2)."""
-    s = _scale(m)
+    s = bn_scale(m["bn"])
     w = m["w"]
     shape = [1] * w.const.ndim
     shape[out_axis] = -1
@@ -79,7 +74,7 @@ def fold_gemm(m: Match) -> Value:
 
 
 def fold_matmul(m: Match) -> Value:
-    s = _scale(m)
+    s = bn_scale(m["bn"])
     w, mm = m["w"], m["layer"]
     _set_const(m.graph, mm, 1, w.const.astype(np.float64) * s.reshape(1, -1), f"{mm.name}.weight", w)
     add = m.get("add")
