@@ -358,7 +358,8 @@ def test_quantize_checks_device_and_output_before_any_work(onnx_file, calibratio
     assert _quantize_error(capsys, src, "-o", tmp_path / "d.xml", "--data", data) == (
         f"lowbit: error: cannot write '{tmp_path / 'd.xml'}': it is a folder; give a file path")
     assert _quantize_error(capsys, src, "-o", tmp_path / "q.pt", "--data", data) == (
-        "lowbit: error: cannot write 'q.pt': the path must end in .onnx (ONNX, QDQ) or .xml (OpenVINO IR, FakeQuantize)")
+        "lowbit: error: cannot write 'q.pt': the path must end in .onnx (ONNX, QDQ) or .xml "
+        "(OpenVINO IR, FakeQuantize)")
     # bad data is found before the output folder is created
     _quantize_error(capsys, src, "-o", tmp_path / "made" / "q.onnx", "--data", tmp_path / "missing.npz")
     assert not (tmp_path / "made").exists()

@@ -114,7 +114,8 @@ def test_onnx_models_prune_to_the_same_counts_and_run_in_onnx_runtime_and_openvi
     counts = {i.name: tuple(i.dims) for i in from_onnx.graph.initializer}
     assert {k: tuple(v.shape) for k, v in from_torch.state_dict().items() if k in counts} == {
         k: v for k, v in counts.items() if k in from_torch.state_dict()}
-    assert sum(np.prod(i.dims) for i in from_onnx.graph.initializer) < sum(np.prod(i.dims) for i in fp32.graph.initializer)
+    assert sum(np.prod(i.dims) for i in from_onnx.graph.initializer) < sum(
+        np.prod(i.dims) for i in fp32.graph.initializer)
     with torch.no_grad():
         expected = from_torch(x).numpy()
     name_in = from_onnx.graph.input[0].name

@@ -141,7 +141,8 @@ def test_onnx_item_of_wrong_dtype(onnx_model):
 
 
 def test_item_with_too_many_inputs(model):
-    with pytest.raises(lowbit.DatasetError, match=r"dataset item 1: the model takes 1 input\(s\) \(x\), the item gives 2"):
+    with pytest.raises(lowbit.DatasetError,
+                       match=r"dataset item 1: the model takes 1 input\(s\) \(x\), the item gives 2"):
         lowbit.quantize(model, lowbit.Dataset([good(), (good(), torch.tensor([3]))]), example_inputs=(good(),))
 
 

@@ -231,7 +231,8 @@ def _poisoned(index, value, n=5):
     return items
 
 
-@pytest.mark.parametrize("index,value,what", [(3, float("nan"), r"1 NaN and 0 inf"), (0, float("inf"), r"0 NaN and 1 inf")])
+@pytest.mark.parametrize("index,value,what",
+                         [(3, float("nan"), r"1 NaN and 0 inf"), (0, float("inf"), r"0 NaN and 1 inf")])
 def test_nan_or_inf_in_calibration_data_names_the_item_torch(small, index, value, what):
     snapshot = copy.deepcopy(small.state_dict())
     with pytest.raises(lowbit.DatasetError, match=rf"dataset item {index} holds {what} value\(s\) of 192"):
@@ -425,8 +426,9 @@ def test_ignored_scope_of_a_wrong_type(small, bad, message):
 
 
 def test_quantizing_twice_in_one_pipeline_is_a_named_error(small):
-    with pytest.raises(lowbit.AlreadyQuantizedError, match=r"pass 'quantize' already ran in this pipeline \(step 2 "
-                       r"of fuse, quantize\): the graph is already quantized, and quantizing again would stack quantizers"):
+    with pytest.raises(lowbit.AlreadyQuantizedError,
+                       match=r"pass 'quantize' already ran in this pipeline \(step 2 of fuse, quantize\): the graph "
+                             r"is already quantized, and quantizing again would stack quantizers"):
         lowbit.compile(small, ["fuse", "quantize", "quantize"], dataset=lowbit.Dataset(_images(2)))
     q = lowbit.quantize(small, lowbit.Dataset(_images(2)))
     with pytest.raises(lowbit.AlreadyQuantizedError, match="already quantized: it holds 4 quantizer node"):

@@ -33,7 +33,8 @@ def _close(a, b):
 
 
 class ChannelMean:
-    """Reference, computed directly: the mean of a value per channel (`axis`), over every other axis and every sample."""
+    """Reference, computed directly: the mean of a value per channel (`axis`), over every other axis and every
+    sample."""
 
     def __init__(self, axis: int):
         self.axis = axis
@@ -53,7 +54,8 @@ class ChannelMean:
 
 
 class ChannelAbsMax:
-    """Reference, computed directly: the largest |value| per channel (`axis`), over every other axis and every sample."""
+    """Reference, computed directly: the largest |value| per channel (`axis`), over every other axis and every
+    sample."""
 
     def __init__(self, axis: int):
         self.axis = axis
