@@ -4,8 +4,8 @@ deployed files in OpenVINO and ONNX Runtime, from both origins, in one run.
 Models: ResNet18, MobileNetV2 and the ViT as bench/ptq.py trains them
 (3-channel 32x32 digits; the ViT 1-channel 8x8), and a DenseNet-style CNN
 (tests/models.py DenseNet: torchvision's topology, small) trained like
-ResNet18 (32x32x3, 15 epochs, examples/digits.py `trained`; weights cached
-under ~/.cache/lowbit).
+ResNet18 (32x32x3, 15 epochs, cosine lr, examples/digits.py `trained`;
+weights cached under ~/.cache/lowbit).
 
 Origins and deployment forms. Both tools run with their defaults (target
 device ANY, fast bias correction; the ViT with model_type "transformer").
@@ -126,7 +126,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 
 MODELS = {**{k: v for k, v in ptq.MODELS.items() if k != "vit"},
           "densenet": dict(factory=lambda: DenseNet(num_classes=10, in_ch=3), epochs=15, size=32, channels=3,
-                           model_type=None, latency=True),
+                           model_type=None, latency=True, schedule="cosine"),
           "vit": ptq.MODELS["vit"]}
 
 # (origin, form, runtime) of every deployment row, in table order
@@ -171,7 +171,7 @@ def load(name: str):
         return ptq.load(name)
     spec = MODELS[name]
     model = trained(name, factory=spec["factory"], epochs=spec["epochs"], size=spec["size"],
-                    channels=spec["channels"])
+                    channels=spec["channels"], cosine=spec.get("schedule") == "cosine")
     x_train, _, x_test, y_test = load_digits_split(size=spec["size"], channels=spec["channels"])
     return model, x_train, x_test, y_test.numpy()
 

@@ -382,7 +382,7 @@ def checks(rows: list[dict], tools: list[str]) -> list[list[str]]:
     for r in rows:
         m = r["model"]
         losses = {t: r["fp32"] - r[f"ptq {t}"] for t in tools if f"ptq {t}" in r}
-        check(m, ", ".join(f"{'NNCF' if t == 'nncf' else t} -{v:.2f} pt" for t, v in losses.items()),
+        check(m, ", ".join(f"{'NNCF' if t == 'nncf' else t} {-v:+.2f} pt" for t, v in losses.items()),
               f"PTQ loses >= {PTQ_LOSS_MIN:.0f} pt of FP32 top-1 (premise)",
               bool(losses) and min(losses.values()) >= PTQ_LOSS_MIN)
         lb = r.get("qat lowbit")
