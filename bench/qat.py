@@ -111,7 +111,7 @@ if str(HERE) not in sys.path:
 import deploy  # noqa: E402  (puts examples/ and tests/ on sys.path)
 import ptq  # noqa: E402
 import lowbit  # noqa: E402
-from digits import load_digits_split  # noqa: E402
+from digits import BATCH, batches, load_digits_split  # noqa: E402
 from lowbit.train.controller import QAT_PASSES  # noqa: E402
 
 RESULTS = HERE / "results" / "qat.md"
@@ -124,7 +124,6 @@ LR = 3e-4  # Adam, every tool and the FP32 fine-tune
 LR_NOTE = ("lr 3e-4 was chosen from 1e-5, 1e-4 and 3e-4 (one seed each, on an earlier version of this bench) as the "
            "best mean top-1 over the two models for NNCF and for \"lowbit\" alike; MobileNetV2's top-1 moved by up "
            "to 3 pt between lrs, ResNet18's by under 1 pt")
-BATCH = 64
 SEEDS = 3  # training runs per tool and model (seeds 0, 1, 2): top-1 is their mean
 ROUNDS, STEPS, WARMUP = 10, 10, 2
 PTQ_LOSS_MIN = 2.0  # points: the premise (PTQ alone is not enough at W4A8)
@@ -202,9 +201,7 @@ def train(module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     module.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=order).split(BATCH):
-            if len(idx) < BATCH:  # the short last batch (1347 = 21 x 64 + 3): see the docstring
-                continue
+        for idx in batches(len(x), order):  # the short last batch (1347 = 21 x 64 + 3) dropped: see the docstring
             opt.zero_grad()
             F.cross_entropy(module(x[idx]), y[idx]).backward()
             opt.step()

@@ -99,21 +99,24 @@ BATCH = 64
 LOOP_VERSION = 2  # in the cache's file names: bumped when train() changes, so that no model of the old loop is read
 
 
+def batches(n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One epoch of `n` items as shuffled batches of BATCH indices, the short last one dropped (the train split's
+    1347 images end on 3), as loops over BatchNorm do: a BatchNorm in train mode normalizes those few images by
+    their own statistics and moves its running ones towards them, the last update before eval. Fewer than BATCH
+    items make one batch."""
+    return [idx for idx in torch.randperm(n, generator=generator).split(BATCH) if len(idx) == BATCH or n < BATCH]
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30, seed: int = 0, lr: float = 3e-3,
           cosine: bool = False) -> nn.Module:
-    """Adam, batch 64; `cosine` anneals the learning rate to 0 over the epochs (wide BatchNorm nets need it).
-
-    Each epoch drops its short last batch (the train split's 1347 images end on 3), as loops over BatchNorm do:
-    a BatchNorm in train mode normalizes those few images by their own statistics and moves its running ones
-    towards them, the last update before eval."""
+    """Adam, batch 64, the short last batch of each epoch dropped (`batches`); `cosine` anneals the learning rate
+    to 0 over the epochs (wide BatchNorm nets need it)."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if cosine else None
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(BATCH):
-            if len(idx) < BATCH < len(x):
-                continue
+        for idx in batches(len(x)):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
