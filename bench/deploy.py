@@ -115,7 +115,7 @@ if str(HERE) not in sys.path:
 import ptq  # noqa: E402  (puts examples/ and tests/ on sys.path)
 import lowbit  # noqa: E402
 from deploy_checks import ORT_INTEGER_OPS, OV_LAYERS, quantized_layers  # noqa: E402
-from digits import load_digits_split, trained  # noqa: E402
+from digits import load_digits_split  # noqa: E402
 from models import DenseNet  # noqa: E402
 
 RESULTS = HERE / "results" / "deploy.md"
@@ -167,13 +167,7 @@ def machine_line() -> str:
 
 def load(name: str):
     """(model, x_train, x_test, y_test) as bench/ptq.py loads its models; DenseNet trained like ResNet18."""
-    if name in ptq.MODELS:
-        return ptq.load(name)
-    spec = MODELS[name]
-    model = trained(name, factory=spec["factory"], epochs=spec["epochs"], size=spec["size"],
-                    channels=spec["channels"], cosine=spec.get("schedule") == "cosine")
-    x_train, _, x_test, y_test = load_digits_split(size=spec["size"], channels=spec["channels"])
-    return model, x_train, x_test, y_test.numpy()
+    return ptq.load(name, MODELS[name])
 
 
 class Made:

@@ -181,8 +181,9 @@ def cold_warm(fn, model, profile: bool = False):
 # -- the parts of the bench --------------------------------------------------------------------------------
 
 
-def load(name: str):
-    spec = MODELS[name]
+def load(name: str, spec: dict | None = None):
+    """(model, x_train, x_test, y_test) of MODELS[name] (or `spec`), trained on digits or from the cache."""
+    spec = spec or MODELS[name]
     model = trained(name, factory=spec["factory"], epochs=spec["epochs"], size=spec["size"],
                     channels=spec["channels"], cosine=spec.get("schedule") == "cosine")
     x_train, _, x_test, y_test = load_digits_split(size=spec["size"], channels=spec["channels"])
