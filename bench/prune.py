@@ -317,12 +317,6 @@ def _n(value, fmt="{:,}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _fine_tuned(row, tool: str) -> str:
-    """The mean top-1 over the fine-tune seeds, each seed's in brackets."""
-    runs = " ".join(f"{v:.2f}" for v in row.get(f"{tool}_top1_runs", []))
-    return f"{_n(row.get(f'{tool}_top1'), '{:.2f}')} [{runs}]"
-
-
 def tables(rows, latency, coverage, check_rows, tools):
     cols = ["model", "FP32 params", "FP32 MMACs", "FP32 top-1"]
     for tool in tools:
@@ -338,7 +332,7 @@ def tables(rows, latency, coverage, check_rows, tools):
                 cells += [f"failed: {r[f'{tool}_failed']}"] + [""] * 4
                 continue
             cells += [_n(r[f"{tool}_params"]), _n(r[f"{tool}_macs"] / 1e6, "{:.1f}"),
-                      _n(r[f"{tool}_top1_pruned"], "{:.2f}"), _fine_tuned(r, tool),
+                      _n(r[f"{tool}_top1_pruned"], "{:.2f}"), ptq.over_seeds(r[f"{tool}_top1_runs"]),
                       _n(r[f"{tool}_seconds"], "{:.2f}")]
         cells.append(_n(r.get("onnx_params")) if "onnx_params" in r else f"failed: {r.get('onnx_failed')}")
         cells.append(_n(r.get("onnx_seconds"), "{:.2f}"))

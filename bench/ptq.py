@@ -116,6 +116,11 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 100 * float((np.asarray(a).argmax(1) == np.asarray(b).argmax(1)).mean())
 
 
+def over_seeds(runs: list[float]) -> str:
+    """A top-1 trained once per seed, as a table cell: the mean, then each seed's run in brackets."""
+    return f"{np.mean(runs):.2f} [{' '.join(f'{v:.2f}' for v in runs)}]"
+
+
 def torch_logits(model, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         out = model(x)

@@ -421,12 +421,6 @@ def checks(rows: list[dict], tools: list[str]) -> list[list[str]]:
     return out
 
 
-def _seeds(row, key: str) -> str:
-    """A trained top-1: the mean over the seeds, then each seed's run."""
-    mean = row["fp32_ft"] if key == "fp32_ft" else row[f"qat {key}"]
-    return f"{mean:.2f} [{' '.join(f'{v:.2f}' for v in row[f'runs {key}'])}]"
-
-
 def _in_openvino(row, key: str) -> list[str]:
     """A deployed form's cells: top-1, agreement, SQNR, INT8 layers of all."""
     return [_f(row[f"{key}_top1"]), _f(row[f"{key}_agree"]), _f(row[f"{key}_sqnr"], "{:.1f}"),
@@ -444,13 +438,13 @@ def tables(rows: list[dict], tools: list[str], check_rows, epochs: int, lr: floa
     head += [f"{name.get(k, k)} QAT (start)" for k in qat_labels]
     body, notes = [], []
     for r in rows:
-        cells = [r["model"], _f(r["fp32"]), _seeds(r, "fp32_ft"), _f(r["ptq lowbit"])]
+        cells = [r["model"], _f(r["fp32"]), ptq.over_seeds(r["runs fp32_ft"]), _f(r["ptq lowbit"])]
         if "nncf" in tools:
             cells.append(_f(r.get("ptq nncf")) if "ptq nncf" in r else deploy._note(notes, f"NNCF PTQ, {r['model']}: "
                                                                                     f"{r['ptq nncf_failed']}"))
         for k in qat_labels:
             if f"qat {k}" in r:
-                cells.append(f"{_seeds(r, k)} ({r[f'start {k}']:.2f})")
+                cells.append(f"{ptq.over_seeds(r[f'runs {k}'])} ({r[f'start {k}']:.2f})")
             else:
                 cells.append("failed " + deploy._note(notes, f"{name.get(k, k)} QAT, {r['model']}: "
                                                       f"{r.get(f'qat {k}_failed', 'n/a')}"))
