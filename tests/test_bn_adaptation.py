@@ -54,3 +54,25 @@ def test_bad_requests_are_named(kwargs, error, message):
         args["dataset"] = lowbit.Dataset(args["dataset"])
     with pytest.raises(error, match=message):
         lowbit.batch_norm_adaptation(model, **args)
+
+
+def test_a_merged_batchnorm_adapts_from_its_trained_statistics():
+    """With BN merge (fold_bn="train") and a per-tensor weight quantizer the Conv's weight is rounded as
+    W * gamma / sqrt(running_var): adaptation must not restart from running_var = 1 (here 300x too small),
+    which rounds that weight to its clipping ends first; the statistics end as the FP32 model's."""
+    from lowbit.train.config import Quantization
+    from lowbit.train.controller import QAT_PASSES, _hw_for
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    batches = [b * 10 for b in _data(6)]
+    reference = lowbit.batch_norm_adaptation(copy.deepcopy(model), lowbit.Dataset(batches), 6)
+    lowbit.batch_norm_adaptation(model, lowbit.Dataset(batches), 6)  # trained statistics, as QAT starts from
+    hw = _hw_for("CPU", Quantization(weights={"per_channel": False}))
+    q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset(batches), fold_bn="train", hw=hw, progress=False)
+    assert "div.Tensor" in q.code  # the simulated-folding form
+    lowbit.batch_norm_adaptation(q, lowbit.Dataset(batches), 6)
+    for name in ("1", "4"):
+        torch.testing.assert_close(q.get_submodule(name).running_var, reference.get_submodule(name).running_var,
+                                   rtol=0.05, atol=0)

@@ -2,10 +2,13 @@
 BatchNorm sees have moved, and its running statistics no longer describe them. Re-estimating them on a few
 batches of data, without training anything else, recovers much of the accuracy before any fine-tuning.
 
-`batch_norm_adaptation(model, dataset, num_iterations)` resets the running statistics of every BatchNorm of
-the model and averages them over `num_iterations` batches (an exact cumulative average, not a momentum), with
-every other module in eval mode and no gradient. It changes the model it is given (as a training step does)
-and returns it.
+`batch_norm_adaptation(model, dataset, num_iterations)` replaces the running statistics of every BatchNorm of
+the model by their average over `num_iterations` batches (an exact cumulative average, not a momentum), with
+every other module in eval mode and no gradient. The average restarts from the first batch's statistics, not
+from a reset (mean 0, variance 1): a BatchNorm merged into its Conv for QAT (fold_bn="train", per-tensor
+weights) scales the weight its quantizer rounds by the running variance during these very batches, and a
+variance of 1 there would round it against its clipping ends or to zero. It changes the model it is given (as
+a training step does) and returns it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def batch_norm_adaptation(model: Any, dataset: Any, num_iterations: int = 10) ->
     try:
         model.eval()
         for m in norms:
-            m.reset_running_stats()
+            m.num_batches_tracked.zero_()  # the first batch's statistics replace the running ones
             m.momentum = None  # the cumulative average of the batches' statistics
             m.train()
         with torch.no_grad():
