@@ -58,8 +58,9 @@ def test_bad_requests_are_named(kwargs, error, message):
 
 def test_a_merged_batchnorm_adapts_from_its_trained_statistics():
     """With BN merge (fold_bn="train") and a per-tensor weight quantizer the Conv's weight is rounded as
-    W * gamma / sqrt(running_var): adaptation must not restart from running_var = 1 (here 300x too small),
-    which rounds that weight to its clipping ends first; the statistics end as the FP32 model's."""
+    W * gamma / sqrt(running_var): adaptation must not restart from running_var = 1 (the variances here are
+    100-155 and 0.1-0.15), which rounds that weight against its clipping ends or to zero; the statistics end
+    as the FP32 model's."""
     from lowbit.train.config import Quantization
     from lowbit.train.controller import QAT_PASSES, _hw_for
 
