@@ -155,12 +155,9 @@ LOWBIT_QAT = {"lowbit": dict(range_learning="range", fold_bn="train"),
 def lowbit_hw(per_channel: bool):
     """lowbit's hardware config for the run: ANY (its default: weights per channel), or ANY with each op's weights
     narrowed to its per-tensor quantizers."""
-    if per_channel:
-        return "ANY"
-    from lowbit.train.config import Quantization
-    from lowbit.train.controller import _hw_for  # create_compressed_model's "weights": {"per_channel": ...}
+    from lowbit.hw_configs import narrowed  # as create_compressed_model's "weights": {"per_channel": false}
 
-    return _hw_for("ANY", Quantization(weights={"per_channel": False}))
+    return "ANY" if per_channel else narrowed("ANY", weights={"per_channel": False})
 
 
 def nncf_quantize(model, calib, per_channel: bool):

@@ -61,8 +61,8 @@ def test_a_merged_batchnorm_adapts_from_its_trained_statistics():
     W * gamma / sqrt(running_var): adaptation must not restart from running_var = 1 (the variances here are
     100-155 and 0.1-0.15), which rounds that weight against its clipping ends or to zero; the statistics end
     as the FP32 model's."""
-    from lowbit.train.config import Quantization
-    from lowbit.train.controller import QAT_PASSES, _hw_for
+    from lowbit.hw_configs import narrowed
+    from lowbit.train.controller import QAT_PASSES
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -70,7 +70,7 @@ def test_a_merged_batchnorm_adapts_from_its_trained_statistics():
     batches = [b * 10 for b in _data(6)]
     reference = lowbit.batch_norm_adaptation(copy.deepcopy(model), lowbit.Dataset(batches), 6)
     lowbit.batch_norm_adaptation(model, lowbit.Dataset(batches), 6)  # trained statistics, as QAT starts from
-    hw = _hw_for("CPU", Quantization(weights={"per_channel": False}))
+    hw = narrowed("CPU", weights={"per_channel": False})
     q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset(batches), fold_bn="train", hw=hw, progress=False)
     assert "div.Tensor" in q.code  # the simulated-folding form
     lowbit.batch_norm_adaptation(q, lowbit.Dataset(batches), 6)

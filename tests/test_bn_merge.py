@@ -26,15 +26,14 @@ def _model():
 @pytest.fixture(scope="module", params=["per_channel", "per_tensor"])
 def merged(request):
     """A per-channel weight quantizer rounds W (folding scales its grid alike); a per-tensor one rounds W * s."""
-    from lowbit.train.config import Quantization
-    from lowbit.train.controller import _hw_for
+    from lowbit.hw_configs import narrowed
 
     model = _model()
     with torch.no_grad():
         model[1].weight[0] *= -1  # a negative BN scale mirrors the folded grid
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     data = lowbit.Dataset([x[i:i + 8] for i in range(0, 32, 8)])
-    hw = _hw_for("CPU", Quantization(weights={"per_channel": request.param == "per_channel"}))
+    hw = narrowed("CPU", weights={"per_channel": request.param == "per_channel"})
     folded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw)
     q = lowbit.compile(model, QAT_PASSES, dataset=data, fold_bn="train", hw=hw)
     simulated = "div.Tensor" in q.code
@@ -117,8 +116,7 @@ def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
     from lowbit.frontends import graph_of
     from lowbit.ir.ops import weight_quantizer
     from lowbit.patterns.library.bn_folding import bn_scale, merged_pairs
-    from lowbit.train.config import Quantization
-    from lowbit.train.controller import _hw_for
+    from lowbit.hw_configs import narrowed
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
@@ -128,7 +126,7 @@ def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
         for bn in (model[1], model[4]):  # BN statistics far from the identity, as trained ones are
             bn.weight.copy_(0.2 + 3 * torch.rand(bn.num_features, generator=g))
             bn.running_var.copy_(0.01 + 2 * torch.rand(bn.num_features, generator=g))
-    hw = _hw_for("CPU", Quantization(weights={"per_channel": per_channel}))
+    hw = narrowed("CPU", weights={"per_channel": per_channel})
     x = torch.randn(4, 3, 6, 6, generator=g)
     q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset([x]), fold_bn="train", hw=hw)
     merged = graph_of(q, fold_merged_bn=False)

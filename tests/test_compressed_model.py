@@ -95,6 +95,8 @@ def _with(path, value):
      r"compression\[1\].preset: 3 is not one of"),
     (_with(["input_info", "sample_size"], [2, 0]), r"input_info.sample_size\[1\]: 0 is less than the minimum"),
     (_with(["compression", "algorithm"], "sparsity"), "compression.algorithm: 'sparsity' is not one of"),
+    (_with(["compression", "weights"], {"mode": "asymmetric", "per_channel": False}),
+     r"config field compression.weights: device CPU has no weight quantizer for \w+ with .*'per_channel': False"),
     (_with(["input_info", "keyword"], "x"), "input_info.keyword: lowbit passes inputs by position"),
     (_with(["compression"], [{"algorithm": "quantization"}, {"algorithm": "quantization"}]),
      "each algorithm may appear once"),

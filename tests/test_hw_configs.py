@@ -13,7 +13,7 @@ from models import resnet18
 
 import lowbit
 from lowbit.compiler import graph_of
-from lowbit.hw_configs import DEVICES, HERE, load_hw_config, parse_hw_config
+from lowbit.hw_configs import DEVICES, HERE, load_hw_config, narrowed, parse_hw_config
 from lowbit.backends.torch_fq import FakeQuantize
 from lowbit.passes import PassManager
 from lowbit.quant.placement import place_quantizers
@@ -341,3 +341,33 @@ def test_builtin_files_are_not_modified_by_loading():
     parse_hw_config(data)
     assert data == _cpu_json()
     assert before == {p.name: p.read_bytes() for p in HERE.glob("*.json")}
+
+
+def test_narrowed_keeps_only_the_quantizers_asked_for():
+    cpu = load_hw_config("CPU")
+    per_tensor = narrowed("CPU", weights={"per_channel": False})
+    weighted = [op for op, spec in cpu.ops.items() if spec.weights]
+    assert weighted and any(q.per_channel for op in weighted for q in cpu.ops[op].weights)
+    for op in weighted:
+        assert per_tensor.ops[op].weights == tuple(q for q in cpu.ops[op].weights if not q.per_channel)
+        assert per_tensor.ops[op].activations == cpu.ops[op].activations
+    assert narrowed("CPU") == cpu
+    # and compile gives every weight one range with it (a per-channel one has a range per output channel)
+    torch.manual_seed(0)
+    model = SmallResidual().eval()
+    data = lowbit.Dataset([torch.randn(4, 1, 8, 8) for _ in range(2)])
+    ranges = {}
+    for name, hw in (("per tensor", per_tensor), ("CPU", "CPU")):
+        q = lowbit.compile(model, ["cleanup", "fold_bn", "fuse", "quantize"], hw=hw, dataset=data, progress=False)
+        weight_fqs = [m for m in q.modules() if isinstance(m, FakeQuantize) and m.levels == 255]  # narrow range
+        ranges[name] = [m.low.numel() for m in weight_fqs]
+    assert ranges["per tensor"] == [1, 1, 1] and len(ranges["CPU"]) == 3 and min(ranges["CPU"]) > 1, ranges
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weights": {"granularity": "per_tensor"}}, "weights: unknown key 'granularity'; narrow by mode, per_channel"),
+    ({"weights": {"mode": "asymmetric", "per_channel": False}}, "device CPU has no weight quantizer for \\w+ with"),
+])
+def test_narrowed_names_what_cannot_be_met(kwargs, message):
+    with pytest.raises(lowbit.HardwareConfigError, match=message):
+        narrowed("CPU", **kwargs)

@@ -140,3 +140,42 @@ def load_hw_config(hw: str | os.PathLike | HwConfig | dict) -> HwConfig:
 def _builtin(device: str) -> HwConfig:
     path = HERE / f"{device.lower()}.json"
     return parse_hw_config(json.loads(path.read_text()), path.name)
+
+
+NARROWING_KEYS = ("mode", "per_channel", "signed")
+
+
+def narrowed(hw: str | os.PathLike | HwConfig | dict, *, weights: dict | None = None,
+             activations: dict | None = None) -> HwConfig:
+    """`hw` with each op's weight and activation quantizers narrowed to those that fit `weights` and
+    `activations`, as an NNCF config's `compression.weights` asks: {"mode": "symmetric" | "asymmetric",
+    "per_channel": bool, "signed": bool}, any of them.
+
+        lowbit.quantize(model, data, target_device=narrowed("NPU", weights={"per_channel": False}))
+
+    A HardwareConfigError names an unknown key, or an op none of whose quantizers fits."""
+    import dataclasses
+
+    hw = load_hw_config(hw)
+    wanted = {"weights": weights or {}, "activations": activations or {}}
+    for kind, spec in wanted.items():
+        unknown = sorted(set(spec) - set(NARROWING_KEYS))
+        if unknown:
+            raise HardwareConfigError(f"{kind}: unknown key {unknown[0]!r}; narrow by {', '.join(NARROWING_KEYS)}")
+    ops = {}
+    for op, config in hw.ops.items():
+        fields = {}
+        for kind, spec in wanted.items():
+            configs = getattr(config, kind)
+            if not configs or not spec:
+                continue
+            fit = tuple(c for c in configs if ("mode" not in spec or c.mode == spec["mode"])
+                        and ("per_channel" not in spec or c.per_channel == spec["per_channel"])
+                        and ("signed" not in spec or c.signed in (None, spec["signed"])))
+            if not fit:
+                raise HardwareConfigError(f"device {hw.device} has no {kind[:-1]} quantizer for {op} with {spec}; "
+                                          "its quantizers are " + ", ".join(f"{c.mode} {c.granularity}"
+                                                                            for c in configs))
+            fields[kind] = fit
+        ops[op] = dataclasses.replace(config, **fields) if fields else config
+    return dataclasses.replace(hw, ops=ops)

@@ -234,30 +234,18 @@ def _example_inputs(config: CompressionConfig) -> Any:
 
 def _hw_for(device: str, algo: Quantization):
     """The device's hardware config with each op's weight and activation quantizers narrowed to the config's
-    mode, per_channel and signed (ConfigError where no quantizer of an op fits)."""
-    import dataclasses
+    mode, per_channel and signed (`hw_configs.narrowed`; a ConfigError names the config field none fits)."""
+    from ..errors import HardwareConfigError
+    from ..hw_configs import NARROWING_KEYS, load_hw_config, narrowed
 
-    from ..hw_configs import load_hw_config
-
-    hw = load_hw_config(device)
-    ops = {}
-    for op, spec in hw.ops.items():
-        fields = {}
-        for kind in ("weights", "activations"):
-            wanted = getattr(algo, kind)
-            configs = getattr(spec, kind)
-            if not configs or not any(k in wanted for k in ("mode", "per_channel", "signed")):
-                continue
-            fit = tuple(c for c in configs if ("mode" not in wanted or c.mode == wanted["mode"])
-                        and ("per_channel" not in wanted or c.per_channel == wanted["per_channel"])
-                        and ("signed" not in wanted or c.signed in (None, wanted["signed"])))
-            if not fit:
-                raise ConfigError(f"config field compression.{kind}: device {device} has no {kind[:-1]} quantizer "
-                                  f"for {op} with {wanted}; its quantizers are "
-                                  + ", ".join(f"{c.mode} {c.granularity}" for c in configs))
-            fields[kind] = fit
-        ops[op] = dataclasses.replace(spec, **fields) if fields else spec
-    return dataclasses.replace(hw, ops=ops)
+    hw = load_hw_config(device)  # an unknown device is a HardwareConfigError of its own
+    for kind in ("weights", "activations"):
+        spec = {k: v for k, v in getattr(algo, kind).items() if k in NARROWING_KEYS}
+        try:
+            hw = narrowed(hw, **{kind: spec})
+        except HardwareConfigError as e:
+            raise ConfigError(f"config field compression.{kind}: {e}") from None
+    return hw
 
 
 def create_compressed_model(model: Any, config: Any, dataset: Any = None, *, compression_state: dict | None = None,
