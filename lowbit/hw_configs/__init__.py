@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -154,8 +154,6 @@ def narrowed(hw: str | os.PathLike | HwConfig | dict, *, weights: dict | None = 
         lowbit.quantize(model, data, target_device=narrowed("NPU", weights={"per_channel": False}))
 
     A HardwareConfigError names an unknown key, or an op none of whose quantizers fits."""
-    import dataclasses
-
     hw = load_hw_config(hw)
     wanted = {"weights": weights or {}, "activations": activations or {}}
     for kind, spec in wanted.items():
@@ -177,5 +175,5 @@ def narrowed(hw: str | os.PathLike | HwConfig | dict, *, weights: dict | None = 
                                           "its quantizers are " + ", ".join(f"{c.mode} {c.granularity}"
                                                                             for c in configs))
             fields[kind] = fit
-        ops[op] = dataclasses.replace(config, **fields) if fields else config
-    return dataclasses.replace(hw, ops=ops)
+        ops[op] = replace(config, **fields) if fields else config
+    return replace(hw, ops=ops)
