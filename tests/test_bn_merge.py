@@ -23,9 +23,10 @@ def _model():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))).eval()
 
 
-@pytest.fixture(scope="module", params=["per_channel", "per_tensor"])
+@pytest.fixture(scope="module", params=["per_channel", "per_tensor", "per_tensor_unfolded"])
 def merged(request):
-    """A per-channel weight quantizer rounds W (folding scales its grid alike); a per-tensor one rounds W * s."""
+    """A per-channel weight quantizer rounds W (folding scales its grid alike); a per-tensor one rounds W * s, or W
+    with per_tensor_weights="unfolded" (NNCF's per-tensor weights)."""
     from lowbit.hw_configs import narrowed
 
     model = _model()
@@ -34,8 +35,9 @@ def merged(request):
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     data = lowbit.Dataset([x[i:i + 8] for i in range(0, 32, 8)])
     hw = narrowed("CPU", weights={"per_channel": request.param == "per_channel"})
-    folded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw)
-    q = lowbit.compile(model, QAT_PASSES, dataset=data, fold_bn="train", hw=hw)
+    grid = "unfolded" if request.param == "per_tensor_unfolded" else "folded"
+    folded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw, per_tensor_weights=grid)
+    q = lowbit.compile(model, QAT_PASSES, dataset=data, fold_bn="train", hw=hw, per_tensor_weights=grid)
     simulated = "div.Tensor" in q.code
     assert simulated == (request.param == "per_tensor")  # the simulated-folding form only where it is needed
     return model, x, folded, q
@@ -107,8 +109,8 @@ def test_save_and_load_keep_the_merge(merged, tmp_path):
         np.testing.assert_array_equal(back(x).numpy(), q(x).numpy())
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
+@pytest.mark.parametrize("per_channel, grid", [(True, "folded"), (False, "folded"), (False, "unfolded")])
+def test_export_gives_back_the_integers_the_module_trained_with(per_channel, grid):
     """Folding W * s in floating point moved weights lying within rounding error of a midpoint between two levels
     to the other level (a few per wide layer): the export must round each weight where the module did."""
     from lowbit.backends.torch_bn_merge import rounded_merged_weights
@@ -128,7 +130,8 @@ def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
             bn.running_var.copy_(0.01 + 2 * torch.rand(bn.num_features, generator=g))
     hw = narrowed("CPU", weights={"per_channel": per_channel})
     x = torch.randn(4, 3, 6, 6, generator=g)
-    q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset([x]), fold_bn="train", hw=hw)
+    q = lowbit.compile(model, QAT_PASSES, dataset=lowbit.Dataset([x]), fold_bn="train", hw=hw,
+                       per_tensor_weights=grid)
     merged = graph_of(q, fold_merged_bn=False)
     trained = rounded_merged_weights(q, merged)
     scales = {conv.name: bn_scale(bn).reshape(-1, 1, 1, 1) for conv, bn in merged_pairs(merged)}
@@ -140,7 +143,7 @@ def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
         exported = fake_quantize(levels, torch.from_numpy(low), torch.from_numpy(high), grid=fq.meta.get("grid"))
         with torch.no_grad():
             deployed = exported(torch.from_numpy(fq.input(0).const.copy())).numpy().astype(np.float64)
-        expected = trained[name] * scales[name] if per_channel else trained[name]
+        expected = trained[name] * scales[name] if per_channel or grid == "unfolded" else trained[name]
         step = (high.astype(np.float64) - low) / (levels - 1)
         assert (np.abs(deployed - expected) / step).max() < 1e-3, name  # no weight on another level
 
@@ -148,3 +151,58 @@ def test_export_gives_back_the_integers_the_module_trained_with(per_channel):
 def test_fold_bn_takes_two_values():
     with pytest.raises(lowbit.OptionError, match="unknown fold_bn 'merge': use one of eval, train"):
         lowbit.compile(_model(), QAT_PASSES, dataset=lowbit.Dataset([torch.randn(2, 3, 8, 8)]), fold_bn="merge")
+
+
+def _weight_ranges(q):
+    """(low, high) of each Conv's weight FakeQuantize in a compiled torch module, in layer order."""
+    from lowbit.frontends import graph_of
+    from lowbit.ir.ops import weight_quantizer
+
+    fqs = [weight_quantizer(n) for n in graph_of(q) if n.op_type == "Conv"]
+    return [(fq.input(1).const.astype(np.float64).ravel(), fq.input(2).const.astype(np.float64).ravel())
+            for fq in fqs]
+
+
+def test_unfolded_per_tensor_weights_put_one_grid_on_the_stored_weight(tmp_path):
+    """per_tensor_weights="unfolded", BN folded before quantizing: the folded weight W * s is rounded on one grid
+    of W's units, scaled by each filter's s (the per-tensor weights NNCF gives a torch model, whose BN the runtime
+    folds); "folded" puts one grid on W * s. Both run as written in ONNX Runtime and OpenVINO."""
+    from lowbit.hw_configs import narrowed
+
+    model = _model()
+    with torch.no_grad():
+        model[1].weight[0] *= -1
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    data = lowbit.Dataset([x[:8], x[8:]])
+    hw = narrowed("CPU", weights={"per_channel": False})
+    stored = [model[0].weight, model[3].weight]
+    scales = [(bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+              for bn in (model[1], model[4])]
+    unfolded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw, per_tensor_weights="unfolded",
+                              overflow_fix="disable")  # every layer on the 8-bit grid
+    for (low, high), w, s in zip(_weight_ranges(unfolded), stored, scales):
+        assert low.shape == high.shape == s.shape  # one range per filter
+        magnitude = w.detach().abs().max().item()  # symmetric, narrow range: [-m, m], m the stored weight's widest
+        np.testing.assert_allclose(np.maximum(np.abs(low), np.abs(high)) / np.abs(s), np.full(s.shape, magnitude),
+                                   rtol=1e-5)
+    folded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw, overflow_fix="disable")
+    for (low, high), w, s in zip(_weight_ranges(folded), stored, scales):
+        assert low.shape == high.shape == (1,)
+        widest = np.abs(w.detach().double().numpy() * s.reshape(-1, 1, 1, 1)).max()
+        np.testing.assert_allclose(high, widest, rtol=1e-5)
+    with torch.no_grad():
+        simulated = unfolded(x).numpy()
+    proto = onnx.load(str(lowbit.export(unfolded, tmp_path / "m.onnx")))
+    import openvino as ov
+
+    outs = [run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0],
+            run_openvino(ov.Core().read_model(str(lowbit.export(unfolded, tmp_path / "m.xml"))), [x.numpy()])[0]]
+    for out in outs:
+        error = np.sum((simulated - out) ** 2) / np.sum(simulated ** 2)
+        assert 10 * np.log10(1 / error) > 35
+
+
+def test_per_tensor_weights_takes_two_values():
+    with pytest.raises(lowbit.OptionError, match="unknown per_tensor_weights 'stored': use one of folded, unfolded"):
+        lowbit.compile(_model(), QAT_PASSES, dataset=lowbit.Dataset([torch.randn(2, 3, 8, 8)]),
+                       per_tensor_weights="stored")

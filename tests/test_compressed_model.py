@@ -98,6 +98,7 @@ def _with(path, value):
     (_with(["compression", "weights"], {"mode": "asymmetric", "per_channel": False}),
      r"config field compression.weights: device CPU has no weight quantizer for \w+ with .*'per_channel': False"),
     (_with(["input_info", "keyword"], "x"), "input_info.keyword: lowbit passes inputs by position"),
+    (_with(["compression", "per_tensor_weights"], "stored"), "compression.per_tensor_weights: 'stored' is not one of"),
     (_with(["compression"], [{"algorithm": "quantization"}, {"algorithm": "quantization"}]),
      "each algorithm may appear once"),
     ({"compression": {"algorithm": "filter_pruning", "pruning_init": 0.6, "params": {"pruning_target": 0.5}}},
@@ -107,6 +108,27 @@ def test_a_bad_config_names_the_json_path(se, config, message):
     model, _, data = se
     with pytest.raises(lowbit.ConfigError, match=message):
         lowbit.create_compressed_model(model, config, dataset=data)
+
+
+def test_per_tensor_weights_unfolded_rounds_the_weight_before_its_merged_batchnorm(se):
+    """NNCF's per-tensor weights through its config: with BN merge, each merged Conv's quantizer has one range and
+    rounds W (not W * s); the strip folds the BN onto its grid, one range per filter."""
+    from lowbit.frontends import graph_of
+    from lowbit.ir.ops import weight_quantizer
+
+    model, x, data = se
+    config = _with(["compression", "weights", "per_channel"], False)
+    config["compression"].update(fold_bn="train", per_tensor_weights="unfolded", range_learning="range")
+    controller, q = lowbit.create_compressed_model(model, config, dataset=data)
+    merged = [n for n in graph_of(q, fold_merged_bn=False) if n.op_type == "Conv" and n.meta.get("bn_merge")]
+    assert merged and all(weight_quantizer(n).meta.get("before_bn") for n in merged)
+    assert all(weight_quantizer(n).input(1).const.size == 1 for n in merged)
+    assert "div.Tensor" not in q.code  # no simulated folding: the Conv reads q(W), its BN after it
+    folded = {n.name: weight_quantizer(n).input(1).const.size for n in graph_of(q) if n.name in {m.name for m in merged}}
+    assert folded == {n.name: n.output.shape[1] for n in merged}
+    plain = controller.strip()
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(x).numpy(), q.eval()(x).numpy(), atol=1e-5)
 
 
 def test_quantization_needs_data_and_a_torch_module(se, tmp_path):

@@ -9,7 +9,8 @@ the simulated folding of Jacob et al. (CVPR'18) that PyTorch's ConvBn QAT module
 network trains as the user's did, while the weight quantizer rounds the weight that will be deployed, W scaled
 by the running statistics. In eval mode it computes exactly the folded, quantized Conv that export writes
 (`patterns.library.bn_folding.fold_merged`). A per-channel weight quantizer needs none of it: folding scales
-its grid with the weight, exactly, so the Conv is written as it is, on the quantized W, before its BN.
+its grid with the weight, exactly, so the Conv is written as it is, on the quantized W, before its BN; so is a
+per-tensor one placed with per_tensor_weights="unfolded", which rounds W (NNCF's per-tensor weights).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..ir.graph import Node
 from ..ir.ops import weight_quantizer
-from ..patterns.library.bn_folding import per_channel_quantizer
+from ..patterns.library.bn_folding import rounds_stored_weight
 
 if TYPE_CHECKING:
     from torch import fx
@@ -30,11 +31,11 @@ aten = torch.ops.aten
 
 
 def merged_conv(fq: Node) -> Node | None:
-    """The Conv marked `bn_merge` whose per-tensor weight quantizer `fq` is, or None (a per-channel one rounds W
-    itself, emitted as it is: patterns/library/bn_folding.py)."""
+    """The Conv marked `bn_merge` whose weight quantizer `fq` rounds W * s, or None (one that rounds W itself is
+    emitted as it is: patterns/library/bn_folding.py)."""
     uses = fq.output.uses
     if len(uses) == 1 and uses[0][1] == 1 and uses[0][0].op_type == "Conv" and uses[0][0].meta.get("bn_merge") \
-            and not per_channel_quantizer(fq.output):
+            and not rounds_stored_weight(fq.output):
         return uses[0][0]
     return None
 
@@ -43,7 +44,7 @@ def simulated_folding(conv: Node) -> bool:
     """Whether `conv` is emitted in the simulated-folding form: marked `bn_merge`, its weight read through a
     per-tensor quantizer (an unquantized weight needs no folding to train: W * s / s is W)."""
     return bool(conv.meta.get("bn_merge")) and weight_quantizer(conv) is not None \
-        and not per_channel_quantizer(conv.input(1))
+        and not rounds_stored_weight(conv.input(1))
 
 
 def _bn_of(conv: Node) -> Node:
@@ -82,8 +83,8 @@ def emit_merged_conv(e, conv: Node) -> fx.Node:
 
 def rounded_merged_weights(model: torch.nn.Module, graph) -> dict:
     """The weight each merged Conv's quantizer gives in `model`'s forward, by Conv name, for `fold_merged`:
-    q(W) for a per-channel quantizer, q(W * s) for a per-tensor one, with s computed as `emit_merged_conv` does
-    (float32), so the integers are the module's to the last midpoint."""
+    q(W) for one that rounds W (`rounds_stored_weight`), q(W * s) for the others, with s computed as
+    `emit_merged_conv` does (float32), so the integers are the module's to the last midpoint."""
     from ..patterns.library.bn_folding import merged_pairs
 
     names = getattr(model, "lowbit_names", {})
@@ -95,7 +96,7 @@ def rounded_merged_weights(model: torch.nn.Module, graph) -> dict:
         module = model.get_submodule(names[fq.name])
         device = next(iter(module.buffers()), torch.empty(0)).device
         w = torch.from_numpy(fq.input(0).const.copy()).to(device)
-        if not per_channel_quantizer(conv.input(1)):
+        if not rounds_stored_weight(conv.input(1)):
             gamma, var = (torch.from_numpy(bn.input(i).const.copy()).to(device) for i in (1, 4))
             s = gamma / torch.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
             w = w * s.reshape([-1] + [1] * (w.dim() - 1))

@@ -146,8 +146,9 @@ def attrs_text(attrs: dict[str, Any]) -> str:
 
 # node.meta keys that are part of what a pass did, so the text form (and its diffs) show them
 # grid, learning: how a FakeQuantize trains (torch_fq.py); unified: its unified-scale group, one torch module
-# (passes/quantize.py); bn_merge: a Conv whose BN trains on (fold_bn.py)
-ANNOTATIONS = ("fused", "grid", "learning", "unified", "bn_merge")
+# (passes/quantize.py); bn_merge: a Conv whose BN trains on (fold_bn.py); before_bn: its per-tensor weight
+# quantizer rounds W, not W * s (per_tensor_weights="unfolded")
+ANNOTATIONS = ("fused", "grid", "learning", "unified", "bn_merge", "before_bn")
 
 
 def node_text(node: Node) -> str:

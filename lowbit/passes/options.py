@@ -16,6 +16,10 @@ MODEL_TYPES = ("transformer",)
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
 RANGE_LEARNING = ("range", "lsq")  # how a torch module's quantizers learn in QAT (backends/torch_fq.py)
 FOLD_BN = ("eval", "train")  # fold BN before quantizing, or merge it while it trains (passes/fold_bn.py)
+# what a per-tensor weight quantizer's one grid spans where a BatchNorm is folded into its layer: the folded
+# weight W * s, as deployed on hardware with one scale per weight tensor, or the stored W before the BN's
+# per-channel s (NNCF's per_channel=False on a torch model; deployed, each filter's grid is then scaled by s)
+PER_TENSOR_WEIGHTS = ("folded", "unfolded")
 DEFAULT_OVERFLOW_FIX = "first_layer"  # NNCF's default for 8-bit weights and activations, on every target device
 
 
@@ -34,6 +38,7 @@ class Options:
     bits: Any = None  # quant.bits.Bits (or its dict form): bits per weight / activation, per layer
     range_learning: str = "range"
     fold_bn: str = "eval"
+    per_tensor_weights: str = "folded"
 
     def __post_init__(self):
         if self.range_estimator is None:
@@ -42,7 +47,8 @@ class Options:
                                    ("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
                                    ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
                                    ("range_learning", self.range_learning, RANGE_LEARNING),
-                                   ("fold_bn", self.fold_bn, FOLD_BN)):
+                                   ("fold_bn", self.fold_bn, FOLD_BN),
+                                   ("per_tensor_weights", self.per_tensor_weights, PER_TENSOR_WEIGHTS)):
             if not (value is None and name in ("preset", "model_type")) and value not in known:
                 raise OptionError(f"unknown {name} {value!r}: use one of {', '.join(known)}"
                                   + (" or None" if name == "model_type" else ""))

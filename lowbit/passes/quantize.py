@@ -15,7 +15,8 @@ FP32, a MatMul of two activations gets symmetric quantizers), `range_estimator` 
 `overflow_fix` ("enable", "first_layer" (default), "disable"; 8-bit weights only; "enable" also keeps
 every MatMul of two activations FP32), `batch_size`
 for calibration, `bits` (quant/bits.py: 2 to 8 bits per weight or activation, per layer), `range_learning`
-(how the torch module's quantizers train: "range" or "lsq").
+(how the torch module's quantizers train: "range" or "lsq"), `per_tensor_weights` (what a per-tensor weight
+quantizer's grid spans where a BN is folded into its layer: "folded", W * s, or "unfolded", W; `weight_range`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from ..ir.graph import Graph, Node
 from ..errors import AlreadyQuantizedError
 from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
-from ..patterns.library.bn_folding import merged_pairs, merged_weight
+from ..patterns.library.bn_folding import BEFORE_BN, FOLDED_BN_SCALE, merged_pairs, merged_weight
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers, reads_two_activations
 from ..quant.ranges import fq_range
@@ -40,14 +41,24 @@ def preset_for(ctx: PassContext) -> str:
     return ctx.options.effective_preset
 
 
-def weight_range(point: QuantPoint, merged_bn: dict[str, Node]) -> tuple[np.ndarray, np.ndarray]:
-    """The range of a weight quantizer's values: of W * s where its layer's BN is merged (fold_bn="train";
-    `merged_bn`: Conv name -> its BN) and the quantizer is per tensor (a per-channel one rounds W on a grid that
-    folding scales with it)."""
+def weight_range(point: QuantPoint, merged_bn: dict[str, Node],
+                 per_tensor_weights: str = "folded") -> tuple[np.ndarray, np.ndarray]:
+    """The range of a weight quantizer's values. A per-channel one: each channel's (it rounds W on a grid that
+    folding a BN scales with it). A per-tensor one, where its layer's BN is merged (fold_bn="train";
+    `merged_bn`: Conv name -> its BN): the range of W * s (`per_tensor_weights="folded"`), or of W. Where a BN
+    was folded into its layer before (fold_bn's `folded_bn_scale` s) and `per_tensor_weights="unfolded"`: one
+    range for W / s, the weight as stored before the BN, scaled by s per channel (NNCF's per-tensor weights on
+    a torch model, whose BN the runtime folds)."""
     w = point.value.const.astype(np.float64)
-    for node, port in point.consumers:
-        if port == 1 and node.name in merged_bn and not point.config.per_channel:
-            w = merged_weight(node, merged_bn[node.name])
+    if not point.config.per_channel and w.ndim >= 2:
+        unfolded = per_tensor_weights == "unfolded"
+        for node, port in point.consumers:
+            if port != 1:
+                continue
+            if node.name in merged_bn and not unfolded:
+                w = merged_weight(node, merged_bn[node.name])
+            elif unfolded and FOLDED_BN_SCALE in node.meta:
+                return _unfolded_range(w, np.asarray(node.meta[FOLDED_BN_SCALE]), point.axis % w.ndim)
     if not point.config.per_channel or w.ndim < 2:
         return np.array(w.min()), np.array(w.max())
     axis = point.axis % w.ndim
@@ -55,6 +66,17 @@ def weight_range(point: QuantPoint, merged_bn: dict[str, Node]) -> tuple[np.ndar
     shape = [1] * w.ndim
     shape[axis] = -1
     return w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
+
+
+def _unfolded_range(w: np.ndarray, s: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ends s * [min, max] of the folded weight `w` divided by the BN scale `s` along `axis` (a
+    channel whose s is 0 is all zero, and keeps s = 1: any grid holds it)."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    s = np.where(s == 0, 1.0, s).reshape(shape)
+    stored = w / s
+    ends = np.array(stored.min()) * s, np.array(stored.max()) * s
+    return np.minimum(*ends), np.maximum(*ends)
 
 
 def insert_fake_quantize(graph: Graph, point: QuantPoint, levels: int, low: np.ndarray, high: np.ndarray,
@@ -211,13 +233,17 @@ class Quantize(Pass):
                 group_range[p.group] = (min(old[0], lo), max(old[1], hi))
         half = half_range_weights(graph, points, ctx.options.overflow_fix)
         merged_bn = {conv.name: bn for conv, bn in merged_pairs(graph)}
+        unfolded = ctx.options.per_tensor_weights == "unfolded"
         for p in points:
             if p.kind == "weight":
-                lo, hi = weight_range(p, merged_bn)
+                lo, hi = weight_range(p, merged_bn, ctx.options.per_tensor_weights)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
-            insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
+            fq = insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
+            if unfolded and p.kind == "weight" and not p.config.per_channel \
+                    and any(port == 1 and node.name in merged_bn for node, port in p.consumers):
+                fq.meta[BEFORE_BN] = True  # it rounds W, the BN's s folded onto its grid at export
         counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
                   "activation_quantizers": len(activations)}
         return PassResult(graph, changed=True, fired=counts)

@@ -56,6 +56,7 @@ class Quantization:
     bits: dict | None = None  # quant.bits.Bits's dict form
     range_learning: str = "range"
     fold_bn: str = "eval"
+    per_tensor_weights: str = "folded"
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def _quantization(algo: dict) -> Quantization:
         overflow_fix=OVERFLOW_FIX[algo.get("overflow_fix", "first_layer_only")],
         ignored_scopes=_scopes(algo.get("ignored_scopes")) + _scopes(weights.pop("ignored_scopes", None))
         + _scopes(activations.pop("ignored_scopes", None)),
-        bits=bits or None, range_learning=algo.get("range_learning", "range"), fold_bn=algo.get("fold_bn", "eval"))
+        bits=bits or None, range_learning=algo.get("range_learning", "range"), fold_bn=algo.get("fold_bn", "eval"),
+        per_tensor_weights=algo.get("per_tensor_weights", "folded"))
 
 
 def _pruning(algo: dict) -> FilterPruning:

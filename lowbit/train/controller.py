@@ -299,7 +299,8 @@ def _quantized(model: Any, cfg: CompressionConfig, algo: Quantization, dataset: 
                          example_inputs=example, subset_size=algo.num_init_samples,
                          ignored_scope=nncf_scope(algo.ignored_scopes), preset=algo.preset,
                          range_estimator=algo.range_type, overflow_fix=algo.overflow_fix, bits=algo.bits,
-                         range_learning=algo.range_learning, fold_bn=algo.fold_bn, progress=False)
+                         range_learning=algo.range_learning, fold_bn=algo.fold_bn,
+                         per_tensor_weights=algo.per_tensor_weights, progress=False)
     masks = getattr(model, "lowbit_pruning", None)
     if masks is not None:
         compressed.lowbit_pruning = MaskController(compressed, graph_of(compressed), masks.spec, masks.schedule,

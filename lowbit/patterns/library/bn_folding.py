@@ -20,6 +20,13 @@ from ..pattern import Any, Const, P, match_at
 from ..rewrite import Match, Rule, RuleSet
 
 
+# node meta of a layer a BatchNormalization was folded into: the BN's scale s along the weight's output axis,
+# which a per-tensor weight quantizer divides out with per_tensor_weights="unfolded" (passes/quantize.py)
+FOLDED_BN_SCALE = "folded_bn_scale"
+# FakeQuantize meta: a merged Conv's per-tensor weight quantizer that rounds W, not W * s (per_tensor_weights)
+BEFORE_BN = "before_bn"
+
+
 def _bn(layer):
     return P("BatchNormalization", layer, Const("gamma"), Const("beta"), Const("mean"), Const("var"), name="bn")
 
@@ -54,6 +61,7 @@ def _fold_layer(m: Match, layer: Node, out_axis: int) -> Value:
     shape = [1] * w.const.ndim
     shape[out_axis] = -1
     _set_const(m.graph, layer, 1, w.const.astype(np.float64) * s.reshape(shape), f"{layer.name}.weight", w)
+    layer.meta[FOLDED_BN_SCALE] = tuple(s.tolist())
     bias = layer.input(2)
     _set_const(m.graph, layer, 2, _shift(m, None if bias is None else bias.const, s), f"{layer.name}.bias", w)
     return layer.output
@@ -77,6 +85,7 @@ def fold_matmul(m: Match) -> Value:
     s = bn_scale(m["bn"])
     w, mm = m["w"], m["layer"]
     _set_const(m.graph, mm, 1, w.const.astype(np.float64) * s.reshape(1, -1), f"{mm.name}.weight", w)
+    mm.meta[FOLDED_BN_SCALE] = tuple(s.tolist())
     add = m.get("add")
     if add is not None:
         index = 1 if add.input(1) is m["b"] else 0
@@ -124,7 +133,8 @@ rules = RuleSet([
 #   q(W * s; grid * s) = s * q(W; grid) exactly, so its range is learned in W's units and never goes stale when
 #   the BN's statistics move;
 # - a per-tensor one rounds W * s itself (the simulated folding of backends/torch_bn_merge.py): one grid cannot
-#   follow per-channel scales.
+#   follow per-channel scales; with per_tensor_weights="unfolded" it rounds W instead (meta `before_bn`), as a
+#   per-channel one does, and its one grid becomes one per channel, scaled by s, when the BN is folded.
 # `fold_merged` then folds each marked BN exactly by its running statistics.
 
 CONV_BN = _bn(P("Conv", Any("x"), Any("w"), name="layer"))
@@ -172,6 +182,12 @@ def per_channel_quantizer(w: Value) -> bool:
     return fq is not None and is_fake_quantize(fq) and fq.input(1).const is not None and fq.input(1).const.size > 1
 
 
+def rounds_stored_weight(w: Value) -> bool:
+    """A merged Conv's weight `w` whose quantizer rounds W itself, on a grid that folding scales by s: a
+    per-channel quantizer, or a per-tensor one placed with per_tensor_weights="unfolded"."""
+    return per_channel_quantizer(w) or bool(w.producer is not None and w.producer.meta.get(BEFORE_BN))
+
+
 def merged_weight(conv: Node, bn: Node) -> np.ndarray:
     """The weight a merged Conv's quantizer sees: W * s along the output channels (float64)."""
     w = conv.input(1)
@@ -202,7 +218,7 @@ def fold_merged(graph: Graph, rounded: dict[str, np.ndarray] | None = None) -> i
         weight = w if w.const is not None else w.producer.input(0)
         folded = merged_weight(conv, bn)
         per_filter = s.reshape([-1] + [1] * (folded.ndim - 1))
-        if per_channel_quantizer(w):  # its grid, in W's units, scales with the weight (mirrored where s < 0)
+        if rounds_stored_weight(w):  # its grid, in W's units, scales with the weight (mirrored where s < 0)
             _scale_ranges(graph, w.producer, per_filter)
             if conv.name in rounded:
                 folded = rounded[conv.name].astype(np.float64) * per_filter
