@@ -206,3 +206,27 @@ def test_per_tensor_weights_takes_two_values():
     with pytest.raises(lowbit.OptionError, match="unknown per_tensor_weights 'stored': use one of folded, unfolded"):
         lowbit.compile(_model(), QAT_PASSES, dataset=lowbit.Dataset([torch.randn(2, 3, 8, 8)]),
                        per_tensor_weights="stored")
+
+
+def test_unfolded_per_tensor_weights_follow_the_filters_pruning_keeps():
+    """fold_bn records each layer's BN scale; pruning filters after it cuts the record with the weight, so the one
+    grid of the stored weight still fits every filter kept (the widest sits on a grid end, none beyond it)."""
+    from lowbit.frontends import graph_of
+    from lowbit.hw_configs import narrowed
+    from lowbit.ir.ops import weight_quantizer
+    from lowbit.pruning import PruneSpec
+
+    model = _model()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    q = lowbit.compile(model, ["cleanup", "fold_bn", "prune_filters", "fuse", "quantize"], dataset=lowbit.Dataset([x]),
+                       hw=narrowed("CPU", weights={"per_channel": False}), per_tensor_weights="unfolded",
+                       overflow_fix="disable", pruning=PruneSpec(ratio=0.5))
+
+    convs = [n for n in graph_of(q) if n.op_type == "Conv"]
+    assert [n.input(1).producer.input(0).const.shape[0] for n in convs] == [4, 4]
+    for conv in convs:
+        fq = weight_quantizer(conv)
+        w, high = fq.input(0).const.astype(np.float64), fq.input(2).const.astype(np.float64).ravel()
+        assert high.shape == (4,)
+        fill = np.abs(w).reshape(4, -1).max(axis=1) / high  # each filter's widest weight on its grid
+        assert fill.max() == pytest.approx(1.0, rel=1e-5) and (fill <= 1 + 1e-6).all()

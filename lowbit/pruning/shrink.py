@@ -12,7 +12,8 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import reinfer
-from ..ir.ops import weight_quantizer
+from ..ir.ops import weight_out_axis, weight_quantizer
+from ..patterns.library.bn_folding import FOLDED_BN_SCALE
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
 
@@ -60,6 +61,17 @@ def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.nda
             node.set_input(port, copy)
 
 
+def _cut_folded_bn_scale(node: Node, port: int, by_axis: dict[int, np.ndarray], rank: int) -> None:
+    """The scale of the BN folded into a layer, as fold_bn recorded it (bn_folding.FOLDED_BN_SCALE), loses the
+    filters the layer's weight loses."""
+    s, axis = node.meta.get(FOLDED_BN_SCALE), weight_out_axis(node)
+    if s is None or port != 1 or axis is None:
+        return
+    gone = next((p for a, p in by_axis.items() if a % rank == axis % rank), None)
+    if gone is not None and gone.size:
+        node.meta[FOLDED_BN_SCALE] = tuple(np.delete(np.asarray(s), gone).tolist())
+
+
 def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
     """Remove `removed[group root]` (channel indices) from every member; returns how many constants changed."""
     find = cg.find
@@ -80,6 +92,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
             if id(holder.input(port)) in cuts:
                 grouped.append((node, holder, port))
     for v, readers in cuts.values():
+        for node, port, by_axis in readers.values():
+            _cut_folded_bn_scale(node, port, by_axis, v.const.ndim)
         _cut(graph, v, list(readers.values()))
     graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
     for node, holder, port in grouped:  # a depthwise Conv's group follows its filters
