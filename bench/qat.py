@@ -15,7 +15,14 @@ PTQ at per-channel W4A8 loses well under the issue's 2 pt; per tensor, where
 one grid must serve every filter (MobileNetV2's depthwise ones above all), it
 is the setting in which QAT has something to recover. A per-tensor weight of
 a BN-merged Conv is rounded in the simulated-folding form (backends/
-torch_bn_merge.py).
+torch_bn_merge.py): lowbit's one grid spans the folded weight W * s, as
+hardware with one scale per weight tensor runs it. NNCF's spans the stored W
+and keeps the BatchNorm after the Conv, so once deployed each filter's grid
+is scaled by its BN. `--weights per-tensor-unfolded` gives lowbit NNCF's
+meaning (`per_tensor_weights="unfolded"`: with BN merge the quantizer rounds
+W, one range; with the BN folded first, each filter's range starts as the
+one range of W / s times s, and trains on its own), tables in
+bench/results/qat_per_tensor_unfolded.md.
 - lowbit PTQ: `lowbit.quantize(model, lowbit.Dataset(calib), bits={"weights":
   4, "activations": 8})` (its defaults otherwise: target ANY, fast bias
   correction).
@@ -125,6 +132,10 @@ from lowbit.train.controller import QAT_PASSES  # noqa: E402
 
 RESULTS = HERE / "results" / "qat.md"
 RESULTS_PER_TENSOR = HERE / "results" / "qat_per_tensor.md"  # --weights per-tensor
+# --weights per-tensor-unfolded: lowbit with per_tensor_weights="unfolded", NNCF's meaning of per tensor
+RESULTS_PER_TENSOR_UNFOLDED = HERE / "results" / "qat_per_tensor_unfolded.md"
+WEIGHTS = {"per-channel": RESULTS, "per-tensor": RESULTS_PER_TENSOR,
+           "per-tensor-unfolded": RESULTS_PER_TENSOR_UNFOLDED}
 MODELS = ["resnet18", "mobilenet_v2"]
 BITS = {"weights": 4, "activations": 8}
 PASSES = QAT_PASSES  # fold_bn, fuse, quantize: PTQ without bias correction, the model's Dropouts kept
@@ -152,6 +163,11 @@ LOWBIT_QAT = {"lowbit": dict(range_learning="range", fold_bn="train"),
 # -- the tools ----------------------------------------------------------------------------------------------
 
 
+def per_tensor_weights(weights: str) -> str:
+    """lowbit's per_tensor_weights option for the bench's --weights."""
+    return "unfolded" if weights == "per-tensor-unfolded" else "folded"
+
+
 def lowbit_hw(per_channel: bool):
     """lowbit's hardware config for the run: ANY (its default: weights per channel), or ANY with each op's weights
     narrowed to its per-tensor quantizers."""
@@ -171,9 +187,10 @@ def nncf_quantize(model, calib, per_channel: bool):
                          advanced_parameters=advanced)
 
 
-def lowbit_qat_module(model, calib, options: dict, per_channel: bool):
+def lowbit_qat_module(model, calib, options: dict, weights: str):
     return lowbit.compile(model, PASSES, dataset=lowbit.Dataset(calib), bits=BITS, progress=False,
-                          hw=lowbit_hw(per_channel), **options)
+                          hw=lowbit_hw(weights == "per-channel"), per_tensor_weights=per_tensor_weights(weights),
+                          **options)
 
 
 def quantizers(module, tool: str, x: torch.Tensor) -> str:
@@ -309,7 +326,7 @@ def _runs(make, evaluate, x_train, y_train, epochs: int, lr: float, seeds: int, 
 
 
 def model_row(name: str, tools: list[str], epochs: int, lr: float, seeds: int, rounds: int, steps: int,
-              workdir: Path, console, per_channel: bool = True) -> dict:
+              workdir: Path, console, weights: str = "per-channel") -> dict:
     model, x_train, x_test, y_test = deploy.load(name)
     spec = deploy.MODELS[name]
     _, y_train, _, _ = load_digits_split(size=spec["size"], channels=spec["channels"])
@@ -326,7 +343,9 @@ def model_row(name: str, tools: list[str], epochs: int, lr: float, seeds: int, r
                 f"({time.perf_counter() - start:.0f} s)")
 
     # PTQ
-    q = lowbit.quantize(copy.deepcopy(model), lowbit.Dataset(calib), bits=BITS, target_device=lowbit_hw(per_channel))
+    per_channel = weights == "per-channel"
+    q = lowbit.quantize(copy.deepcopy(model), lowbit.Dataset(calib), bits=BITS, target_device=lowbit_hw(per_channel),
+                        per_tensor_weights=per_tensor_weights(weights))
     row["ptq lowbit"] = ptq.top1(logits(q, x_test), y_test)
     if "nncf" in tools:
         try:
@@ -338,7 +357,7 @@ def model_row(name: str, tools: list[str], epochs: int, lr: float, seeds: int, r
 
     # QAT
     trained = {}
-    starts = {label: (lambda o=opts: lowbit_qat_module(copy.deepcopy(model), calib, o, per_channel))
+    starts = {label: (lambda o=opts: lowbit_qat_module(copy.deepcopy(model), calib, o, weights))
               for label, opts in LOWBIT_QAT.items()}
     if "nncf" in tools:
         starts["nncf"] = lambda: nncf_quantize(copy.deepcopy(model), calib, per_channel)
@@ -532,13 +551,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per round (default {STEPS})")
     parser.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate for every tool (default {LR:g})")
     parser.add_argument("--no-nncf", action="store_true", help="skip the NNCF columns")
-    parser.add_argument("--weights", choices=["per-channel", "per-tensor"], default="per-channel",
-                        help="the 4-bit weight quantizers' granularity, both tools (default per-channel)")
+    parser.add_argument("--weights", choices=list(WEIGHTS), default="per-channel",
+                        help="the 4-bit weight quantizers' granularity, both tools (default per-channel); "
+                             "per-tensor-unfolded: lowbit's per_tensor_weights='unfolded'")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"the markdown file (default {RESULTS}, or {RESULTS_PER_TENSOR} with per-tensor weights)")
+                        help="the markdown file (default: " + ", ".join(f"{p.name} with {w}" for w, p in WEIGHTS.items())
+                        + ")")
     args = parser.parse_args(argv)
-    per_channel = args.weights == "per-channel"
-    args.out = args.out or (RESULTS if per_channel else RESULTS_PER_TENSOR)
+    args.out = args.out or WEIGHTS[args.weights]
 
     from rich.console import Console
 
@@ -560,7 +580,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [model_row(name, tools, args.epochs, args.lr, args.seeds, args.rounds, args.steps, Path(tmp), console,
-                          per_channel) for name in args.models]
+                          args.weights) for name in args.models]
     check_rows = checks(rows, tools)
     markdown = ptq.render(tables(rows, tools, check_rows, args.epochs, args.lr, args.weights), console)
     body = markdown[markdown.index("**"):]  # ptq.render's tables without its own title
