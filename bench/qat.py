@@ -555,8 +555,8 @@ def main(argv=None) -> list[dict]:
                         help="the 4-bit weight quantizers' granularity, both tools (default per-channel); "
                              "per-tensor-unfolded: lowbit's per_tensor_weights='unfolded'")
     parser.add_argument("--out", type=Path, default=None,
-                        help="the markdown file (default: " + ", ".join(f"{p.name} with {w}" for w, p in WEIGHTS.items())
-                        + ")")
+                        help="the markdown file (default: "
+                        + ", ".join(f"{p.name} with {w}" for w, p in WEIGHTS.items()) + ")")
     args = parser.parse_args(argv)
     args.out = args.out or WEIGHTS[args.weights]
 

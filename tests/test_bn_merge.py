@@ -230,3 +230,29 @@ def test_unfolded_per_tensor_weights_follow_the_filters_pruning_keeps():
         assert high.shape == (4,)
         fill = np.abs(w).reshape(4, -1).max(axis=1) / high  # each filter's widest weight on its grid
         assert fill.max() == pytest.approx(1.0, rel=1e-5) and (fill <= 1 + 1e-6).all()
+
+
+def test_unfolded_per_tensor_weights_of_an_onnx_model_with_batchnorms(tmp_path):
+    """An ONNX model that keeps its BatchNormalizations (exported without constant folding) gets the same grid: each
+    Conv's int8 weight scale is one scale of the stored weight times its BN's s (a folded export has no s left)."""
+    from lowbit.hw_configs import narrowed
+
+    model = _model()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False)
+    proto = onnx.load(str(path))
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 2
+    hw = narrowed("CPU", weights={"per_channel": False})
+    q = lowbit.quantize(proto, lowbit.Dataset([x.numpy()]), target_device=hw, per_tensor_weights="unfolded",
+                        overflow_fix="disable")
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for conv, (w, bn) in zip(convs, [(model[0].weight, model[1]), (model[3].weight, model[4])]):
+        dq = producers[conv.input[1]]
+        scale = consts[dq.input[1]].astype(np.float64)
+        s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+        assert scale.shape == s.shape
+        np.testing.assert_allclose(scale / np.abs(s), np.full(s.shape, w.detach().abs().max().item() / 127), rtol=1e-5)
+    assert run_onnx(q, {q.graph.input[0].name: x.numpy()})[0].shape == (8, 4)

@@ -124,7 +124,8 @@ def test_per_tensor_weights_unfolded_rounds_the_weight_before_its_merged_batchno
     assert merged and all(weight_quantizer(n).meta.get("before_bn") for n in merged)
     assert all(weight_quantizer(n).input(1).const.size == 1 for n in merged)
     assert "div.Tensor" not in q.code  # no simulated folding: the Conv reads q(W), its BN after it
-    folded = {n.name: weight_quantizer(n).input(1).const.size for n in graph_of(q) if n.name in {m.name for m in merged}}
+    names = {n.name for n in merged}
+    folded = {n.name: weight_quantizer(n).input(1).const.size for n in graph_of(q) if n.name in names}
     assert folded == {n.name: n.output.shape[1] for n in merged}
     plain = controller.strip()
     with torch.no_grad():
