@@ -8,6 +8,10 @@ merge), a Conv keeps its BatchNormalization, marked `bn_merge`: the BN trains
 on, its weight quantizer sees the weight scaled by the BN, and the BN is
 folded exactly when the module is exported or stripped (`fold_merged`).
 Gemm and MatMul BNs fold as usual.
+
+Each layer a BN is folded into records the BN's scale (node meta
+`folded_bn_scale`), so that `per_tensor_weights="unfolded"` can put a
+per-tensor weight grid on the weight as stored before the BN (passes/quantize.py).
 """
 
 from __future__ import annotations
