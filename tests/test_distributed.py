@@ -56,6 +56,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             F.cross_entropy(ddp(_shard(x, rank)), _shard(y, rank)).backward()
             opt.step()
         torch.save({"start_ranges": start, "state_dict": q.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (one run saw a rank abort at the end)
     finally:
         dist.destroy_process_group()
 
