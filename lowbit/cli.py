@@ -3,8 +3,8 @@
     lowbit quantize IN.onnx -o OUT.onnx|OUT.xml --data calib.npz|DIR [--subset-size N]
                     [--preset performance|mixed] [--target-device CPU|GPU|NPU|ANY|hw.json]
                     [--model-type transformer] [--ignored-scope NAME[,NAME...]]
-                    [--overflow-fix enable|first_layer|disable] [--no-fast-bias-correction] [--dump-dir DIR]
-                    [--runtime onnxruntime|openvino]
+                    [--overflow-fix enable|first_layer|disable] [--per-tensor-weights folded|unfolded]
+                    [--no-fast-bias-correction] [--dump-dir DIR] [--runtime onnxruntime|openvino]
     lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR] [--runtime ...]
     lowbit prune IN.onnx -o OUT.onnx|OUT.xml [--ratio 0.5] [--criterion l2] [--round-to N]
                  [--ignored-scope NAME[,NAME...]] [--data calib.npz|DIR (for --criterion taylor)]
@@ -121,7 +121,8 @@ def _quantize(args) -> int:
     dataset = Dataset(items)
     passes = ptq_passes(dataset, args.model_type, args.fast_bias_correction)
     ctx = pass_context(hw=args.target_device, dataset=dataset, subset_size=args.subset_size, ignored_scope=scope,
-                       preset=args.preset, model_type=args.model_type, overflow_fix=args.overflow_fix)
+                       preset=args.preset, model_type=args.model_type, overflow_fix=args.overflow_fix,
+                       per_tensor_weights=args.per_tensor_weights)
     start = time.perf_counter()
     records = _run_and_write(graph, passes, ctx, args.dump_dir, out, args.runtime)
     seconds = time.perf_counter() - start
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     from .hw_configs import DEVICES
     from .backends.qdq import RUNTIMES
     from .pruning import CRITERIA
-    from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PRESETS
+    from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PER_TENSOR_WEIGHTS, PRESETS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
     parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
@@ -264,6 +265,9 @@ def main(argv=None) -> int:
                    help="node names to keep in FP32 (as `lowbit show` prints them)")
     q.add_argument("--overflow-fix", choices=OVERFLOW_FIX, default=DEFAULT_OVERFLOW_FIX,
                    help="weights on a 7-bit grid: enable (for AVX2-only CPUs), first_layer (default), disable")
+    q.add_argument("--per-tensor-weights", choices=PER_TENSOR_WEIGHTS, default="folded",
+                   help="where a device's weights are per tensor and a BatchNormalization folds into the layer: one "
+                        "grid over the folded weight (folded, default) or over the stored one (unfolded, as NNCF)")
     q.add_argument("--no-fast-bias-correction", dest="fast_bias_correction", action="store_false",
                    help="skip fast bias correction")
     q.add_argument("--dump-dir", metavar="DIR",

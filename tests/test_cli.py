@@ -436,11 +436,33 @@ def test_quantize_refuses_a_quantized_model(onnx_file, calibration, tmp_path, ca
     assert not (tmp_path / "qq.onnx").exists()
 
 
+def test_quantize_puts_per_tensor_weights_where_asked(onnx_file, calibration, tmp_path, capsys):
+    """With a device whose weights are per tensor, --per-tensor-weights unfolded gives each Conv (followed by a
+    BatchNormalization in this file) one int8 scale per filter, the stored weight's grid scaled by its BN; the
+    default gives one scale over the folded weight."""
+    from lowbit.hw_configs import narrowed
+
+    hw = tmp_path / "per_tensor.json"
+    hw.write_text(json.dumps(narrowed("CPU", weights={"per_channel": False}).to_dict()))
+    scales = {}
+    for grid in ("folded", "unfolded"):
+        out = tmp_path / f"{grid}.onnx"
+        assert main(["quantize", str(onnx_file[0]), "-o", str(out), "--data", str(calibration / "calib.npz"),
+                     "--subset-size", "8", "--target-device", str(hw), "--per-tensor-weights", grid]) == 0
+        q = onnx.load(out)
+        consts = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+        producers = {o: n for n in q.graph.node for o in n.output}
+        scales[grid] = [consts[producers[n.input[1]].input[1]].shape for n in q.graph.node if n.op_type == "Conv"]
+    assert len(scales["folded"]) == 13 and set(scales["folded"]) == {()}
+    assert all(len(shape) == 1 and shape[0] > 1 for shape in scales["unfolded"])
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--overflow-fix", "auto", r"argument --overflow-fix: invalid choice: 'auto' \(choose from '?enable'?, "
                                r"'?first_layer'?, '?disable'?\)"),
     ("--subset-size", "0", r"argument --subset-size: '0' is not a positive integer"),
     ("--preset", "fast", r"argument --preset: invalid choice: 'fast'"),
+    ("--per-tensor-weights", "stored", r"argument --per-tensor-weights: invalid choice: 'stored'"),
 ])
 def test_bad_option_values_are_refused_by_the_parser(option, value, message, capsys):
     with pytest.raises(SystemExit) as e:
