@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_onnx, run_openvino
+from deploy_checks import sqnr
 from models import randomize_batchnorm
 
 import lowbit
@@ -89,8 +90,7 @@ def test_training_updates_the_batchnorm_and_export_folds_it_exactly(merged, tmp_
 
     ov_out = run_openvino(ov.Core().read_model(str(lowbit.export(q, tmp_path / "m.xml"))), [x.numpy()])[0]
     for out in (ort_out, ov_out):
-        error = np.sum((simulated - out) ** 2) / np.sum(simulated ** 2)
-        assert 10 * np.log10(1 / error) > 35
+        assert sqnr(simulated, out) > 35
     plain = lowbit.strip(q)
     assert not _bns(plain)
     with torch.no_grad():
@@ -153,6 +153,11 @@ def test_fold_bn_takes_two_values():
         lowbit.compile(_model(), QAT_PASSES, dataset=lowbit.Dataset([torch.randn(2, 3, 8, 8)]), fold_bn="merge")
 
 
+def _bn_scale(bn: nn.BatchNorm2d) -> np.ndarray:
+    """gamma / sqrt(running_var + eps) of a torch BatchNorm: what folding it scales each filter by."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+
+
 def _weight_ranges(q):
     """(low, high) of each Conv's weight FakeQuantize in a compiled torch module, in layer order."""
     from lowbit.frontends import graph_of
@@ -176,8 +181,7 @@ def test_unfolded_per_tensor_weights_put_one_grid_on_the_stored_weight(tmp_path)
     data = lowbit.Dataset([x[:8], x[8:]])
     hw = narrowed("CPU", weights={"per_channel": False})
     stored = [model[0].weight, model[3].weight]
-    scales = [(bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
-              for bn in (model[1], model[4])]
+    scales = [_bn_scale(bn) for bn in (model[1], model[4])]
     unfolded = lowbit.compile(model, QAT_PASSES, dataset=data, hw=hw, per_tensor_weights="unfolded",
                               overflow_fix="disable")  # every layer on the 8-bit grid
     for (low, high), w, s in zip(_weight_ranges(unfolded), stored, scales):
@@ -198,8 +202,7 @@ def test_unfolded_per_tensor_weights_put_one_grid_on_the_stored_weight(tmp_path)
     outs = [run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0],
             run_openvino(ov.Core().read_model(str(lowbit.export(unfolded, tmp_path / "m.xml"))), [x.numpy()])[0]]
     for out in outs:
-        error = np.sum((simulated - out) ** 2) / np.sum(simulated ** 2)
-        assert 10 * np.log10(1 / error) > 35
+        assert sqnr(simulated, out) > 35
 
 
 def test_per_tensor_weights_takes_two_values():
@@ -252,7 +255,7 @@ def test_unfolded_per_tensor_weights_of_an_onnx_model_with_batchnorms(tmp_path):
     for conv, (w, bn) in zip(convs, [(model[0].weight, model[1]), (model[3].weight, model[4])]):
         dq = producers[conv.input[1]]
         scale = consts[dq.input[1]].astype(np.float64)
-        s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+        s = _bn_scale(bn)
         assert scale.shape == s.shape
         np.testing.assert_allclose(scale / np.abs(s), np.full(s.shape, w.detach().abs().max().item() / 127), rtol=1e-5)
     assert run_onnx(q, {q.graph.input[0].name: x.numpy()})[0].shape == (8, 4)
