@@ -51,14 +51,12 @@ def weight_range(point: QuantPoint, merged_bn: dict[str, Node],
     a torch model, whose BN the runtime folds)."""
     w = point.value.const.astype(np.float64)
     if not point.config.per_channel and w.ndim >= 2:
-        unfolded = per_tensor_weights == "unfolded"
-        for node, port in point.consumers:
-            if port != 1:
-                continue
-            if node.name in merged_bn and not unfolded:
-                w = merged_weight(node, merged_bn[node.name])
-            elif unfolded and FOLDED_BN_SCALE in node.meta:
-                return _unfolded_range(w, np.asarray(node.meta[FOLDED_BN_SCALE]), point.axis % w.ndim)
+        if per_tensor_weights == "unfolded":
+            folded = next((n for n, port in point.consumers if port == 1 and FOLDED_BN_SCALE in n.meta), None)
+            if folded is not None:
+                return _unfolded_range(w, np.asarray(folded.meta[FOLDED_BN_SCALE]), point.axis % w.ndim)
+        elif (conv := merged_layer(point, merged_bn)) is not None:
+            w = merged_weight(conv, merged_bn[conv.name])
     if not point.config.per_channel or w.ndim < 2:
         return np.array(w.min()), np.array(w.max())
     axis = point.axis % w.ndim
@@ -66,6 +64,14 @@ def weight_range(point: QuantPoint, merged_bn: dict[str, Node],
     shape = [1] * w.ndim
     shape[axis] = -1
     return w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
+
+
+def merged_layer(point: QuantPoint, merged_bn: dict[str, Node]) -> Node | None:
+    """The Conv whose merged BN (fold_bn="train"; `merged_bn`: Conv name -> its BN) follows the weight that
+    `point` quantizes per tensor, or None."""
+    if point.config.per_channel:
+        return None
+    return next((node for node, port in point.consumers if port == 1 and node.name in merged_bn), None)
 
 
 def _unfolded_range(w: np.ndarray, s: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +247,7 @@ class Quantize(Pass):
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
             fq = insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
-            if unfolded and p.kind == "weight" and not p.config.per_channel \
-                    and any(port == 1 and node.name in merged_bn for node, port in p.consumers):
+            if unfolded and p.kind == "weight" and merged_layer(p, merged_bn) is not None:
                 fq.meta[BEFORE_BN] = True  # it rounds W, the BN's s folded onto its grid at export
         counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
                   "activation_quantizers": len(activations)}
