@@ -35,14 +35,17 @@ def _slices(member: Member, group: Group, find) -> list[tuple[int, int]]:
     return found
 
 
-def _per_channel(array: np.ndarray, axis: int, fn) -> np.ndarray:
-    """fn of every slice of `array` along `axis`, as a vector over that axis."""
-    moved = np.moveaxis(np.asarray(array, np.float64), axis, 0)
-    return fn(moved.reshape(moved.shape[0], -1))
+def _per_channel(array: np.ndarray, axis: int, elementwise) -> np.ndarray:
+    """The sum of `elementwise` (a numpy ufunc: np.abs, np.square, np.positive) of every slice of `array` along
+    `axis`, as a float64 vector over that axis (no transposed copy: the other axes are reduced in place)."""
+    array = np.asarray(array)
+    others = tuple(i for i in range(array.ndim) if i != axis % array.ndim)
+    return elementwise(array, dtype=np.float64).sum(axis=others)
 
 
-def _member_scores(member: Member, group: Group, find, fn, array: np.ndarray | None = None) -> list[np.ndarray]:
-    vector = _per_channel(member.value.const if array is None else array, member.axis, fn)
+def _member_scores(member: Member, group: Group, find, elementwise,
+                   array: np.ndarray | None = None) -> list[np.ndarray]:
+    vector = _per_channel(member.value.const if array is None else array, member.axis, elementwise)
     return [vector[off:off + length * rep].reshape(length, rep).sum(axis=1)
             for off, rep, length in _slices(member, group, find)]
 
@@ -56,17 +59,17 @@ def scores(group: Group, criterion: str, find, saliency: dict[str, np.ndarray] |
         weighted = [m for m in group.members if m.value.name in (saliency or {})]
         if weighted:
             return _mean_normalized([s for m in weighted for s in _member_scores(
-                m, group, find, lambda a: a.sum(1), array=saliency[m.value.name])])
+                m, group, find, np.positive, array=saliency[m.value.name])])
         criterion = "l2"
     if criterion == "bn_scale":
         bn = [m for m in group.members if m.node.op_type == "BatchNormalization" and m.port == 1]
         if bn:
-            return _mean_normalized([s for m in bn for s in _member_scores(m, group, find, lambda a: np.abs(a).sum(1))])
+            return _mean_normalized([s for m in bn for s in _member_scores(m, group, find, np.abs)])
         criterion = "l2"
     if criterion == "geometric_median":
         filters = [m for m in group.members if m.role == "out"]
         return _mean_normalized([_fpgm(m) for m in filters])
-    norm = (lambda a: np.abs(a).sum(1)) if criterion == "l1" else (lambda a: np.square(a).sum(1))
+    norm = np.abs if criterion == "l1" else np.square
     weighted = [m for m in group.members if m.role in ("out", "in", "scale")]
     return _mean_normalized([s for m in weighted for s in _member_scores(m, group, find, norm)])
 
