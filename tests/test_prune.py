@@ -672,6 +672,29 @@ def _torch_onnx_export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelPr
     return onnx.load_from_string(buffer.getvalue())
 
 
+def test_a_swin_file_loses_the_residual_width_its_torch_module_loses():
+    """torch.onnx.export's Swin reads its width back with Shape after slicing the shifted windows (Slice ->
+    Concat -> Shape -> Gather): cleanup knows those sizes statically (Slice's shape inferred, folding repeated
+    until nothing changes), so the width of the first stage prunes as in the torch module (16 -> 8), where a
+    Shape had kept it."""
+    from zoo_models import build
+
+    module, make_input, _ = build("swin", "small")
+    x = make_input(2)
+    torch_rows = {(r["channels"], r["kept"]) for r in plan(lowbit.lower(module, (x,)), PruneSpec(0.5)).report}
+    # a copy: once torch.onnx.export (TorchScript) has run a Swin, torch.export fails to capture it (CaptureError)
+    file = _torch_onnx_export(copy.deepcopy(module), x[:1])
+    graph = lowbit.lower(lowbit.compile(file, ["cleanup"]))
+    assert not [n.name for n in graph if n.op_type == "Shape" and n.output.users
+                and all(u.op_type == "Gather" and u.input(1).const is not None and u.input(1).const.ndim == 0
+                        and int(u.input(1).const) > 0 for u in n.output.users)]
+    file_rows = {(r["channels"], r["kept"]) for r in plan(graph, PruneSpec(0.5)).report}
+    assert (16, 8) in torch_rows and (16, 8) in file_rows
+    pruned = lowbit.prune(file, 0.5)
+    with torch.no_grad():
+        assert run_onnx(pruned, {"x": x.numpy()})[0].shape == tuple(module(x).shape)
+
+
 @pytest.mark.parametrize("family", ["Bert", "Segformer"])
 def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family):
     """torch.onnx.export stores equal initializers once (the zero biases of every layer: one tensor that layers

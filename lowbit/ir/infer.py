@@ -75,7 +75,35 @@ def infer_output(node: Node) -> tuple[str | None, Shape]:
         dtype, shape = first.dtype, _conv(node, first.shape, ins[1].shape)
     elif op == "Gemm" and len(ins) >= 2 and first is not None and ins[1] is not None:
         dtype, shape = first.dtype, _gemm(node, first.shape, ins[1].shape)
+    elif op == "Slice" and first is not None:
+        dtype, shape = first.dtype, _slice(node, first.shape)
+    elif op == "Expand" and len(ins) == 2 and first is not None and ins[1] is not None:
+        target = shape_entries(ins[1])
+        dtype, shape = first.dtype, (broadcast(first.shape, tuple(target)) if target is not None else None)
     return dtype, shape
+
+
+def _slice(node: Node, x: Shape) -> Shape:
+    """A Slice by constant starts, ends, axes and steps: each sliced dim's size where the input's is static (a
+    sliced symbolic dim is unknown), the other dims as they are."""
+    if x is None or len(node.inputs) < 3:
+        return None
+    bounds = [node.input(i) for i in range(1, 5)]
+    if any(b is None or b.const is None for b in bounds[:2]) or \
+            any(b is not None and b.const is None for b in bounds[2:]):
+        return None
+    starts, ends = (np.ravel(b.const).tolist() for b in bounds[:2])
+    axes = np.ravel(bounds[2].const).tolist() if bounds[2] is not None else list(range(len(starts)))
+    steps = np.ravel(bounds[3].const).tolist() if bounds[3] is not None else [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps) or 0 in steps \
+            or not all(-len(x) <= a < len(x) for a in axes):
+        return None
+    out = list(x)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = x[axis]
+        # ONNX clamps starts and ends as Python's slice.indices does
+        out[axis] = len(range(*slice(start, end, step).indices(size))) if isinstance(size, int) else None
+    return tuple(out)
 
 
 def _conv(node: Node, x: Shape, w: Shape) -> Shape:

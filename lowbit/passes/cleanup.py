@@ -52,6 +52,7 @@ def _foldable(node: Node) -> bool:
     return all(v is None or v.const is not None for v in node.inputs)
 
 
+MAX_ROUNDS = 8  # of folding and refining shapes: a Swin from torch.onnx.export needs 3
 DYNAMIC = -(1 << 40)  # marks a dynamic dimension in a partly known shape; no real dimension is negative
 
 
@@ -121,7 +122,15 @@ class Cleanup(Pass):
         folded = fold_constants(graph)
         if folded:  # what folding made constant (a Pad's pads, computed from shapes) may now match a rule
             fired.update(rules.apply(graph))
-        counts = {"fold_constants": folded, "refine_shapes": refine_shapes(graph),
+        refined = refine_shapes(graph)
+        for _ in range(MAX_ROUNDS - 1):  # refined shapes make more sizes static: fold again, until nothing changes
+            more = fold_constants(graph) if refined else 0
+            if not more:
+                break
+            folded += more
+            fired.update(rules.apply(graph))
+            refined = refine_shapes(graph)
+        counts = {"fold_constants": folded, "refine_shapes": refined,
                   "remove_dead_nodes": remove_dead_nodes(graph),
                   "remove_unused_constants": graph.remove_unused_constants()}
         fired.update({k: v for k, v in counts.items() if v})
