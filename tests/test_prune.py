@@ -672,6 +672,27 @@ def _torch_onnx_export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelPr
     return onnx.load_from_string(buffer.getvalue())
 
 
+@pytest.mark.parametrize("name, heads", [("t5", [(3, 4, 2)] * 2), ("swin", [(3, 2, 1)] * 2)])
+def test_heads_of_a_file_prune_where_the_exporter_folded_their_position_bias_into_one_shared_constant(name, heads):
+    """torch.onnx.export computes T5's and Swin's relative position bias at export time ([1, heads, tokens, tokens],
+    added to the scores) and stores equal ones once, for several layers. Such a constant is the per-head term
+    itself, and each attention's heads go with their own cut of it: nothing ties them (T5's two layers, Swin's
+    first block of each stage; a torch parameter would tie them, since one tensor trains). Before, their heads
+    all stayed. With every other layer excluded, the pruned file computes what zeroing the output projections'
+    rows that read those heads gives, in ONNX Runtime and OpenVINO. Swin's shifted-window blocks keep their
+    heads: the exporter's shape inference names the batch of their masked scores apart from the batch of q."""
+    from zoo_models import build
+
+    module, make_input, _ = build(name, "small")
+    x = make_input(2)
+    graph = lowbit.lower(lowbit.compile(_torch_onnx_export(module, x[:1]), ["cleanup"]))
+    layers = [n.name for n in graph if n.op_type in ("MatMul", "Gemm", "Conv") and n.input(1).const is not None]
+    others = [n for n in layers if "attention" not in n.lower()]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": others},)))
+    assert [(len(r["layers"]), r["channels"], r["kept"]) for r in chosen.report if r["kept"] < r["channels"]] == heads
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
+
+
 def test_a_swin_file_loses_the_residual_width_its_torch_module_loses():
     """torch.onnx.export's Swin reads its width back with Shape after slicing the shifted windows (Slice ->
     Concat -> Shape -> Gather): cleanup knows those sizes statically (Slice's shape inferred, folding repeated

@@ -343,14 +343,20 @@ def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -
     bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, a Gather
     of other rows, and an Add or Where of a term the same for every head (Swin's shifted-window mask, T5's
     padding mask), to the constant it is read from (a bias table [positions, heads]); record that constant's
-    heads axis and the values and Reshapes on the way in `structure` (for shrink). A value other attentions
-    read too is recorded in `structure.shared_reads` (find_heads ties them or keeps their heads). False where
-    it cannot be followed."""
+    heads axis and the values and Reshapes on the way in `structure` (for shrink). The term may be that
+    constant itself (torch.onnx.export computes a bias from constant tables and sizes at export time). A
+    computed value other attentions read too, or a torch parameter they read (one tensor trains), is recorded in
+    `structure.shared_reads` (find_heads ties them or keeps their heads); another constant that other nodes
+    read (an exporter stores equal tables once) ties nothing: each reader gets its own cut (shrink._cut). False
+    where it cannot be followed."""
     if structure.repeat != 1:  # grouped-query attention with a table per attention head: not followed
         return False
     head, v = len(term.shape) - 3, term
     dims, entries, shared = [(term, head)], [], []
     readers = [(u, p) for u, p in term.uses if id(u) in core_ids]
+    if len(readers) != 1:
+        return False
+    reader, port = readers[0]
     while v.const is None:
         node = v.producer
         if node is None or node.domain or v.is_graph_output or len(readers) != 1:
@@ -388,9 +394,9 @@ def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -
             return False
         reader, v, readers = node, x, [(node, port)]
         dims.append((v, head))
-    if v.is_graph_output or len(dims) < 2:
+    if v.is_graph_output:
         return False
-    if len(v.uses) > 1:
+    if len(v.uses) > 1 and v.meta.get("torch_kind") == "parameter":
         shared.append((v, reader, port))
     structure.shared_reads.extend(shared)
     structure.tables.append((reader, port, head))
