@@ -331,6 +331,41 @@ def test_cleanup_folds_static_dimensions_read_from_a_shape_with_a_dynamic_batch(
     np.testing.assert_allclose(_ort(clean, x)[0], run_onnx(model, {"x": x})[0], rtol=1e-6)
 
 
+def test_cleanup_proves_two_names_of_one_dim_equal_from_a_reshape_and_a_weight():
+    """An exporter names a size twice where its shape inference cannot tell (Swin's masked attention scores: the
+    broadcast of two batch names gets a third). A Reshape keeps the number of elements, and a MatMul's
+    activation is as wide as its constant weight's rows: `sum` [u, 16, 16] reshaped to [b, 16, -1] and read by a
+    [16, 8] weight proves u = b (the graph input's name wins) and the -1 dim 16."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Add", ["x", "m"], ["sum"]),
+             helper.make_node("Reshape", ["sum", "split"], ["heads"]),
+             helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
+             helper.make_node("Concat", ["b", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["heads", "target"], ["merged"]),
+             helper.make_node("MatMul", ["merged", "w"], ["y"])]
+    inits = {"split": np.array([-1, 16, 2, 8], np.int64), "zero": np.array([0], np.int64),
+             "one": np.array([1], np.int64), "rest": np.array([16, -1], np.int64),
+             "w": np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)}
+    info = [helper.make_tensor_value_info(name, f, dims) for name, dims in
+            (("sum", ["u", 16, 16]), ("heads", ["u", 16, 2, 8]), ("merged", ["b", 16, "w"]))]
+    graph = helper.make_graph(nodes, "names", [helper.make_tensor_value_info("x", f, ["b", 16, 16]),
+                                               helper.make_tensor_value_info("m", f, ["c", 16, 16])],
+                              [helper.make_tensor_value_info("y", f, ["b", 16, 8])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in inits.items()], value_info=info)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = lowbit.lower(model)
+    assert before.find_value("sum").shape == ("u", 16, 16) and before.find_value("merged").shape == ("b", 16, "w")
+    cleaned = lowbit.compile(model, passes=["cleanup"])
+    g = lowbit.lower(cleaned)
+    assert g.find_value("sum").shape == ("b", 16, 16)
+    assert g.find_value("heads").shape == ("b", 16, 2, 8)
+    assert g.find_value("merged").shape == ("b", 16, 16)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((3, 16, 16)).astype(np.float32),
+             "m": rng.standard_normal((1, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_onnx(cleaned, feeds)[0], run_onnx(model, feeds)[0], rtol=1e-6)
+
+
 def test_cleanup_drops_the_eval_dropout_of_mobilenet(lowered):
     model, x, graph = lowered("mobilenet_v2")
     assert _count(graph, "Dropout") == 1

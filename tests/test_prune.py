@@ -672,15 +672,16 @@ def _torch_onnx_export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelPr
     return onnx.load_from_string(buffer.getvalue())
 
 
-@pytest.mark.parametrize("name, heads", [("t5", [(3, 4, 2)] * 2), ("swin", [(3, 2, 1)] * 2)])
+@pytest.mark.parametrize("name, heads", [("t5", [(3, 4, 2)] * 2), ("swin", [(3, 2, 1)] * 3)])
 def test_heads_of_a_file_prune_where_the_exporter_folded_their_position_bias_into_one_shared_constant(name, heads):
     """torch.onnx.export computes T5's and Swin's relative position bias at export time ([1, heads, tokens, tokens],
     added to the scores) and stores equal ones once, for several layers. Such a constant is the per-head term
     itself, and each attention's heads go with their own cut of it: nothing ties them (T5's two layers, Swin's
-    first block of each stage; a torch parameter would tie them, since one tensor trains). Before, their heads
-    all stayed. With every other layer excluded, the pruned file computes what zeroing the output projections'
-    rows that read those heads gives, in ONNX Runtime and OpenVINO. Swin's shifted-window blocks keep their
-    heads: the exporter's shape inference names the batch of their masked scores apart from the batch of q."""
+    three blocks; a torch parameter would tie them, since one tensor trains). Before, their heads all stayed.
+    Swin's shifted-window block adds its mask to that bias: the exporter's shape inference names the batch of
+    those scores apart from q's, and cleanup proves the names equal (ir/infer.equal_dims). With every other
+    layer excluded, the pruned file computes what zeroing the output projections' rows that read those heads
+    gives, in ONNX Runtime and OpenVINO."""
     from zoo_models import build
 
     module, make_input, _ = build(name, "small")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Node, Value
-from .ops import DIM_CARRIERS, SHAPE_PICKERS, op_info, transpose_perm
+from .ops import DIM_CARRIERS, MATMULS, SHAPE_PICKERS, op_info, transpose_perm
 from .types import Shape, from_onnx_dtype
 
 
@@ -193,7 +193,86 @@ def refine_shapes(graph) -> int:
         if new != out.shape:
             out.shape = new
             refined += 1
+    equal = equal_dims(graph)
+    if equal:
+        refined += _rename_dims(graph, equal)
     return refined
+
+
+def equal_dims(graph) -> dict[str, str | int]:
+    """Symbolic dims that the graph's static facts prove equal to another dim (symbol -> symbol or int), where an
+    exporter's shape inference named one size twice (a broadcast of two names: Swin's masked attention scores):
+
+    - a MatMul or Gemm reads its constant weight's rows: the activation's contracted dim is that size (the model
+      runs at no other);
+    - a Reshape keeps the number of elements: with the symbols both sides share cancelled, one symbol left on
+      each side and equal static products make the two equal, and one symbol left on one side alone is the
+      static quotient.
+    Names are resolved to the one a graph input uses where there is one, else the earlier one."""
+    inputs = {d for v in graph.inputs if v.shape is not None for d in v.shape if isinstance(d, str)}
+    equal: dict[str, str | int] = {}
+
+    def find(d):
+        while isinstance(d, str) and d in equal:
+            d = equal[d]
+        return d
+
+    def unite(a, b) -> None:
+        a, b = find(a), find(b)
+        if a == b or (isinstance(a, int) and isinstance(b, int)):
+            return
+        if isinstance(a, int) or (a in inputs and b not in inputs):
+            a, b = b, a  # a is renamed to b: ints and graph inputs' names win
+        equal[a] = b
+
+    while True:  # until no fact proves more (a weight read later resolves a Reshape's dim)
+        known = len(equal)
+        for node in graph:
+            _dim_facts(node, find, unite)
+        if len(equal) == known:
+            break
+    return {d: find(d) for d in equal}
+
+
+def _dim_facts(node: Node, find, unite) -> None:
+    """Unite the dims `node` proves equal (see equal_dims)."""
+    ins = node.inputs
+    if node.domain not in ("", "ai.onnx") or not ins or ins[0] is None or not ins[0].shape:
+        return
+    x, w = ins[0], ins[1] if len(ins) > 1 else None
+    if node.op_type in MATMULS and w is not None and w.const is not None and w.const.ndim == 2 \
+            and not (node.op_type == "Gemm" and node.attrs.get("transA", 0)):
+        rows = w.const.shape[1 if node.op_type == "Gemm" and node.attrs.get("transB", 0) else 0]
+        if isinstance(x.shape[-1], str):
+            unite(x.shape[-1], int(rows))
+        return
+    if node.op_type != "Reshape" or node.outputs[0].shape is None or node.attrs.get("allowzero", 0):
+        return
+    a, b = [find(d) for d in x.shape], [find(d) for d in node.outputs[0].shape]
+    if any(d is None for d in a + b):
+        return
+    for d in [d for d in a if isinstance(d, str)]:  # symbols both sides hold cancel
+        if d in b:
+            a.remove(d)
+            b.remove(d)
+    left, right = [d for d in a if isinstance(d, str)], [d for d in b if isinstance(d, str)]
+    pa, pb = (int(np.prod([d for d in side if isinstance(d, int)])) for side in (a, b))
+    if len(left) == 1 and len(right) == 1 and pa == pb:
+        unite(right[0], left[0])
+    elif len(left) + len(right) == 1 and pa and pb:
+        whole, part = (pb, pa) if left else (pa, pb)  # symbol * part == whole
+        if whole % part == 0:
+            unite((left or right)[0], whole // part)
+
+
+def _rename_dims(graph, equal: dict[str, str | int]) -> int:
+    """Write each dim `equal` resolves in every value's shape; returns how many values changed."""
+    changed = 0
+    for v in graph.values():
+        if v.shape is not None and any(isinstance(d, str) and d in equal for d in v.shape):
+            v.shape = tuple(equal.get(d, d) if isinstance(d, str) else d for d in v.shape)
+            changed += 1
+    return changed
 
 
 def stale_type(node: Node) -> str | None:
