@@ -25,18 +25,16 @@ from onnx import helper
 
 from ..backends.onnx import node_proto
 from ..ir.graph import Graph, Node
-from ..ir.infer import refine_shapes, shape_output
+from ..ir.infer import refine_shapes, shape_entries, shape_output
 from ..ir.ops import MAX_FOLDED_ELEMENTS, NEVER_FOLDED, SHAPE_PICKERS
 from ..patterns.library.cleanup import rules
 from .base import Pass, PassContext, PassResult, register_pass
 
-def evaluate(node: Node, opset: int, arrays: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
-    """Run one node on its constant inputs (or `arrays`, by input index) with onnx.reference."""
+def evaluate(node: Node, opset: int) -> list[np.ndarray]:
+    """Run one node on its constant inputs with onnx.reference."""
     from onnx.reference import ReferenceEvaluator
 
-    arrays = arrays or {}
-    inits = [onnx.numpy_helper.from_array(np.asarray(arrays[i] if i in arrays else v.const), v.name)
-             for i, v in enumerate(node.inputs) if v is not None]
+    inits = [onnx.numpy_helper.from_array(np.asarray(v.const), v.name) for v in node.inputs if v is not None]
     outputs = [helper.make_empty_tensor_value_info(v.name) for v in node.outputs]
     graph = helper.make_graph([node_proto(node)], "fold", [], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -53,26 +51,19 @@ def _foldable(node: Node) -> bool:
 
 
 MAX_ROUNDS = 8  # of folding and refining shapes: a Swin from torch.onnx.export needs 3
-DYNAMIC = -(1 << 40)  # marks a dynamic dimension in a partly known shape; no real dimension is negative
 
 
-def _static_part_of_shape(node: Node, opset: int) -> list[np.ndarray] | None:
+def _static_part_of_shape(node: Node) -> list[np.ndarray] | None:
     """What a Gather or Slice gives when it picks only static dimensions out of Shape(x), else None."""
     source = node.input(0)
     shape_op = source.producer
-    if node.op_type not in SHAPE_PICKERS or shape_op is None or shape_op.op_type != "Shape" \
-            or shape_op.domain or any(v is not None and v.const is None for v in node.inputs[1:]):
+    if node.op_type not in SHAPE_PICKERS or shape_op is None or shape_op.op_type != "Shape" or shape_op.domain:
         return None
-    shape = shape_op.input(0).shape
-    if shape is None:
+    entries = shape_entries(node.output)
+    if entries is None or not all(isinstance(d, int) for d in entries):
         return None
-    dims = np.array([d if isinstance(d, int) else DYNAMIC - i for i, d in enumerate(shape)], dtype=np.int64)
-    dims = shape_output(shape_op, dims)
-    try:
-        results = evaluate(node, opset, {0: dims})
-    except Exception:
-        return None
-    return None if any((r <= DYNAMIC).any() for r in results) else results
+    picked = np.array(entries, np.int64)
+    return [picked.reshape(np.shape(node.input(1).const)) if node.op_type == "Gather" else picked]
 
 
 def fold_constants(graph: Graph) -> int:
@@ -82,7 +73,7 @@ def fold_constants(graph: Graph) -> int:
         if any(v.is_graph_output for v in node.outputs):
             continue
         if not _foldable(node):
-            results = _static_part_of_shape(node, opset)
+            results = _static_part_of_shape(node)
             if results is None:
                 continue
         elif node.op_type == "Shape":
