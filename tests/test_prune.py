@@ -626,6 +626,32 @@ def test_t5s_heads_go_in_every_layer_at_once_with_their_column_of_the_shared_pos
     assert table.const.shape == (32, 2)
 
 
+def test_mpnets_heads_go_with_their_column_of_a_position_bias_expanded_to_the_batch():
+    """MPNet computes its relative position bias once, from a table [buckets, heads], and expands it to the batch
+    ([batch, heads, tokens, tokens]) before every layer adds it: the walk back from the scores passes the Expand
+    (whose target keeps the heads dim), so the heads of both layers go together with the table's column, where
+    they all stayed. With the MLPs excluded, the pruned model computes what zeroing the output projections' rows
+    that read those heads gives, in ONNX Runtime and OpenVINO."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import LastHiddenState
+
+    torch.manual_seed(0)
+    config = transformers.MPNetConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4)
+    module = LastHiddenState(transformers.MPNetModel(config).eval(), text=True).eval()
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    graph = lowbit.lower(module, (x,))
+    others = [f"model.encoder.layer.{i}.{name}.dense" for i in range(2) for name in ("intermediate", "output")]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": others + ["model.pooler.dense"]},)))
+    attention = [f"model.encoder.layer.{i}.attention.attn.{p}" for i in range(2) for p in "qkv"]
+    pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
+    assert pruned == [(attention, 4, 2)]
+    table = next(v for v in graph.constants.values() if v.name.endswith("relative_attention_bias.weight"))
+    assert table.const.shape == (32, 4)
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
+    assert table.const.shape == (32, 2)
+
+
 def test_attentions_tied_by_a_shared_term_keep_their_heads_when_one_of_them_cannot_lose_any():
     """Two attentions add the same per-head term (a bias table's rows) to their scores, which ties their heads;
     the second also adds a term that something else reads (the model's output), so its heads stay. The first's

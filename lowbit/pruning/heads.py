@@ -340,10 +340,11 @@ def _tie_shared_terms(found: list[tuple[HeadStructure, _Core]], kept: dict[str, 
 
 def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -> bool:
     """Follow a term added to the scores per head ([..., heads, tokens, tokens], as Swin's relative position
-    bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, a Gather
-    of other rows, and an Add or Where of a term the same for every head (Swin's shifted-window mask, T5's
-    padding mask), to the constant it is read from (a bias table [positions, heads]); record that constant's
-    heads axis and the values and Reshapes on the way in `structure` (for shrink). The term may be that
+    bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, an Expand
+    along other dims (MPNet's, to the batch), a Gather of other rows, and an Add or Where of a term the same for
+    every head (Swin's shifted-window mask, T5's padding mask), to the constant it is read from (a bias table
+    [positions, heads]); record that constant's heads axis and the values and Reshapes on the way in
+    `structure` (for shrink). The term may be that
     constant itself (torch.onnx.export computes a bias from constant tables and sizes at export time). A
     computed value other attentions read too, or a torch parameter they read (one tensor trains), is recorded in
     `structure.shared_reads` (find_heads ties them or keeps their heads); another constant that other nodes
@@ -383,6 +384,14 @@ def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -
                 return False
             entries.append((node, head, 1))
             head = len(x.shape) - 1
+        elif node.op_type == "Expand":  # broadcast along other dims (MPNet's bias, expanded to the batch)
+            entry = shape_entry(node, head)
+            if entry is None or head < len(v.shape) - len(x.shape):
+                return False
+            held, held_port, index = entry
+            if int(np.ravel(held.input(held_port).const)[index]) != 1:
+                entries.append((node, head, 1))  # the target spells the heads out: shrink writes the kept count
+            head -= len(v.shape) - len(x.shape)
         elif node.op_type == "Gather":  # rows picked by any index (T5's relative position buckets)
             index, axis = node.input(1), node.attrs.get("axis", 0) % len(x.shape)
             if index is None or index.shape is None or axis <= head < axis + len(index.shape):
