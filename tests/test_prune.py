@@ -652,6 +652,37 @@ def test_mpnets_heads_go_with_their_column_of_a_position_bias_expanded_to_the_ba
     assert table.const.shape == (32, 2)
 
 
+def test_beits_heads_go_with_their_columns_of_an_interpolated_position_bias_table():
+    """BEiT reads each layer's bias table [positions + 3, heads] in two slices: the window's rows, interpolated to
+    the image's size by a Resize whose output size reads the heads from the input's own Shape, and the class
+    token's 3 rows, joined again by a Concat, gathered by index and permuted. The walk back follows both
+    branches to the table, so each layer's heads go with the table's columns (4 -> 2), where they all stayed.
+    With the other layers excluded, the pruned model computes what zeroing the output projections' rows that
+    read those heads gives, in ONNX Runtime and OpenVINO."""
+    transformers = pytest.importorskip("transformers")
+    from zoo_models import LastHiddenState
+
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, use_relative_position_bias=True)
+    module = LastHiddenState(transformers.BeitModel(config).eval(), text=False).eval()
+    with torch.no_grad():  # the tables start at zero: random values make each head's column matter
+        for layer in module.modules():
+            if hasattr(layer, "relative_position_bias_table"):
+                layer.relative_position_bias_table.normal_()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    graph = lowbit.lower(module, (x,))
+    mlps = [f"model.layers.{i}.mlp.fc1" for i in range(2)]
+    chosen = plan(graph, PruneSpec(0.5, config_list=({"exclude": True, "op_names": mlps},)))
+    attention = [[f"model.layers.{i}.attention.{p}_proj" for p in "qkv"] for i in range(2)]
+    pruned = [(row["layers"], row["channels"], row["kept"]) for row in chosen.report if row["kept"] < row["channels"]]
+    assert pruned == [(names, 4, 2) for names in attention]
+    tables = [v for v in graph.constants.values() if v.name.endswith("relative_position_bias_table")]
+    assert [t.const.shape for t in tables] == [(52, 4)] * 2
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol=1e-5, openvino=True)
+    assert [t.const.shape for t in tables] == [(52, 2)] * 2
+
+
 def test_attentions_tied_by_a_shared_term_keep_their_heads_when_one_of_them_cannot_lose_any():
     """Two attentions add the same per-head term (a bias table's rows) to their scores, which ties their heads;
     the second also adds a term that something else reads (the model's output), so its heads stay. The first's

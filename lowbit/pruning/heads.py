@@ -341,77 +341,137 @@ def _tie_shared_terms(found: list[tuple[HeadStructure, _Core]], kept: dict[str, 
 def _per_head_table(term: Value, structure: HeadStructure, core_ids: set[int]) -> bool:
     """Follow a term added to the scores per head ([..., heads, tokens, tokens], as Swin's relative position
     bias) back through Identity, Unsqueeze, Transpose, a Reshape that keeps the heads as its last dim, an Expand
-    along other dims (MPNet's, to the batch), a Gather of other rows, and an Add or Where of a term the same for
-    every head (Swin's shifted-window mask, T5's padding mask), to the constant it is read from (a bias table
-    [positions, heads]); record that constant's heads axis and the values and Reshapes on the way in
-    `structure` (for shrink). The term may be that
-    constant itself (torch.onnx.export computes a bias from constant tables and sizes at export time). A
-    computed value other attentions read too, or a torch parameter they read (one tensor trains), is recorded in
-    `structure.shared_reads` (find_heads ties them or keeps their heads); another constant that other nodes
-    read (an exporter stores equal tables once) ties nothing: each reader gets its own cut (shrink._cut). False
-    where it cannot be followed."""
+    along other dims (MPNet's, to the batch), a Gather of other rows, a Slice or Concat along other dims and a
+    Resize that keeps the heads (BEiT's table, interpolated, then joined to its class-token rows), and an Add or
+    Where of a term the same for every head (Swin's shifted-window mask, T5's padding mask), to the constants it
+    is read from (bias tables [positions, heads]); record each constant's heads axis and the values and
+    Reshapes on the way in `structure` (for shrink). The term may be that constant itself (torch.onnx.export
+    computes a bias from constant tables and sizes at export time). A computed value other attentions read too,
+    or a torch parameter they read (one tensor trains), is recorded in `structure.shared_reads` (find_heads ties
+    them or keeps their heads); another constant that other nodes read (an exporter stores equal tables once)
+    ties nothing: each reader gets its own cut (shrink._cut). False where it cannot be followed."""
     if structure.repeat != 1:  # grouped-query attention with a table per attention head: not followed
         return False
-    head, v = len(term.shape) - 3, term
-    dims, entries, shared = [(term, head)], [], []
     readers = [(u, p) for u, p in term.uses if id(u) in core_ids]
     if len(readers) != 1:
         return False
-    reader, port = readers[0]
-    while v.const is None:
+    walk = _TermWalk(structure.heads)
+    if not walk.back(term, len(term.shape) - 3, *readers[0]):
+        return False
+    structure.shared_reads.extend(walk.shared)
+    structure.tables.extend(walk.tables)
+    structure.shape_entries.extend(walk.entries)
+    structure.value_dims.extend((value, dim, 1) for value, dim in walk.dims)
+    return True
+
+
+@dataclass
+class _TermWalk:
+    """What `_per_head_table` finds on its way back from a per-head term: the constants with their heads axis
+    (by reader and port), the computed values with theirs, the shape entries shrink rewrites, the shared reads."""
+
+    heads: int
+    tables: list = field(default_factory=list)
+    dims: list = field(default_factory=list)
+    entries: list = field(default_factory=list)
+    shared: list = field(default_factory=list)
+
+    def back(self, v: Value, head: int, reader: Node, port: int) -> bool:
+        """Follow `v` (heads on axis `head`), read by `reader` at `port`, to the constants it comes from."""
+        if v.is_graph_output or v.shape is None or v.shape[head] != self.heads:
+            return False
+        if v.const is not None:
+            if len(v.uses) > 1 and v.meta.get("torch_kind") == "parameter":
+                self.shared.append((v, reader, port))
+            self.tables.append((reader, port, head))
+            return True
+        if len([u for u, _ in v.uses if not _own_size_read(u, v)]) > 1:  # read by other attentions too:
+            self.shared.append((v, reader, port))  # accounted for once every walk is done
+        self.dims.append((v, head))
         node = v.producer
-        if node is None or node.domain or v.is_graph_output or len(readers) != 1:
+        if node is None or node.domain:
             return False
-        if len(v.uses) > 1:  # read by other attentions too: accounted for once every walk is done
-            shared.append((v, *readers[0]))
-        port = _per_head_operand(node, v, head) if node.op_type in HEAD_TERM_JOINS else 0
-        x = node.input(port) if port is not None and (node.op_type != "Where" or port > 0) else None
+        inputs = self._inputs(node, v, head)
+        return inputs is not None and all(x is not None and x.shape is not None and self.back(x, h, node, p)
+                                          for p, x, h in inputs)
+
+    def _inputs(self, node: Node, v: Value, head: int) -> list[tuple[int, Value, int]] | None:
+        """The inputs of `node` (producing `v`) that carry its heads: (port, value, their heads axis)."""
+        op, rank, x = node.op_type, len(v.shape), node.input(0)
+        if op in HEAD_TERM_JOINS:  # broadcast: the per-head operand's dims are the output's last ones
+            port = _per_head_operand(node, v, head)
+            x = node.input(port) if port is not None and (op != "Where" or port > 0) else None
+            return None if x is None or x.shape is None else [(port, x, head - (rank - len(x.shape)))]
         if x is None or x.shape is None:
-            return False
-        if node.op_type in HEAD_TERM_JOINS:  # broadcast: the per-head operand's dims are the output's last ones
-            head -= len(v.shape) - len(x.shape)
-        elif node.op_type == "Identity":
-            pass
-        elif node.op_type == "Unsqueeze":
-            axes = const_axes(node, len(v.shape))
-            if axes is None or head in axes:
-                return False
-            head -= sum(a < head for a in axes)
-        elif node.op_type == "Transpose":
-            head = transpose_perm(node, len(v.shape))[head]
-        elif node.op_type == "Reshape":
-            if head != len(v.shape) - 1 or x.shape[-1] != v.shape[-1] or shape_entry(node, head) is None:
-                return False
-            entries.append((node, head, 1))
-            head = len(x.shape) - 1
-        elif node.op_type == "Expand":  # broadcast along other dims (MPNet's bias, expanded to the batch)
+            return None
+        if op == "Identity":
+            return [(0, x, head)]
+        if op == "Unsqueeze":
+            axes = const_axes(node, rank)
+            return None if axes is None or head in axes else [(0, x, head - sum(a < head for a in axes))]
+        if op == "Transpose":
+            return [(0, x, transpose_perm(node, rank)[head])]
+        if op == "Reshape":
+            if head != rank - 1 or x.shape[-1] != v.shape[-1] or shape_entry(node, head) is None:
+                return None
+            self.entries.append((node, head, 1))
+            return [(0, x, len(x.shape) - 1)]
+        if op == "Expand":  # broadcast along other dims (MPNet's bias, expanded to the batch)
             entry = shape_entry(node, head)
-            if entry is None or head < len(v.shape) - len(x.shape):
-                return False
+            if entry is None or head < rank - len(x.shape):
+                return None
             held, held_port, index = entry
             if int(np.ravel(held.input(held_port).const)[index]) != 1:
-                entries.append((node, head, 1))  # the target spells the heads out: shrink writes the kept count
-            head -= len(v.shape) - len(x.shape)
-        elif node.op_type == "Gather":  # rows picked by any index (T5's relative position buckets)
+                self.entries.append((node, head, 1))  # the target spells the heads out: shrink writes the kept count
+            return [(0, x, head - (rank - len(x.shape)))]
+        if op == "Gather":  # rows picked by any index (T5's relative position buckets)
             index, axis = node.input(1), node.attrs.get("axis", 0) % len(x.shape)
             if index is None or index.shape is None or axis <= head < axis + len(index.shape):
-                return False
-            head = head if head < axis else head - len(index.shape) + 1
-        else:
-            return False
-        if x.shape[head] != structure.heads:
-            return False
-        reader, v, readers = node, x, [(node, port)]
-        dims.append((v, head))
-    if v.is_graph_output:
+                return None
+            return [(0, x, head if head < axis else head - len(index.shape) + 1)]
+        if op == "Slice":  # rows or columns of other dims (BEiT's table, its class-token rows apart)
+            axes = const_axes(node, rank)
+            if axes is None and node.input(3) is None and node.input(1) is not None and node.input(1).const is not None:
+                axes = list(range(np.size(node.input(1).const)))
+            return None if axes is None or head in axes else [(0, x, head)]
+        if op == "Concat":  # along another dim: every input carries the heads
+            if node.attrs.get("axis", 0) % rank == head:
+                return None
+            return [(p, u, head) for p, (u, empty) in enumerate(zip(node.inputs, empty_concat_inputs(node)))
+                    if not empty]
+        if op == "Resize" and _resizes_other_dims(node, head):  # BEiT's table interpolated to the image size
+            return [(0, x, head)]
+        return None
+
+
+def _own_size_read(node: Node, v: Value) -> bool:
+    """`node` is a Shape of `v` read only into the output size of a Resize of `v` (see _resizes_other_dims)."""
+    return node.op_type == "Shape" and not node.domain and node.input(0) is v and all(
+        user.op_type == "Concat" and all(r.op_type == "Resize" and q == 3 and r.input(0) is v
+                                         for r, q in user.output.uses)
+        for user, _ in node.output.uses)
+
+
+def _resizes_other_dims(resize: Node, head: int) -> bool:
+    """A Resize that keeps dim `head` as it is: a scale of 1 there, or an output size read from the input's own
+    Shape (torch's interpolate writes [Shape(x)[:2], spatial sizes])."""
+    scales = resize.input(2) if len(resize.inputs) > 2 else None
+    sizes = resize.input(3) if len(resize.inputs) > 3 else None
+    if sizes is None:
+        return scales is not None and scales.const is not None and float(np.ravel(scales.const)[head]) == 1.0
+    concat, offset = sizes.producer, 0
+    if concat is None or concat.op_type != "Concat" or concat.domain:
         return False
-    if len(v.uses) > 1 and v.meta.get("torch_kind") == "parameter":
-        shared.append((v, reader, port))
-    structure.shared_reads.extend(shared)
-    structure.tables.append((reader, port, head))
-    structure.shape_entries.extend(entries)
-    structure.value_dims.extend((value, dim, 1) for value, dim in dims[:-1])
-    return True
+    for part in concat.inputs:
+        size = part.shape[0] if part is not None and part.shape is not None and len(part.shape) == 1 else None
+        if not isinstance(size, int):
+            return False
+        if offset <= head < offset + size:
+            shape_op = part.producer
+            return shape_op is not None and shape_op.op_type == "Shape" and shape_op.input(0) is resize.input(0) \
+                and int(shape_op.attrs.get("start", 0)) == 0 and offset == 0
+        offset += size
+    return False
 
 
 def _per_head_operand(add: Node, out: Value, head: int) -> int | None:
