@@ -366,6 +366,30 @@ def test_cleanup_proves_two_names_of_one_dim_equal_from_a_reshape_and_a_weight()
     np.testing.assert_allclose(run_onnx(cleaned, feeds)[0], run_onnx(model, feeds)[0], rtol=1e-6)
 
 
+def test_shape_entries_see_through_torch_onnx_exports_expand_sizes():
+    """torch.onnx.export writes `t.expand(batch, -1, 12)` with the sizes Reshape(Concat(...), [-1]) and then
+    Where(Equal(sizes, -1), 1, sizes): the entries are the batch's dim, 1 (a -1 broadcasts) and 12; a symbolic
+    dim is a size, never -1."""
+    from lowbit.ir.infer import shape_entries
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
+             helper.make_node("Concat", ["b", "rest"], ["cat"], axis=0),
+             helper.make_node("Reshape", ["cat", "flat"], ["sizes"]),
+             helper.make_node("Equal", ["sizes", "minus"], ["is_minus"]),
+             helper.make_node("Where", ["is_minus", "ones", "sizes"], ["target"]),
+             helper.make_node("Expand", ["t", "target"], ["y"])]
+    inits = {"zero": np.array([0], np.int64), "one": np.array([1], np.int64), "rest": np.array([-1, 12], np.int64),
+             "flat": np.array([-1], np.int64), "minus": np.array([-1, -1, -1], np.int64),
+             "ones": np.array([1, 1, 1], np.int64), "t": np.ones((1, 4, 12), np.float32)}
+    graph = helper.make_graph(nodes, "expand", [helper.make_tensor_value_info("x", f, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", f, ["batch", 4, 12])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in inits.items()])
+    g = lowbit.lower(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert shape_entries(g.find_value("target")) == ["batch", 1, 12]
+    assert shape_entries(g.find_value("sizes")) == ["batch", -1, 12]
+
+
 def test_cleanup_drops_the_eval_dropout_of_mobilenet(lowered):
     model, x, graph = lowered("mobilenet_v2")
     assert _count(graph, "Dropout") == 1

@@ -360,6 +360,13 @@ def shape_entries(v: Value, known: dict[int, list] | None = None) -> list | None
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
+    if op == "Where":  # torch.onnx.export's expand(-1): Where(Equal(sizes, -1), 1, sizes)
+        return _where_entries(node, known)
+    if op == "Reshape" and node.input(1) is not None and node.input(1).const is not None \
+            and np.size(node.input(1).const) == 1:  # a 1-D vector reshaped to 1-D ([-1]): the same entries
+        entries = shape_entries(node.input(0), known)
+        held = int(np.ravel(node.input(1).const)[0])
+        return entries if entries is not None and held in (-1, len(entries)) else None
     if op == "Shape":
         shape = node.input(0).shape
         return None if shape is None else shape_output(node, list(shape))
@@ -383,6 +390,32 @@ def shape_entries(v: Value, known: dict[int, list] | None = None) -> list | None
             return dims[int(np.ravel(bounds[0])[0]):int(np.ravel(bounds[1])[0]):step]
         return dims
     return None
+
+
+def _where_entries(node: Node, known: dict[int, list] | None) -> list | None:
+    """The entries of Where(Equal(a, b), x, y) over dims: x's where a's and b's are equal, y's elsewhere; a symbolic
+    dim equals no negative constant (a size is never -1) and itself, and nothing else is known."""
+    cond = node.input(0).producer if node.input(0) is not None else None
+    if cond is None or cond.op_type != "Equal" or cond.domain or any(v is None for v in node.inputs):
+        return None
+    parts = [shape_entries(u, known) for u in (cond.input(0), cond.input(1), node.input(1), node.input(2))]
+    if any(p is None for p in parts):
+        return None
+    size = max(len(p) for p in parts)
+    if any(len(p) not in (1, size) for p in parts):
+        return None
+    a, b, x, y = ([p[0]] * size if len(p) == 1 else p for p in parts)
+    out = []
+    for ai, bi, xi, yi in zip(a, b, x, y):
+        if isinstance(ai, int) and isinstance(bi, int) or ai == bi:
+            equal = ai == bi
+        elif isinstance(ai, str) and isinstance(bi, int) and bi < 0 or isinstance(bi, str) and isinstance(ai, int) \
+                and ai < 0:
+            equal = False
+        else:
+            return None
+        out.append(xi if equal else yi)
+    return out
 
 
 def picked_dims(shape_op: Node) -> list[tuple[Node, list[int]]] | None:

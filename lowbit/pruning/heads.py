@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.infer import empty_concat_inputs, picked_dims
+from ..ir.infer import empty_concat_inputs, picked_dims, shape_entries
 from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, const_axes, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
                       SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
 
@@ -417,12 +417,14 @@ class _TermWalk:
             self.entries.append((node, head, 1))
             return [(0, x, len(x.shape) - 1)]
         if op == "Expand":  # broadcast along other dims (MPNet's bias, expanded to the batch)
-            entry = shape_entry(node, head)
-            if entry is None or head < rank - len(x.shape):
+            target = shape_entries(node.input(1))
+            if target is None or len(target) != rank or head < rank - len(x.shape) \
+                    or target[head] not in (1, self.heads):
                 return None
-            held, held_port, index = entry
-            if int(np.ravel(held.input(held_port).const)[index]) != 1:
-                self.entries.append((node, head, 1))  # the target spells the heads out: shrink writes the kept count
+            if target[head] != 1:  # the target spells the heads out: shrink writes the kept count there
+                if shape_entry(node, head) is None:
+                    return None
+                self.entries.append((node, head, 1))
             return [(0, x, head - (rank - len(x.shape)))]
         if op == "Gather":  # rows picked by any index (T5's relative position buckets)
             index, axis = node.input(1), node.attrs.get("axis", 0) % len(x.shape)
