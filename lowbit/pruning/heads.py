@@ -460,7 +460,8 @@ def _resizes_other_dims(resize: Node, head: int) -> bool:
     scales = resize.input(2) if len(resize.inputs) > 2 else None
     sizes = resize.input(3) if len(resize.inputs) > 3 else None
     if sizes is None:
-        return scales is not None and scales.const is not None and float(np.ravel(scales.const)[head]) == 1.0
+        return scales is not None and scales.const is not None and np.size(scales.const) > head \
+            and float(np.ravel(scales.const)[head]) == 1.0
     concat, offset = sizes.producer, 0
     if concat is None or concat.op_type != "Concat" or concat.domain:
         return False
