@@ -216,14 +216,25 @@ def transpose_perm(node, rank: int) -> list[int]:
 
 def const_axes(node, rank: int) -> list[int] | None:
     """The axes a Slice, Squeeze, Unsqueeze or Reduce* acts on, each in [0, rank): its `axes` attribute (older
-    opsets) or its constant axes input (a Slice's input 3, the others' input 1); None where neither gives them
-    as a constant (a Reduce without axes reduces every one)."""
+    opsets) or its constant axes input (a Slice's input 3, the others' input 1); a Slice given neither slices
+    the first len(starts) axes, ONNX's default; None where they are not known as constants (a Reduce without
+    axes reduces every one)."""
     axes = node.attrs.get("axes")
     if axes is None:
         port = 3 if node.op_type == "Slice" else 1
         v = node.input(port) if len(node.inputs) > port else None
         axes = None if v is None else v.const
+        if v is None and node.op_type == "Slice":
+            starts = node.attrs.get("starts")
+            count = len(starts) if starts is not None else _static_length(node.input(1))
+            axes = None if count is None else list(range(count))
     return None if axes is None else [int(a) % rank for a in np.ravel(axes)]
+
+
+def _static_length(v) -> int | None:
+    """The length of a 1-D value whose size is known (a Slice's starts), or None."""
+    shape = v.shape if v is not None else None
+    return shape[0] if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
 
 
 def weight_in_axis(node) -> int | None:

@@ -252,16 +252,23 @@ def shape_entry(reshape: Node, dim: int) -> tuple[Node, int, int] | None:
     shape = reshape.input(1)
     if shape.const is not None and shape.const.ndim == 1:
         return reshape, 1, dim
-    concat = shape.producer
+    held = _concat_part(shape, dim)
+    return held if held is not None and held[0].input(held[1]).const is not None else None
+
+
+def _concat_part(v: Value, dim: int) -> tuple[Node, int, int] | None:
+    """For a 1-D value a Concat makes (a target shape): (that Concat, the input port holding entry `dim`, the
+    entry's position in that input); None where the parts' lengths are not known."""
+    concat = v.producer
     if concat is None or concat.op_type != "Concat" or concat.domain:
         return None
     offset = 0
-    for port, v in enumerate(concat.inputs):
-        size = v.shape[0] if v is not None and v.shape is not None and len(v.shape) == 1 else None
+    for port, part in enumerate(concat.inputs):
+        size = part.shape[0] if part is not None and part.shape is not None and len(part.shape) == 1 else None
         if not isinstance(size, int):
             return None
         if offset <= dim < offset + size:
-            return (concat, port, dim - offset) if v.const is not None else None
+            return concat, port, dim - offset
         offset += size
     return None
 
@@ -431,16 +438,10 @@ class _TermWalk:
             if index is None or index.shape is None or axis <= head < axis + len(index.shape):
                 return None
             return [(0, x, head if head < axis else head - len(index.shape) + 1)]
-        if op == "Slice":  # rows or columns of other dims (BEiT's table, its class-token rows apart)
-            axes = const_axes(node, rank)
-            if axes is None and node.input(3) is None and node.input(1) is not None and node.input(1).const is not None:
-                axes = list(range(np.size(node.input(1).const)))
-            return None if axes is None or head in axes else [(0, x, head)]
-        if op == "Concat":  # along another dim: every input carries the heads
-            if node.attrs.get("axis", 0) % rank == head:
-                return None
-            return [(p, u, head) for p, (u, empty) in enumerate(zip(node.inputs, empty_concat_inputs(node)))
-                    if not empty]
+        if op == "Slice" or op == "Concat":  # along other dims (BEiT's table, its class-token rows apart, then joined)
+            operands = _head_operands(node, head, self.heads, rank)
+            return None if operands is None else [(p, u, head) for p, u in enumerate(node.inputs)
+                                                  if any(u is o for o in operands)]
         if op == "Resize" and _resizes_other_dims(node, head):  # BEiT's table interpolated to the image size
             return [(0, x, head)]
         return None
@@ -457,24 +458,14 @@ def _own_size_read(node: Node, v: Value) -> bool:
 def _resizes_other_dims(resize: Node, head: int) -> bool:
     """A Resize that keeps dim `head` as it is: a scale of 1 there, or an output size read from the input's own
     Shape (torch's interpolate writes [Shape(x)[:2], spatial sizes])."""
-    scales = resize.input(2) if len(resize.inputs) > 2 else None
-    sizes = resize.input(3) if len(resize.inputs) > 3 else None
+    scales, sizes = resize.input(2), resize.input(3)
     if sizes is None:
         return scales is not None and scales.const is not None and np.size(scales.const) > head \
             and float(np.ravel(scales.const)[head]) == 1.0
-    concat, offset = sizes.producer, 0
-    if concat is None or concat.op_type != "Concat" or concat.domain:
-        return False
-    for part in concat.inputs:
-        size = part.shape[0] if part is not None and part.shape is not None and len(part.shape) == 1 else None
-        if not isinstance(size, int):
-            return False
-        if offset <= head < offset + size:
-            shape_op = part.producer
-            return shape_op is not None and shape_op.op_type == "Shape" and shape_op.input(0) is resize.input(0) \
-                and int(shape_op.attrs.get("start", 0)) == 0 and offset == 0
-        offset += size
-    return False
+    held = _concat_part(sizes, head)
+    shape_op = held[0].input(held[1]).producer if held is not None else None
+    return shape_op is not None and shape_op.op_type == "Shape" and shape_op.input(0) is resize.input(0) \
+        and int(shape_op.attrs.get("start", 0)) == 0 and held[2] == head
 
 
 def _per_head_operand(add: Node, out: Value, head: int) -> int | None:
