@@ -107,9 +107,12 @@ def _pattern_output(node: Node) -> Value:
 
 def _reshaped_into_concat(value: Value) -> bool:
     """True if `value` reaches a Concat through reshaping ops alone (a ViT's patch embedding, joined to its class
-    token). With a quantizer there, OpenVINO computed the ViT's .onnx wrong from the patch embedding's own output
-    on (2.8 dB against ONNX Runtime; the .xml was right), so such a Conv's output gets no quantizer of its own
-    (step 5)."""
+    token). With a quantizer there, OpenVINO 2026.4 computes the ViT's .onnx wrong from the patch embedding's own
+    output on (1.4 dB against ONNX Runtime; the .xml is right), so such a Conv's output gets no quantizer of its
+    own (step 5). The smallest model that shows it (tests/test_openvino_workarounds.py): a Conv with a bias, Q/DQ,
+    Reshape, Transpose, and a Concat with a token Expanded to the dynamic batch; without the bias, with a static
+    batch or with a constant token it is right. Moving the quantizer after the reshapes does not help: OpenVINO
+    moves it back."""
     stack, seen = [value], set()
     while stack:
         v = stack.pop()
