@@ -1,10 +1,11 @@
 """Canaries for the OpenVINO bugs lowbit works around.
 
 Each test builds the smallest model that shows one bug and asserts that
-OpenVINO computes it as ONNX Runtime does. It is marked xfail(strict=True):
-while the bug lasts it fails as expected; once an OpenVINO release fixes it,
-the test passes, strict xfail turns that into a failure, and its docstring
-names the workaround that can then go.
+OpenVINO computes it as ONNX Runtime does, and is marked xfail: strict on
+the OpenVINO releases where the bug was seen (SEEN_IN), so that a fix there
+fails the suite and the test's docstring names the workaround that can go;
+on other releases an XPASS is reported without failing the suite, since
+lowbit does not pin OpenVINO and a new release must not turn CI red.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 ov = pytest.importorskip("openvino")
 ort = pytest.importorskip("onnxruntime")
+
+SEEN_IN = ("2026.4.",)  # OpenVINO releases checked to have the bugs below
+STRICT = ov.__version__.startswith(SEEN_IN)
 
 
 def _biased_conv_qdq_into_expanded_concat(bias: bool = True) -> onnx.ModelProto:
@@ -60,7 +64,7 @@ def test_the_canary_model_runs_right_without_the_conv_bias(tmp_path):
     assert _max_difference(_biased_conv_qdq_into_expanded_concat(bias=False), tmp_path) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="OpenVINO 2026.4 CPU computes a biased Conv's dequantized output wrong when "
+@pytest.mark.xfail(strict=STRICT, reason="OpenVINO 2026.4 CPU computes a biased Conv's dequantized output wrong when "
                    "it is reshaped into a Concat with a batch-expanded tensor (dynamic batch)")
 def test_openvino_computes_a_quantized_patch_embedding_joined_to_its_class_token(tmp_path):
     """When this passes, quant/placement.py's `_reshaped_into_concat` exclusion can go: CPU_ORT's output quantizer
