@@ -674,3 +674,62 @@ def test_the_fix_for_cpus_without_vnni_keeps_query_times_key_fp32(origin):
     # from torch: the two Attention nodes; from ONNX: query x key and probabilities x V (FP32 either way) of each
     expected = {"torch": ([2, 2], [0, 0]), "onnx": ([0, 0, 2, 2], [0, 0, 0, 0])}[origin]
     assert (quantized["first_layer"], quantized["enable"]) == expected
+
+
+class _PooledCNN(torch.nn.Module):
+    """Conv -> Relu -> global average -> Linear, the average as AdaptiveAvgPool2d(1) (GlobalAveragePool) or as
+    x.mean((2, 3)) (ReduceMean: what torch.onnx.export's dynamo exporter writes for the pool too)."""
+
+    def __init__(self, as_mean: bool):
+        super().__init__()
+        self.as_mean = as_mean
+        self.conv, self.fc, self.pool = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4), torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.mean((2, 3)) if self.as_mean else torch.flatten(self.pool(y), 1))
+
+
+class _RMSNormHead(torch.nn.Module):
+    """Linear -> RMSNorm (x * rsqrt(mean(x^2))) -> Linear: a transformer's decomposed norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+@pytest.mark.parametrize("device", ["ANY", "CPU", "CPU_ORT", "GPU", "NPU"])
+def test_a_spatial_mean_is_quantized_as_a_global_average_pool(device):
+    """NNCF quantizes a ReduceMean's input as lowbit does a GlobalAveragePool's: the same CNN gets the same
+    quantizers whichever form its pool takes (torch.onnx.export's default exporter writes ReduceMean)."""
+    torch.manual_seed(0)
+    pooled = _PooledCNN(as_mean=False).eval()
+    meaned = _PooledCNN(as_mean=True).eval()
+    meaned.load_state_dict(pooled.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    hw = load_hw_config(device)
+    counts = {}
+    for name, model in (("pool", pooled), ("mean", meaned)):
+        graph = _fused(model, x)
+        points = place_quantizers(graph, hw)
+        counts[name] = (sum(p.kind == "weight" for p in points), sum(p.kind == "activation" for p in points))
+        average = next(n for n in graph if n.op_type in ("GlobalAveragePool", "ReduceMean"))
+        assert any(p.value is average.input(0) for p in points), name
+    assert counts["pool"] == counts["mean"] == (2, 3)  # conv and fc weights; x, the average's input, fc's input
+
+
+def test_the_transformer_model_type_leaves_a_norms_mean_fp32():
+    """As NNCF's transformer model type: a ReduceMean (an RMSNorm's mean of squares) gets no quantizer, which
+    the default model type gives it."""
+    x = torch.randn(2, 8)
+    quantized = {}
+    for model_type in (None, "transformer"):
+        torch.manual_seed(0)
+        q = lowbit.quantize(_RMSNormHead().eval(), lowbit.Dataset([x]), model_type=model_type)
+        mean = next(n for n in graph_of(q) if n.op_type == "ReduceMean")
+        quantized[model_type] = _fed_by_fq(mean.input(0))
+    assert quantized == {None: True, "transformer": False}

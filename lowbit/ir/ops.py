@@ -190,8 +190,9 @@ ORT_FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})
 # Ops that carry dims read with Shape on, unchanged, to a Reshape's target (`x.view(x.size(0), -1, 16)`)
 DIM_CARRIERS = frozenset({"Concat", "Unsqueeze", "Cast"})
-# Elementwise ops NNCF's transformer model type leaves unquantized (their inputs get no quantizer)
-TRANSFORMER_FP32_ELEMENTWISE = frozenset({"Add", "Mul"})
+# Ops NNCF's transformer model type leaves unquantized (their inputs get no quantizer): elementwise ops, and the
+# mean of a decomposed LayerNorm or RMSNorm (a CNN's spatial mean, a global average pool, is quantized)
+TRANSFORMER_FP32_OPS = frozenset({"Add", "Mul", "ReduceMean"})
 
 
 def attribute(node, name: str):

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node
 from ..errors import AlreadyQuantizedError
-from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_ELEMENTWISE, is_quantizer
+from ..ir.ops import CONVOLUTIONS, QUANT_DOMAIN, TRANSFORMER_FP32_OPS, is_quantizer
 from ..patterns.library.bn_folding import BEFORE_BN, FOLDED_BN_SCALE, merged_pairs, merged_weight
 from ..quant.calibration import collect, gather  # noqa: F401  (collect: kept importable here)
 from ..quant.placement import QuantPoint, attention_output_matmuls, place_quantizers, reads_two_activations
@@ -179,7 +179,7 @@ def quant_points(graph: Graph, ctx: PassContext) -> list[QuantPoint]:
     if ctx.options.overflow_fix == "enable":  # the grid for CPUs without VNNI: see half_range_weights
         ignored |= {n.name for n in graph if reads_two_activations(n)}
     points = place_quantizers(graph, hw, preset=preset_for(ctx), ignored=ignored,
-                              skip_ops=TRANSFORMER_FP32_ELEMENTWISE if transformer else frozenset(),
+                              skip_ops=TRANSFORMER_FP32_OPS if transformer else frozenset(),
                               transformer=transformer)
     return ctx.options.bits.apply(graph, points) if ctx.options.bits is not None else points
 
