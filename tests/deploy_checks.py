@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -139,3 +140,24 @@ def host_has_vnni() -> bool:
 # VNNI, the 7-bit weight grid where its u8 x s8 kernels saturate. A test that runs what lowbit wrote in this host's
 # int8 kernels and compares numbers quantizes with it; what lowbit writes never depends on the host.
 HOST_OVERFLOW_FIX = "first_layer" if host_has_vnni() else "enable"
+
+
+# Epochs on the digits (8x8) of the families the deploy tests train; MobileNetV2 keeps its random initialisation
+# (it needs 40 epochs at 32x32 to learn them, and agrees at 42 dB as it is)
+FAMILY_EPOCHS = {"resnet18": 15, "densenet": 8, "concat": 5, "se": 5, "vit": 10}
+
+
+def trained_family(name: str):
+    """(model, x_train, x_test): tests/models.py's `name` trained on the digits at 8x8 (weights cached under
+    ~/.cache/lowbit), and the digits splits at its channels."""
+    from models import REFERENCE_MODELS
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from examples.digits import load_digits_split, trained
+
+    factory, shape = REFERENCE_MODELS[name]
+    channels = shape[1]
+    x_train, _, x_test, _ = load_digits_split(size=8, channels=channels)
+    if name not in FAMILY_EPOCHS:
+        return factory(), x_train, x_test
+    return trained(f"deploy_{name}", factory, epochs=FAMILY_EPOCHS[name], size=8, channels=channels), x_train, x_test

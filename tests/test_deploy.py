@@ -26,7 +26,6 @@ it does not. What lowbit writes never depends on the host (test_export.py: test_
 """
 
 import collections
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,10 @@ import openvino as ov
 import pytest
 import torch
 from deploy_checks import (HOST_OVERFLOW_FIX, agreement, int8_count, openvino_layer_precisions,
-                           ort_optimized_ops, quantized_layers, sqnr)
-from models import REFERENCE_MODELS
+                           ort_optimized_ops, quantized_layers, sqnr, trained_family)
 
 import lowbit
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from examples.digits import load_digits_split, trained  # noqa: E402
 
 FAMILIES = {"residual": "resnet18", "depthwise": "mobilenet_v2", "densenet": "densenet", "inception": "concat",
             "squeeze_excite": "se", "transformer": "vit"}
@@ -56,16 +52,6 @@ TOP1, SQNR_DB = 0.995, 35
 # 100%. Every overflow_fix, preset, batch size and ACCURACY mode give the same 39.7 dB. NNCF places the same
 # Add quantizers and compiles to the same OpenVINO graph.
 OPENVINO_TOP1 = {"residual": 0.985}
-EPOCHS = {"resnet18": 15, "densenet": 8, "concat": 5, "se": 5, "vit": 10}  # mobilenet_v2: random init (see above)
-
-
-def _model_and_digits(name):
-    factory, shape = REFERENCE_MODELS[name]
-    channels = shape[1]
-    x_train, _, x_test, _ = load_digits_split(size=8, channels=channels)
-    if name not in EPOCHS:
-        return factory(), x_train, x_test
-    return trained(f"deploy_{name}", factory, epochs=EPOCHS[name], size=8, channels=channels), x_train, x_test
 
 
 def _options(name):
@@ -77,7 +63,7 @@ class Deployed:
 
     def __init__(self, family, name, folder: Path):
         self.family = family
-        model, x_train, x_test = _model_and_digits(name)
+        model, x_train, x_test = trained_family(name)
         self.x = x_test.numpy()
         calibration = [x_train[i:i + 1] for i in range(N_CALIBRATION)]
         q = lowbit.quantize(model, lowbit.Dataset(calibration), overflow_fix=OVERFLOW_FIX, **_options(name))
@@ -145,7 +131,7 @@ def test_for_onnx_runtime_every_squeeze_excite_conv_runs_in_int8(tmp_path):
     """target_device="CPU_ORT" quantizes each Conv's output before its SiLU, HardSwish or HardSigmoid, so ONNX
     Runtime runs all of them as QLinearConv (with the default device 8 of the 9 layers stay float there), and both
     runtimes still agree with the torch simulation."""
-    model, x_train, x_test = _model_and_digits("se")
+    model, x_train, x_test = trained_family("se")
     calibration = lowbit.Dataset([x_train[i:i + 1] for i in range(N_CALIBRATION)])
     for device, float_layers in (("ANY", 8), ("CPU_ORT", 0)):
         q = lowbit.quantize(model, calibration, target_device=device, overflow_fix=OVERFLOW_FIX)
