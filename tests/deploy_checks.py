@@ -161,3 +161,32 @@ def trained_family(name: str):
     if name not in FAMILY_EPOCHS:
         return factory(), x_train, x_test
     return trained(f"deploy_{name}", factory, epochs=FAMILY_EPOCHS[name], size=8, channels=channels), x_train, x_test
+
+
+def placed_quantizers(source, example, items, model_type) -> tuple[int, int]:
+    """(weight, activation) FakeQuantize nodes lowbit's PTQ passes put into `source` (a torch module or an ONNX
+    model), calibrated on `items`."""
+    import lowbit
+    from lowbit.compiler import pass_context, ptq_passes
+    from lowbit.passes import PassManager
+
+    context = pass_context(hw="ANY", dataset=lowbit.Dataset(items), model_type=model_type, progress=False)
+    graph = PassManager(ptq_passes(items, model_type)).run(lowbit.lower(source, example), context)
+    quantizers = [n for n in graph if n.op_type == "FakeQuantize"]
+    weights = sum(n.input(0).const is not None for n in quantizers)
+    return weights, len(quantizers) - weights
+
+
+def default_exported(model, example, path) -> onnx.ModelProto:
+    """torch.onnx.export with its default exporter (dynamo=True) and a dynamic batch, its progress lines kept out
+    of the log."""
+    import contextlib
+    import copy
+    import io
+
+    import torch
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(copy.deepcopy(model).eval(), (example,), str(path), dynamo=True, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return onnx.load(path)

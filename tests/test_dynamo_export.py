@@ -12,21 +12,16 @@ For each family of tests/models.py, trained on the digits as tests/test_deploy.p
 """
 
 import collections
-import contextlib
-import copy
-import io
 
 import onnx
 import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (HOST_OVERFLOW_FIX, agreement, int8_count, openvino_layer_precisions, ort_optimized_ops,
-                           quantized_layers, sqnr, trained_family)
+from deploy_checks import (HOST_OVERFLOW_FIX, agreement, default_exported, int8_count, openvino_layer_precisions,
+                           ort_optimized_ops, placed_quantizers, quantized_layers, sqnr, trained_family)
 
 import lowbit
-from lowbit.compiler import pass_context, ptq_passes
-from lowbit.passes import PassManager
 
 pytest.importorskip("onnxscript")  # what torch.onnx.export(dynamo=True) writes its ONNX with
 
@@ -40,24 +35,6 @@ def _options(name):
     return {"model_type": "transformer"} if name == "vit" else {}
 
 
-def _exported(model, example, path) -> onnx.ModelProto:
-    """torch.onnx.export with its default exporter and a dynamic batch, its progress lines kept out of the log."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(copy.deepcopy(model).eval(), (example,), str(path), dynamo=True, input_names=["x"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-    return onnx.load(path)
-
-
-def _quantizers(source, example, items, model_type) -> tuple[int, int]:
-    """(weight, activation) FakeQuantize nodes lowbit's PTQ passes put into `source` (a torch module or an ONNX
-    model), calibrated on `items`."""
-    context = pass_context(hw="ANY", dataset=lowbit.Dataset(items), model_type=model_type, progress=False)
-    graph = PassManager(ptq_passes(items, model_type)).run(lowbit.lower(source, example), context)
-    quantizers = [n for n in graph if n.op_type == "FakeQuantize"]
-    weights = sum(n.input(0).const is not None for n in quantizers)
-    return weights, len(quantizers) - weights
-
-
 class Exported:
     """One family's FP32 model through the default exporter, and lowbit's QDQ model of it (.onnx and .xml)."""
 
@@ -65,9 +42,10 @@ class Exported:
         self.model, x_train, x_test = trained_family(name)
         self.model_type = _options(name).get("model_type")
         self.example = x_train[:1]
-        self.fp32 = _exported(self.model, self.example, folder / "fp32.onnx")
+        self.fp32 = default_exported(self.model, self.example, folder / "fp32.onnx")
         self.items = [x_train[i:i + 1].numpy() for i in range(N_CALIBRATION)]
-        self.qdq = lowbit.quantize(self.fp32, lowbit.Dataset(self.items), overflow_fix=HOST_OVERFLOW_FIX, **_options(name))
+        self.qdq = lowbit.quantize(self.fp32, lowbit.Dataset(self.items), overflow_fix=HOST_OVERFLOW_FIX,
+                                   **_options(name))
         self.paths = {"onnx": folder / "int8.onnx"}
         onnx.save(self.qdq, self.paths["onnx"])
         self.paths["xml"] = lowbit.export(self.qdq, folder / "int8.xml")
@@ -81,8 +59,8 @@ def exported(request, tmp_path_factory):
 
 
 def test_the_exporters_file_gets_the_quantizers_of_the_torch_module(exported):
-    from_file = _quantizers(exported.fp32, None, exported.items, exported.model_type)
-    from_torch = _quantizers(exported.model, (exported.example,), [torch.from_numpy(x) for x in exported.items],
+    from_file = placed_quantizers(exported.fp32, None, exported.items, exported.model_type)
+    from_torch = placed_quantizers(exported.model, (exported.example,), [torch.from_numpy(x) for x in exported.items],
                              exported.model_type)
     assert from_file == from_torch
 

@@ -126,7 +126,8 @@ def _reshaped_into_concat(value: Value) -> bool:
 
 
 def attention_output_matmuls(graph: Graph) -> set[str]:
-    """MatMuls that read a Softmax, directly or through a Reshape or Transpose (attention probabilities x V)."""
+    """MatMuls that read a Softmax, directly or through a Reshape or Transpose (attention probabilities x V), or
+    through the NaN guard torch.onnx.export's default exporter writes after it (Where(IsNaN(p), 0, p))."""
     names = set()
     for node in graph:
         if node.op_type != "MatMul" or node.domain:
@@ -135,9 +136,21 @@ def attention_output_matmuls(graph: Graph) -> set[str]:
             producer = v.producer if v is not None else None
             if producer is not None and channel_flow(producer) == "reshape":
                 producer = producer.input(0).producer
+            producer = _nan_guarded(producer)
             if producer is not None and producer.op_type == "Softmax" and not producer.domain:
                 names.add(node.name)
     return names
+
+
+def _nan_guarded(node: Node | None) -> Node | None:
+    """The producer of p where `node` is Where(IsNaN(p), c, p), which only replaces NaNs; else `node`."""
+    if node is None or node.op_type != "Where" or node.domain or len(node.inputs) != 3:
+        return node
+    condition, guarded = node.input(0).producer, node.input(2)
+    if (condition is None or condition.op_type != "IsNaN" or condition.domain or condition.input(0) is not guarded
+            or node.input(1).const is None):
+        return node
+    return guarded.producer
 
 
 def reads_two_activations(node: Node) -> bool:
