@@ -210,6 +210,27 @@ def weight_out_axis(node) -> int | None:
     return {"Conv": 0, "ConvTranspose": 1, "MatMul": -1}.get(node.op_type) if not node.domain else None
 
 
+def nan_guarded(node):
+    """The value p where `node` is Where(IsNaN(p), c, p), c a constant (torch.onnx.export's default exporter writes
+    it after an attention's Softmax): it only replaces NaNs, so it reads as p. None for any other node."""
+    if node is None or node.op_type != "Where" or node.domain or len(node.inputs) != 3:
+        return None
+    condition, guarded = node.inputs[0].producer, node.inputs[2]
+    if condition is None or condition.op_type != "IsNaN" or condition.domain or condition.inputs[0] is not guarded:
+        return None
+    return guarded if node.inputs[1].const is not None else None
+
+
+def nan_guard(value):
+    """The Where(IsNaN(value), c, value) that is all that reads `value` (with its IsNaN), or None."""
+    readers = value.users
+    guards = [u for u in readers if nan_guarded(u) is value]
+    if len(guards) != 1 or len(readers) != 2:
+        return None
+    check = guards[0].inputs[0].producer
+    return guards[0] if any(u is check for u in readers) and len(check.outputs[0].users) == 1 else None
+
+
 def transpose_perm(node, rank: int) -> list[int]:
     """A Transpose's permutation: its `perm`, or the reversed axes of a rank-`rank` input, ONNX's default."""
     return list(node.attrs.get("perm") or reversed(range(rank)))

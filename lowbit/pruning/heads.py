@@ -39,7 +39,7 @@ import numpy as np
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import empty_concat_inputs, picked_dims, shape_entries
 from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, const_axes, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
-                      SCORE_STEPS, attribute, transpose_perm, weight_in_axis, weight_out_axis)
+                      SCORE_STEPS, attribute, nan_guard, transpose_perm, weight_in_axis, weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -528,10 +528,17 @@ def _core(node: Node, per_head_terms: list[Value] | None = None) -> _Core | None
     if kt is not None and (kt.op_type != "Transpose" or list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]):
         kt = None  # kT made otherwise (torch.onnx.export: one Transpose [0, 2, 3, 1] from the split, then a scale)
     probabilities = node.output
-    while len(probabilities.users) == 1 and probabilities.users[0].op_type in PROBABILITY_STEPS \
-            and not probabilities.users[0].domain and len(probabilities.users[0].outputs) == 1:
-        nodes.append(probabilities.users[0])
-        probabilities = probabilities.users[0].output
+    while True:
+        guard = nan_guard(probabilities)  # torch.onnx.export's default exporter: Where(IsNaN(p), 0, p)
+        if guard is not None:
+            nodes += [guard.input(0).producer, guard]
+            probabilities = guard.output
+        elif len(probabilities.users) == 1 and probabilities.users[0].op_type in PROBABILITY_STEPS \
+                and not probabilities.users[0].domain and len(probabilities.users[0].outputs) == 1:
+            nodes.append(probabilities.users[0])
+            probabilities = probabilities.users[0].output
+        else:
+            break
     users = probabilities.users
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input(0) is not probabilities:
         return None

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 
 from ..hw_configs import HwConfig, OpConfig, QuantizerConfig
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import FUSABLE_ACTIVATIONS, ORT_FOLDED_ACTIVATIONS, channel_flow, op_info, weight_out_axis
+from ..ir.ops import (FUSABLE_ACTIVATIONS, ORT_FOLDED_ACTIVATIONS, channel_flow, nan_guarded, op_info,
+                      weight_out_axis)
 from ..ir.types import is_float
 
 
@@ -136,21 +137,11 @@ def attention_output_matmuls(graph: Graph) -> set[str]:
             producer = v.producer if v is not None else None
             if producer is not None and channel_flow(producer) == "reshape":
                 producer = producer.input(0).producer
-            producer = _nan_guarded(producer)
+            guarded = nan_guarded(producer)
+            producer = guarded.producer if guarded is not None else producer
             if producer is not None and producer.op_type == "Softmax" and not producer.domain:
                 names.add(node.name)
     return names
-
-
-def _nan_guarded(node: Node | None) -> Node | None:
-    """The producer of p where `node` is Where(IsNaN(p), c, p), which only replaces NaNs; else `node`."""
-    if node is None or node.op_type != "Where" or node.domain or len(node.inputs) != 3:
-        return node
-    condition, guarded = node.input(0).producer, node.input(2)
-    if (condition is None or condition.op_type != "IsNaN" or condition.domain or condition.input(0) is not guarded
-            or node.input(1).const is None):
-        return node
-    return guarded.producer
 
 
 def reads_two_activations(node: Node) -> bool:
