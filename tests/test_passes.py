@@ -366,6 +366,54 @@ def test_cleanup_proves_two_names_of_one_dim_equal_from_a_reshape_and_a_weight()
     np.testing.assert_allclose(run_onnx(cleaned, feeds)[0], run_onnx(model, feeds)[0], rtol=1e-6)
 
 
+def _merged_transpose_onnx(split_shape) -> onnx.ModelProto:
+    """k: [b, 4, 6, 8] -> Reshape [-1, 6, 8] -> Transpose [0, 2, 1] -> Reshape to `split_shape` (recorded as the
+    output's shape, a dynamic target computed from Shape(k) as torch.onnx.export's default exporter writes it)."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Reshape", ["k", "merge"], ["merged"], allowzero=1),
+             helper.make_node("Transpose", ["merged"], ["swapped"], perm=[0, 2, 1]),
+             helper.make_node("Shape", ["k"], ["shape"]), helper.make_node("Slice", ["shape", "zero", "one"], ["b"]),
+             helper.make_node("Concat", ["b", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["swapped", "target"], ["kt"], allowzero=1),
+             helper.make_node("MatMul", ["q", "kt"], ["y"])]
+    inits = {"merge": np.array([-1, 6, 8], np.int64), "zero": np.array([0], np.int64),
+             "one": np.array([1], np.int64), "rest": np.array(split_shape[1:], np.int64)}
+    info = [helper.make_tensor_value_info("merged", f, ["bh", 6, 8]), helper.make_tensor_value_info("swapped", f,
+                                                                                                   ["bh", 8, 6]),
+            helper.make_tensor_value_info("kt", f, ["b", *split_shape[1:]])]
+    graph = helper.make_graph(nodes, "kt", [helper.make_tensor_value_info("k", f, ["b", 4, 6, 8]),
+                                            helper.make_tensor_value_info("q", f, ["b", 4, 6, 8])],
+                              [helper.make_tensor_value_info("y", f, ["b", 4, 6, 6])],
+                              initializer=[numpy_helper.from_array(a, k) for k, a in inits.items()], value_info=info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_cleanup_writes_a_transpose_through_merged_batch_and_heads_as_one_transpose():
+    """torch.onnx.export's default exporter transposes an attention's keys [b, heads, tokens, dim] by merging
+    batch and heads, swapping the last two dims and splitting again: cleanup writes it as the one Transpose it is
+    (the heads stay a dim of their own, which head pruning follows), and drops the shape arithmetic."""
+    rng = np.random.default_rng(0)
+    feeds = {"k": rng.standard_normal((3, 4, 6, 8)).astype(np.float32),
+             "q": rng.standard_normal((3, 4, 6, 8)).astype(np.float32)}
+    model = _merged_transpose_onnx([-1, 4, 8, 6])
+    cleaned = lowbit.compile(model, passes=["cleanup"])
+    assert [(n.op_type, [a.ints for a in n.attribute]) for n in cleaned.graph.node] == [
+        ("Transpose", [[0, 1, 3, 2]]), ("MatMul", [])]
+    np.testing.assert_allclose(run_onnx(cleaned, feeds)[0], run_onnx(model, feeds)[0], rtol=1e-6)
+
+
+def test_cleanup_keeps_a_split_into_other_dims():
+    """Split back into [b, 2, 16, 6], the heads are regrouped: not a transpose, and both Reshapes stay."""
+    model = _merged_transpose_onnx([-1, 2, 16, 6])
+    model.graph.node[-1].CopyFrom(helper.make_node("Identity", ["kt"], ["y"]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2, 16, 6]))
+    cleaned = lowbit.compile(model, passes=["cleanup"])
+    assert [n.op_type for n in cleaned.graph.node].count("Reshape") == 2
+    rng = np.random.default_rng(0)
+    feeds = {v: rng.standard_normal((3, 4, 6, 8)).astype(np.float32) for v in ("k", "q")}
+    np.testing.assert_allclose(run_onnx(cleaned, feeds)[0], run_onnx(model, feeds)[0], rtol=1e-6)
+
+
 def test_shape_entries_see_through_torch_onnx_exports_expand_sizes():
     """torch.onnx.export writes `t.expand(batch, -1, 12)` with the sizes Reshape(Concat(...), [-1]) and then
     Where(Equal(sizes, -1), 1, sizes): the entries are the batch's dim, 1 (a -1 broadcasts) and 12; a symbolic

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from conftest import run_onnx, run_openvino
+from deploy_checks import default_exported
 from models import REFERENCE_MODELS
 
 import lowbit
@@ -778,15 +779,18 @@ def test_a_swin_file_loses_the_residual_width_its_torch_module_loses():
         assert run_onnx(pruned, {"x": x.numpy()})[0].shape == tuple(module(x).shape)
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "default"])
 @pytest.mark.parametrize("family", ["Bert", "Segformer"])
-def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family):
+def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family, exporter, tmp_path):
     """torch.onnx.export stores equal initializers once (the zero biases of every layer: one tensor that layers
     of different groups add), reads sizes with Shape (the batch for every view; `x.flatten(2)` as Reshape(x,
     [Shape(x)[0:2], -1])), splits heads by a target with a -1 ([batch, tokens, -1, head_dim]) and makes kT with
     one Transpose from the split, scaled after it. Each layer gets its own cut of a shared bias, and the file
     loses the same channels and heads as its torch module: BERT its heads and MLPs (its pooler is dead code in
     the file), Segformer a stage's width as well. The pruned file computes what the pruned module does, in ONNX
-    Runtime and OpenVINO."""
+    Runtime and OpenVINO. So with its default exporter (dynamo=True), which makes kT through batch and heads
+    merged into one dim (cleanup writes it as one Transpose) and guards the probabilities with
+    Where(IsNaN(p), 0, p)."""
     transformers = pytest.importorskip("transformers")
     from zoo_models import LastHiddenState
 
@@ -798,7 +802,11 @@ def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family):
     module = getattr(transformers, f"{family}Model")(getattr(transformers, f"{family}Config")(**config))
     module = LastHiddenState(module.eval(), text=False).eval()
     x = torch.randint(0, 100, (2, 12)) if family == "Bert" else torch.randn(2, 3, 32, 32)
-    file = _torch_onnx_export(module, x[:1])
+    if exporter == "default":
+        pytest.importorskip("onnxscript")
+        file = default_exported(module, x, tmp_path / "model.onnx")
+    else:
+        file = _torch_onnx_export(module, x[:1])
 
     def pruned_rows(graph, dead=()):
         return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report

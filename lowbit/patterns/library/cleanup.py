@@ -8,6 +8,11 @@
                                  embedding that rotates every dim (Phi-3's x[..., rotary_dim:]); or a 1-D empty
                                  tensor beside inputs of another rank: torch.cat skips it, a legacy rule ONNX
                                  does not have; transformers' DynamicCache starts from one)
+    Reshape(Transpose(Reshape(x, [-1, T, D]), [0, 2, 1]), [B, H, D, T])
+                       -> Transpose(x, [0, 1, 3, 2])
+                                 (x: [B, H, T, D]; torch.onnx.export's default exporter transposes an attention's
+                                 keys so, through the batch and heads merged into one dim; the shapes before and
+                                 after are checked, so the rewrite is exact)
 
 A node whose output is a graph output is kept, so the model's output names
 do not change.
@@ -58,9 +63,28 @@ def _pads_nothing(m: Match) -> bool:
         and _passes_through(m)
 
 
+def _merged_transpose(m: Match) -> bool:
+    """The two Reshapes only merge x's first two dims and split them again, around a swap of the last two."""
+    x, merged, out = m["x"], m["merged"].output, m.root.output
+    if any(v.shape is None for v in (x, merged, out)) or len(x.shape) != 4 or len(merged.shape) != 3:
+        return False
+    batch, heads, tokens, dim = x.shape
+    return (isinstance(tokens, int) and isinstance(dim, int) and tuple(merged.shape[1:]) == (tokens, dim)
+            and list(m["swapped"].attrs.get("perm", [])) == [0, 2, 1]
+            and tuple(out.shape) == (batch, heads, dim, tokens) and not out.is_graph_output)
+
+
+def _transposed(m: Match):
+    node = m.root
+    return m.graph.make_node("Transpose", [m["x"]], {"perm": [0, 1, 3, 2]}, name=node.name, before=node).output
+
+
 rules = RuleSet([
     Rule("drop_zero_pad", P("Pad"), lambda m: m.root.input(0), where=_pads_nothing),
     Rule("drop_empty_concat_inputs", P("Concat"), _without_empty_inputs, precheck=_has_empty_input),
     Rule("drop_identity", P("Identity", Any("x")), lambda m: m["x"], where=_passes_through),
     Rule("drop_eval_dropout", P("Dropout", Any("x")), _input, where=_passes_through),
+    Rule("transpose_without_merging", P("Reshape", P("Transpose", P("Reshape", Any("x"), name="merged"),
+                                                    name="swapped")),
+         _transposed, where=_merged_transpose),
 ])
