@@ -38,9 +38,10 @@ bench/deploy.py trains them (weights cached outside the repo).
 - Coverage: the transformers architectures of tests/zoo_models.py (small
   configs, random weights): whether lowbit prunes them, why groups are left
   alone, whether the outputs keep their shapes and run in ONNX Runtime and
-  OpenVINO; and the same module as torch.onnx.export writes it (TorchScript,
-  dynamic batch), pruned as a file: the share of its parameters it loses and
-  whether it computes what the pruned torch module does.
+  OpenVINO; and the same module as torch.onnx.export writes it (dynamic batch;
+  with dynamo=False, TorchScript, and with its default exporter, torch.export-
+  based), pruned as a file: the share of its parameters it loses and whether
+  it computes what the pruned torch module does.
 
 Checks (issue 11): per model, parameter and MAC reduction >= Torch-Pruning's,
 top-1 after fine-tuning >= Torch-Pruning's - 0.3 pt, pruning time <=
@@ -219,6 +220,7 @@ def coverage_rows(console) -> list[dict]:
                        params=1 - cost(graph_of(pruned)).params / cost(lowbit.lower(module, (x,))).params)
             row["ort"], row["ov"] = run_onnx_and_openvino(pruned, x, got.numpy())
             row["file"] = prune_exported_file(module, x, got.numpy(), row["params"])
+            row["default_file"] = prune_exported_file(module, x, got.numpy(), row["params"], "default")
         except Exception as e:
             row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         console.log(f"coverage {name}: {row}")
@@ -249,22 +251,29 @@ def run_onnx_and_openvino(pruned, x: torch.Tensor, expected: np.ndarray) -> tupl
     return results[0], results[1]
 
 
-def prune_exported_file(module, x: torch.Tensor, expected: np.ndarray, params_removed: float) -> str:
-    """The module as torch.onnx.export (TorchScript, dynamic batch) writes it, pruned by lowbit as a file: the
-    share of the file's parameters it loses beside the torch path's, and whether ONNX Runtime computes what the
-    pruned torch module does (the same channels gone)."""
+def prune_exported_file(module, x: torch.Tensor, expected: np.ndarray, params_removed: float,
+                        exporter: str = "torchscript") -> str:
+    """The module as torch.onnx.export writes it (dynamic batch; `exporter` "torchscript": dynamo=False, "default":
+    its default, torch.export-based exporter), pruned by lowbit as a file: the share of the file's parameters it
+    loses beside the torch path's, and whether ONNX Runtime computes what the pruned torch module does (the same
+    channels gone)."""
     import io
 
     import onnx
     import onnxruntime as ort
+    from deploy_checks import default_exported
 
-    buffer = io.BytesIO()
     try:
-        torch.onnx.export(copy.deepcopy(module), (x[:1],), buffer, input_names=["x"], dynamic_axes={"x": {0: "b"}},
-                          dynamo=False)
-    except Exception as e:  # GPT-2's mask: aten::diff
+        if exporter == "default":
+            with tempfile.TemporaryDirectory() as folder:
+                file = default_exported(module, x, Path(folder) / "model.onnx")
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(copy.deepcopy(module), (x[:1],), buffer, input_names=["x"],
+                              dynamic_axes={"x": {0: "b"}}, dynamo=False)
+            file = onnx.load_from_string(buffer.getvalue())
+    except Exception as e:  # TorchScript: GPT-2's mask (aten::diff); the default exporter: T5's encoder, Swin
         return f"no file: torch.onnx.export fails ({type(e).__name__})"
-    file = onnx.load_from_string(buffer.getvalue())
     try:
         pruned = lowbit.prune(file, RATIO)
     except Exception as e:
@@ -351,11 +360,13 @@ def tables(rows, latency, coverage, check_rows, tools):
     if coverage:
         out.append(("transformers architectures (small configs): what lowbit prunes",
                     ["model", "groups", "pruned", "params removed", "output shape kept", "ONNX Runtime", "OpenVINO",
-                     "left alone (most common reasons)", "torch.onnx.export's file pruned: params removed"],
-                    [[c["model"], *(["failed: " + c["failed"]] + [""] * 7 if "failed" in c else
+                     "left alone (most common reasons)",
+                     "torch.onnx.export's file (dynamo=False) pruned: params removed",
+                     "its default exporter's file pruned: params removed"],
+                    [[c["model"], *(["failed: " + c["failed"]] + [""] * 8 if "failed" in c else
                                     [str(c["groups"]), str(c["pruned"]), f"{100 * c['params']:.0f}%",
                                      "yes" if c["shape"] else "NO", c["ort"], c["ov"], c["reasons"] or "-",
-                                     c["file"]])]
+                                     c["file"], c["default_file"]])]
                      for c in coverage], []))
     out.append(("Checks", ["where", "measured", "figure", "result"], check_rows, []))
     return out

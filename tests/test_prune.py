@@ -823,3 +823,31 @@ def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family, 
     np.testing.assert_allclose(run_onnx(pruned, feeds)[0], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(run_openvino(lowbit.codegen(lowbit.lower(pruned), "openvino"), [x.numpy()])[0],
                                expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_decoder_file_from_torchs_default_exporter_prunes_as_its_module_does(name, tmp_path):
+    """Only torch.onnx.export's default exporter writes these (TorchScript fails on GPT-2's mask and on Llama's
+    grouped-query attention), in its own forms: GPT-2's fused qkv cut by Split's `num_outputs` (no sizes input),
+    its heads merged back with batch and tokens in one Reshape before the Conv1D ([b, t, h, d] -> [b x t, h x d]);
+    Llama's keys repeated for the query heads (repeat_kv), then transposed and scaled. The file loses the heads
+    and MLP channels its module does, and computes what the pruned module does, in ONNX Runtime and OpenVINO."""
+    pytest.importorskip("onnxscript")
+    from zoo_models import build
+
+    module, make_input, _ = build(name, "small")
+    x = make_input(2)
+    file = default_exported(module, x, tmp_path / "model.onnx")
+
+    def pruned_rows(graph):
+        return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report
+                      if row["kept"] < row["channels"])
+    rows = pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
+    assert rows == pruned_rows(lowbit.lower(module, (x,)))
+    assert rows == ([(1, 2, 1)] * 2 + [(1, 128, 64)] * 2 if name == "gpt2" else [(2, 64, 32)] * 2 + [(3, 2, 1)] * 2)
+    with torch.no_grad():
+        expected = lowbit.prune(module, 0.5, example_inputs=(x,))(x).numpy()
+    pruned = lowbit.prune(file, 0.5)
+    np.testing.assert_allclose(run_onnx(pruned, {"x": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(lowbit.lower(pruned), "openvino"), [x.numpy()])[0],
+                               expected, rtol=1e-4, atol=1e-4)

@@ -210,6 +210,18 @@ def weight_out_axis(node) -> int | None:
     return {"Conv": 0, "ConvTranspose": 1, "MatMul": -1}.get(node.op_type) if not node.domain else None
 
 
+def split_sizes(node, length) -> list[int] | None:
+    """A Split's part sizes along its axis, `length` long: its constant `split` input, or, without one (opset 18's
+    `num_outputs`, or before it), equal parts, one per output, where `length` divides evenly. None otherwise."""
+    sizes = node.inputs[1] if len(node.inputs) > 1 else None
+    if sizes is not None:
+        return [int(s) for s in np.asarray(sizes.const).reshape(-1)] if sizes.const is not None else None
+    parts = len(node.outputs)
+    if not isinstance(length, int) or length % parts:
+        return None
+    return [length // parts] * parts
+
+
 def nan_guarded(node):
     """The value p where `node` is Where(IsNaN(p), c, p), c a constant (torch.onnx.export's default exporter writes
     it after an attention's Softmax): it only replaces NaNs, so it reads as p. None for any other node."""

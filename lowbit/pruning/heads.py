@@ -39,7 +39,8 @@ import numpy as np
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import empty_concat_inputs, picked_dims, shape_entries
 from ..ir.ops import (DIM_KEEPERS, DIM_MOVERS, const_axes, HEAD_TERM_JOINS, MATMULS, PROBABILITY_STEPS, SCALES,
-                      SCORE_STEPS, attribute, nan_guard, transpose_perm, weight_in_axis, weight_out_axis)
+                      SCORE_STEPS, attribute, nan_guard, split_sizes, transpose_perm, weight_in_axis,
+                      weight_out_axis)
 
 OUTER, HEAD, DIM = "outer", "head", "dim"
 
@@ -107,14 +108,12 @@ class _Path:
     kept: list[tuple[Node, int]]
     repeat: int = 1
     repeat_nodes: list[Node] = field(default_factory=list)
+    after_repeat: tuple[int, int] = (0, 0)  # how many of `steps` (the last) and of `kept` (the first) read it
 
 
 def _back(value: Value) -> _Path | None:
     """From an Attention input ([batch, heads, tokens, head_dim]) back to the projection output it is cut from."""
-    repeat, repeat_nodes = 1, []
-    found = _repeat(value)
-    if found is not None:
-        value, repeat, repeat_nodes = found
+    repeat, repeat_nodes, after_repeat = 1, [], (0, 0)
     chain, kept, v, head = [], [], value, 1
     while True:
         region = _kept_region(v, head)
@@ -125,6 +124,11 @@ def _back(value: Value) -> _Path | None:
         node = v.producer
         if node is None or node.domain:
             return None
+        found = _repeat(v) if not repeat_nodes and head == 1 else None
+        if found is not None:  # the keys repeated, then transposed and scaled (the default exporter's kT)
+            v, repeat, repeat_nodes = found
+            after_repeat = (len(chain), len(kept))
+            continue
         if node.op_type == "Reshape":
             factors = _split(node)
             if factors is None:
@@ -154,7 +158,7 @@ def _back(value: Value) -> _Path | None:
             chosen[labels[axis][1]] = index % factors[labels[axis][1]]
             labels = labels[:axis] + labels[axis + 1:]
         steps.append((n, labels))
-    return _Path(split.input(0), split, factors, steps, labels, chosen, kept, repeat, repeat_nodes)
+    return _Path(split.input(0), split, factors, steps, labels, chosen, kept, repeat, repeat_nodes, after_repeat)
 
 
 def _repeat(value: Value) -> tuple[Value, int, list[Node]] | None:
@@ -634,10 +638,13 @@ def _add_path(structure: HeadStructure, path: _Path, inside: set[int], outer_see
     structure.shape_entries.append((split, dim, per))
     structure.value_dims.append((split.output, dim, per))
     inside |= {id(split)} | {id(n) for n, _ in path.steps} | {id(n) for n in projection if n is not None}
-    for n, dims in path.steps:  # the dim holding the heads, after each Transpose and Gather
-        structure.value_dims.append((n.output, dims.index(("f", head_k)), per))
-    for n, head in path.kept:  # a rotary embedding's ops, the heads in dim `head`
-        structure.value_dims.extend((o, head, per) for o in n.outputs)
+    steps_after, kept_after = path.after_repeat  # what reads the repeated heads holds `repeat` times as many
+    for i, (n, dims) in enumerate(path.steps):  # the dim holding the heads, after each Transpose and Gather
+        unit = per * path.repeat if i >= len(path.steps) - steps_after else per
+        structure.value_dims.append((n.output, dims.index(("f", head_k)), unit))
+    for i, (n, head) in enumerate(path.kept):  # a rotary embedding's ops, the heads in dim `head`
+        unit = per * path.repeat if i < kept_after else per
+        structure.value_dims.extend((o, head, unit) for o in n.outputs)
         inside.add(id(n))
     if path.repeat_nodes:  # [batch, heads, 1 | n, ...] after the Unsqueeze and Expand, heads x n after the Reshape
         unsqueeze, expand, merge = path.repeat_nodes
@@ -673,10 +680,9 @@ def _source(p_out: Value) -> _Source | None:
     v = p_out
     node = v.producer
     if node is not None and node.op_type == "Split" and not node.domain:
-        sizes = node.input(1).const if len(node.inputs) > 1 and node.input(1) is not None else None
         rank = len(node.input(0).shape) if node.input(0).shape is not None else None
-        if rank is None or node.attrs.get("axis", 0) % rank != rank - 1 or sizes is None \
-                or len(set(np.asarray(sizes).tolist())) != 1:
+        sizes = split_sizes(node, node.input(0).shape[-1]) if rank is not None else None
+        if rank is None or node.attrs.get("axis", 0) % rank != rank - 1 or sizes is None or len(set(sizes)) != 1:
             return None
         source.part, source.parts, source.split = node.outputs.index(v), len(node.outputs), node
         v = node.input(0)
@@ -745,13 +751,13 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
             v = out
             structure.value_dims.append((v, head, repeat))
             continue
-        merged = len(v.shape) - 2
-        if head != merged or len(out.shape) != len(v.shape) - 1 or list(out.shape[:merged]) != list(v.shape[:merged]):
+        merged, last = len(v.shape) - 2, len(out.shape) - 1
+        if head != merged or not _merges_last_two(v, out):
             return False
-        if shape_entry(node, merged) is None:
+        if shape_entry(node, last) is None:
             return False
-        structure.shape_entries.append((node, merged, width))
-        structure.value_dims.append((out, merged, width))
+        structure.shape_entries.append((node, last, width))
+        structure.value_dims.append((out, last, width))
         readers = out.users
         while len(readers) == 1 and _keeps_last_dim(readers[0]):  # back to [batch x tokens, channels] (GPT-2)
             reshape = readers[0]
@@ -772,6 +778,16 @@ def _forward(structure: HeadStructure, v: Value, inside: set[int]) -> bool:
         structure.out_projection = readers[0]
         inside.add(id(readers[0]))
         return True
+
+
+def _merges_last_two(v: Value, out: Value) -> bool:
+    """A Reshape of `v` into `out` makes v's last two dims (heads, head_dim) out's last, whatever it does to the
+    dims before them: [b, t, h, d] -> [b, t, h x d], or at once [b, t, h, d] -> [b x t, h x d] (torch.onnx.export's
+    default exporter, before GPT-2's Conv1D)."""
+    if len(out.shape) == len(v.shape) - 1 and list(out.shape[:-1]) == list(v.shape[:-2]):
+        return True
+    h, d = v.shape[-2:]
+    return isinstance(h, int) and isinstance(d, int) and out.shape[-1] == h * d
 
 
 def set_shape_entry(reshape: Node, dim: int, size: int) -> None:
@@ -795,7 +811,9 @@ def rewrite_shapes(structure: HeadStructure, kept: int) -> None:
     for reshape, dim, unit in dict.fromkeys(structure.shape_entries):
         set_shape_entry(reshape, dim, kept * unit)
     for split, unit in dict.fromkeys(structure.split_sizes):
-        sizes = split.input(1)
+        sizes = split.input(1) if len(split.inputs) > 1 else None
+        if sizes is None:  # equal parts by `num_outputs`: they stay equal
+            continue
         array = np.full_like(sizes.const, kept * unit)
         if len(sizes.uses) > 1:
             split.set_input(1, split.graph.add_constant(f"{sizes.name}_pruned", array))
