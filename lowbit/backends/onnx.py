@@ -76,10 +76,13 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
     FakeQuantize nodes are written as QuantizeLinear/DequantizeLinear
     (fake_quantize="qdq", in the form `runtime` runs as INT8: "onnxruntime"
     or "openvino", see qdq.py) or kept as OpenVINO's FakeQuantize
-    (fake_quantize="openvino", for OpenVINO's ONNX reader).
+    (fake_quantize="openvino", for OpenVINO's ONNX reader). Either way the
+    graph is first guarded against OpenVINO's known miscomputations
+    (openvino_guards.py), which a .onnx meets too when OpenVINO runs it.
     """
     from ..ir.decompose import expand_for_opset
     from ..ir.ops import QUANT_DOMAIN
+    from .openvino_guards import guarded_for_openvino
     from .qdq import fake_quantize_to_qdq
 
     opaque = [n for n in graph if is_opaque(n.domain)]
@@ -91,7 +94,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
     opsets = dict(graph.opset_imports)
     if opset is not None:
         opsets[""] = opset
-    graph = expand_for_opset(graph, opsets.get("", 21))
+    graph = guarded_for_openvino(expand_for_opset(graph, opsets.get("", 21)))
     if fake_quantize == "qdq":
         graph = fake_quantize_to_qdq(graph, runtime)
     elif any(n.domain == QUANT_DOMAIN for n in graph):
