@@ -209,6 +209,19 @@ class ComputedIndex(nn.Module):
         return x + bias.permute(2, 0, 1)[None].sum(1)
 
 
+class Upsampling(nn.Module):
+    """A decoder's transposed convolutions: 2-D with padding, output_padding and groups, 1-D dilated, no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.wave = nn.ConvTranspose1d(6, 3, 2, stride=2, dilation=2, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.up(x))                                      # [b, 6, 16, 16]
+        return self.wave(y.mean(-1))                                   # [b, 3, 34]
+
+
 class Opaque(nn.Module):
     """Uses ops outside the vocabulary (cummax, flip): they must survive as opaque nodes."""
 
@@ -241,6 +254,7 @@ OP_MODELS = {
     "layers": (Layers, lambda b: (torch.randn(b, 4, 5, 6),), {"LayerNormalization", "Resize", "ReduceSum"}),
     "computed_index": (ComputedIndex, lambda b: (torch.randn(b, 3, 4),), {"Gather", "Reshape"}),
     "tensors": (Tensors, lambda b: (torch.randn(b, 6, 8),), {"Not", "Expand", "Concat", "Shape", "Reshape", "MatMul"}),
+    "upsampling": (Upsampling, lambda b: (torch.randn(b, 4, 8, 8),), {"ConvTranspose", "Relu", "ReduceMean"}),
 }
 # models whose ops lower to several ONNX ops that round differently from torch's fused kernel (baddbmm's
 # product and sum, vector_norm's sum of squares, group and weight norm): their torch round trip is exact to a

@@ -306,6 +306,20 @@ def _conv_call(e: _Emitter, n: Node, weight, bias):
                   n.attrs.get("group", 1))
 
 
+@emits("ConvTranspose")
+def _conv_transpose(e: _Emitter, n: Node):
+    """torch's conv_transpose; its padding is the same at both ends of an axis, and `output_shape` must be
+    spelled out as ONNX's pads and output_padding (UnsupportedOpError otherwise)."""
+    k = len(n.input(1).shape) - 2
+    if "output_shape" in n.attrs:
+        raise UnsupportedOpError(f"node {n.name!r} gives ConvTranspose an output_shape: the torch writer needs its "
+                                 "pads and output_padding")
+    target = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input, 3: aten.conv_transpose3d.input}[k]
+    return e.call(target, e[n.input(0)], e[n.input(1)], e[n.input(2)], _spatial(n, "strides", k, 1),
+                  _sym_pads(n, k), _spatial(n, "output_padding", k, 0), n.attrs.get("group", 1),
+                  _spatial(n, "dilations", k, 1))
+
+
 # MatMul by a 2-D float weight, then an Add of a 1-D bias on its right that alone reads it: one aten.linear,
 # as torch's own nn.Linear lowers (x @ W.T + b in one call, bit for bit)
 LINEAR_BIAS = P("Add", P("MatMul", AnyValue("x"), Const("weight", where=lambda w: w.ndim == 2 and w.dtype.kind == "f"),

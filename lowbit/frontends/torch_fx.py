@@ -419,10 +419,20 @@ def _conv(lw, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                   "group": groups})
 
 
+@handles(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+def _conv_transpose(lw, node, x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """ConvTranspose (nn.ConvTranspose2d: a decoder's upsampling); torch's padding is the same at both ends."""
+    weight = lw.val(w)
+    k = len(weight.shape) - 2
+    return lw.op("ConvTranspose", [lw.val(x), weight, lw.maybe(b)],
+                 {"kernel_shape": list(weight.shape[2:]), "strides": _pair(stride, k), "pads": _pair(padding, k) * 2,
+                  "output_padding": _pair(output_padding, k), "dilations": _pair(dilation, k), "group": groups})
+
+
 @handles(aten.convolution.default)
 def _convolution(lw, node, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
     if transposed:
-        return NotImplemented
+        return _conv_transpose(lw, node, x, w, b, stride, padding, output_padding, groups, dilation)
     return _conv(lw, node, x, w, b, stride, padding, dilation, groups)
 
 
