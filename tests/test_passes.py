@@ -194,6 +194,24 @@ def test_fold_bn_gives_a_bias_to_a_conv_without_one(lowered):
     assert conv.output.users[0].op_type == "Relu"
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fold_bn_folds_a_batchnorm_into_the_conv_transpose_before_it(groups):
+    """A decoder's ConvTranspose -> BatchNorm: folded along the weight's axis 1 (its output channels) with one
+    group, exactly (ONNX Runtime against torch); a grouped one, whose axis 1 holds each group's channels in turn,
+    keeps its BatchNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2, bias=False, groups=groups), nn.BatchNorm2d(6),
+                          nn.ReLU()).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 4, 5, 5)
+    folded, records = _run(["fold_bn"], lowbit.lower(model, (x,)))
+    ops = [n.op_type for n in folded]
+    assert ops == (["ConvTranspose", "Relu"] if groups == 1 else ["ConvTranspose", "BatchNormalization", "Relu"])
+    assert records[0].fired == ({"fold_bn_conv_transpose": 1} if groups == 1 else {})
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(folded, x.numpy())[0], model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_bn_leaves_a_conv_with_another_consumer_alone(lowered):
     _, _, graph = lowered("shared_conv")
     folded, records = _run(["fold_bn"], graph)

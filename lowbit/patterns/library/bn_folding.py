@@ -1,6 +1,7 @@
 """Fold an inference BatchNormalization into the Conv, Gemm or MatMul(+bias) before it.
 
     BN(Conv(x, W, b))          -> Conv(x, W * s, (b - mean) * s + beta)       s = gamma / sqrt(var + eps),
+    BN(ConvTranspose(x, W, b)) -> likewise, W scaled along its axis 1       (one group only)
     BN(Gemm(x, W, b))          -> Gemm(x, W * s, (b - mean) * s + beta)       per output channel
     BN(Add(MatMul(x, W), b))   -> Add(MatMul(x, W * s), (b - mean) * s + beta)
     BN(MatMul(x, W))           -> Add(MatMul(x, W * s), beta - mean * s)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Graph, Node, Value
-from ...ir.ops import is_fake_quantize, weight_out_axis, weight_quantizer
+from ...ir.ops import attribute, is_fake_quantize, weight_out_axis, weight_quantizer
 from ..pattern import Any, Const, P, match_at
 from ..rewrite import Match, Rule, RuleSet
 
@@ -104,6 +105,13 @@ def _conv_ok(m: Match) -> bool:
     return _channels_ok(m, m["layer"])
 
 
+def _conv_transpose_ok(m: Match) -> bool:
+    """One group: a grouped ConvTranspose's weight holds each group's output channels along axis 1 in turn."""
+    layer = m["layer"]
+    return (_channels_ok(m, layer) and attribute(layer, "group") == 1
+            and m["w"].const.shape[1] == m["gamma"].const.shape[0])
+
+
 def _gemm_ok(m: Match) -> bool:
     g = m["layer"]
     return (_channels_ok(m, g) and _rank2(m) and not g.attrs.get("transA", 0)
@@ -119,6 +127,8 @@ _matmul = P("MatMul", Any("x"), Const("w"), name="layer")
 
 rules = RuleSet([
     Rule("fold_bn_conv", _bn(P("Conv", Any("x"), Const("w"), name="layer")), fold_conv, where=_conv_ok),
+    Rule("fold_bn_conv_transpose", _bn(P("ConvTranspose", Any("x"), Const("w"), name="layer")), fold_conv,
+         where=_conv_transpose_ok),
     Rule("fold_bn_gemm", _bn(P("Gemm", Any("x"), Const("w"), name="layer")), fold_gemm, where=_gemm_ok),
     Rule("fold_bn_matmul_add", _bn(P("Add", _matmul, Const("b"), name="add")), fold_matmul, where=_matmul_ok),
     Rule("fold_bn_matmul", _bn(_matmul), fold_matmul, where=_matmul_ok),
