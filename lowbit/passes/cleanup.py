@@ -110,17 +110,18 @@ class Cleanup(Pass):
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         fired = Counter(rules.apply(graph))
-        folded = fold_constants(graph)
-        if folded:  # what folding made constant (a Pad's pads, computed from shapes) may now match a rule
-            fired.update(rules.apply(graph))
-        refined = refine_shapes(graph)
-        for _ in range(MAX_ROUNDS - 1):  # refined shapes make more sizes static: fold again, until nothing changes
-            more = fold_constants(graph) if refined else 0
-            if not more:
+        folded = refined = 0
+        for round_ in range(MAX_ROUNDS):  # refined shapes make more sizes static: fold again, until nothing changes
+            more = fold_constants(graph)
+            if round_ and not more:
                 break
             folded += more
-            fired.update(rules.apply(graph))
-            refined = refine_shapes(graph)
+            if more:  # what folding made constant (a Pad's pads, computed from shapes) may now match a rule
+                fired.update(rules.apply(graph))
+            newly = refine_shapes(graph)
+            refined += newly
+            if not newly:
+                break
         counts = {"fold_constants": folded, "refine_shapes": refined,
                   "remove_dead_nodes": remove_dead_nodes(graph),
                   "remove_unused_constants": graph.remove_unused_constants()}
