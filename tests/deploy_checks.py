@@ -142,6 +142,16 @@ def host_has_vnni() -> bool:
 HOST_OVERFLOW_FIX = "first_layer" if host_has_vnni() else "enable"
 
 
+# The model families of tests/models.py that the deploy tests quantize and deploy: family -> model name
+FAMILIES = {"residual": "resnet18", "depthwise": "mobilenet_v2", "densenet": "densenet", "inception": "concat",
+            "squeeze_excite": "se", "transformer": "vit"}
+
+
+def family_options(name: str) -> dict:
+    """lowbit.quantize's options for model `name`: the transformer model type for the ViT."""
+    return {"model_type": "transformer"} if name == "vit" else {}
+
+
 # Epochs on the digits (8x8) of the families the deploy tests train; MobileNetV2 keeps its random initialisation
 # (it needs 40 epochs at 32x32 to learn them, and agrees at 42 dB as it is)
 FAMILY_EPOCHS = {"resnet18": 15, "densenet": 8, "concat": 5, "se": 5, "vit": 10}

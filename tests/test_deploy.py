@@ -34,14 +34,11 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (HOST_OVERFLOW_FIX, agreement, int8_count, openvino_layer_precisions,
-                           ort_optimized_ops, quantized_layers, sqnr, trained_family)
+from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, family_options, int8_count,
+                           openvino_layer_precisions, ort_optimized_ops, quantized_layers, sqnr, trained_family)
 
 import lowbit
 
-
-FAMILIES = {"residual": "resnet18", "depthwise": "mobilenet_v2", "densenet": "densenet", "inception": "concat",
-            "squeeze_excite": "se", "transformer": "vit"}
 OVERFLOW_FIX = HOST_OVERFLOW_FIX
 N_CALIBRATION = 64
 TOP1, SQNR_DB = 0.995, 35
@@ -54,9 +51,6 @@ TOP1, SQNR_DB = 0.995, 35
 OPENVINO_TOP1 = {"residual": 0.985}
 
 
-def _options(name):
-    return {"model_type": "transformer"} if name == "vit" else {}
-
 
 class Deployed:
     """One family quantized from both origins and written in every form, with the runtimes' outputs."""
@@ -66,7 +60,7 @@ class Deployed:
         model, x_train, x_test = trained_family(name)
         self.x = x_test.numpy()
         calibration = [x_train[i:i + 1] for i in range(N_CALIBRATION)]
-        q = lowbit.quantize(model, lowbit.Dataset(calibration), overflow_fix=OVERFLOW_FIX, **_options(name))
+        q = lowbit.quantize(model, lowbit.Dataset(calibration), overflow_fix=OVERFLOW_FIX, **family_options(name))
         with torch.no_grad():
             self.simulation = q(x_test).numpy()
         self.paths = {"torch.onnx": lowbit.export(q, folder / "torch.onnx"),
@@ -74,7 +68,7 @@ class Deployed:
                       "torch.xml": lowbit.export(q, folder / "torch.xml")}
         fp32 = lowbit.codegen(lowbit.lower(model, (x_train[:1],)), "onnx")
         qdq = lowbit.quantize(fp32, lowbit.Dataset([c.numpy() for c in calibration]), overflow_fix=OVERFLOW_FIX,
-                              **_options(name))
+                              **family_options(name))
         onnx.save(qdq, folder / "onnx.onnx")
         self.paths["onnx.onnx"] = folder / "onnx.onnx"
         self.paths["onnx.xml"] = lowbit.export(qdq, folder / "onnx.xml")

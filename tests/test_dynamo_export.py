@@ -18,21 +18,16 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (HOST_OVERFLOW_FIX, agreement, default_exported, int8_count, openvino_layer_precisions,
-                           ort_optimized_ops, placed_quantizers, quantized_layers, sqnr, trained_family)
+from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, default_exported, family_options, int8_count,
+                           openvino_layer_precisions, ort_optimized_ops, placed_quantizers, quantized_layers, sqnr,
+                           trained_family)
 
 import lowbit
 
 pytest.importorskip("onnxscript")  # what torch.onnx.export(dynamo=True) writes its ONNX with
 
-FAMILIES = {"residual": "resnet18", "depthwise": "mobilenet_v2", "densenet": "densenet", "inception": "concat",
-            "squeeze_excite": "se", "transformer": "vit"}
 N_CALIBRATION = 64
 TOP1, SQNR_DB = 0.995, 35
-
-
-def _options(name):
-    return {"model_type": "transformer"} if name == "vit" else {}
 
 
 class Exported:
@@ -40,12 +35,12 @@ class Exported:
 
     def __init__(self, name, folder):
         self.model, x_train, x_test = trained_family(name)
-        self.model_type = _options(name).get("model_type")
+        self.model_type = family_options(name).get("model_type")
         self.example = x_train[:1]
         self.fp32 = default_exported(self.model, self.example, folder / "fp32.onnx")
         self.items = [x_train[i:i + 1].numpy() for i in range(N_CALIBRATION)]
         self.qdq = lowbit.quantize(self.fp32, lowbit.Dataset(self.items), overflow_fix=HOST_OVERFLOW_FIX,
-                                   **_options(name))
+                                   **family_options(name))
         self.paths = {"onnx": folder / "int8.onnx"}
         onnx.save(self.qdq, self.paths["onnx"])
         self.paths["xml"] = lowbit.export(self.qdq, folder / "int8.xml")

@@ -779,6 +779,13 @@ def test_a_swin_file_loses_the_residual_width_its_torch_module_loses():
         assert run_onnx(pruned, {"x": x.numpy()})[0].shape == tuple(module(x).shape)
 
 
+def _pruned_rows(graph, dead=()) -> list[tuple[int, int, int]]:
+    """(members, channels, kept) of each group a 50% L2 plan of `graph` prunes, sorted; groups whose first layer
+    and channel count are in `dead` left out."""
+    return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report
+                  if row["kept"] < row["channels"] and (row["layers"][0], row["channels"]) not in dead)
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "default"])
 @pytest.mark.parametrize("family", ["Bert", "Segformer"])
 def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family, exporter, tmp_path):
@@ -807,13 +814,9 @@ def test_a_file_torch_onnx_export_wrote_prunes_as_its_torch_module_does(family, 
         file = default_exported(module, x, tmp_path / "model.onnx")
     else:
         file = _torch_onnx_export(module, x[:1])
-
-    def pruned_rows(graph, dead=()):
-        return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report
-                      if row["kept"] < row["channels"] and (row["layers"][0], row["channels"]) not in dead)
     dead = [("model.pooler.dense", 32)] if family == "Bert" else []
-    rows = pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
-    assert rows == pruned_rows(lowbit.lower(module, (x,)), dead)
+    rows = _pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
+    assert rows == _pruned_rows(lowbit.lower(module, (x,)), dead)
     assert len(rows) == (4 if family == "Bert" else 5)
     with torch.no_grad():
         expected = lowbit.prune(module, 0.5, example_inputs=(x,))(x).numpy()
@@ -838,12 +841,8 @@ def test_a_decoder_file_from_torchs_default_exporter_prunes_as_its_module_does(n
     module, make_input, _ = build(name, "small")
     x = make_input(2)
     file = default_exported(module, x, tmp_path / "model.onnx")
-
-    def pruned_rows(graph):
-        return sorted((len(row["layers"]), row["channels"], row["kept"]) for row in plan(graph, PruneSpec(0.5)).report
-                      if row["kept"] < row["channels"])
-    rows = pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
-    assert rows == pruned_rows(lowbit.lower(module, (x,)))
+    rows = _pruned_rows(lowbit.lower(lowbit.compile(file, ["cleanup"])))
+    assert rows == _pruned_rows(lowbit.lower(module, (x,)))
     assert rows == ([(1, 2, 1)] * 2 + [(1, 128, 64)] * 2 if name == "gpt2" else [(2, 64, 32)] * 2 + [(3, 2, 1)] * 2)
     with torch.no_grad():
         expected = lowbit.prune(module, 0.5, example_inputs=(x,))(x).numpy()
