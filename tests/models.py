@@ -397,6 +397,29 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Decoder(nn.Module):
+    """A segmentation encoder-decoder (U-Net style, small): a strided encoder, ConvTranspose upsampling with
+    BN and ReLU, a skip Concat of the encoder's features with the upsampled ones, a depthwise ConvTranspose, a
+    1x1 projection into a grouped ConvTranspose, and a 1x1 head that gives a map of class scores."""
+
+    def __init__(self, classes=5, in_ch=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(32, 16, 2, stride=2, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.smooth = nn.ConvTranspose2d(24, 24, 3, padding=1, groups=24)
+        self.project = nn.Conv2d(24, 12, 1)
+        self.mix = nn.ConvTranspose2d(12, 12, 1, groups=2)
+        self.head = nn.Conv2d(12, classes, 1)
+
+    def forward(self, x):
+        skip = self.stem(x)
+        y = torch.cat([skip, self.up(self.down(skip))], 1)
+        y = self.project(F.relu(self.smooth(self.fuse(y))))
+        return self.head(F.relu(self.mix(y)))
+
+
 # --------------------------------------------------------------------------- #
 # Registry of deterministic, eval-mode reference models
 # --------------------------------------------------------------------------- #

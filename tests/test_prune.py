@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_onnx, run_openvino
 from deploy_checks import default_exported
-from models import REFERENCE_MODELS
+from models import REFERENCE_MODELS, Decoder, _reference
 
 import lowbit
 from lowbit.api import graph_of
@@ -76,6 +76,14 @@ def test_only_the_removed_channels_change_the_output(name):
     forgotten member (BN, depthwise, SE scale) shows up as a difference."""
     model, x = _model(name)
     graph = lowbit.lower(model, (x,))
+    pruned, zeroed = _pruned_and_zeroed(graph, x)
+    assert sum(v.const.size for v in graph.constants.values()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(pruned, zeroed, rtol=1e-5, atol=1e-6)
+
+
+def _pruned_and_zeroed(graph, x):
+    """The outputs of `graph` pruned at half (shrunk in place) and of `graph` with only the weights that read
+    the channels to remove zeroed, in torch."""
     chosen = plan(graph, PruneSpec(0.5))
     assert chosen.removed
     for m in chosen.groups.members:
@@ -91,9 +99,50 @@ def test_only_the_removed_channels_change_the_output(name):
     shrink(graph, chosen.groups, chosen.removed)
     graph.verify()
     with torch.no_grad():
-        pruned = lowbit.codegen(graph, "torch")(x)
-    assert sum(v.const.size for v in graph.constants.values()) < sum(p.numel() for p in model.parameters())
-    torch.testing.assert_close(pruned, zeroed, rtol=1e-5, atol=1e-6)
+        return lowbit.codegen(graph, "torch")(x), zeroed
+
+
+def _decoder():
+    return _reference(Decoder)(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_decoder_prunes_through_its_transposed_convolutions_and_skip_concat():
+    """ConvTranspose upsampling (weight [in, out, k, k]: filters along axis 1), with its BatchNorm, a depthwise
+    ConvTranspose (its group follows its filters) and a skip Concat: each group loses half its channels, the
+    ones a grouped ConvTranspose mixes in blocks stay, with that reason, and the map of class scores keeps its
+    shape."""
+    model, x = _decoder()
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    weights = {k: tuple(v.shape) for k, v in pruned.state_dict().items() if k.endswith("weight")}
+    assert weights == {"stem.0.weight": (8, 3, 3, 3), "stem.1.weight": (8,), "down.0.weight": (16, 8, 3, 3),
+                       "down.1.weight": (16,), "up.0.weight": (16, 8, 2, 2), "up.1.weight": (8,),
+                       "fuse.0.weight": (12, 16, 3, 3), "fuse.1.weight": (12,), "smooth.weight": (12, 1, 3, 3),
+                       "project.weight": (12, 12, 1, 1), "mix.weight": (12, 6, 1, 1), "head.weight": (5, 12, 1, 1)}
+    blocked = {row["layers"][0]: row["blocked"] for row in graph_of(pruned).meta["pruning"] if row["blocked"]}
+    assert blocked == {"project": "the grouped ConvTranspose 'conv_transpose2d_2' mixes them in 2 blocks; lowbit "
+                                  "prunes through depthwise ones only",
+                       "head": "they reach the graph output 'conv2d_4', whose shape is kept"}
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (2, 5, 8, 8)
+    graph = lowbit.lower(model, (x,))
+    pruned_out, zeroed_out = _pruned_and_zeroed(graph, x)
+    torch.testing.assert_close(pruned_out, zeroed_out, rtol=1e-5, atol=1e-6)
+
+
+def test_a_decoder_file_prunes_to_the_modules_counts_and_runs_in_onnx_runtime_and_openvino():
+    """The same decoder as an ONNX file (BatchNorms kept, as lowbit.export writes it) loses the same filters and
+    BatchNorm channels as the module, and computes what the pruned module does in both runtimes."""
+    model, x = _decoder()
+    from_torch = lowbit.prune(model, 0.5, example_inputs=(x,))
+    from_onnx = lowbit.prune(lowbit.codegen(lowbit.lower(model, (x,)), "onnx"), 0.5)
+    shapes = {i.name: tuple(i.dims) for i in from_onnx.graph.initializer if i.name.endswith("weight")}
+    assert shapes == {k: tuple(v.shape) for k, v in from_torch.state_dict().items() if k.endswith("weight")}
+    with torch.no_grad():
+        expected = from_torch(x).numpy()
+    np.testing.assert_allclose(run_onnx(from_onnx, {from_onnx.graph.input[0].name: x.numpy()})[0], expected,
+                               rtol=1e-4, atol=1e-5)
+    xml = lowbit.codegen(lowbit.lower(from_onnx), "openvino")
+    np.testing.assert_allclose(run_openvino(xml, [x.numpy()])[0], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet"])

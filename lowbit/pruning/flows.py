@@ -41,7 +41,7 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
     fq = weight_quantizer(node)
     w = fq.input(0) if fq is not None else node.input(1) if len(node.inputs) > 1 else None
     x = node.input(0)
-    if node.op_type == "ConvTranspose" or (node.op_type == "Gemm" and attribute(node, "transA")):
+    if node.op_type == "Gemm" and attribute(node, "transA"):
         return False
     if w is None or w.const is None or w.const.ndim < 2 or not np.issubdtype(w.const.dtype, np.floating):
         cg.block_inputs(node, "{node} multiplies them by another activation, not by a weight")
@@ -91,8 +91,12 @@ def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     w = fq.input(0) if fq is not None else node.input(1)
     group = attribute(node, "group")
     depthwise = w.const is not None and w.const.shape[1] == 1 and w.const.shape[0] == group == layout.size
-    if layout.axis != 1 or not depthwise:
-        return False  # a grouped (not depthwise) conv ties channels in blocks: not followed
+    if layout.axis != 1:
+        return False
+    if not depthwise:  # its channels are tied in blocks, each block mixed on its own
+        cg.block(layout, f"the grouped {node.op_type} {node.name!r} mixes them in {group} blocks; lowbit prunes "
+                 "through depthwise ones only")
+        return True
     _weight_members(cg, node, 0, layout.segments, "scale")
     bias = node.input(2) if len(node.inputs) > 2 else None
     if bias is not None and bias.const is not None and bias.const.shape == (group,):

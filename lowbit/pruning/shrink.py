@@ -2,7 +2,7 @@
 
 Each member's constant loses the entries of its groups' removed channels (at
 the member's offsets, repeated where a Flatten repeated them); a depthwise
-Conv's `group` follows its filters; every value whose channels the analysis
+Conv's (or ConvTranspose's) `group` follows its filters; every value whose channels the analysis
 followed gets its new channel count, and shapes are inferred again.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import reinfer
-from ..ir.ops import weight_out_axis, weight_quantizer
+from ..ir.ops import CONVOLUTIONS, weight_out_axis, weight_quantizer
 from ..patterns.library.bn_folding import FOLDED_BN_SCALE
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
@@ -84,9 +84,9 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         _, readers = cuts.setdefault(id(v), (v, {}))
         _, _, by_axis = readers.setdefault((id(m.node), m.port), (m.node, m.port, {}))
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
-    grouped = []  # (grouped Conv, the node and port its cut weight is read at: the Conv, or its quantizer)
+    grouped = []  # (depthwise Conv or ConvTranspose, the node and port its cut weight is read at: the Conv, or its quantizer)
     for node in graph:
-        if node.op_type == "Conv" and node.attrs.get("group", 1) > 1:
+        if node.op_type in CONVOLUTIONS and node.attrs.get("group", 1) > 1:
             fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
             holder, port = (fq, 0) if fq is not None else (node, 1)
             if id(holder.input(port)) in cuts:
