@@ -25,7 +25,9 @@ one range of W / s times s, and trains on its own), tables in
 bench/results/qat_per_tensor_unfolded.md.
 - lowbit PTQ: `lowbit.quantize(model, lowbit.Dataset(calib), bits={"weights":
   4, "activations": 8})` (its defaults otherwise: target ANY, fast bias
-  correction).
+  correction, and weight_range_estimator="auto": the 4-bit weights' ranges
+  clipped for the least squared rounding error, quant/weight_mse.py; NNCF
+  sets them to the weights' min/max).
 - lowbit QAT starts from `lowbit.compile(model, QAT_PASSES (fold_bn, fuse,
   quantize), dataset=..., bits=..., range_learning=..., fold_bn=...)` (PTQ
   without bias correction, as the training moves the biases, and without

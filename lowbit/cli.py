@@ -4,6 +4,7 @@
                     [--preset performance|mixed] [--target-device CPU|GPU|NPU|ANY|hw.json]
                     [--model-type transformer] [--ignored-scope NAME[,NAME...]]
                     [--overflow-fix enable|first_layer|disable] [--per-tensor-weights folded|unfolded]
+                    [--weight-range-estimator auto|min_max|mse]
                     [--no-fast-bias-correction] [--dump-dir DIR] [--runtime onnxruntime|openvino]
     lowbit compile IN.onnx -o OUT.onnx|OUT.xml [--passes a,b] [--hw CPU] [--dump-dir DIR] [--runtime ...]
     lowbit prune IN.onnx -o OUT.onnx|OUT.xml [--ratio 0.5] [--criterion l2] [--round-to N]
@@ -122,7 +123,8 @@ def _quantize(args) -> int:
     passes = ptq_passes(dataset, args.model_type, args.fast_bias_correction)
     ctx = pass_context(hw=args.target_device, dataset=dataset, subset_size=args.subset_size, ignored_scope=scope,
                        preset=args.preset, model_type=args.model_type, overflow_fix=args.overflow_fix,
-                       per_tensor_weights=args.per_tensor_weights)
+                       per_tensor_weights=args.per_tensor_weights,
+                       weight_range_estimator=args.weight_range_estimator)
     start = time.perf_counter()
     records = _run_and_write(graph, passes, ctx, args.dump_dir, out, args.runtime)
     seconds = time.perf_counter() - start
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
     from .backends.qdq import RUNTIMES
     from .pruning import CRITERIA
     from .passes.options import DEFAULT_OVERFLOW_FIX, MODEL_TYPES, OVERFLOW_FIX, PER_TENSOR_WEIGHTS, PRESETS
+    from .quant.weight_mse import WEIGHT_RANGE_ESTIMATORS
 
     parser = argparse.ArgumentParser(prog="lowbit", description="lowbit model-compression compiler")
     parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
@@ -268,6 +271,9 @@ def main(argv=None) -> int:
     q.add_argument("--per-tensor-weights", choices=PER_TENSOR_WEIGHTS, default="folded",
                    help="where a device's weights are per tensor and a BatchNormalization folds into the layer: one "
                         "grid over the folded weight (folded, default) or over the stored one (unfolded, as NNCF)")
+    q.add_argument("--weight-range-estimator", choices=WEIGHT_RANGE_ESTIMATORS, default="auto",
+                   help="weight ranges: min_max (their ends), mse (clipped for the least rounding error), auto "
+                        "(default: mse for grids below 8 bits, min_max at 8)")
     q.add_argument("--no-fast-bias-correction", dest="fast_bias_correction", action="store_false",
                    help="skip fast bias correction")
     q.add_argument("--dump-dir", metavar="DIR",

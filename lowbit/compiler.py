@@ -112,8 +112,8 @@ def _trains(model: Any) -> bool:
 def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300, ignored_scope: Any = None,
                  preset: str | None = None, model_type: str | None = None, range_estimator: str | None = None,
                  overflow_fix: str = "first_layer", progress: bool = True, pruning: Any = None, bits: Any = None,
-                 range_learning: str = "range", fold_bn: str = "eval",
-                 per_tensor_weights: str = "folded") -> PassContext:
+                 range_learning: str = "range", fold_bn: str = "eval", per_tensor_weights: str = "folded",
+                 weight_range_estimator: str = "auto") -> PassContext:
     """The PassContext of a compile/quantize call, every option checked (an OptionError or
     HardwareConfigError names the bad one) before any work."""
     from .hw_configs import load_hw_config
@@ -125,7 +125,8 @@ def pass_context(*, hw: Any = "CPU", dataset: Any = None, subset_size: int = 300
     ignored_scope = as_ignored_scope(ignored_scope)
     options = Options(preset=preset, model_type=model_type, range_estimator=range_estimator,
                       overflow_fix=overflow_fix, progress=progress, bits=bits, range_learning=range_learning,
-                      fold_bn=fold_bn, per_tensor_weights=per_tensor_weights)
+                      fold_bn=fold_bn, per_tensor_weights=per_tensor_weights,
+                      weight_range_estimator=weight_range_estimator)
     if dataset is not None:  # read once, lazily, and shared by capture and every pass that needs data
         dataset = CalibrationData(dataset, subset_size)
     return PassContext(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, options=options,
@@ -143,7 +144,7 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
             dump_dir: str | Path | None = None, preset: str | None = None, model_type: str | None = None,
             range_estimator: str | None = None, overflow_fix: str = "first_layer", progress: bool = True,
             pruning: Any = None, bits: Any = None, range_learning: str = "range", fold_bn: str = "eval",
-            per_tensor_weights: str = "folded") -> Any:
+            per_tensor_weights: str = "folded", weight_range_estimator: str = "auto") -> Any:
     """Lower `model`, run `passes` (default: the device's pipeline), and write it back as the kind it was.
 
     With `dataset` (a lowbit.Dataset) and no `passes`, this is post-training
@@ -156,11 +157,15 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
     per-tensor weight quantizer spans where a BN is folded into its layer: "folded" (the default), the deployed
     weight W * s, for hardware with one scale per weight tensor; "unfolded", the stored W, as NNCF's
     per-tensor weights on a torch model: deployed, each filter's grid is then scaled by its BN's s.
+    `weight_range_estimator` sets the weights' ranges: "min_max" (their ends, as NNCF), "mse" (clipped for the
+    least squared rounding error, quant/weight_mse.py) or "auto" (the default: "mse" below 8 bits, where a
+    min/max grid is too coarse, "min_max" at 8 bits).
     """
     ctx = pass_context(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, preset=preset,
                        model_type=model_type, range_estimator=range_estimator, overflow_fix=overflow_fix,
                        progress=progress, pruning=pruning, bits=bits, range_learning=range_learning,
-                       fold_bn=fold_bn, per_tensor_weights=per_tensor_weights)
+                       fold_bn=fold_bn, per_tensor_weights=per_tensor_weights,
+                       weight_range_estimator=weight_range_estimator)
     from .passes import resolve
 
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -201,7 +206,7 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
              subset_size: int = 300, fast_bias_correction: bool = True, model_type: str | None = None,
              ignored_scope: Any = None, example_inputs: Any = None, dump_dir: str | Path | None = None,
              overflow_fix: str = "first_layer", bits: Any = None, range_learning: str = "range",
-             per_tensor_weights: str = "folded") -> Any:
+             per_tensor_weights: str = "folded", weight_range_estimator: str = "auto") -> Any:
     """Post-training INT8 quantization, a drop-in for `nncf.quantize`.
 
     A torch nn.Module comes back as a torch module with FakeQuantize modules
@@ -209,8 +214,8 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
     model as an onnx.ModelProto in QDQ form. `overflow_fix` ("first_layer", as
     NNCF; "enable" for models deployed on x86 CPUs without VNNI; "disable")
     says which weights use a 7-bit grid (see passes/quantize.py). `bits`, `range_learning` and
-    `per_tensor_weights` are compile's (per-layer bit widths; how the quantizers learn in QAT; what a per-tensor
-    weight grid spans where a BatchNorm is folded).
+    `per_tensor_weights` and `weight_range_estimator` are compile's (per-layer bit widths; how the quantizers
+    learn in QAT; what a per-tensor weight grid spans where a BatchNorm is folded; how weight ranges are set).
     """
     if calibration_dataset is None:
         raise DatasetError("lowbit.quantize needs a calibration dataset: pass lowbit.Dataset(items, transform_fn) "
@@ -220,7 +225,7 @@ def quantize(model: Any, calibration_dataset: Any, *, preset: str | None = None,
                    dataset=calibration_dataset, example_inputs=example_inputs, subset_size=subset_size,
                    ignored_scope=ignored_scope, dump_dir=dump_dir, preset=preset, model_type=model_type,
                    overflow_fix=overflow_fix, bits=bits, range_learning=range_learning,
-                   per_tensor_weights=per_tensor_weights)
+                   per_tensor_weights=per_tensor_weights, weight_range_estimator=weight_range_estimator)
 
 
 def prune(model: Any, ratio: float = 0.5, *, criterion: str = "l2", dataset: Any = None,

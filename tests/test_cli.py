@@ -457,12 +457,29 @@ def test_quantize_puts_per_tensor_weights_where_asked(onnx_file, calibration, tm
     assert all(len(shape) == 1 and shape[0] > 1 for shape in scales["unfolded"])
 
 
+def test_quantize_clips_weight_ranges_where_asked(onnx_file, calibration, tmp_path):
+    """--weight-range-estimator mse narrows 8-bit weight scales (the default, auto, keeps min/max at 8 bits)."""
+    scales = {}
+    for estimator in ("auto", "mse"):
+        out = tmp_path / f"{estimator}.onnx"
+        assert main(["quantize", str(onnx_file[0]), "-o", str(out), "--data", str(calibration / "calib.npz"),
+                     "--subset-size", "8", "--weight-range-estimator", estimator]) == 0
+        q = onnx.load(out)
+        consts = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+        producers = {o: n for n in q.graph.node for o in n.output}
+        scales[estimator] = [consts[producers[n.input[1]].input[1]] for n in q.graph.node if n.op_type == "Conv"]
+    assert len(scales["mse"]) == len(scales["auto"]) == 13
+    assert all(np.all(m <= a * (1 + 1e-6)) for m, a in zip(scales["mse"], scales["auto"]))
+    assert sum(int(np.sum(m < 0.99 * a)) for m, a in zip(scales["mse"], scales["auto"])) > 0
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--overflow-fix", "auto", r"argument --overflow-fix: invalid choice: 'auto' \(choose from '?enable'?, "
                                r"'?first_layer'?, '?disable'?\)"),
     ("--subset-size", "0", r"argument --subset-size: '0' is not a positive integer"),
     ("--preset", "fast", r"argument --preset: invalid choice: 'fast'"),
     ("--per-tensor-weights", "stored", r"argument --per-tensor-weights: invalid choice: 'stored'"),
+    ("--weight-range-estimator", "max", r"argument --weight-range-estimator: invalid choice: 'max'"),
 ])
 def test_bad_option_values_are_refused_by_the_parser(option, value, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -99,6 +99,8 @@ def _with(path, value):
      r"config field compression.weights: device CPU has no weight quantizer for \w+ with .*'per_channel': False"),
     (_with(["input_info", "keyword"], "x"), "input_info.keyword: lowbit passes inputs by position"),
     (_with(["compression", "per_tensor_weights"], "stored"), "compression.per_tensor_weights: 'stored' is not one of"),
+    (_with(["compression", "weight_range_estimator"], "max"),
+     "compression.weight_range_estimator: 'max' is not one of"),
     (_with(["compression"], [{"algorithm": "quantization"}, {"algorithm": "quantization"}]),
      "each algorithm may appear once"),
     ({"compression": {"algorithm": "filter_pruning", "pruning_init": 0.6, "params": {"pruning_target": 0.5}}},
@@ -130,6 +132,28 @@ def test_per_tensor_weights_unfolded_rounds_the_weight_before_its_merged_batchno
     plain = controller.strip()
     with torch.no_grad():
         np.testing.assert_allclose(plain(x).numpy(), q.eval()(x).numpy(), atol=1e-5)
+
+
+def test_the_config_sets_how_weight_ranges_are_estimated(se):
+    """CONFIG's 4-bit weights are clipped for the least rounding error ("auto"); "min_max" keeps each filter's
+    largest weight as its range end."""
+    from lowbit.frontends import graph_of
+
+    model, _, data = se
+
+    def weight_ends(config):
+        _, q = lowbit.create_compressed_model(model, config, dataset=data)
+        return {n.name: (n.input(2).const.reshape(-1), np.abs(n.input(0).const).reshape(len(n.input(0).const), -1))
+                for n in graph_of(q) if n.op_type == "FakeQuantize" and n.input(0).const is not None
+                and int(n.attrs["levels"]) == 15}
+
+    clipped = weight_ends(CONFIG)
+    ends = weight_ends(_with(["compression", "weight_range_estimator"], "min_max"))
+    assert clipped.keys() == ends.keys() and len(ends) == 7  # the 4-bit layers: not conv2d (8), not linear
+    for high, w in ends.values():
+        np.testing.assert_allclose(high, w.max(axis=1), rtol=1e-6)
+    assert all(np.all(clipped[k][0] <= ends[k][0] * (1 + 1e-6)) for k in ends)
+    assert any(np.any(clipped[k][0] < 0.95 * ends[k][0]) for k in ends)
 
 
 def test_quantization_needs_data_and_a_torch_module(se, tmp_path):

@@ -1,16 +1,19 @@
 """QAT quantizers: 2 to 8 bits per weight or activation, per layer; ranges learned as range ends ("range") or as
 an LSQ step size ("lsq"), valid and with zero on the grid while they train; exports in ONNX Runtime and
-OpenVINO agree with the torch module before and after training."""
+OpenVINO agree with the torch module before and after training; weight ranges clipped below 8 bits
+(`weight_range_estimator`), on their grid once deployed."""
 
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_onnx, run_openvino
 from deploy_checks import HOST_OVERFLOW_FIX
 from models import REFERENCE_MODELS
+from onnx import numpy_helper
 
 import lowbit
 from lowbit.backends.torch_fq import FakeQuantize, LSQFakeQuantize
@@ -262,3 +265,46 @@ def test_unified_scale_quantizers_keep_one_range_while_they_train(name, hw, tmp_
     assert sum(isinstance(m, FakeQuantize) for m in back.modules()) == modules
     with torch.no_grad():
         np.testing.assert_allclose(back(x).numpy(), simulated, atol=1e-5)
+
+
+def _weight_ranges(q) -> dict[str, np.ndarray]:
+    return {n.name: n.input(2).const for n in q.lowbit_graph
+            if n.op_type == "FakeQuantize" and n.input(0).const is not None}
+
+
+def test_auto_keeps_8_bit_weights_on_their_ends_and_clips_4_bit_ones(se):
+    model, x = se
+    eight_auto, eight_min_max = _weight_ranges(_quantize(model, x)), _weight_ranges(
+        _quantize(model, x, weight_range_estimator="min_max"))
+    assert eight_auto.keys() == eight_min_max.keys() and len(eight_auto) == 9
+    assert all(np.array_equal(eight_auto[k], eight_min_max[k]) for k in eight_auto)
+    four = {"weights": 4}
+    auto, mse, ends = (_weight_ranges(_quantize(model, x, bits=four, weight_range_estimator=e))
+                       for e in ("auto", "mse", "min_max"))
+    assert all(np.array_equal(auto[k], mse[k]) for k in auto)
+    assert all(np.all(mse[k] <= ends[k] + 1e-7) for k in mse)  # clipped, never widened
+    assert sum(float(np.mean(mse[k] / ends[k])) for k in mse) / len(mse) < 0.99  # (uniform weights: ~0.95)
+
+
+def test_clipped_4_bit_weights_deploy_on_their_grid(se, tmp_path):
+    """Weights past a clipped range take the grid's end, in the QDQ file's integers as in the simulation:
+    before, the writer saturated them at int8's ends only, so that a clipped 4-bit weight kept values such as
+    9 on its [-7, 7] grid."""
+    model, x = se
+    q = _quantize(model, x, bits={"weights": 4}, weight_range_estimator="mse")
+    with torch.no_grad():
+        simulated = q(x).numpy()
+    proto = onnx.load(str(lowbit.export(q, tmp_path / "q.onnx")))
+    weights = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.name.endswith("_quantized")]
+    assert len(weights) == 9 and all(w.min() >= -7 and w.max() <= 7 for w in weights)
+    assert sum(int(np.sum(np.abs(w) == 7)) for w in weights) > 9  # some were past the ends
+    ort_out = run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0]
+    ov_out = run_openvino(str(lowbit.export(q, tmp_path / "q.xml")), [x.numpy()])[0]
+    assert sqnr(simulated, ort_out) > 35 and sqnr(simulated, ov_out) > 35
+
+
+def test_an_unknown_weight_range_estimator_is_named(se):
+    model, x = se
+    with pytest.raises(lowbit.OptionError, match="unknown weight_range_estimator 'max': use one of auto, min_max, "
+                                                  "mse"):
+        _quantize(model, x, weight_range_estimator="max")

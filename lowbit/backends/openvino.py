@@ -51,7 +51,7 @@ def low_bit_weights_on_int8_grids(graph: Graph) -> Graph:
     255/256-level weight FakeQuantizes; a 16-level one ran the Convolution in bf16 from decompressed weights)."""
     import numpy as np
 
-    from .qdq import grid_ends, qdq_params, quantize_array
+    from .qdq import qdq_params, quantize_array
 
     narrow = {}  # FakeQuantize name -> its grid's scale and zero point
     for n in graph:
@@ -69,8 +69,7 @@ def low_bit_weights_on_int8_grids(graph: Graph) -> Graph:
         if p.axis is not None:
             shape[p.axis] = -1
         step = p.scale.astype(np.float64).reshape(shape)
-        low, high = (end.reshape(shape) for end in grid_ends(int(n.attrs["levels"]), p))
-        on_grid = np.clip(quantize_array(w, p) * step, low, high)
+        on_grid = quantize_array(w, p, int(n.attrs["levels"])) * step
         n.set_input(0, graph.add_constant(f"{n.name}_on_int8_grid", on_grid.astype(w.dtype)))
         ends = [(e * step).astype(np.float32) for e in (-127, 127)]
         for port, end in ((1, ends[0]), (2, ends[1]), (3, ends[0]), (4, ends[1])):

@@ -120,14 +120,20 @@ def qdq_params(levels: int, low: np.ndarray, high: np.ndarray) -> QDQParams:
     return QDQParams(scale.astype(np.float32), zp, axis)
 
 
-def quantize_array(x: np.ndarray, p: QDQParams) -> np.ndarray:
-    """x quantized to p's integer grid (what QuantizeLinear computes)."""
+def quantize_array(x: np.ndarray, p: QDQParams, levels: int | None = None) -> np.ndarray:
+    """x quantized to p's integer grid (what QuantizeLinear computes), saturated at the ends of the `levels`-point
+    grid where it is given (a clipped 4-bit weight range leaves weights past its ends: they take the end's
+    level, as the FakeQuantize rounds them), else at the integer type's."""
     info = np.iinfo(p.zero_point.dtype)
     shape = [1] * x.ndim
     if p.axis is not None:
         shape[p.axis] = -1
     q = np.round(x.astype(np.float64) / p.scale.reshape(shape)) + p.zero_point.astype(np.int64).reshape(shape)
-    return np.clip(q, info.min, info.max).astype(p.zero_point.dtype)
+    qmin, qmax = info.min, info.max
+    if levels is not None:
+        qmin = -(levels // 2) if p.zero_point.dtype == np.int8 else 0
+        qmax = qmin + levels - 1
+    return np.clip(q, qmin, qmax).astype(p.zero_point.dtype)
 
 
 RUNTIMES = ("onnxruntime", "openvino")  # the runtimes a QDQ .onnx can be written for
@@ -384,7 +390,7 @@ def _as_qdq(m: Match, as_uint8: bool) -> Value:
     graph, node, x = m.graph, m.root, m["x"]
     p = qdq_params(int(node.attrs["levels"]), m["low"].const, m["high"].const)
     attrs = {"axis": p.axis} if p.axis is not None else {}
-    quantized = quantize_array(x.const, p) if x.const is not None else None
+    quantized = quantize_array(x.const, p, int(node.attrs["levels"])) if x.const is not None else None
     if quantized is None and int(node.attrs["levels"]) < 255 and p.axis is None:
         x = _clipped_to_grid(m, x, p, int(node.attrs["levels"]))
     if quantized is None and as_uint8 and p.zero_point.dtype == np.int8:

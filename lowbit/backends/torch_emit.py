@@ -736,7 +736,7 @@ def _native_fake_quantize(e: _Emitter, n: Node):
     qmax = qmin + levels - 1
     x = n.input(0)
     if e.fake_quantize == "dequantize" and x.const is not None:
-        q = e.fx.get_attr(e._register(x, quantize_array(x.const, p), kind="buffer"))
+        q = e.fx.get_attr(e._register(x, quantize_array(x.const, p, levels), kind="buffer"))
         shape = [1] * x.const.ndim
         if p.axis is not None:
             shape[p.axis] = -1

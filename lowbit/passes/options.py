@@ -10,6 +10,7 @@ from ..errors import OptionError
 from ..quant.bits import Bits
 from ..quant.dataset import CALIBRATION_BATCH
 from ..quant.stats import RANGE_ESTIMATORS
+from ..quant.weight_mse import WEIGHT_RANGE_ESTIMATORS
 
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = ("transformer",)
@@ -39,6 +40,7 @@ class Options:
     range_learning: str = "range"
     fold_bn: str = "eval"
     per_tensor_weights: str = "folded"
+    weight_range_estimator: str = "auto"  # quant/weight_mse.py: "mse" below 8 bits, "min_max" at 8
 
     def __post_init__(self):
         if self.range_estimator is None:
@@ -48,7 +50,8 @@ class Options:
                                    ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
                                    ("range_learning", self.range_learning, RANGE_LEARNING),
                                    ("fold_bn", self.fold_bn, FOLD_BN),
-                                   ("per_tensor_weights", self.per_tensor_weights, PER_TENSOR_WEIGHTS)):
+                                   ("per_tensor_weights", self.per_tensor_weights, PER_TENSOR_WEIGHTS),
+                                   ("weight_range_estimator", self.weight_range_estimator, WEIGHT_RANGE_ESTIMATORS)):
             if not (value is None and name in ("preset", "model_type")) and value not in known:
                 raise OptionError(f"unknown {name} {value!r}: use one of {', '.join(known)}"
                                   + (" or None" if name == "model_type" else ""))

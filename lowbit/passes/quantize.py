@@ -34,6 +34,7 @@ from ..quant.placement import QuantPoint, attention_output_matmuls, place_quanti
 from ..quant.ranges import fq_range
 from ..quant.stats import RangeStats
 from ..quant.summary import DERIVABLE_ESTIMATORS, Need
+from ..quant.weight_mse import clip_ratio, resolved
 from .base import Pass, PassContext, PassResult, register_pass
 
 
@@ -41,29 +42,40 @@ def preset_for(ctx: PassContext) -> str:
     return ctx.options.effective_preset
 
 
-def weight_range(point: QuantPoint, merged_bn: dict[str, Node],
-                 per_tensor_weights: str = "folded") -> tuple[np.ndarray, np.ndarray]:
+def weight_range(point: QuantPoint, merged_bn: dict[str, Node], per_tensor_weights: str = "folded",
+                 estimator: str = "min_max", half_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The range of a weight quantizer's values. A per-channel one: each channel's (it rounds W on a grid that
     folding a BN scales with it). A per-tensor one, where its layer's BN is merged (fold_bn="train";
     `merged_bn`: Conv name -> its BN): the range of W * s (`per_tensor_weights="folded"`), or of W. Where a BN
     was folded into its layer before (fold_bn's `folded_bn_scale` s) and `per_tensor_weights="unfolded"`: one
     range for W / s, the weight as stored before the BN, scaled by s per channel (NNCF's per-tensor weights on
-    a torch model, whose BN the runtime folds)."""
+    a torch model, whose BN the runtime folds). `estimator` "mse" clips those ends to the ratio that rounds the
+    weight with the least squared error (quant/weight_mse.py; `half_range`: the overflow fix's grid)."""
+    w, lo, hi = _weight_ends(point, merged_bn, per_tensor_weights)
+    if estimator == "mse":
+        ratio = clip_ratio(w, lo, hi, point.config, point.axis, half_range)
+        lo, hi = lo * ratio, hi * ratio
+    return lo, hi
+
+
+def _weight_ends(point: QuantPoint, merged_bn: dict[str, Node],
+                 per_tensor_weights: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the weight the quantizer rounds, its low ends, its high ends): see weight_range."""
     w = point.value.const.astype(np.float64)
     if not point.config.per_channel and w.ndim >= 2:
         if per_tensor_weights == "unfolded":
             folded = next((n for n, port in point.consumers if port == 1 and FOLDED_BN_SCALE in n.meta), None)
             if folded is not None:
-                return _unfolded_range(w, np.asarray(folded.meta[FOLDED_BN_SCALE]), point.axis % w.ndim)
+                return (w, *_unfolded_range(w, np.asarray(folded.meta[FOLDED_BN_SCALE]), point.axis % w.ndim))
         elif (conv := merged_layer(point, merged_bn)) is not None:
             w = merged_weight(conv, merged_bn[conv.name])
     if not point.config.per_channel or w.ndim < 2:
-        return np.array(w.min()), np.array(w.max())
+        return w, np.array(w.min()), np.array(w.max())
     axis = point.axis % w.ndim
     dims = tuple(d for d in range(w.ndim) if d != axis)
     shape = [1] * w.ndim
     shape[axis] = -1
-    return w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
+    return w, w.min(axis=dims).reshape(shape), w.max(axis=dims).reshape(shape)
 
 
 def merged_layer(point: QuantPoint, merged_bn: dict[str, Node]) -> Node | None:
@@ -242,7 +254,8 @@ class Quantize(Pass):
         unfolded = ctx.options.per_tensor_weights == "unfolded"
         for p in points:
             if p.kind == "weight":
-                lo, hi = weight_range(p, merged_bn, ctx.options.per_tensor_weights)
+                lo, hi = weight_range(p, merged_bn, ctx.options.per_tensor_weights,
+                                      resolved(ctx.options.weight_range_estimator, p.config.bits), id(p) in half)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)

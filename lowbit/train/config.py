@@ -57,6 +57,7 @@ class Quantization:
     range_learning: str = "range"
     fold_bn: str = "eval"
     per_tensor_weights: str = "folded"
+    weight_range_estimator: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def _quantization(algo: dict) -> Quantization:
         ignored_scopes=_scopes(algo.get("ignored_scopes")) + _scopes(weights.pop("ignored_scopes", None))
         + _scopes(activations.pop("ignored_scopes", None)),
         bits=bits or None, range_learning=algo.get("range_learning", "range"), fold_bn=algo.get("fold_bn", "eval"),
-        per_tensor_weights=algo.get("per_tensor_weights", "folded"))
+        per_tensor_weights=algo.get("per_tensor_weights", "folded"),
+        weight_range_estimator=algo.get("weight_range_estimator", "auto"))
 
 
 def _pruning(algo: dict) -> FilterPruning:

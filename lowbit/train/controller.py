@@ -300,7 +300,8 @@ def _quantized(model: Any, cfg: CompressionConfig, algo: Quantization, dataset: 
                          ignored_scope=nncf_scope(algo.ignored_scopes), preset=algo.preset,
                          range_estimator=algo.range_type, overflow_fix=algo.overflow_fix, bits=algo.bits,
                          range_learning=algo.range_learning, fold_bn=algo.fold_bn,
-                         per_tensor_weights=algo.per_tensor_weights, progress=False)
+                         per_tensor_weights=algo.per_tensor_weights,
+                         weight_range_estimator=algo.weight_range_estimator, progress=False)
     masks = getattr(model, "lowbit_pruning", None)
     if masks is not None:
         compressed.lowbit_pruning = MaskController(compressed, graph_of(compressed), masks.spec, masks.schedule,

@@ -1,0 +1,79 @@
+"""Weight ranges that minimize the rounding error: the range of a low-bit weight grid, clipped.
+
+At 8 bits a weight's own ends (min/max) lose little. At 4 bits, 15 levels must
+cover every value up to the largest, and the few large weights of a tensor
+(a depthwise filter among them, where one grid serves a whole tensor) leave a
+step so wide that most weights round to zero or one step. Clipping the range
+trades an error on those few for a finer step for all the rest; the range
+that minimizes the squared error of the rounded weights ("MSE" range setting:
+Nagel et al., "A White Paper on Neural Network Quantization", 2021, sec. 3.4;
+AIMET's and NVIDIA's pytorch-quantization's weight calibrators) is the usual
+choice. Measured on the digits MobileNetV2 at W4A8 with one range per weight
+tensor: three epochs of QAT reach 99.00% top-1 from it against 98.48% from the
+min/max range (FP32 99.11%; six seeds; bench/qat.py).
+
+`clip_ratio` searches the ratio r in (0, 1] by which both ends are scaled:
+coarse steps over [MIN_RATIO, 1], then fine steps around the best one, each
+candidate rounded on the grid `ranges.fq_range` makes of it (the same levels,
+symmetry and floors the quantizer will have). A per-channel quantizer gets a
+ratio per channel; a per-tensor one a single ratio, also where its range is
+given per channel (NNCF's per-tensor weights of a layer with a folded
+BatchNorm: one range of the stored weight, scaled per channel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..hw_configs import QuantizerConfig
+from .ranges import fq_range
+
+WEIGHT_RANGE_ESTIMATORS = ("auto", "min_max", "mse")  # auto: "mse" below 8 bits, "min_max" at 8
+MIN_RATIO = 0.2
+COARSE = np.linspace(MIN_RATIO, 1.0, 17)  # steps of 0.05
+FINE = np.linspace(-0.04, 0.04, 9)  # steps of 0.01 around the best coarse ratio
+
+
+def resolved(estimator: str, bits: int) -> str:
+    """The estimator a weight quantizer of `bits` uses: "auto" is "mse" below 8 bits, else "min_max"."""
+    if estimator == "auto":
+        return "mse" if bits < 8 else "min_max"
+    return estimator
+
+
+def clip_ratio(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, config: QuantizerConfig, axis: int | None,
+               half_range: bool = False) -> np.ndarray:
+    """The ratio by which the ends `lo`, `hi` of the weight `w` are scaled for the least squared rounding error
+    of `w`: one per channel (shaped as `lo`) for a per-channel `config`, else one (a scalar array). `lo` and
+    `hi` are scalars, or per-channel ends shaped to broadcast along `axis`."""
+    w = np.asarray(w, np.float64)
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if lo.size == 1:
+        flat, lo_c, hi_c = w.reshape(1, -1), lo.reshape(1), hi.reshape(1)
+    else:
+        axis %= w.ndim
+        flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        lo_c, hi_c = lo.reshape(-1), hi.reshape(-1)
+    per_channel = bool(config.per_channel) and lo.size > 1
+    best = _search(flat, lo_c, hi_c, config, per_channel, half_range, COARSE)
+    around = (best[:, None] if per_channel else best[0]) + FINE
+    ratio = _search(flat, lo_c, hi_c, config, per_channel, half_range, np.clip(around, 0.01, 1.0))
+    return ratio.reshape(lo.shape) if per_channel else ratio.reshape(())
+
+
+def _search(flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, config: QuantizerConfig, per_channel: bool,
+            half_range: bool, ratios: np.ndarray) -> np.ndarray:
+    """The best of `ratios` (a vector, or a row per channel): one per channel where `per_channel`, else [one]."""
+    per_row = ratios.ndim == 2
+    candidates = ratios.shape[-1]
+    errors = np.empty((flat.shape[0] if per_channel else 1, candidates))
+    for i in range(candidates):
+        r = ratios[:, i] if per_row else ratios[i]
+        grid = fq_range(config, lo * r, hi * r, half_range=half_range)
+        low = np.asarray(grid.low, np.float64).reshape(-1, 1)
+        step = (np.asarray(grid.high, np.float64).reshape(-1, 1) - low) / (grid.levels - 1)
+        q = np.clip(np.round((flat - low) / step), 0, grid.levels - 1) * step + low
+        err = np.square(q - flat).sum(axis=1)
+        errors[:, i] = err if per_channel else err.sum()
+    pick = errors.argmin(axis=1)
+    return ratios[np.arange(len(pick)), pick] if per_row else ratios[pick]
