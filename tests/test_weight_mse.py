@@ -2,7 +2,10 @@
 best on its grid, per channel where the quantizer is (the option `weight_range_estimator`, and the deployment
 of clipped weights: tests/test_qat_quantizers.py)."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from lowbit.hw_configs import QuantizerConfig
 from lowbit.quant.ranges import fq_range
@@ -20,12 +23,14 @@ def _rounding_error(w, lo, hi, config, ratio) -> np.ndarray:
     return np.square(q - w).reshape(w.shape[0], -1).sum(axis=1)
 
 
-def test_a_heavy_tailed_weight_is_clipped_to_the_ratio_with_the_least_rounding_error():
+@pytest.mark.parametrize("bits, clipped_to", [(2, 0.3), (3, 0.5), (4, 0.8)])
+def test_a_heavy_tailed_weight_is_clipped_to_the_ratio_with_the_least_rounding_error(bits, clipped_to):
+    config = dataclasses.replace(FOUR_BIT, bits=bits)
     w = np.random.default_rng(0).laplace(size=(16, 8, 3, 3)).astype(np.float32)
-    ratio = float(clip_ratio(w, w.min(), w.max(), FOUR_BIT, 0))
-    error = _rounding_error(w, w.min(), w.max(), FOUR_BIT, ratio).sum()
-    dense = [_rounding_error(w, w.min(), w.max(), FOUR_BIT, r).sum() for r in np.linspace(0.05, 1.0, 96)]
-    assert 0.2 < ratio < 0.8  # the few large weights are clipped
+    ratio = float(clip_ratio(w, w.min(), w.max(), config, 0))
+    error = _rounding_error(w, w.min(), w.max(), config, ratio).sum()
+    dense = [_rounding_error(w, w.min(), w.max(), config, r).sum() for r in np.linspace(0.02, 1.0, 99)]
+    assert ratio < clipped_to  # the few large weights are clipped, the more so the fewer the levels
     assert error <= min(dense) * 1.01  # as good as a dense search, to its 0.01 steps
     assert error < 0.75 * dense[-1]  # and far better than the min/max grid
 

@@ -29,8 +29,8 @@ from ..hw_configs import QuantizerConfig
 from .ranges import fq_range
 
 WEIGHT_RANGE_ESTIMATORS = ("auto", "min_max", "mse")  # auto: "mse" below 8 bits, "min_max" at 8
-MIN_RATIO = 0.2
-COARSE = np.linspace(MIN_RATIO, 1.0, 17)  # steps of 0.05
+MIN_RATIO = 0.05  # a 2-bit (ternary) grid of a heavy-tailed weight clips to below a fifth of its largest value
+COARSE = np.linspace(MIN_RATIO, 1.0, 20)  # steps of 0.05
 FINE = np.linspace(-0.04, 0.04, 9)  # steps of 0.01 around the best coarse ratio
 
 
