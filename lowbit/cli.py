@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                         "grid over the folded weight (folded, default) or over the stored one (unfolded, as NNCF)")
     q.add_argument("--weight-range-estimator", choices=WEIGHT_RANGE_ESTIMATORS, default="auto",
                    help="weight ranges: min_max (their ends), mse (clipped for the least rounding error), auto "
-                        "(default: mse for grids below 8 bits, min_max at 8)")
+                        "(default: mse for per-tensor grids below 8 bits, else min_max)")
     q.add_argument("--no-fast-bias-correction", dest="fast_bias_correction", action="store_false",
                    help="skip fast bias correction")
     q.add_argument("--dump-dir", metavar="DIR",

@@ -158,8 +158,8 @@ def compile(model: Any, passes: Sequence[Pass | str] | None = None, *, hw: Any =
     weight W * s, for hardware with one scale per weight tensor; "unfolded", the stored W, as NNCF's
     per-tensor weights on a torch model: deployed, each filter's grid is then scaled by its BN's s.
     `weight_range_estimator` sets the weights' ranges: "min_max" (their ends, as NNCF), "mse" (clipped for the
-    least squared rounding error, quant/weight_mse.py) or "auto" (the default: "mse" below 8 bits, where a
-    min/max grid is too coarse, "min_max" at 8 bits).
+    least squared rounding error, quant/weight_mse.py) or "auto" (the default: "mse" for a per-tensor grid
+    below 8 bits, where one min/max grid for a whole tensor is too coarse, else "min_max").
     """
     ctx = pass_context(hw=hw, dataset=dataset, subset_size=subset_size, ignored_scope=ignored_scope, preset=preset,
                        model_type=model_type, range_estimator=range_estimator, overflow_fix=overflow_fix,

@@ -135,8 +135,8 @@ def test_per_tensor_weights_unfolded_rounds_the_weight_before_its_merged_batchno
 
 
 def test_the_config_sets_how_weight_ranges_are_estimated(se):
-    """CONFIG's 4-bit weights are clipped for the least rounding error ("auto"); "min_max" keeps each filter's
-    largest weight as its range end."""
+    """CONFIG's 4-bit per-channel weights keep each filter's largest weight as its range end ("auto", as
+    "min_max"); "mse" clips them for the least rounding error."""
     from lowbit.frontends import graph_of
 
     model, _, data = se
@@ -147,8 +147,8 @@ def test_the_config_sets_how_weight_ranges_are_estimated(se):
                 for n in graph_of(q) if n.op_type == "FakeQuantize" and n.input(0).const is not None
                 and int(n.attrs["levels"]) == 15}
 
-    clipped = weight_ends(CONFIG)
-    ends = weight_ends(_with(["compression", "weight_range_estimator"], "min_max"))
+    ends = weight_ends(CONFIG)
+    clipped = weight_ends(_with(["compression", "weight_range_estimator"], "mse"))
     assert clipped.keys() == ends.keys() and len(ends) == 7  # the 4-bit layers: not conv2d (8), not linear
     for high, w in ends.values():
         np.testing.assert_allclose(high, w.max(axis=1), rtol=1e-6)

@@ -272,18 +272,28 @@ def _weight_ranges(q) -> dict[str, np.ndarray]:
             if n.op_type == "FakeQuantize" and n.input(0).const is not None}
 
 
-def test_auto_keeps_8_bit_weights_on_their_ends_and_clips_4_bit_ones(se):
+def test_auto_clips_per_tensor_weights_below_8_bits_and_keeps_the_others_on_their_ends(se):
+    """"auto" is "mse" for a 4-bit per-tensor grid, "min_max" per channel and at 8 bits (bit-equal ranges)."""
+    from lowbit.hw_configs import narrowed
+
     model, x = se
-    eight_auto, eight_min_max = _weight_ranges(_quantize(model, x)), _weight_ranges(
-        _quantize(model, x, weight_range_estimator="min_max"))
-    assert eight_auto.keys() == eight_min_max.keys() and len(eight_auto) == 9
-    assert all(np.array_equal(eight_auto[k], eight_min_max[k]) for k in eight_auto)
-    four = {"weights": 4}
-    auto, mse, ends = (_weight_ranges(_quantize(model, x, bits=four, weight_range_estimator=e))
-                       for e in ("auto", "mse", "min_max"))
-    assert all(np.array_equal(auto[k], mse[k]) for k in auto)
-    assert all(np.all(mse[k] <= ends[k] + 1e-7) for k in mse)  # clipped, never widened
-    assert sum(float(np.mean(mse[k] / ends[k])) for k in mse) / len(mse) < 0.99  # (uniform weights: ~0.95)
+    devices = {"per channel": "ANY", "per tensor": narrowed("ANY", weights={"per_channel": False})}
+    ranges = {(bits, grid, e): _weight_ranges(_quantize(model, x, bits={"weights": bits}, target_device=hw,
+                                                        weight_range_estimator=e))
+              for bits in (8, 4) for grid, hw in devices.items() for e in ("auto", "min_max", "mse")
+              if bits == 4 or e != "mse"}
+
+    def same(a, b):
+        return a.keys() == b.keys() and len(a) == 9 and all(np.array_equal(a[k], b[k]) for k in a)
+
+    for grid in devices:
+        assert same(ranges[8, grid, "auto"], ranges[8, grid, "min_max"])
+    assert same(ranges[4, "per channel", "auto"], ranges[4, "per channel", "min_max"])
+    assert same(ranges[4, "per tensor", "auto"], ranges[4, "per tensor", "mse"])
+    for grid in devices:
+        mse, ends = ranges[4, grid, "mse"], ranges[4, grid, "min_max"]
+        assert all(np.all(mse[k] <= ends[k] + 1e-7) for k in mse)  # clipped, never widened
+        assert sum(float(np.mean(mse[k] / ends[k])) for k in mse) / len(mse) < 0.99  # (uniform weights: ~0.95)
 
 
 def test_clipped_4_bit_weights_deploy_on_their_grid(se, tmp_path):

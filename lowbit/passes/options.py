@@ -40,7 +40,7 @@ class Options:
     range_learning: str = "range"
     fold_bn: str = "eval"
     per_tensor_weights: str = "folded"
-    weight_range_estimator: str = "auto"  # quant/weight_mse.py: "mse" below 8 bits, "min_max" at 8
+    weight_range_estimator: str = "auto"  # quant/weight_mse.py: "mse" for per-tensor grids below 8 bits
 
     def __post_init__(self):
         if self.range_estimator is None:

@@ -255,7 +255,7 @@ class Quantize(Pass):
         for p in points:
             if p.kind == "weight":
                 lo, hi = weight_range(p, merged_bn, ctx.options.per_tensor_weights,
-                                      resolved(ctx.options.weight_range_estimator, p.config.bits), id(p) in half)
+                                      resolved(ctx.options.weight_range_estimator, p.config), id(p) in half)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
             r = fq_range(p.config, lo, hi, half_range=id(p) in half)
