@@ -36,7 +36,7 @@ def test_a_torch_model_comes_back_bit_equal_without_calibration(quantized, tmp_p
     assert state["options"] == {"hw": "ANY", "preset": None, "model_type": None, "range_estimator": "mean_min_max",
                                 "overflow_fix": "first_layer", "progress": True, "batch_size": 8,
                                 "smooth_quant_alpha": None, "bits": None, "range_learning": "range",
-                                "fold_bn": "eval", "per_tensor_weights": "folded"}
+                                "fold_bn": "eval", "per_tensor_weights": "folded", "weight_range_estimator": "auto"}
     raw = json.loads((Path(lowbit.hw_configs.__file__).parent / "any.json").read_text())
     assert state["hw_config"]["device"] == "ANY" and state["hw_config"]["ops"] == raw["ops"]  # the whole config
     assert state["graph"].count("::FakeQuantize\"(") == sum(1 for n in q.lowbit_graph if n.op_type == "FakeQuantize")
