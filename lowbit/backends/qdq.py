@@ -129,10 +129,7 @@ def quantize_array(x: np.ndarray, p: QDQParams, levels: int | None = None) -> np
     if p.axis is not None:
         shape[p.axis] = -1
     q = np.round(x.astype(np.float64) / p.scale.reshape(shape)) + p.zero_point.astype(np.int64).reshape(shape)
-    qmin, qmax = info.min, info.max
-    if levels is not None:
-        qmin = -(levels // 2) if p.zero_point.dtype == np.int8 else 0
-        qmax = qmin + levels - 1
+    qmin, qmax = grid_integers(levels, p) if levels is not None else (info.min, info.max)
     return np.clip(q, qmin, qmax).astype(p.zero_point.dtype)
 
 
@@ -325,12 +322,18 @@ def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
                 user.set_input(at, again)
 
 
+def grid_integers(levels: int, p: QDQParams) -> tuple[int, int]:
+    """The lowest and highest integer of the `levels`-point grid `p` places in its integer type: a grid narrower
+    than the type (fewer than 8 bits, the overflow fix's) uses only part of it, centred on 0 in int8."""
+    qmin = -(levels // 2) if p.zero_point.dtype == np.int8 else 0
+    return qmin, qmin + levels - 1
+
+
 def grid_ends(levels: int, p: QDQParams) -> tuple[np.ndarray, np.ndarray]:
     """The lowest and highest value of the `levels`-point grid `p` (scale, zero point) places in its integer
-    type: a grid narrower than the type (fewer than 8 bits, the overflow fix's) uses only part of it."""
-    qmin = -(levels // 2) if p.zero_point.dtype == np.int8 else 0
+    type (`grid_integers`)."""
     zero = p.zero_point.astype(np.float64)
-    return tuple((q - zero) * p.scale.astype(np.float64) for q in (qmin, qmin + levels - 1))
+    return tuple((q - zero) * p.scale.astype(np.float64) for q in grid_integers(levels, p))
 
 
 def _clipped_to_grid(m: Match, x: Value, p: QDQParams, levels: int) -> Value:

@@ -727,13 +727,12 @@ def _shared_quantizer(e: _Emitter, group: Any, kind: tuple, low: np.ndarray, hig
 def _native_fake_quantize(e: _Emitter, n: Node):
     """torch's own fake-quantize op on the grid QDQ writes (qdq.qdq_params); with "dequantize", a constant weight
     becomes an integer buffer and (q - zero_point) * scale."""
-    from .qdq import grid_ends, qdq_params, quantize_array
+    from .qdq import grid_ends, grid_integers, qdq_params, quantize_array
 
     levels = int(n.attrs["levels"])
     p = qdq_params(levels, n.input(1).const, n.input(2).const)
     signed = p.zero_point.dtype == np.int8
-    qmin = -(levels // 2) if signed else 0
-    qmax = qmin + levels - 1
+    qmin, qmax = grid_integers(levels, p)
     x = n.input(0)
     if e.fake_quantize == "dequantize" and x.const is not None:
         q = e.fx.get_attr(e._register(x, quantize_array(x.const, p, levels), kind="buffer"))

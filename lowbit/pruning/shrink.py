@@ -84,7 +84,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         _, readers = cuts.setdefault(id(v), (v, {}))
         _, _, by_axis = readers.setdefault((id(m.node), m.port), (m.node, m.port, {}))
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
-    grouped = []  # (depthwise Conv or ConvTranspose, the node and port its cut weight is read at: the Conv, or its quantizer)
+    grouped = []  # (a depthwise Conv or ConvTranspose, the node and port its cut weight is read at: it, or its
+    # quantizer)
     for node in graph:
         if node.op_type in CONVOLUTIONS and node.attrs.get("group", 1) > 1:
             fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
