@@ -30,8 +30,9 @@ image each way). Per channel, clipping bought nothing here.
 
 `clip_ratio` searches the ratio r in (0, 1] by which both ends are scaled:
 coarse steps over [MIN_RATIO, 1], then fine steps around the best one, each
-candidate rounded on the grid `ranges.fq_range` makes of it (the same levels,
-symmetry and floors the quantizer will have). A per-channel quantizer gets a
+candidate rounded (`layer_eval.fake_quantize`, the FakeQuantize formula) on the
+grid `ranges.fq_range` makes of it (the same levels, symmetry and floors the
+quantizer will have). A per-channel quantizer gets a
 ratio per channel; a per-tensor one a single ratio, also where its range is
 given per channel (NNCF's per-tensor weights of a layer with a folded
 BatchNorm: one range of the stored weight, scaled per channel).
@@ -42,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hw_configs import QuantizerConfig
+from .layer_eval import fake_quantize
 from .ranges import fq_range
 
 WEIGHT_RANGE_ESTIMATORS = ("auto", "min_max", "mse")  # auto: "mse" for per-tensor grids below 8 bits
@@ -87,9 +89,7 @@ def _search(flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, config: QuantizerC
     for i in range(candidates):
         r = ratios[:, i] if per_row else ratios[i]
         grid = fq_range(config, lo * r, hi * r, half_range=half_range)
-        low = np.asarray(grid.low, np.float64).reshape(-1, 1)
-        step = (np.asarray(grid.high, np.float64).reshape(-1, 1) - low) / (grid.levels - 1)
-        q = np.clip(np.round((flat - low) / step), 0, grid.levels - 1) * step + low
+        q = fake_quantize(flat, grid.levels, grid.low.reshape(-1, 1), grid.high.reshape(-1, 1))
         err = np.square(q - flat).sum(axis=1)
         errors[:, i] = err if per_channel else err.sum()
     pick = errors.argmin(axis=1)
