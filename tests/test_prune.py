@@ -236,6 +236,20 @@ def test_taylor_removes_the_channels_nothing_downstream_reads():
     assert chosen.removed[group.id].tolist() == dead.tolist()
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_per_channel_norms_are_float64_sums_of_exact_terms_along_any_axis(axis):
+    """The fast sums (einsum for squares, a float64 accumulator for the rest) are those of the float64 copy they
+    replaced: the ranking of near-equal filters cannot depend on float32 rounding."""
+    from lowbit.pruning.criteria import _per_channel
+
+    w = np.random.default_rng(0).standard_normal((24, 16, 3, 3)).astype(np.float32) * 1e-3
+    others = tuple(i for i in range(4) if i != axis % 4)
+    for ufunc in (np.square, np.abs, np.positive):
+        got = _per_channel(w, axis, ufunc)
+        assert got.dtype == np.float64 and got.shape == (w.shape[axis],)
+        np.testing.assert_allclose(got, ufunc(w.astype(np.float64)).sum(axis=others), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "geometric_median", "bn_scale", "taylor"])
 def test_every_criterion_gives_a_model_that_runs(criterion):
     model, x = _model("mobilenet_v2")

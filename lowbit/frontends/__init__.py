@@ -70,14 +70,15 @@ def graph_of(model: Any, *, fold_merged_bn: bool = True) -> Graph | None:
         return None
     import numpy as np
 
+    from .torch_fx import numpy_copy
+
     graph = graph.copy()
     names = getattr(model, "lowbit_names", {})
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     for value in graph.constants.values():
         attr = names.get(value.name)
         if attr in state:
-            array = state[attr].detach().cpu().numpy()
-            value.const = array.T.copy() if value.meta.get("torch_transposed") else array.copy()
+            value.const = numpy_copy(state[attr], transpose=bool(value.meta.get("torch_transposed")))
     for node in graph:
         attr = names.get(node.name)
         if attr is not None and node.op_type == "FakeQuantize":
