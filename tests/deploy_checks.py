@@ -144,7 +144,7 @@ HOST_OVERFLOW_FIX = "first_layer" if host_has_vnni() else "enable"
 
 # The model families of tests/models.py that the deploy tests quantize and deploy: family -> model name
 FAMILIES = {"residual": "resnet18", "depthwise": "mobilenet_v2", "densenet": "densenet", "inception": "concat",
-            "squeeze_excite": "se", "transformer": "vit"}
+            "squeeze_excite": "se", "transformer": "vit", "grouped": "resnext"}
 
 
 def family_options(name: str) -> dict:
@@ -154,7 +154,7 @@ def family_options(name: str) -> dict:
 
 # Epochs on the digits (8x8) of the families the deploy tests train; MobileNetV2 keeps its random initialisation
 # (it needs 40 epochs at 32x32 to learn them, and agrees at 42 dB as it is)
-FAMILY_EPOCHS = {"resnet18": 15, "densenet": 8, "concat": 5, "se": 5, "vit": 10}
+FAMILY_EPOCHS = {"resnet18": 15, "densenet": 8, "concat": 5, "se": 5, "vit": 10, "resnext": 5}
 
 
 def trained_family(name: str):

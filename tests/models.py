@@ -420,6 +420,38 @@ class Decoder(nn.Module):
         return self.head(F.relu(self.mix(y)))
 
 
+class GroupedBottleneck(nn.Module):
+    """ResNeXt's bottleneck: 1x1 conv -> grouped 3x3 conv (`groups` blocks, `width` -> `out` channels) -> 1x1
+    conv, each with BN, and a residual Add (through a 1x1 shortcut where the widths differ)."""
+
+    def __init__(self, ch, width, out, groups):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(ch, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(width, out, 3, padding=1, groups=groups, bias=False),
+                                     nn.BatchNorm2d(out), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(out, ch, 1, bias=False), nn.BatchNorm2d(ch))
+
+    def forward(self, x):
+        return F.relu(x + self.expand(self.grouped(self.reduce(x))))
+
+
+class ResNeXt(nn.Module):
+    """A small ResNeXt: a stem, two grouped bottlenecks (4 blocks of 4 -> 4 channels; 4 blocks of 4 -> 8), a
+    depthwise conv with two filters per channel (a grouped conv of 1 -> 2 per block), global pool, linear."""
+
+    def __init__(self, num_classes=10, in_ch=1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = GroupedBottleneck(16, 16, 16, groups=4)
+        self.block2 = GroupedBottleneck(16, 16, 32, groups=4)
+        self.spread = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        y = self.spread(self.block2(self.block1(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
 # --------------------------------------------------------------------------- #
 # Registry of deterministic, eval-mode reference models
 # --------------------------------------------------------------------------- #
@@ -452,4 +484,5 @@ REFERENCE_MODELS = {
     "se": (_reference(lambda: SENet(num_classes=10, in_ch=1)), (2, 1, 8, 8)),
     "vit": (_reference(lambda: TinyViT(num_classes=10, image_size=8, in_ch=1)), (2, 1, 8, 8)),
     "densenet": (_reference(lambda: DenseNet(num_classes=10, in_ch=3)), (2, 3, 32, 32)),
+    "resnext": (_reference(lambda: ResNeXt(num_classes=10, in_ch=1)), (2, 1, 8, 8)),
 }

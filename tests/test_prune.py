@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import run_onnx, run_openvino
 from deploy_checks import default_exported
-from models import REFERENCE_MODELS, Decoder, _reference
+from models import REFERENCE_MODELS, Decoder, ResNeXt, _reference
 
 import lowbit
 from lowbit.api import graph_of
 from lowbit.pruning import PruneSpec, plan
+from lowbit.pruning.masks import _entries
 from lowbit.pruning.shrink import _positions, shrink
 
 CNN_FAMILIES = ["resnet18", "mobilenet_v2", "concat", "se", "densenet"]
@@ -81,25 +82,110 @@ def test_only_the_removed_channels_change_the_output(name):
     torch.testing.assert_close(pruned, zeroed, rtol=1e-5, atol=1e-6)
 
 
+def _zero_what_reads_removed_channels(chosen):
+    """Zero every weight entry that reads a channel `chosen` removes (a grouped Conv's: in its own block)."""
+    for m in chosen.groups.members:
+        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
+        if len(positions):
+            array = np.array(m.value.const)
+            array[_entries(array.shape, m.axis, positions, m.conv_groups)] = 0
+            m.value.const = array
+
+
 def _pruned_and_zeroed(graph, x):
     """The outputs of `graph` pruned at half (shrunk in place) and of `graph` with only the weights that read
     the channels to remove zeroed, in torch."""
     chosen = plan(graph, PruneSpec(0.5))
     assert chosen.removed
-    for m in chosen.groups.members:
-        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
-        if len(positions):
-            array = np.array(m.value.const)
-            index = [slice(None)] * array.ndim
-            index[m.axis] = positions
-            array[tuple(index)] = 0
-            m.value.const = array
+    _zero_what_reads_removed_channels(chosen)
     with torch.no_grad():
         zeroed = lowbit.codegen(graph, "torch")(x)
     shrink(graph, chosen.groups, chosen.removed)
     graph.verify()
     with torch.no_grad():
         return lowbit.codegen(graph, "torch")(x), zeroed
+
+
+def _resnext():
+    return _reference(ResNeXt)(), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_resnext_prunes_its_grouped_convolutions_evenly_in_every_block():
+    """A grouped Conv keeps its 4 blocks, each with as many input channels and filters as the others (each loses
+    half); a depthwise Conv with two filters per channel keeps one per channel, and so holds the residual width
+    (its blocks of one input channel cannot lose any), with that reason."""
+    model, x = _resnext()
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    graph = graph_of(pruned)
+    convs = {n.input(1).name.removesuffix(".weight"): (n.input(1).const.shape[:2], n.attrs.get("group"))
+             for n in graph if n.op_type == "Conv"}
+    assert convs == {"stem.0": ((16, 1), 1), "block1.reduce.0": ((8, 16), 1), "block1.grouped.0": ((8, 2), 4),
+                     "block1.expand.0": ((16, 8), 1), "block2.reduce.0": ((8, 16), 1),
+                     "block2.grouped.0": ((16, 2), 4), "block2.expand.0": ((16, 16), 1), "spread.0": ((16, 1), 16)}
+    residual = next(r for r in graph.meta["pruning"] if "stem.0" in r["layers"])
+    assert residual["kept"] == 16 and "each of its 16 blocks" in residual["note"]
+    chosen = plan(lowbit.lower(model, (x,)), PruneSpec(0.5))
+    wide = next(g for g in chosen.groups.groups() if g.names == ["block2.grouped.0"])
+    assert wide.blocks == 4 and np.bincount(chosen.removed[wide.id] // 8).tolist() == [4, 4, 4, 4]
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+
+
+def test_a_pruned_resnext_computes_what_zeroing_the_removed_channels_does_in_onnx_runtime_and_openvino():
+    model, x = _resnext()
+    graph = lowbit.lower(model, (x,))
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, plan(graph, PruneSpec(0.5)), x, atol=1e-5,
+                                                        openvino=True)
+
+
+def test_a_resnext_from_onnx_loses_the_parameters_it_loses_from_torch():
+    """torch.onnx.export's file (BatchNorm folded into the convolutions, as a user's FP32 file has it)."""
+    import io
+
+    model, x = _resnext()
+    from_torch = graph_of(lowbit.prune(model, 0.5, example_inputs=(x,)))
+    file = io.BytesIO()
+    torch.onnx.export(copy.deepcopy(model), (x,), file, dynamo=False, input_names=["x"])
+    from_onnx = lowbit.lower(lowbit.prune(onnx.load_from_string(file.getvalue()), 0.5))
+
+    def params(graph):
+        return sum(n.input(1).const.size for n in graph if n.op_type in ("Conv", "Gemm"))
+
+    assert params(from_onnx) == params(from_torch) < params(lowbit.lower(model, (x,))) // 2
+
+
+def test_a_transformers_regnet_prunes_its_grouped_convolutions_and_squeeze_excite_in_onnx_runtime_and_openvino():
+    """RegNet-Y from its transformers config (a model lowbit did not write): grouped 3x3 convolutions of group
+    width 8 whose filters a squeeze-excite Mul scales. Each loses half its input channels and filters, evenly
+    in every block, and the shrunk graph computes what zeroing the removed channels does."""
+    import transformers as tf
+    from zoo_models import LastHiddenState
+
+    config = tf.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 2], groups_width=8, layer_type="y")
+    torch.manual_seed(0)
+    model, x = LastHiddenState(tf.RegNetModel(config), text=False).eval(), torch.randn(2, 3, 32, 32)
+    graph = lowbit.lower(model, (x,))
+    grouped = [n.name for n in graph if n.op_type == "Conv" and n.attrs["group"] > 1]
+    _shrinks_to_what_zeroing_the_removed_channels_gives(graph, plan(graph, PruneSpec(0.5)), x, atol=1e-4,
+                                                        openvino=True)
+    shapes = {n.name: (n.input(1).const.shape[:2], n.attrs["group"]) for n in graph if n.name in grouped}
+    assert sorted(shapes.values()) == [((8, 4), 2), ((16, 4), 4), ((16, 4), 4)]  # from (16, 8) and (32, 8) x 2
+    assert graph.outputs[0].shape[1:] == (32, 4, 4)
+
+
+def test_masks_on_a_grouped_conv_zero_each_blocks_own_input_channels_and_strip_to_the_shrunk_model():
+    model, x = _resnext()
+    masked = lowbit.prune(model, 0.5, mode="mask", example_inputs=(x,))
+    weight = masked.state_dict()["block2.grouped.0.weight"]  # [32, 4, 3, 3]: 4 blocks of 8 filters reading 4
+    reads = (weight.abs().sum((2, 3)) > 0).reshape(4, 8, 4)  # per block: which of its 4 inputs each filter reads
+    for block in reads:
+        kept = block[block.any(1)]  # the filters not masked: 4 of the block's 8, each reading the same 2 inputs
+        assert kept.shape[0] == 4 and int(kept[0].sum()) == 2 and bool((kept == kept[0]).all())
+    stripped, shrunk = lowbit.strip(masked), lowbit.prune(model, 0.5, example_inputs=(x,))
+    assert {k: v.shape for k, v in stripped.state_dict().items()} == {k: v.shape for k, v in
+                                                                      shrunk.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 def _decoder():
@@ -270,14 +356,7 @@ def _shrinks_to_what_zeroing_the_removed_channels_gives(graph, chosen, x, atol: 
     """Zero the weight entries that read the channels `chosen` removes (the output projection's rows, for heads)
     and run that; then shrink `graph`: it verifies and computes what the zeroed one did, in ONNX Runtime (and
     OpenVINO)."""
-    for m in chosen.groups.members:
-        positions = _positions(m.segments, chosen.removed, chosen.groups.find) if m.role == "in" else []
-        if len(positions):
-            array = np.array(m.value.const)
-            index = [slice(None)] * array.ndim
-            index[m.axis] = positions
-            array[tuple(index)] = 0
-            m.value.const = array
+    _zero_what_reads_removed_channels(chosen)
     feeds = {graph.inputs[0].name: x.numpy()}
     zeroed = run_onnx(lowbit.codegen(graph, "onnx"), feeds)[0]
     shrink(graph, chosen.groups, chosen.removed)

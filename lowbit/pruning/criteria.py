@@ -50,7 +50,12 @@ def _per_channel(array: np.ndarray, axis: int, elementwise) -> np.ndarray:
 
 def _member_scores(member: Member, group: Group, find, elementwise,
                    array: np.ndarray | None = None) -> list[np.ndarray]:
-    vector = _per_channel(member.value.const if array is None else array, member.axis, elementwise)
+    array = np.asarray(member.value.const if array is None else array)
+    if member.conv_groups > 1:  # a grouped Conv's [G * b, a, ...] weight: channel g * a + i is block g's column i
+        blocks = array.reshape(member.conv_groups, array.shape[0] // member.conv_groups, *array.shape[1:])
+        vector = np.concatenate([_per_channel(block, 1, elementwise) for block in blocks])
+    else:
+        vector = _per_channel(array, member.axis, elementwise)
     return [vector[off:off + length * rep].reshape(length, rep).sum(axis=1)
             for off, rep, length in _slices(member, group, find)]
 

@@ -23,14 +23,14 @@ def _static(dims) -> int | None:
     return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
 
 
-def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: str) -> None:
+def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: str, conv_groups: int = 1) -> None:
     """`node`'s weight along `axis` as a member: the constant itself, or the one its FakeQuantize reads, with
     the quantizer's per-channel ranges where they vary along the same axis."""
     fq = weight_quantizer(node)
     if fq is None:
-        cg.members.append(Member(node, 1, axis, segments, role))
+        cg.members.append(Member(node, 1, axis, segments, role, conv_groups))
         return
-    cg.members.append(Member(fq, 0, axis, segments, role))
+    cg.members.append(Member(fq, 0, axis, segments, role, conv_groups))
     for port in range(1, 5):
         r = fq.input(port).const
         if r is not None and r.ndim == fq.input(0).const.ndim and r.shape[axis] > 1:
@@ -85,15 +85,51 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
     return True
 
 
+def _group_blocks(cg: ChannelGroups, node: Node, layout: Layout | None, w: Value, group: int, keep) -> bool:
+    """A grouped Conv (not depthwise): its G filter blocks each read their own block of the input channels. Each
+    block must keep as many input channels as the others, and as many filters (Torch-Pruning's rule): the groups
+    reaching it lose channels evenly from its G input blocks, and its filters make a group split in G blocks."""
+    if layout is not None:
+        if layout.size != w.const.shape[1] * group:
+            cg.block(layout, f"the grouped Conv {node.name!r} reads them on another axis")
+        elif len(layout.segments) != 1 or layout.segments[0].repeat != 1 or layout.segments[0].group is None:
+            cg.block(layout, f"the grouped Conv {node.name!r} reads them in {group} blocks across several groups")
+        else:
+            cg.split(layout.segments[0].group, group)
+            _weight_members(cg, node, 1, layout.segments, "in", conv_groups=group)
+    out = node.output
+    channels = int(w.const.shape[0])
+    g = cg.new(channels, node, blocks=group)
+    segments = (Segment(g, channels),)
+    _weight_members(cg, node, 0, segments, "out")
+    bias = node.input(2) if len(node.inputs) > 2 else None
+    if bias is not None and (bias.const is None or bias.const.shape != (channels,)):
+        cg.block_ids([g], f"Conv {node.name!r} has a bias lowbit cannot cut per channel")
+    elif bias is not None:
+        cg.members.append(Member(node, 2, 0, segments, "param"))
+    if node.name in keep:
+        cg.block_ids([g], f"Conv {node.name!r} is excluded from pruning")
+    if _rank(out) is None:
+        cg.block_ids([g], f"the output of {node.name!r} has no known rank")
+        return True
+    cg.set_layout(out, Layout(1, segments))
+    return True
+
+
 def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     layout = cg.layout(node.input(0))
     fq = weight_quantizer(node)
     w = fq.input(0) if fq is not None else node.input(1)
     group = attribute(node, "group")
-    depthwise = w.const is not None and w.const.shape[1] == 1 and w.const.shape[0] == group == layout.size
-    if layout.axis != 1:
+    depthwise = w.const is not None and layout is not None and w.const.shape[1] == 1 and w.const.shape[0] == group \
+        == layout.size
+    if layout is not None and layout.axis != 1:
         return False
-    if not depthwise:  # its channels are tied in blocks, each block mixed on its own
+    if not depthwise:
+        if layout is None and w.const is not None and w.const.shape[0] == group:
+            return True  # one filter per block, reading what no group tracks: nothing to prune
+        if node.op_type == "Conv" and w.const is not None and w.const.ndim >= 3:
+            return _group_blocks(cg, node, layout, w, group, keep)
         cg.block(layout, f"the grouped {node.op_type} {node.name!r} mixes them in {group} blocks; lowbit prunes "
                  "through depthwise ones only")
         return True

@@ -5,7 +5,9 @@ channels (filters) of one or more layers, several where a residual Add or a
 squeeze-excite Mul joins their outputs, and every place those channels are
 read: the next layers' input channels, BatchNormalization and LayerNorm
 parameters, biases, depthwise convs (whose channels pass through), constant
-per-channel operands. Channels are followed with the op table's channel flow
+per-channel operands; a grouped Conv's filters are a group of G blocks, and
+the channels it reads lose as many channels from each of its G input blocks
+(`Group.blocks`). Channels are followed with the op table's channel flow
 (`lowbit/ir/ops.py`):
 
 - a Concat lays its inputs' channels side by side, so a reader of its output
@@ -93,7 +95,7 @@ def _visit(cg: ChannelGroups, node: Node, keep, blocked_because: str | None = No
             cg.block(layout, f"the per-channel activation quantizer {node.name!r} holds them")
         return
     flow = channel_flow(node)
-    if not any(cg.layout(v) is not None for v in node.inputs) and flow != "layer":
+    if not any(cg.layout(v) is not None for v in node.inputs) and flow not in ("layer", "grouped"):
         return  # nothing tracked reaches this node, and it makes no channels
     handler = HANDLERS.get(flow)
     if handler is None or handler(cg, node, keep) is False:

@@ -3,6 +3,7 @@ the union-find over groups (`ChannelGroups`). `groups.py` builds them; `flows.py
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..ir.graph import Graph, Node, Value
@@ -37,7 +38,9 @@ class Member:
     """A constant input of a node whose entries along `axis` follow `segments`: pruned where its groups are.
 
     role: "out" (a layer's filters), "in" (a layer's input channels), "scale" (a per-channel weight: BN and
-    LayerNorm scale, a depthwise filter) or "param" (a bias, BN statistics, a constant operand).
+    LayerNorm scale, a depthwise filter) or "param" (a bias, BN statistics, a constant operand). `conv_groups`
+    > 1: the input channels of a grouped Conv's weight ([G * b, a, ...]): filter block g reads channels
+    g * a ... g * a + a - 1 at positions 0 ... a - 1 of axis 1.
     """
 
     node: Node
@@ -45,6 +48,7 @@ class Member:
     axis: int
     segments: tuple[Segment, ...]
     role: str
+    conv_groups: int = 1
 
     @property
     def value(self) -> Value:
@@ -54,13 +58,15 @@ class Member:
 @dataclass
 class Group:
     """One group's channels: how many, the layers that produce them, every member, and why it cannot be pruned
-    (None when it can)."""
+    (None when it can). `blocks`: the equal runs of consecutive channels that must each lose as many channels as
+    the others (the blocks of a grouped Conv that reads or writes them), 1 when any channels may go."""
 
     id: int
     size: int
     producers: list[Node] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
     blocked: str | None = None
+    blocks: int = 1
 
     @property
     def names(self) -> list[str]:
@@ -78,6 +84,7 @@ class ChannelGroups:
         self._size: list[int] = []
         self._producers: list[list[Node]] = []
         self._blocked: dict[int, str] = {}
+        self._blocks: list[int] = []
         self.members: list[Member] = []
         self.layouts: dict[int, tuple[Value, Layout]] = {}  # id(value) -> (value, layout)
         self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
@@ -86,11 +93,24 @@ class ChannelGroups:
 
     # -- union-find ------------------------------------------------------------------------------------------
 
-    def new(self, size: int, producer: Node) -> int:
+    def new(self, size: int, producer: Node, blocks: int = 1) -> int:
         self._parent.append(len(self._parent))
         self._size.append(size)
         self._producers.append([producer])
-        return len(self._parent) - 1
+        self._blocks.append(1)
+        g = len(self._parent) - 1
+        self.split(g, blocks)
+        return g
+
+    def split(self, g: int, blocks: int) -> None:
+        """Group `g` loses as many channels from each of `blocks` equal runs (a grouped Conv's blocks)."""
+        root = self.find(g)
+        both = math.lcm(self._blocks[root], blocks)
+        if self._size[root] % both:
+            self.block_ids([root], f"grouped convolutions split these {self._size[root]} channels in "
+                           f"{self._blocks[root]} and in {blocks} blocks, which do not tile each other")
+        else:
+            self._blocks[root] = both
 
     def find(self, g: int) -> int:
         while self._parent[g] != g:
@@ -107,6 +127,7 @@ class ChannelGroups:
             return
         self._parent[b] = a
         self._producers[a] += self._producers[b]
+        self.split(a, self._blocks[b])
         if b in self._blocked:
             self._blocked.setdefault(a, self._blocked.pop(b))
 
@@ -141,7 +162,7 @@ class ChannelGroups:
             root = self.find(g)
             if root not in by_root:
                 by_root[root] = Group(root, self._size[root], list(self._producers[root]),
-                                      blocked=self._blocked.get(root))
+                                      blocked=self._blocked.get(root), blocks=self._blocks[root])
         for m in self.members:
             for root in {self.find(s.group) for s in m.segments if s.group is not None}:
                 by_root[root].members.append(m)

@@ -29,7 +29,7 @@ from ..frontends import graph_of
 from ..ir.ops import is_fake_quantize
 from .criteria import scores
 from .groups import channel_groups
-from .plan import kept_channels
+from .plan import choose
 from .shrink import _positions
 
 SCHEDULES = ("agp", "linear")
@@ -89,11 +89,11 @@ class MaskController:
                     raise PruneError(f"the constant {m.value.name!r} of {m.node.name!r} is not a tensor of the "
                                      "module: masks need every member as a parameter or buffer")
                 axis = 1 - m.axis if m.value.meta.get("torch_transposed") and np.ndim(m.value.const) == 2 else m.axis
-                targets.append((path, axis, m.segments))  # a Linear's weight: the IR holds it transposed
+                targets.append((path, axis, m.segments, m.conv_groups))  # a Linear's: the IR holds it transposed
             self._targets.append(targets)
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
-        self._zeroed: list[tuple[str, int, np.ndarray]] = []  # (tensor path, axis, positions), made by _masked()
+        self._zeroed: list[tuple[str, tuple]] = []  # (tensor path, index of the entries), made by _masked()
         self._handle = module.register_forward_pre_hook(lambda mod, args: self.apply())
         if keep is None:
             self._set_ratio(schedule.ratio(t))
@@ -148,12 +148,11 @@ class MaskController:
         graph = graph_of(self.module)
         by_name = {v.name: v for v in graph.constants.values()}
         for i, g in enumerate(self.groups):
-            keep, _ = kept_channels(g.size, ratio, self.spec.round_to)
             for m in g.members:  # score the current weights, as the module holds them
                 m.value.const = by_name[m.value.name].const
-            order = np.argsort(scores(g, self.spec.criterion, self.cg.find), kind="stable")
+            gone, _, _ = choose(g, scores(g, self.spec.criterion, self.cg.find), ratio, self.spec.round_to)
             mask = np.ones(g.size, bool)
-            mask[order[:g.size - keep]] = False
+            mask[gone] = False
             self._keep[i] = mask & self._keep[i]  # a channel once masked stays masked
             self.masks.update(dict.fromkeys(g.names, self._keep[i]))
         self._masked()
@@ -162,7 +161,9 @@ class MaskController:
         """The entries every masked channel occupies in each member tensor, worked out once per mask change (not
         at every forward), then zeroed."""
         removed = {g.id: np.flatnonzero(~keep) for g, keep in zip(self.groups, self._keep)}
-        self._zeroed = [(path, axis, positions) for targets in self._targets for path, axis, segments in targets
+        state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        self._zeroed = [(path, _entries(state[path].shape, axis, positions, blocks))
+                        for targets in self._targets for path, axis, segments, blocks in targets
                         if (positions := _positions(segments, removed, self.cg.find)).size]
         self.apply()
 
@@ -172,11 +173,21 @@ class MaskController:
 
         state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         with torch.no_grad():
-            for path, axis, positions in self._zeroed:
+            for path, entries in self._zeroed:
                 tensor = state[path]  # looked up each time: .to(device) replaces buffers
-                index = [slice(None)] * tensor.ndim
-                index[axis] = torch.as_tensor(positions, dtype=torch.long, device=tensor.device)
-                tensor[tuple(index)] = 0
+                tensor[tuple(torch.as_tensor(e, device=tensor.device) if isinstance(e, np.ndarray) else e
+                             for e in entries)] = 0
+
+
+def _entries(shape, axis: int, positions: np.ndarray, blocks: int) -> tuple:
+    """The index of a masked channel's entries in a member tensor: `positions` along `axis`, or, for a grouped
+    Conv's input channels (`blocks` > 1: channel g * a + i is column i of row block g), a [rows, a] mask."""
+    if blocks == 1:
+        return (slice(None),) * (axis % len(shape)) + (positions,)
+    rows, a = shape[0], shape[1]
+    mask = np.zeros((blocks, a), bool)
+    mask[positions // a, positions % a] = True
+    return (np.repeat(mask, rows // blocks, axis=0),)
 
 
 def strip_masks(module):

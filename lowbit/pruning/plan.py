@@ -18,7 +18,7 @@ from ..errors import PruneError
 from ..ir.graph import Graph, Node
 from ..ir.ops import LAYERS, is_quantizer, layer_types
 from .criteria import CRITERIA, scores
-from .groups import ChannelGroups, channel_groups, layer_path
+from .groups import ChannelGroups, Group, channel_groups, layer_path
 from .shrink import shrink
 from .taylor import taylor_saliency
 
@@ -53,6 +53,22 @@ def kept_channels(size: int, ratio: float, round_to: int = 1) -> tuple[int, bool
     keep = min(size, math.ceil(math.floor(size * (1 - ratio) + 1e-9) / round_to) * round_to)
     floor = min(size, round_to)
     return max(keep, floor), keep < floor
+
+
+def choose(group: Group, score: np.ndarray, ratio: float, round_to: int = 1) -> tuple[np.ndarray, int, str | None]:
+    """The channels of `group` that go at `ratio` (sorted indices), how many stay, and a note where a floor
+    raised that: the lowest scores, as many from each of the group's blocks (a grouped Conv's) as from the
+    others, so that a group keeps a multiple of round_to and each block at least one channel."""
+    blocks = group.blocks
+    per_block = group.size // blocks
+    keep, floored = kept_channels(per_block, ratio, round_to // math.gcd(round_to, blocks))
+    order = np.argsort(np.reshape(score, (blocks, per_block)), axis=1, kind="stable")[:, :per_block - keep]
+    gone = np.sort((order + per_block * np.arange(blocks)[:, None]).reshape(-1))
+    note = None
+    if floored:
+        note = (f"kept {keep * blocks} channels: a group keeps at least round_to={round_to}" if blocks == 1 else
+                f"kept {keep * blocks} channels: each of its {blocks} blocks (a grouped Conv's) keeps {keep}")
+    return gone, keep * blocks, note
 
 
 def layer_names(node: Node) -> set[str]:
@@ -124,13 +140,11 @@ def plan(graph: Graph, spec: PruneSpec, dataset: Any = None) -> Plan:
         if group.blocked is not None:
             continue
         ratio = min((ratios[n.name] for n in group.producers if n.name in ratios), default=spec.ratio)
-        keep, floored = kept_channels(group.size, ratio, spec.round_to)
-        if floored:
-            row["note"] = f"kept {keep} channels: a group keeps at least round_to={spec.round_to}"
+        gone, keep, row["note"] = choose(group, scores(group, spec.criterion, cg.find, saliency), ratio,
+                                         spec.round_to)
         if keep == group.size:
             continue
-        order = np.argsort(scores(group, spec.criterion, cg.find, saliency), kind="stable")
-        removed[group.id] = np.sort(order[:group.size - keep])
+        removed[group.id] = gone
         row["kept"] = keep
     return Plan(cg, removed, report)
 

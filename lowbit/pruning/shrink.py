@@ -1,9 +1,11 @@
 """Physically remove the pruned channels of each group from every member, and fix what depends on the counts.
 
 Each member's constant loses the entries of its groups' removed channels (at
-the member's offsets, repeated where a Flatten repeated them); a depthwise
-Conv's (or ConvTranspose's) `group` follows its filters; every value whose channels the analysis
-followed gets its new channel count, and shapes are inferred again.
+the member's offsets, repeated where a Flatten repeated them; a grouped Conv's
+input channels in each filter block's own columns); a depthwise Conv's (or
+ConvTranspose's) `group` follows its filters, a grouped Conv keeps its G
+blocks; every value whose channels the analysis followed gets its new channel
+count, and shapes are inferred again.
 """
 
 from __future__ import annotations
@@ -36,20 +38,33 @@ def _kept_size(layout: Layout, removed: dict[int, np.ndarray], find) -> int:
     return layout.size - sum(gone)
 
 
-def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.ndarray]]]) -> None:
-    """Cut constant `v` for the member `readers` (node, port, {axis: positions}) that read it. Readers that lose
-    the same entries share one cut; `v` itself is cut in place (its name, a parameter's, stays) when one cut
-    serves every use of it, and otherwise each cut is a new constant. A constant that several layers read (an
-    exporter stores equal initializers once: the zero biases of every layer of a model) keeps what each of them
-    needs."""
+def _take_grouped(array: np.ndarray, positions: np.ndarray, blocks: int) -> np.ndarray:
+    """A grouped Conv's [G * b, a, ...] weight without the input channels at `positions` (channel g * a + i is
+    row block g's column i); each block loses as many as the others (plan.choose)."""
+    rows = array.reshape(blocks, array.shape[0] // blocks, *array.shape[1:])
+    a = array.shape[1]
+    return np.concatenate([block.take(np.setdiff1d(np.arange(a), positions[(positions >= g * a) & (
+        positions < g * a + a)] - g * a), axis=1) for g, block in enumerate(rows)])
+
+
+def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.ndarray], dict[int, int]]]) -> None:
+    """Cut constant `v` for the member `readers` (node, port, {axis: positions}, {axis: grouped Conv's G}) that
+    read it. Readers that lose the same entries share one cut; `v` itself is cut in place (its name, a
+    parameter's, stays) when one cut serves every use of it, and otherwise each cut is a new constant. A constant
+    that several layers read (an exporter stores equal initializers once: the zero biases of every layer of a
+    model) keeps what each of them needs."""
     by_cut: dict[tuple, list[tuple[Node, int]]] = {}
-    for node, port, by_axis in readers:
-        key = tuple(sorted((axis, tuple(positions.tolist())) for axis, positions in by_axis.items()))
+    for node, port, by_axis, blocks in readers:
+        key = tuple(sorted((axis % v.const.ndim, blocks.get(axis, 1), tuple(positions.tolist()))
+                           for axis, positions in by_axis.items()))
         by_cut.setdefault(key, []).append((node, port))
     every_use = {(id(n), p) for n, p in v.uses}
     for key, nodes in by_cut.items():
         smaller = np.asarray(v.const)
-        for axis, positions in key:  # a layer's weight loses filters (axis 0) and input channels
+        for axis, blocks, positions in key:  # a layer's weight loses filters (axis 0), then input channels
+            if blocks > 1:
+                smaller = _take_grouped(smaller, np.asarray(positions, np.int64), blocks)
+                continue
             kept = np.setdiff1d(np.arange(smaller.shape[axis]), np.asarray(positions, np.int64), assume_unique=True)
             smaller = smaller.take(kept, axis=axis)  # a contiguous copy (4x faster than np.delete), rank kept
         smaller.flags.writeable = False  # lowbit's own array: Value.const keeps it rather than copying it again
@@ -83,18 +98,20 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
             continue
         v = m.value
         _, readers = cuts.setdefault(id(v), (v, {}))
-        _, _, by_axis = readers.setdefault((id(m.node), m.port), (m.node, m.port, {}))
+        _, _, by_axis, blocks = readers.setdefault((id(m.node), m.port), (m.node, m.port, {}, {}))
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
+        if m.conv_groups > 1:
+            blocks[m.axis] = m.conv_groups
     grouped = []  # (a depthwise Conv or ConvTranspose, the node and port its cut weight is read at: it, or its
-    # quantizer)
+    # quantizer); a grouped Conv keeps its G blocks, each one smaller
     for node in graph:
         if node.op_type in CONVOLUTIONS and node.attrs.get("group", 1) > 1:
             fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
             holder, port = (fq, 0) if fq is not None else (node, 1)
-            if id(holder.input(port)) in cuts:
+            if id(holder.input(port)) in cuts and holder.input(port).const.shape[0] == node.attrs["group"]:
                 grouped.append((node, holder, port))
     for v, readers in cuts.values():
-        for node, port, by_axis in readers.values():
+        for node, port, by_axis, _ in readers.values():
             _cut_folded_bn_scale(node, port, by_axis, v.const.ndim)
         _cut(graph, v, list(readers.values()))
     graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
