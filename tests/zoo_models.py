@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 TEXT = ("bert", "distilbert", "gpt2", "llama", "t5")
-VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2", "efficientnet")
+VISION = ("vit", "swin", "convnext", "resnet", "mobilenet_v2", "efficientnet", "regnet")
 ARCHITECTURES = TEXT + VISION
 TRANSFORMERS = ("bert", "distilbert", "gpt2", "llama", "t5", "vit", "swin")
 VOCAB, SEQ = 100, 12
@@ -57,6 +57,9 @@ def _small_config(name: str):
         # top BatchNorm width = the top conv's (1280 x width 0.25); convs with padding="same", SiLU, squeeze-excite
         "efficientnet": lambda: tf.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.25,
                                                       hidden_dim=320, initializer_range=0.2),
+        # RegNet-Y: grouped 3x3 convolutions (group width 8) under squeeze-excite
+        "regnet": lambda: tf.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 2], groups_width=8,
+                                          layer_type="y"),
     }[name]()
 
 
@@ -72,7 +75,7 @@ def _full_config(name: str):
     return {"bert": tf.BertConfig, "distilbert": tf.DistilBertConfig, "gpt2": tf.GPT2Config, "t5": tf.T5Config,
             "vit": tf.ViTConfig,
             "swin": tf.SwinConfig, "convnext": tf.ConvNextConfig, "resnet": tf.ResNetConfig,
-            "mobilenet_v2": tf.MobileNetV2Config}[name]()
+            "mobilenet_v2": tf.MobileNetV2Config, "regnet": tf.RegNetConfig}[name]()
 
 
 def _model_class(name: str):
@@ -81,7 +84,7 @@ def _model_class(name: str):
     return {"bert": tf.BertModel, "distilbert": tf.DistilBertModel, "gpt2": tf.GPT2Model, "llama": tf.LlamaModel,
             "t5": tf.T5EncoderModel, "vit": tf.ViTModel,
             "swin": tf.SwinModel, "convnext": tf.ConvNextModel, "resnet": tf.ResNetModel,
-            "mobilenet_v2": tf.MobileNetV2Model, "efficientnet": tf.EfficientNetModel}[name]
+            "mobilenet_v2": tf.MobileNetV2Model, "efficientnet": tf.EfficientNetModel, "regnet": tf.RegNetModel}[name]
 
 
 class LastHiddenState(nn.Module):
@@ -130,7 +133,7 @@ def build(name: str, size: str = "small", seed: int = 0):
         def make_input(batch: int = 1) -> torch.Tensor:
             return torch.randint(0, vocab, (batch, seq), generator=g)
     else:
-        side = getattr(config, "image_size", 224) if size == "small" else 224
+        side = getattr(config, "image_size", 32) if size == "small" else 224  # RegNet's config has no size
 
         def make_input(batch: int = 1) -> torch.Tensor:
             return torch.randn(batch, 3, side, side, generator=g)
