@@ -112,18 +112,19 @@ def _resnext():
 
 def test_a_resnext_prunes_its_grouped_convolutions_evenly_in_every_block():
     """A grouped Conv keeps its 4 blocks, each with as many input channels and filters as the others (each loses
-    half); a depthwise Conv with two filters per channel keeps one per channel, and so holds the residual width
-    (its blocks of one input channel cannot lose any), with that reason."""
+    half); a depthwise Conv with two filters per channel keeps both filters of each channel the residual width
+    keeps (its group follows: 16 -> 8), and the classifier reads the 16 filters left."""
     model, x = _resnext()
     pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
     graph = graph_of(pruned)
     convs = {n.input(1).name.removesuffix(".weight"): (n.input(1).const.shape[:2], n.attrs.get("group"))
-             for n in graph if n.op_type == "Conv"}
-    assert convs == {"stem.0": ((16, 1), 1), "block1.reduce.0": ((8, 16), 1), "block1.grouped.0": ((8, 2), 4),
-                     "block1.expand.0": ((16, 8), 1), "block2.reduce.0": ((8, 16), 1),
-                     "block2.grouped.0": ((16, 2), 4), "block2.expand.0": ((16, 16), 1), "spread.0": ((16, 1), 16)}
+             for n in graph if n.op_type in ("Conv", "Gemm")}
+    assert convs == {"stem.0": ((8, 1), 1), "block1.reduce.0": ((8, 8), 1), "block1.grouped.0": ((8, 2), 4),
+                     "block1.expand.0": ((8, 8), 1), "block2.reduce.0": ((8, 8), 1),
+                     "block2.grouped.0": ((16, 2), 4), "block2.expand.0": ((8, 16), 1), "spread.0": ((16, 1), 8),
+                     "fc": ((10, 16), None)}
     residual = next(r for r in graph.meta["pruning"] if "stem.0" in r["layers"])
-    assert residual["kept"] == 16 and "each of its 16 blocks" in residual["note"]
+    assert (residual["channels"], residual["kept"], residual["blocked"]) == (16, 8, None)
     chosen = plan(lowbit.lower(model, (x,)), PruneSpec(0.5))
     wide = next(g for g in chosen.groups.groups() if g.names == ["block2.grouped.0"])
     assert wide.blocks == 4 and np.bincount(chosen.removed[wide.id] // 8).tolist() == [4, 4, 4, 4]

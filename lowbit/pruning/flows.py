@@ -121,27 +121,31 @@ def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     fq = weight_quantizer(node)
     w = fq.input(0) if fq is not None else node.input(1)
     group = attribute(node, "group")
-    depthwise = w.const is not None and layout is not None and w.const.shape[1] == 1 and w.const.shape[0] == group \
-        == layout.size
+    # a depthwise Conv's filters, `multiplier` per channel ([C * k, 1, ...]), follow the channel they read
+    multiplier = w.const.shape[0] // group if w.const is not None and node.op_type == "Conv" else 1
+    depthwise = w.const is not None and layout is not None and w.const.shape[1] == 1 \
+        and w.const.shape[0] == group * multiplier and group == layout.size
     if layout is not None and layout.axis != 1:
         return False
     if not depthwise:
-        if layout is None and w.const is not None and w.const.shape[0] == group:
-            return True  # one filter per block, reading what no group tracks: nothing to prune
+        if layout is None and w.const is not None and w.const.shape[1] == 1:
+            return True  # a depthwise conv reading what no group tracks: its filters follow nothing prunable
         if node.op_type == "Conv" and w.const is not None and w.const.ndim >= 3:
             return _group_blocks(cg, node, layout, w, group, keep)
         cg.block(layout, f"the grouped {node.op_type} {node.name!r} mixes them in {group} blocks; lowbit prunes "
                  "through depthwise ones only")
         return True
-    _weight_members(cg, node, 0, layout.segments, "scale")
+    segments = tuple(Segment(s.group, s.length, s.repeat * multiplier) for s in layout.segments)
+    _weight_members(cg, node, 0, segments, "scale")
     bias = node.input(2) if len(node.inputs) > 2 else None
-    if bias is not None and bias.const is not None and bias.const.shape == (group,):
-        cg.members.append(Member(node, 2, 0, layout.segments, "param"))
+    if bias is not None and bias.const is not None and bias.const.shape == (group * multiplier,):
+        cg.members.append(Member(node, 2, 0, segments, "param"))
     elif bias is not None:
         return False
     if node.name in keep:
         cg.block(layout, f"the depthwise Conv {node.name!r} is excluded from pruning")
-    cg.set_layout(node.output, layout)
+    cg.depthwise[id(node)] = multiplier
+    cg.set_layout(node.output, Layout(1, segments))
     return True
 
 

@@ -90,6 +90,7 @@ class ChannelGroups:
         self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
         self.reshape_entries: list[tuple[Node, Layout]] = []  # Reshapes whose target spells a channel count out
         self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
+        self.depthwise: dict[int, int] = {}  # id(depthwise Conv or ConvTranspose) -> its filters per channel
 
     # -- union-find ------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.infer import reinfer
-from ..ir.ops import CONVOLUTIONS, weight_out_axis, weight_quantizer
+from ..ir.ops import weight_out_axis, weight_quantizer
 from ..patterns.library.bn_folding import FOLDED_BN_SCALE
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
@@ -103,20 +103,20 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         if m.conv_groups > 1:
             blocks[m.axis] = m.conv_groups
     grouped = []  # (a depthwise Conv or ConvTranspose, the node and port its cut weight is read at: it, or its
-    # quantizer); a grouped Conv keeps its G blocks, each one smaller
+    # quantizer, its filters per channel); a grouped Conv keeps its G blocks, each one smaller
     for node in graph:
-        if node.op_type in CONVOLUTIONS and node.attrs.get("group", 1) > 1:
+        if id(node) in cg.depthwise:
             fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
             holder, port = (fq, 0) if fq is not None else (node, 1)
-            if id(holder.input(port)) in cuts and holder.input(port).const.shape[0] == node.attrs["group"]:
-                grouped.append((node, holder, port))
+            if id(holder.input(port)) in cuts:
+                grouped.append((node, holder, port, cg.depthwise[id(node)]))
     for v, readers in cuts.values():
         for node, port, by_axis, _ in readers.values():
             _cut_folded_bn_scale(node, port, by_axis, v.const.ndim)
         _cut(graph, v, list(readers.values()))
     graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
-    for node, holder, port in grouped:  # a depthwise Conv's group follows its filters
-        node.attrs["group"] = int(holder.input(port).const.shape[0])
+    for node, holder, port, multiplier in grouped:  # a depthwise Conv's group follows its filters
+        node.attrs["group"] = int(holder.input(port).const.shape[0]) // multiplier
     for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
         gone = removed.get(find(g))
         if gone is not None and gone.size:
