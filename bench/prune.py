@@ -1,8 +1,8 @@
 """Filter pruning, lowbit side by side with Torch-Pruning (DepGraph) in one run: parameters, MACs, top-1 after the
 same short fine-tune, pruning wall time, ONNX-origin parameter counts, OpenVINO latency, transformers coverage.
 
-Models: ResNet18, MobileNetV2 and the DenseNet-style CNN (32x32 RGB) and the
-TinyViT (8x8 gray) of tests/models.py, trained on the digits train split as
+Models: ResNet18, MobileNetV2, the DenseNet-style CNN, the ResNeXt (grouped
+convolutions; 32x32 RGB) and the TinyViT (8x8 gray) of tests/models.py, trained on the digits train split as
 bench/deploy.py trains them (weights cached outside the repo).
 
 - Both tools prune each model at a 50% channel ratio with the L2 filter norm:
@@ -76,6 +76,7 @@ from digits import train  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.api import graph_of  # noqa: E402
 from lowbit.pruning import cost  # noqa: E402
+from models import ResNeXt  # noqa: E402
 
 RESULTS = HERE / "results" / "prune.md"
 RATIO = 0.5
@@ -83,8 +84,13 @@ FT_EPOCHS = 3
 FT_SEEDS = (0, 1, 2)
 TOP1_TOL = 0.3  # points
 SPEEDUP_MIN = 1.5
-CLASSIFIERS = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "densenet": "classifier", "vit": "head"}
-MODELS = ["resnet18", "mobilenet_v2", "densenet", "vit", "vit_mlp"]
+CLASSIFIERS = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "densenet": "classifier", "vit": "head",
+               "resnext": "fc"}
+MODELS = ["resnet18", "mobilenet_v2", "densenet", "resnext", "vit", "vit_mlp"]
+# the models this bench prunes besides bench/deploy.py's, trained the same way (weights cached outside the repo)
+SPECS = {**deploy.MODELS,
+         "resnext": dict(factory=lambda: ResNeXt(num_classes=10, in_ch=3), epochs=15, size=32, channels=3,
+                         model_type=None, latency=False, schedule="cosine")}
 # "vit_mlp": the TinyViT with lowbit told to prune what Torch-Pruning can (the MLPs: the width and the heads
 # excluded), for a like-for-like row
 LIKE_TP = {"vit_mlp": [{"exclude": True, "op_names": ["patch_embed", "blocks.0.attn.qkv", "blocks.1.attn.qkv"]}]}
@@ -138,9 +144,8 @@ def top1(model, x, y) -> float:
 
 def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, console) -> dict:
     base = name.removesuffix("_mlp")
-    model, x_train, x_test, y_test = deploy.load(base)
-    _, y_train, _, _ = deploy.load_digits_split(size=deploy.MODELS[base]["size"],
-                                                channels=deploy.MODELS[base]["channels"])
+    model, x_train, x_test, y_test = ptq.load(base, SPECS[base])
+    _, y_train, _, _ = deploy.load_digits_split(size=SPECS[base]["size"], channels=SPECS[base]["channels"])
     example = x_train[:1]
     fp32 = cost(lowbit.lower(model, (example,)))
     row = {"model": name, "fp32_params": fp32.params, "fp32_macs": fp32.macs, "fp32_top1": top1(model, x_test, y_test)}
