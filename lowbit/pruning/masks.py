@@ -29,7 +29,7 @@ from ..frontends import graph_of
 from ..ir.ops import is_fake_quantize
 from .criteria import scores
 from .groups import channel_groups
-from .plan import choose
+from .plan import kept_in_group, lowest
 from .shrink import _positions
 
 SCHEDULES = ("agp", "linear")
@@ -150,9 +150,9 @@ class MaskController:
         for i, g in enumerate(self.groups):
             for m in g.members:  # score the current weights, as the module holds them
                 m.value.const = by_name[m.value.name].const
-            gone, _, _ = choose(g, scores(g, self.spec.criterion, self.cg.find), ratio, self.spec.round_to)
+            keep, _ = kept_in_group(g, ratio, self.spec.round_to)
             mask = np.ones(g.size, bool)
-            mask[gone] = False
+            mask[lowest(g, scores(g, self.spec.criterion, self.cg.find), keep)] = False
             self._keep[i] = mask & self._keep[i]  # a channel once masked stays masked
             self.masks.update(dict.fromkeys(g.names, self._keep[i]))
         self._masked()

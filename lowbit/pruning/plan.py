@@ -55,20 +55,23 @@ def kept_channels(size: int, ratio: float, round_to: int = 1) -> tuple[int, bool
     return max(keep, floor), keep < floor
 
 
-def choose(group: Group, score: np.ndarray, ratio: float, round_to: int = 1) -> tuple[np.ndarray, int, str | None]:
-    """The channels of `group` that go at `ratio` (sorted indices), how many stay, and a note where a floor
-    raised that: the lowest scores, as many from each of the group's blocks (a grouped Conv's) as from the
-    others, so that a group keeps a multiple of round_to and each block at least one channel."""
+def kept_in_group(group: Group, ratio: float, round_to: int = 1) -> tuple[int, str | None]:
+    """How many channels `group` keeps at `ratio`, the same number in each of its blocks (a grouped Conv's), so
+    that it keeps a multiple of round_to and each block at least one; and a note where that floor raised it."""
     blocks = group.blocks
-    per_block = group.size // blocks
-    keep, floored = kept_channels(per_block, ratio, round_to // math.gcd(round_to, blocks))
-    order = np.argsort(np.reshape(score, (blocks, per_block)), axis=1, kind="stable")[:, :per_block - keep]
-    gone = np.sort((order + per_block * np.arange(blocks)[:, None]).reshape(-1))
-    note = None
-    if floored:
-        note = (f"kept {keep * blocks} channels: a group keeps at least round_to={round_to}" if blocks == 1 else
-                f"kept {keep * blocks} channels: each of its {blocks} blocks (a grouped Conv's) keeps {keep}")
-    return gone, keep * blocks, note
+    keep, floored = kept_channels(group.size // blocks, ratio, round_to // math.gcd(round_to, blocks))
+    if not floored:
+        return keep * blocks, None
+    return keep * blocks, (f"kept {keep * blocks} channels: a group keeps at least round_to={round_to}" if blocks == 1
+                           else f"kept {keep * blocks} channels: each of its {blocks} blocks (a grouped Conv's) "
+                           f"keeps {keep}")
+
+
+def lowest(group: Group, score: np.ndarray, keep: int) -> np.ndarray:
+    """The channels of `group` (sorted indices) that go for it to keep `keep`: the lowest scores of each block."""
+    per_block, blocks = group.size // group.blocks, group.blocks
+    order = np.argsort(np.reshape(score, (blocks, per_block)), axis=1, kind="stable")[:, :per_block - keep // blocks]
+    return np.sort((order + per_block * np.arange(blocks)[:, None]).reshape(-1))
 
 
 def layer_names(node: Node) -> set[str]:
@@ -140,11 +143,10 @@ def plan(graph: Graph, spec: PruneSpec, dataset: Any = None) -> Plan:
         if group.blocked is not None:
             continue
         ratio = min((ratios[n.name] for n in group.producers if n.name in ratios), default=spec.ratio)
-        gone, keep, row["note"] = choose(group, scores(group, spec.criterion, cg.find, saliency), ratio,
-                                         spec.round_to)
+        keep, row["note"] = kept_in_group(group, ratio, spec.round_to)
         if keep == group.size:
             continue
-        removed[group.id] = gone
+        removed[group.id] = lowest(group, scores(group, spec.criterion, cg.find, saliency), keep)
         row["kept"] = keep
     return Plan(cg, removed, report)
 
