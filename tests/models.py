@@ -436,16 +436,20 @@ class GroupedBottleneck(nn.Module):
 
 
 class ResNeXt(nn.Module):
-    """A small ResNeXt: a stem, two grouped bottlenecks (4 blocks of 4 -> 4 channels; 4 blocks of 4 -> 8), a
-    depthwise conv with two filters per channel (a grouped conv of 1 -> 2 per block), global pool, linear."""
+    """A small ResNeXt: a stem, two grouped bottlenecks (4 blocks of width/4 -> width/4 channels; 4 blocks of
+    width/4 -> width/2), a depthwise conv with two filters per channel (a grouped conv of 1 -> 2 per block;
+    without it where `spread` is False: Torch-Pruning 1.6 fails on it), global pool, linear. `stride` 2 halves
+    the stem's resolution."""
 
-    def __init__(self, num_classes=10, in_ch=1):
+    def __init__(self, num_classes=10, in_ch=1, width=16, stride=1, spread=True):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block1 = GroupedBottleneck(16, 16, 16, groups=4)
-        self.block2 = GroupedBottleneck(16, 16, 32, groups=4)
-        self.spread = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.BatchNorm2d(32), nn.ReLU())
-        self.fc = nn.Linear(32, num_classes)
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, stride=stride, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.block1 = GroupedBottleneck(width, width, width, groups=4)
+        self.block2 = GroupedBottleneck(width, width, 2 * width, groups=4)
+        self.spread = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, groups=width), nn.BatchNorm2d(2 * width),
+                                    nn.ReLU()) if spread else nn.Identity()
+        self.fc = nn.Linear(2 * width if spread else width, num_classes)
 
     def forward(self, x):
         y = self.spread(self.block2(self.block1(self.stem(x))))
