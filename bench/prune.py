@@ -17,10 +17,10 @@ bench/deploy.py trains them (weights cached outside the repo).
   like.
 - Parameters and per-sample MACs of both results are counted the same way:
   lowbit.pruning.cost on the lowered model.
-- Pruning wall time: one call on a fresh copy of the trained model (Torch-
-  Pruning: building the dependency graph and pruner.step()), garbage
-  collected first; the first call of each tool in the process is a warm-up
-  on the ResNet18, not timed.
+- Pruning wall time: the median of TIMED_CALLS calls, each on a fresh copy
+  of the trained model (Torch-Pruning: building the dependency graph and
+  pruner.step()), garbage collected first; the first call of each tool in
+  the process is a warm-up on the ResNet18, not timed.
 - Fine-tune: FT_EPOCHS epochs of Adam (lr 1e-3, batch 64, each epoch's short
   last batch dropped) on the train split, the same for both tools, once per
   seed in FT_SEEDS, each from its own copy of the pruned model; top-1 on the
@@ -87,6 +87,7 @@ SPEEDUP_MIN = 1.5
 CLASSIFIERS = {"resnet18": "fc", "mobilenet_v2": "classifier.1", "densenet": "classifier", "vit": "head",
                "resnext": "fc"}
 MODELS = ["resnet18", "mobilenet_v2", "densenet", "resnext", "vit", "vit_mlp"]
+TIMED_CALLS = 3  # pruning calls per tool and model; their median is the time
 # the models this bench prunes besides bench/deploy.py's, trained the same way (weights cached outside the repo)
 SPECS = {**deploy.MODELS,
          # without the depthwise conv with two filters per channel, on which Torch-Pruning 1.6 fails (IndexError
@@ -119,15 +120,21 @@ def prune_tp(model, example, name):
     return model
 
 
-def timed(fn):
-    """fn() and its wall time, garbage collected first: the fine-tunes before leave cycles whose collection fell
-    into a timed call (the DenseNet file's prune: 0.33 s in the bench, 0.02 s alone)."""
+def timed(fn, fresh=None):
+    """fn() (or fn(a fresh copy of `fresh`), the copy not timed), TIMED_CALLS times: the last result and the
+    median wall time. Garbage is collected before each call: the fine-tunes before leave cycles whose collection
+    fell into a timed call (the DenseNet file's prune: 0.33 s in the bench, 0.02 s alone); one call alone was at
+    the mercy of the shared machine (Torch-Pruning's ViT once took 0.43 s, 0.02-0.04 s in every other run)."""
     import gc
 
-    gc.collect()
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+    seconds = []
+    for _ in range(TIMED_CALLS):
+        arg = copy.deepcopy(fresh) if fresh is not None else None
+        gc.collect()
+        start = time.perf_counter()
+        out = fn(arg) if fresh is not None else fn()
+        seconds.append(time.perf_counter() - start)
+    return out, float(np.median(seconds))
 
 
 def finetune(model, x, y, epochs: int) -> list:
@@ -153,12 +160,11 @@ def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, consol
     row = {"model": name, "fp32_params": fp32.params, "fp32_macs": fp32.macs, "fp32_top1": top1(model, x_test, y_test)}
     for tool in tools:
         try:
-            fresh = copy.deepcopy(model)
             if tool == "lowbit":
-                pruned, seconds = timed(lambda: prune_lowbit(fresh, example, name))
+                pruned, seconds = timed(lambda m: prune_lowbit(m, example, name), fresh=model)
                 c = cost(graph_of(pruned))
             else:
-                pruned, seconds = timed(lambda: prune_tp(fresh, example, base))
+                pruned, seconds = timed(lambda m: prune_tp(m, example, base), fresh=model)
                 c = cost(lowbit.lower(pruned, (example,)))
             row.update({f"{tool}_params": c.params, f"{tool}_macs": c.macs, f"{tool}_seconds": seconds,
                         f"{tool}_top1_pruned": top1(pruned, x_test, y_test)})
