@@ -195,20 +195,20 @@ def _decoder():
 
 def test_a_decoder_prunes_through_its_transposed_convolutions_and_skip_concat():
     """ConvTranspose upsampling (weight [in, out, k, k]: filters along axis 1), with its BatchNorm, a depthwise
-    ConvTranspose (its group follows its filters) and a skip Concat: each group loses half its channels, the
-    ones a grouped ConvTranspose mixes in blocks stay, with that reason, and the map of class scores keeps its
-    shape."""
+    ConvTranspose (its group follows its filters), a skip Concat and a grouped ConvTranspose (weight [2 * 6, 6]:
+    each block's filters along axis 1, cut block by block): each group loses half its channels, evenly in the
+    grouped one's 2 blocks, and the map of class scores keeps its shape."""
     model, x = _decoder()
     pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
     weights = {k: tuple(v.shape) for k, v in pruned.state_dict().items() if k.endswith("weight")}
     assert weights == {"stem.0.weight": (8, 3, 3, 3), "stem.1.weight": (8,), "down.0.weight": (16, 8, 3, 3),
                        "down.1.weight": (16,), "up.0.weight": (16, 8, 2, 2), "up.1.weight": (8,),
                        "fuse.0.weight": (12, 16, 3, 3), "fuse.1.weight": (12,), "smooth.weight": (12, 1, 3, 3),
-                       "project.weight": (12, 12, 1, 1), "mix.weight": (12, 6, 1, 1), "head.weight": (5, 12, 1, 1)}
+                       "project.weight": (6, 12, 1, 1), "mix.weight": (6, 3, 1, 1), "head.weight": (5, 6, 1, 1)}
+    groups = {n.input(1).name: n.attrs.get("group", 1) for n in graph_of(pruned) if n.op_type == "ConvTranspose"}
+    assert groups == {"up.0.weight": 1, "smooth.weight": 12, "mix.weight": 2}
     blocked = {row["layers"][0]: row["blocked"] for row in graph_of(pruned).meta["pruning"] if row["blocked"]}
-    assert blocked == {"project": "the grouped ConvTranspose 'conv_transpose2d_2' mixes them in 2 blocks; lowbit "
-                                  "prunes through depthwise ones only",
-                       "head": "they reach the graph output 'conv2d_4', whose shape is kept"}
+    assert blocked == {"head": "they reach the graph output 'conv2d_4', whose shape is kept"}
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (2, 5, 8, 8)
     graph = lowbit.lower(model, (x,))

@@ -85,8 +85,13 @@ def scores(group: Group, criterion: str, find, saliency: dict[str, np.ndarray] |
 
 
 def _fpgm(member: Member) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(member.value.const, np.float64), member.axis, 0)
-    flat = moved.reshape(moved.shape[0], -1)
+    array = np.asarray(member.value.const, np.float64)
+    if member.conv_groups > 1:  # a grouped ConvTranspose's [G * a, b, ...]: filter g * b + j is block g's column j
+        blocks = array.reshape(member.conv_groups, array.shape[0] // member.conv_groups, *array.shape[1:])
+        flat = np.moveaxis(blocks, 2, 1).reshape(array.shape[1] * member.conv_groups, -1)
+    else:
+        moved = np.moveaxis(array, member.axis, 0)
+        flat = moved.reshape(moved.shape[0], -1)
     squared = np.square(flat).sum(1)
     distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * flat @ flat.T, 0))
     return distances.sum(1)

@@ -34,6 +34,9 @@ def _weight_members(cg: ChannelGroups, node: Node, axis: int, segments, role: st
     for port in range(1, 5):
         r = fq.input(port).const
         if r is not None and r.ndim == fq.input(0).const.ndim and r.shape[axis] > 1:
+            if conv_groups > 1:  # ranges per column of a grouped weight: one range for G channels
+                cg.block_ids([s.group for s in segments], f"the per-channel ranges of {fq.name!r} each serve "
+                             f"{conv_groups} channels of a grouped {node.op_type}")
             cg.members.append(Member(fq, port, axis, segments, "param"))
 
 
@@ -86,29 +89,35 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
 
 
 def _group_blocks(cg: ChannelGroups, node: Node, layout: Layout | None, w: Value, group: int, keep) -> bool:
-    """A grouped Conv (not depthwise): its G filter blocks each read their own block of the input channels. Each
-    block must keep as many input channels as the others, and as many filters (Torch-Pruning's rule): the groups
-    reaching it lose channels evenly from its G input blocks, and its filters make a group split in G blocks."""
+    """A grouped Conv or ConvTranspose (not depthwise): its G filter blocks each read their own block of the input
+    channels. Each block must keep as many input channels as the others, and as many filters (Torch-Pruning's
+    rule): the groups reaching it lose channels evenly from its G input blocks, and its filters make a group split
+    in G blocks. A Conv's weight ([G * b, a, ...]) holds one block's input channels along axis 1, a
+    ConvTranspose's ([G * a, b, ...]) one block's filters: that member is cut block by block (`conv_groups`)."""
+    in_axis, out_axis = weight_in_axis(node), weight_out_axis(node)
+    shape = w.const.shape
+    in_size = shape[in_axis] * (group if in_axis == 1 else 1)
+    out_size = shape[out_axis] * (group if out_axis == 1 else 1)
     if layout is not None:
-        if layout.size != w.const.shape[1] * group:
-            cg.block(layout, f"the grouped Conv {node.name!r} reads them on another axis")
+        if layout.size != in_size:
+            cg.block(layout, f"the grouped {node.op_type} {node.name!r} reads them on another axis")
         elif len(layout.segments) != 1 or layout.segments[0].repeat != 1 or layout.segments[0].group is None:
-            cg.block(layout, f"the grouped Conv {node.name!r} reads them in {group} blocks across several groups")
+            cg.block(layout, f"the grouped {node.op_type} {node.name!r} reads them in {group} blocks across "
+                     "several groups")
         else:
             cg.split(layout.segments[0].group, group)
-            _weight_members(cg, node, 1, layout.segments, "in", conv_groups=group)
+            _weight_members(cg, node, in_axis, layout.segments, "in", conv_groups=group if in_axis == 1 else 1)
     out = node.output
-    channels = int(w.const.shape[0])
-    g = cg.new(channels, node, blocks=group)
-    segments = (Segment(g, channels),)
-    _weight_members(cg, node, 0, segments, "out")
+    g = cg.new(out_size, node, blocks=group)
+    segments = (Segment(g, out_size),)
+    _weight_members(cg, node, out_axis, segments, "out", conv_groups=group if out_axis == 1 else 1)
     bias = node.input(2) if len(node.inputs) > 2 else None
-    if bias is not None and (bias.const is None or bias.const.shape != (channels,)):
-        cg.block_ids([g], f"Conv {node.name!r} has a bias lowbit cannot cut per channel")
+    if bias is not None and (bias.const is None or bias.const.shape != (out_size,)):
+        cg.block_ids([g], f"{node.op_type} {node.name!r} has a bias lowbit cannot cut per channel")
     elif bias is not None:
         cg.members.append(Member(node, 2, 0, segments, "param"))
     if node.name in keep:
-        cg.block_ids([g], f"Conv {node.name!r} is excluded from pruning")
+        cg.block_ids([g], f"{node.op_type} {node.name!r} is excluded from pruning")
     if _rank(out) is None:
         cg.block_ids([g], f"the output of {node.name!r} has no known rank")
         return True
@@ -130,7 +139,7 @@ def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
     if not depthwise:
         if layout is None and w.const is not None and w.const.shape[1] == 1:
             return True  # a depthwise conv reading what no group tracks: its filters follow nothing prunable
-        if node.op_type == "Conv" and w.const is not None and w.const.ndim >= 3:
+        if w.const is not None and w.const.ndim >= 3:
             return _group_blocks(cg, node, layout, w, group, keep)
         cg.block(layout, f"the grouped {node.op_type} {node.name!r} mixes them in {group} blocks; lowbit prunes "
                  "through depthwise ones only")

@@ -5,7 +5,7 @@ channels (filters) of one or more layers, several where a residual Add or a
 squeeze-excite Mul joins their outputs, and every place those channels are
 read: the next layers' input channels, BatchNormalization and LayerNorm
 parameters, biases, depthwise convs (whose channels pass through), constant
-per-channel operands; a grouped Conv's filters are a group of G blocks, and
+per-channel operands; a grouped Conv's (or ConvTranspose's) filters are a group of G blocks, and
 the channels it reads lose as many channels from each of its G input blocks
 (`Group.blocks`). Channels are followed with the op table's channel flow
 (`lowbit/ir/ops.py`):

@@ -2,9 +2,9 @@
 
 Each member's constant loses the entries of its groups' removed channels (at
 the member's offsets, repeated where a Flatten repeated them; a grouped Conv's
-input channels in each filter block's own columns); a depthwise Conv's (or
-ConvTranspose's) `group` follows its filters, a grouped Conv keeps its G
-blocks; every value whose channels the analysis followed gets its new channel
+input channels, and a grouped ConvTranspose's filters, in each block's own
+columns); a depthwise Conv's (or ConvTranspose's) `group` follows its
+filters, a grouped one keeps its G blocks; every value whose channels the analysis followed gets its new channel
 count, and shapes are inferred again.
 """
 
