@@ -158,6 +158,7 @@ FOLD_BN = {
     "se": (4, 0, {"fold_bn_conv": 4}),
     "vit": (0, 0, {}),
     "densenet": (22, 12, {"fold_bn_conv": 10}),  # BNs after a Concat (pre-activation) stay
+    "resnext": (8, 0, {"fold_bn_conv": 8}),  # grouped and two-filters-per-channel convs included
     "conv_no_bias_bn": (1, 0, {"fold_bn_conv": 1}),
     "linear_bn": (2, 0, {"fold_bn_gemm": 2}),
     "grouped_depthwise_bn": (2, 0, {"fold_bn_conv": 2}),
