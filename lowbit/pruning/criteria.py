@@ -51,7 +51,7 @@ def _per_channel(array: np.ndarray, axis: int, elementwise) -> np.ndarray:
 def _member_scores(member: Member, group: Group, find, elementwise,
                    array: np.ndarray | None = None) -> list[np.ndarray]:
     array = np.asarray(member.value.const if array is None else array)
-    if member.conv_groups > 1:  # a grouped Conv's [G * b, a, ...] weight: channel g * a + i is block g's column i
+    if member.conv_groups > 1:  # a grouped weight [G * r, c, ...]: channel g * c + i is block g's column i
         blocks = array.reshape(member.conv_groups, array.shape[0] // member.conv_groups, *array.shape[1:])
         vector = np.concatenate([_per_channel(block, 1, elementwise) for block in blocks])
     else:

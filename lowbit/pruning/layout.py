@@ -39,8 +39,9 @@ class Member:
 
     role: "out" (a layer's filters), "in" (a layer's input channels), "scale" (a per-channel weight: BN and
     LayerNorm scale, a depthwise filter) or "param" (a bias, BN statistics, a constant operand). `conv_groups`
-    > 1: the input channels of a grouped Conv's weight ([G * b, a, ...]): filter block g reads channels
-    g * a ... g * a + a - 1 at positions 0 ... a - 1 of axis 1.
+    G > 1: the member is axis 1 of a grouped weight ([G * r, c, ...]), which holds one block's channels only:
+    channel g * c + i is column i of row block g (a grouped Conv's input channels, a grouped ConvTranspose's
+    filters).
     """
 
     node: Node
@@ -59,7 +60,7 @@ class Member:
 class Group:
     """One group's channels: how many, the layers that produce them, every member, and why it cannot be pruned
     (None when it can). `blocks`: the equal runs of consecutive channels that must each lose as many channels as
-    the others (the blocks of a grouped Conv that reads or writes them), 1 when any channels may go."""
+    the others (the blocks of a grouped Conv or ConvTranspose that reads or writes them), 1 when any may go."""
 
     id: int
     size: int

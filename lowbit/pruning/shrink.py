@@ -4,8 +4,8 @@ Each member's constant loses the entries of its groups' removed channels (at
 the member's offsets, repeated where a Flatten repeated them; a grouped Conv's
 input channels, and a grouped ConvTranspose's filters, in each block's own
 columns); a depthwise Conv's (or ConvTranspose's) `group` follows its
-filters, a grouped one keeps its G blocks; every value whose channels the analysis followed gets its new channel
-count, and shapes are inferred again.
+filters, a grouped one keeps its G blocks; every value whose channels the
+analysis followed gets its new channel count, and shapes are inferred again.
 """
 
 from __future__ import annotations
@@ -39,16 +39,18 @@ def _kept_size(layout: Layout, removed: dict[int, np.ndarray], find) -> int:
 
 
 def _take_grouped(array: np.ndarray, positions: np.ndarray, blocks: int) -> np.ndarray:
-    """A grouped Conv's [G * b, a, ...] weight without the input channels at `positions` (channel g * a + i is
-    row block g's column i); each block loses as many as the others (plan.choose)."""
+    """A grouped weight [G * r, c, ...] without the channels at `positions` of its axis 1 (channel g * c + i is
+    row block g's column i: a grouped Conv's input channels, a grouped ConvTranspose's filters); each block
+    loses as many as the others (plan.lowest)."""
     rows = array.reshape(blocks, array.shape[0] // blocks, *array.shape[1:])
-    a = array.shape[1]
-    return np.concatenate([block.take(np.setdiff1d(np.arange(a), positions[(positions >= g * a) & (
-        positions < g * a + a)] - g * a), axis=1) for g, block in enumerate(rows)])
+    c = array.shape[1]
+    kept = [np.setdiff1d(np.arange(c), positions[(positions >= g * c) & (positions < g * c + c)] - g * c)
+            for g in range(blocks)]
+    return np.concatenate([block.take(k, axis=1) for block, k in zip(rows, kept)])
 
 
 def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.ndarray], dict[int, int]]]) -> None:
-    """Cut constant `v` for the member `readers` (node, port, {axis: positions}, {axis: grouped Conv's G}) that
+    """Cut constant `v` for the member `readers` (node, port, {axis: positions}, {axis: a grouped weight's G}) that
     read it. Readers that lose the same entries share one cut; `v` itself is cut in place (its name, a
     parameter's, stays) when one cut serves every use of it, and otherwise each cut is a new constant. A constant
     that several layers read (an exporter stores equal initializers once: the zero biases of every layer of a
