@@ -155,6 +155,40 @@ def test_a_resnext_from_onnx_loses_the_parameters_it_loses_from_torch():
     assert params(from_onnx) == params(from_torch) < params(lowbit.lower(model, (x,))) // 2
 
 
+def test_grouped_convolutions_prune_under_4_bit_qat_and_strip_to_a_smaller_quantized_model(tmp_path):
+    """NNCF's combined config on the ResNeXt: the masks zero each block's own input columns in the weights the
+    quantizers read, and strip / export cut them, the grouped convs keeping their 4 blocks."""
+    import torch.nn.functional as F
+    from conftest import run_onnx
+
+    model, _ = _resnext()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    config = {"input_info": {"sample_size": [2, 1, 8, 8]},
+              "compression": [{"algorithm": "filter_pruning",
+                               "params": {"schedule": "exponential", "pruning_target": 0.5, "pruning_steps": 2}},
+                              {"algorithm": "quantization", "weights": {"bits": 4}}]}
+    controller, q = lowbit.create_compressed_model(model, config, dataset=lowbit.Dataset([x[i:i + 2] for i in
+                                                                                           range(0, 16, 2)]))
+    opt = torch.optim.SGD(q.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        q.train()
+        opt.zero_grad()
+        F.cross_entropy(q(x), torch.arange(16) % 10).backward()
+        opt.step()
+        controller.scheduler.epoch_step()
+    q.eval()
+    with torch.no_grad():
+        out = q(x).numpy()
+    plain = controller.strip()
+    shapes = {k: tuple(v.shape[:2]) for k, v in plain.state_dict().items() if "grouped.0.weight" in k}
+    assert shapes == {"block1.grouped.0.weight": (8, 2), "block2.grouped.0.weight": (16, 2)}
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(x).numpy(), out, atol=1e-5)
+    proto = onnx.load(str(controller.export_model(tmp_path / "pq.onnx")))
+    exported = run_onnx(proto, {proto.graph.input[0].name: x.numpy()})[0]
+    assert 10 * np.log10(np.sum(out.astype(np.float64) ** 2) / np.sum((out - exported) ** 2)) > 35
+
+
 def test_a_transformers_regnet_prunes_its_grouped_convolutions_and_squeeze_excite_in_onnx_runtime_and_openvino():
     """RegNet-Y from its transformers config (a model lowbit did not write): grouped 3x3 convolutions of group
     width 8 whose filters a squeeze-excite Mul scales. Each loses half its input channels and filters, evenly
