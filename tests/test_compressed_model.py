@@ -287,7 +287,7 @@ def test_pruning_and_quantization_train_together_and_strip_to_a_smaller_quantize
     """NNCF's combined config: masks move on their schedule in the quantized module (the weights the quantizers
     read are zeroed), and strip / export cut the masked channels, quantizer ranges included."""
     import onnx
-    from conftest import run_onnx
+    from conftest import run_onnx, train_epochs
 
     model, x, data = se
     config = {"input_info": {"sample_size": [2, 1, 8, 8]},
@@ -297,15 +297,8 @@ def test_pruning_and_quantization_train_together_and_strip_to_a_smaller_quantize
     controller, q = lowbit.create_compressed_model(model, config, dataset=data)
     assert any(isinstance(m, FakeQuantize) for m in q.modules())
     assert controller.compression_stage() == CompressionStage.UNCOMPRESSED
-    opt = torch.optim.SGD(q.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        q.train()
-        opt.zero_grad()
-        F.cross_entropy(q(x), torch.arange(16) % 10).backward()
-        opt.step()
-        controller.scheduler.epoch_step()
+    train_epochs(q, controller, x)
     assert controller.compression_stage() == CompressionStage.FULLY_COMPRESSED
-    q.eval()
     with torch.no_grad():
         out = q(x).numpy()  # the pre-hook zeroed the masked filters again after the last step
     summary = controller.statistics().summary

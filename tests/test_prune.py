@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_onnx, run_openvino
+from conftest import run_onnx, run_openvino, train_epochs
 from deploy_checks import default_exported
 from models import REFERENCE_MODELS, Decoder, ResNeXt, _reference
 
@@ -158,9 +158,6 @@ def test_a_resnext_from_onnx_loses_the_parameters_it_loses_from_torch():
 def test_grouped_convolutions_prune_under_4_bit_qat_and_strip_to_a_smaller_quantized_model(tmp_path):
     """NNCF's combined config on the ResNeXt: the masks zero each block's own input columns in the weights the
     quantizers read, and strip / export cut them, the grouped convs keeping their 4 blocks."""
-    import torch.nn.functional as F
-    from conftest import run_onnx
-
     model, _ = _resnext()
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     config = {"input_info": {"sample_size": [2, 1, 8, 8]},
@@ -169,14 +166,7 @@ def test_grouped_convolutions_prune_under_4_bit_qat_and_strip_to_a_smaller_quant
                               {"algorithm": "quantization", "weights": {"bits": 4}}]}
     controller, q = lowbit.create_compressed_model(model, config, dataset=lowbit.Dataset([x[i:i + 2] for i in
                                                                                            range(0, 16, 2)]))
-    opt = torch.optim.SGD(q.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        q.train()
-        opt.zero_grad()
-        F.cross_entropy(q(x), torch.arange(16) % 10).backward()
-        opt.step()
-        controller.scheduler.epoch_step()
-    q.eval()
+    train_epochs(q, controller, x)
     with torch.no_grad():
         out = q(x).numpy()
     plain = controller.strip()
