@@ -733,3 +733,27 @@ def test_the_transformer_model_type_leaves_a_norms_mean_fp32():
         mean = next(n for n in graph_of(q) if n.op_type == "ReduceMean")
         quantized[model_type] = _fed_by_fq(mean.input(0))
     assert quantized == {None: True, "transformer": False}
+
+
+def test_a_depthwise_conv_transpose_gets_a_range_per_filter_and_deploys_in_both_runtimes(tmp_path):
+    """A depthwise ConvTranspose's weight is [C, 1, k, k]: its per-channel ranges run along axis 0 (one per
+    filter), not along its axis 1 of one entry, which gave all 24 filters one range. ONNX Runtime and OpenVINO
+    run what lowbit writes as the torch simulation does."""
+    import onnxruntime as ort
+    import openvino as ov
+    from deploy_checks import sqnr
+    from models import Decoder, _reference
+
+    model = _reference(Decoder)()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    q = lowbit.quantize(model, lowbit.Dataset([x[i:i + 2] for i in range(0, 8, 2)]))
+    node = next(n for n in graph_of(q) if n.op_type == "ConvTranspose" and n.attrs.get("group", 1) == 24)
+    low = node.input(1).producer.input(1).const
+    assert low.shape == (24, 1, 1, 1) and len(np.unique(low)) == 24
+    with torch.no_grad():
+        simulated = q(x).numpy()
+    session = ort.InferenceSession(str(lowbit.export(q, tmp_path / "d.onnx")), providers=["CPUExecutionProvider"])
+    assert sqnr(simulated, session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]) > 35
+    compiled = ov.Core().compile_model(str(lowbit.export(q, tmp_path / "d.xml")), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    assert sqnr(simulated, compiled(x.numpy())[compiled.output(0)]) > 35

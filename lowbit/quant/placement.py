@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 from ..hw_configs import HwConfig, OpConfig, QuantizerConfig
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import (FUSABLE_ACTIVATIONS, ORT_FOLDED_ACTIVATIONS, channel_flow, nan_guarded, op_info,
-                      weight_out_axis)
+from ..ir.ops import (FUSABLE_ACTIVATIONS, ORT_FOLDED_ACTIVATIONS, attribute, channel_flow, nan_guarded,
+                      op_info, weight_out_axis)
 from ..ir.types import is_float
 
 
@@ -151,6 +151,16 @@ def reads_two_activations(node: Node) -> bool:
     return node.op_type == "Attention" or (node.op_type == "MatMul" and len(_data_inputs(node)) == 2)
 
 
+def _ranges_axis(node: Node, w: Value) -> int | None:
+    """The axis of a weight's per-channel ranges: its output channels' (ops.weight_out_axis), except a depthwise
+    ConvTranspose's ([C, 1, ...]: row c makes output channel c), whose axis 1 holds one entry and would give the
+    whole weight one range."""
+    if node.op_type == "ConvTranspose" and attribute(node, "group") > 1 and w.const.shape[1] == 1 \
+            and w.const.shape[0] == attribute(node, "group"):
+        return 0
+    return weight_out_axis(node)
+
+
 def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance", ignored: set[str] = frozenset(),
                      skip_ops: frozenset[str] = frozenset(), transformer: bool = False) -> list[QuantPoint]:
     """The quantizers to insert into `graph` (which is not changed)."""
@@ -179,7 +189,7 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
                     point = weights.get(id(w))
                     if point is None:
                         weights[id(w)] = QuantPoint(w, [(node, port)], "weight", _pick(cfg.weights, preset, "weight"),
-                                                    axis=weight_out_axis(node))
+                                                    axis=_ranges_axis(node, w))
                     else:
                         point.consumers.append((node, port))
         if not cfg.activations:
