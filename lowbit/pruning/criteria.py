@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .groups import Group, Member
+from .layout import row_blocks
 
 CRITERIA = ("l1", "l2", "geometric_median", "bn_scale", "taylor")
 
@@ -52,7 +53,7 @@ def _member_scores(member: Member, group: Group, find, elementwise,
                    array: np.ndarray | None = None) -> list[np.ndarray]:
     array = np.asarray(member.value.const if array is None else array)
     if member.conv_groups > 1:  # a grouped weight [G * r, c, ...]: channel g * c + i is block g's column i
-        blocks = array.reshape(member.conv_groups, array.shape[0] // member.conv_groups, *array.shape[1:])
+        blocks = row_blocks(array, member.conv_groups)
         vector = np.concatenate([_per_channel(block, 1, elementwise) for block in blocks])
     else:
         vector = _per_channel(array, member.axis, elementwise)
@@ -87,8 +88,8 @@ def scores(group: Group, criterion: str, find, saliency: dict[str, np.ndarray] |
 def _fpgm(member: Member) -> np.ndarray:
     array = np.asarray(member.value.const, np.float64)
     if member.conv_groups > 1:  # a grouped ConvTranspose's [G * a, b, ...]: filter g * b + j is block g's column j
-        blocks = array.reshape(member.conv_groups, array.shape[0] // member.conv_groups, *array.shape[1:])
-        flat = np.moveaxis(blocks, 2, 1).reshape(array.shape[1] * member.conv_groups, -1)
+        by_filter = np.moveaxis(row_blocks(array, member.conv_groups), 2, 1)  # [G, b, a, ...]
+        flat = by_filter.reshape(array.shape[1] * member.conv_groups, -1)
     else:
         moved = np.moveaxis(array, member.axis, 0)
         flat = moved.reshape(moved.shape[0], -1)

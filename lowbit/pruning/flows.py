@@ -67,11 +67,17 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
             cg.block(layout, f"{node.op_type} {node.name!r} reads them on another axis")
         else:
             _weight_members(cg, node, in_axis, layout.segments, "in")
-    out = node.output
-    channels = int(w.const.shape[out_axis])
-    g = cg.new(channels, node)
+    _filters(cg, node, out_axis, int(w.const.shape[out_axis]), keep)
+    return True
+
+
+def _filters(cg: ChannelGroups, node: Node, out_axis: int, channels: int, keep, blocks: int = 1,
+             conv_groups: int = 1) -> None:
+    """The group of a layer's `channels` filters (split in `blocks`, a grouped Conv's): its weight along
+    `out_axis` (cut block by block where `conv_groups` > 1), its bias, and its output's layout."""
+    g = cg.new(channels, node, blocks=blocks)
     segments = (Segment(g, channels),)
-    _weight_members(cg, node, out_axis, segments, "out")
+    _weight_members(cg, node, out_axis, segments, "out", conv_groups=conv_groups)
     bias = node.input(2) if len(node.inputs) > 2 else None
     if bias is not None:
         if bias.const is not None and bias.const.shape == (channels,):
@@ -80,12 +86,11 @@ def _layer(cg: ChannelGroups, node: Node, keep) -> bool:
             cg.block_ids([g], f"{node.op_type} {node.name!r} has a bias lowbit cannot cut per channel")
     if node.name in keep:
         cg.block_ids([g], f"{node.op_type} {node.name!r} is excluded from pruning")
-    out_rank = _rank(out)
+    out_rank = _rank(node.output)
     if out_rank is None:
         cg.block_ids([g], f"the output of {node.name!r} has no known rank")
-        return True
-    cg.set_layout(out, Layout(activation_axis(node) % out_rank, segments))
-    return True
+        return
+    cg.set_layout(node.output, Layout(activation_axis(node) % out_rank, segments))
 
 
 def _group_blocks(cg: ChannelGroups, node: Node, layout: Layout | None, w: Value, group: int, keep) -> bool:
@@ -95,33 +100,18 @@ def _group_blocks(cg: ChannelGroups, node: Node, layout: Layout | None, w: Value
     in G blocks. A Conv's weight ([G * b, a, ...]) holds one block's input channels along axis 1, a
     ConvTranspose's ([G * a, b, ...]) one block's filters: that member is cut block by block (`conv_groups`)."""
     in_axis, out_axis = weight_in_axis(node), weight_out_axis(node)
-    shape = w.const.shape
-    in_size = shape[in_axis] * (group if in_axis == 1 else 1)
-    out_size = shape[out_axis] * (group if out_axis == 1 else 1)
+    in_groups, out_groups = (group if axis == 1 else 1 for axis in (in_axis, out_axis))  # block-local axis 1
     if layout is not None:
-        if layout.size != in_size:
+        if layout.size != w.const.shape[in_axis] * in_groups:
             cg.block(layout, f"the grouped {node.op_type} {node.name!r} reads them on another axis")
         elif len(layout.segments) != 1 or layout.segments[0].repeat != 1 or layout.segments[0].group is None:
             cg.block(layout, f"the grouped {node.op_type} {node.name!r} reads them in {group} blocks across "
                      "several groups")
         else:
             cg.split(layout.segments[0].group, group)
-            _weight_members(cg, node, in_axis, layout.segments, "in", conv_groups=group if in_axis == 1 else 1)
-    out = node.output
-    g = cg.new(out_size, node, blocks=group)
-    segments = (Segment(g, out_size),)
-    _weight_members(cg, node, out_axis, segments, "out", conv_groups=group if out_axis == 1 else 1)
-    bias = node.input(2) if len(node.inputs) > 2 else None
-    if bias is not None and (bias.const is None or bias.const.shape != (out_size,)):
-        cg.block_ids([g], f"{node.op_type} {node.name!r} has a bias lowbit cannot cut per channel")
-    elif bias is not None:
-        cg.members.append(Member(node, 2, 0, segments, "param"))
-    if node.name in keep:
-        cg.block_ids([g], f"{node.op_type} {node.name!r} is excluded from pruning")
-    if _rank(out) is None:
-        cg.block_ids([g], f"the output of {node.name!r} has no known rank")
-        return True
-    cg.set_layout(out, Layout(1, segments))
+            _weight_members(cg, node, in_axis, layout.segments, "in", conv_groups=in_groups)
+    _filters(cg, node, out_axis, int(w.const.shape[out_axis]) * out_groups, keep, blocks=group,
+             conv_groups=out_groups)
     return True
 
 
@@ -153,7 +143,7 @@ def _grouped(cg: ChannelGroups, node: Node, keep) -> bool:
         return False
     if node.name in keep:
         cg.block(layout, f"the depthwise Conv {node.name!r} is excluded from pruning")
-    cg.depthwise[id(node)] = multiplier
+    cg.depthwise[id(node)] = (node, multiplier)
     cg.set_layout(node.output, Layout(1, segments))
     return True
 

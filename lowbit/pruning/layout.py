@@ -11,6 +11,11 @@ from ..ir.ops import layer_path
 from .heads import HeadStructure
 
 
+def row_blocks(array, blocks: int):
+    """A grouped weight [G * r, c, ...] as [G, r, c, ...]: block g's rows (a Member's `conv_groups`)."""
+    return array.reshape(blocks, array.shape[0] // blocks, *array.shape[1:])
+
+
 @dataclass(frozen=True)
 class Segment:
     """`length` consecutive channels of a value owned by one group (None: channels no group owns), each spanning
@@ -91,7 +96,8 @@ class ChannelGroups:
         self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
         self.reshape_entries: list[tuple[Node, Layout]] = []  # Reshapes whose target spells a channel count out
         self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
-        self.depthwise: dict[int, int] = {}  # id(depthwise Conv or ConvTranspose) -> its filters per channel
+        self.depthwise: dict[int, tuple[Node, int]] = {}  # id(depthwise Conv or ConvTranspose) -> (it, its
+        # filters per channel)
 
     # -- union-find ------------------------------------------------------------------------------------------
 

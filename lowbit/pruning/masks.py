@@ -180,8 +180,9 @@ class MaskController:
 
 
 def _entries(shape, axis: int, positions: np.ndarray, blocks: int) -> tuple:
-    """The index of a masked channel's entries in a member tensor: `positions` along `axis`, or, for a grouped
-    Conv's input channels (`blocks` > 1: channel g * a + i is column i of row block g), a [rows, a] mask."""
+    """The index of a masked channel's entries in a member tensor: `positions` along `axis`, or, for axis 1 of a
+    grouped weight (`blocks` > 1: a grouped Conv's input channels, a grouped ConvTranspose's filters; channel
+    g * a + i is column i of row block g), a [rows, a] mask."""
     if blocks == 1:
         return (slice(None),) * (axis % len(shape)) + (positions,)
     rows, a = shape[0], shape[1]

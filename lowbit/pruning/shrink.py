@@ -18,6 +18,7 @@ from ..ir.ops import weight_out_axis, weight_quantizer
 from ..patterns.library.bn_folding import FOLDED_BN_SCALE
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
+from .layout import row_blocks
 
 
 def _positions(segments: tuple[Segment, ...], removed: dict[int, np.ndarray], find) -> np.ndarray:
@@ -42,11 +43,10 @@ def _take_grouped(array: np.ndarray, positions: np.ndarray, blocks: int) -> np.n
     """A grouped weight [G * r, c, ...] without the channels at `positions` of its axis 1 (channel g * c + i is
     row block g's column i: a grouped Conv's input channels, a grouped ConvTranspose's filters); each block
     loses as many as the others (plan.lowest)."""
-    rows = array.reshape(blocks, array.shape[0] // blocks, *array.shape[1:])
     c = array.shape[1]
     kept = [np.setdiff1d(np.arange(c), positions[(positions >= g * c) & (positions < g * c + c)] - g * c)
             for g in range(blocks)]
-    return np.concatenate([block.take(k, axis=1) for block, k in zip(rows, kept)])
+    return np.concatenate([block.take(k, axis=1) for block, k in zip(row_blocks(array, blocks), kept)])
 
 
 def _cut(graph: Graph, v: Value, readers: list[tuple[Node, int, dict[int, np.ndarray], dict[int, int]]]) -> None:
@@ -93,7 +93,8 @@ def _cut_folded_bn_scale(node: Node, port: int, by_axis: dict[int, np.ndarray], 
 def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
     """Remove `removed[group root]` (channel indices) from every member; returns how many constants changed."""
     find = cg.find
-    cuts: dict[int, tuple] = {}  # id(value) -> (value, {(id(node), port): (node, port, {axis: positions})})
+    # id(value) -> (value, {(id(node), port): (node, port, {axis: positions}, {axis: a grouped weight's G})})
+    cuts: dict[int, tuple] = {}
     for m in cg.members:
         positions = _positions(m.segments, removed, find)
         if not positions.size:
@@ -104,20 +105,19 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         by_axis[m.axis] = np.union1d(by_axis.get(m.axis, np.zeros(0, np.int64)), positions)
         if m.conv_groups > 1:
             blocks[m.axis] = m.conv_groups
-    grouped = []  # (a depthwise Conv or ConvTranspose, the node and port its cut weight is read at: it, or its
+    depthwise = []  # (a depthwise Conv or ConvTranspose, the node and port its cut weight is read at: it, or its
     # quantizer, its filters per channel); a grouped Conv keeps its G blocks, each one smaller
-    for node in graph:
-        if id(node) in cg.depthwise:
-            fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
-            holder, port = (fq, 0) if fq is not None else (node, 1)
-            if id(holder.input(port)) in cuts:
-                grouped.append((node, holder, port, cg.depthwise[id(node)]))
+    for node, multiplier in cg.depthwise.values():
+        fq = weight_quantizer(node)  # QAT with masks: the constant the weight quantizer reads
+        holder, port = (fq, 0) if fq is not None else (node, 1)
+        if id(holder.input(port)) in cuts:
+            depthwise.append((node, holder, port, multiplier))
     for v, readers in cuts.values():
         for node, port, by_axis, _ in readers.values():
             _cut_folded_bn_scale(node, port, by_axis, v.const.ndim)
         _cut(graph, v, list(readers.values()))
     graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
-    for node, holder, port, multiplier in grouped:  # a depthwise Conv's group follows its filters
+    for node, holder, port, multiplier in depthwise:  # a depthwise Conv's group follows its filters
         node.attrs["group"] = int(holder.input(port).const.shape[0]) // multiplier
     for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
         gone = removed.get(find(g))
