@@ -9,12 +9,15 @@ bench/deploy.py trains them (weights cached outside the repo).
   lowbit.prune(model, 0.5, criterion="l2"); Torch-Pruning's MetaPruner with
   GroupMagnitudeImportance(p=2), pruning_ratio=0.5 (per layer), the
   classifier ignored (lowbit keeps it because its outputs are the model's).
-  Torch-Pruning 1.6 fails on the TinyViT when told its heads (num_heads) and
-  when told nothing (IndexError in its attention handling); it runs with the
-  attention projections ignored, and then prunes the MLPs only. lowbit
-  prunes the MLPs, the residual width and whole heads; the "vit_mlp" row
-  has lowbit prune the MLPs only (config_list excludes the rest), like for
-  like.
+  The TinyViT: both prune whole heads (Torch-Pruning: num_heads,
+  prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5), the
+  MLPs and the residual width. Torch-Pruning 1.6 fails on the TinyViT's attention as tests/models.py
+  writes it (IndexError): it follows timm's `q, k, v = qkv.unbind(0)` but not
+  `qkv[0], qkv[1], qkv[2]`, so its copy is given that forward (the same
+  values; `unbind_qkv`), and its pruned heads are written back to the
+  attention's `heads`/`head_dim`, as Torch-Pruning's timm example does. The
+  "vit_mlp" row prunes the MLPs only (lowbit: config_list excludes the rest;
+  Torch-Pruning: the attention projections ignored).
 - Parameters and per-sample MACs of both results are counted the same way:
   lowbit.pruning.cost on the lowered model.
 - Pruning wall time: the median of TIMED_CALLS calls, each on a fresh copy
@@ -111,13 +114,39 @@ def prune_tp(model, example, name):
     import torch_pruning as tp
 
     model.eval()
-    ignored = [model.get_submodule(CLASSIFIERS[name])]
-    if name == "vit":  # with num_heads, or with nothing said, Torch-Pruning 1.6 fails on it (IndexError)
+    base = name.removesuffix("_mlp")
+    ignored, heads = [model.get_submodule(CLASSIFIERS[base])], {}
+    if name == "vit_mlp":  # the MLPs only, like lowbit's config_list in LIKE_TP
         ignored += [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj)]
+    elif name == "vit":
+        unbind_qkv(model)
+        heads = dict(num_heads={b.attn.qkv: b.attn.heads for b in model.blocks}, prune_num_heads=True,
+                     prune_head_dims=False, head_pruning_ratio=RATIO)
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=RATIO, ignored_layers=ignored)
+                                  pruning_ratio=RATIO, ignored_layers=ignored, **heads)
     pruner.step()
+    for block in model.blocks if heads else ():  # what Torch-Pruning's timm example does after step()
+        block.attn.heads = pruner.num_heads[block.attn.qkv]
+        block.attn.head_dim = block.attn.qkv.out_features // (3 * block.attn.heads)
     return model
+
+
+def unbind_qkv(model) -> None:
+    """Give each TinyViT attention of `model` the forward timm writes (`q, k, v = qkv.unbind(0)`), which
+    computes what tests/models.py's `qkv[0], qkv[1], qkv[2]` does and which Torch-Pruning 1.6 can follow."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(self, x):
+        batch, tokens = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
+
+    for block in model.blocks:
+        block.attn.forward = types.MethodType(forward, block.attn)
 
 
 def timed(fn, fresh=None):
@@ -164,7 +193,7 @@ def model_row(name: str, tools: list[str], ft_epochs: int, workdir: Path, consol
                 pruned, seconds = timed(lambda m: prune_lowbit(m, example, name), fresh=model)
                 c = cost(graph_of(pruned))
             else:
-                pruned, seconds = timed(lambda m: prune_tp(m, example, base), fresh=model)
+                pruned, seconds = timed(lambda m: prune_tp(m, example, name), fresh=model)
                 c = cost(lowbit.lower(pruned, (example,)))
             row.update({f"{tool}_params": c.params, f"{tool}_macs": c.macs, f"{tool}_seconds": seconds,
                         f"{tool}_top1_pruned": top1(pruned, x_test, y_test)})
