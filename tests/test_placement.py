@@ -2,6 +2,7 @@
 presets, model types and ignored scopes."""
 
 import collections
+import math
 import re
 
 import numpy as np
@@ -757,3 +758,73 @@ def test_a_depthwise_conv_transpose_gets_a_range_per_filter_and_deploys_in_both_
     compiled = ov.Core().compile_model(str(lowbit.export(q, tmp_path / "d.xml")), "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     assert sqnr(simulated, compiled(x.numpy())[compiled.output(0)]) > 35
+
+
+class _RelativeBuckets(torch.nn.Module):
+    """T5's relative-position buckets in small: the log of each distance (-inf at distance 0), scaled in float
+    and cast to an embedding index, added to attention-like scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.bias = torch.nn.Embedding(8, 1)
+
+    def forward(self, x):
+        position = torch.arange(x.shape[1])
+        distance = (position[None, :] - position[:, None]).abs()
+        far = 4 + (torch.log(distance.float() / 4) / math.log(4) * 4).to(torch.long)
+        bucket = torch.where(distance < 4, distance, far).clamp(max=7)
+        return self.fc(x) @ x.transpose(1, 2) + self.bias(bucket).squeeze(-1)
+
+
+def test_index_math_gets_no_quantizer_and_a_dynamic_length_model_runs():
+    """Calibrated on items of several lengths, the sequence dim stays dynamic and the bucket arithmetic stays in
+    the graph: its Log, Divs and Mul reach the output only cast to an index, so they get no quantizer (the Div's
+    range was -inf..x: a NaN grid, and the quantized T5 encoder stopped with "zero_point must be between
+    quant_min and quant_max"). The scores' layers are quantized as before, and the module runs at new lengths."""
+    from deploy_checks import sqnr
+
+    from lowbit.quant.placement import index_math
+
+    torch.manual_seed(0)
+    model = _RelativeBuckets().eval()
+    items = [torch.randn(2, n, 8) for n in (5, 9, 6, 12) * 4]
+    q = lowbit.quantize(model, lowbit.Dataset(items))
+    graph = graph_of(q)
+    bucket_ops = {n.name for n in graph if n.op_type in ("Log", "Div", "Mul")}
+    assert len(bucket_ops) == 4 and bucket_ops <= index_math(graph)  # x / 4, log, / log(4), * 4
+    quantized = {n.input(0).producer.op_type for n in graph if n.op_type == "FakeQuantize"
+                 and n.input(0).producer is not None}
+    # x (a graph input), the Linear's output (its bias Add) read by the MatMul, and the Add's two inputs: the
+    # scores (MatMul) and the position bias (the embedding's Gather); nothing of the bucket arithmetic
+    assert quantized == {"Add", "MatMul", "Gather"}
+    for n in (7, 16):
+        x = torch.randn(3, n, 8) * 0.5  # inside the calibrated ranges (mean of the items' min and max)
+        with torch.no_grad():
+            assert sqnr(model(x).numpy(), q(x).numpy()) > 30
+
+
+class _MaskedScores(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) + self.k(x).masked_fill(x > 1.0, float("-inf")), -1)
+
+
+def test_an_activation_whose_range_is_not_finite_stays_fp32_with_a_warning():
+    """Scores masked with -inf calibrate to a range of -inf .. x: no grid spans it, so that quantizer is left
+    out (FP32), with a warning that names it, and the other input of the Add keeps its own (a NaN grid there
+    stopped the quantized module)."""
+    torch.manual_seed(0)
+    model = _MaskedScores().eval()
+    with pytest.warns(UserWarning, match=r"1 activation\(s\) left in FP32, their calibrated ranges not finite"):
+        q = lowbit.quantize(model, lowbit.Dataset([torch.randn(2, 4) for _ in range(8)]))
+    add = next(n for n in graph_of(q) if n.op_type == "Add")
+    assert [_fed_by_fq(v) for v in add.inputs] == [True, False]
+    x = torch.randn(64, 4) * 0.5
+    with torch.no_grad():
+        expected, got = model(x), q(x)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+    assert float((got - expected).abs().max()) < 0.05

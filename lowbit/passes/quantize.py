@@ -21,6 +21,7 @@ quantizer's grid spans where a BN is folded into its layer: "folded", W * s, or 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -243,6 +244,10 @@ class Quantize(Pass):
             return PassResult(graph, changed=False, notes=["nothing to quantize"])
         activations = [p for p in points if p.kind == "activation"]
         ranges = activation_ranges(graph, ctx, activations)
+        unbounded = _unbounded(activations, ranges)
+        if unbounded:
+            points = [p for p in points if p.name not in unbounded]
+            activations = [p for p in activations if p.name not in unbounded]
         group_range: dict[int, tuple[float, float]] = {}
         for p in activations:
             if p.group is not None:
@@ -264,4 +269,19 @@ class Quantize(Pass):
                 fq.meta[BEFORE_BN] = True  # it rounds W, the BN's s folded onto its grid at export
         counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
                   "activation_quantizers": len(activations)}
-        return PassResult(graph, changed=True, fired=counts)
+        notes = [f"left in FP32, its calibrated range not finite ({lo} .. {hi}): {name}"
+                 for name, (lo, hi) in unbounded.items()]
+        if unbounded:
+            warnings.warn(f"lowbit: {len(unbounded)} activation(s) left in FP32, their calibrated ranges not finite "
+                          f"(values hold inf or NaN in the calibration data): {', '.join(sorted(unbounded))}",
+                          stacklevel=2)
+        return PassResult(graph, changed=True, fired=counts, notes=notes)
+
+
+def _unbounded(activations: list[QuantPoint], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple]:
+    """The activation quantizers whose calibrated range is not finite (a value that holds -inf, such as scores
+    masked with -inf, or NaN), with their ranges, and every quantizer that shares a range with one: no grid spans
+    them, so they stay FP32 (a NaN grid stopped the quantized module)."""
+    bad = {p.name for p in activations if not all(math.isfinite(e) for e in ranges[p.name])}
+    groups = {p.group for p in activations if p.name in bad and p.group is not None}
+    return {p.name: ranges[p.name] for p in activations if p.name in bad or p.group in groups and p.group is not None}

@@ -4,7 +4,9 @@
    input (the config's `inputs`, or every non-constant float input) and on
    its constant weight. An input that comes from inside the op's own fused
    group (the bias Add of a Conv, ...) is skipped: a quantizer never splits a
-   fused pattern. Ignored nodes ask for nothing.
+   fused pattern. Ignored nodes ask for nothing, and neither does index math
+   (`index_math`: ops whose results reach the outputs only cast to integers
+   or as sizes, such as T5's relative-position buckets).
 2. Requests move up, consumers first, through ops that do not change values'
    grid (MaxPool, Reshape, Flatten, Transpose, Dropout, ..., and ops the
    config marks `propagate`, such as Concat), but only when every consumer of
@@ -144,6 +146,41 @@ def attention_output_matmuls(graph: Graph) -> set[str]:
     return names
 
 
+def index_math(graph: Graph) -> set[str]:
+    """Names of the nodes whose outputs reach the model's outputs only cast to an integer type or read as sizes
+    (Shape): index and position arithmetic done in float. T5's relative-position buckets take the log of each
+    distance (-inf at distance 0), scale it and cast it to a bucket index; a quantizer there would round an
+    index, and its calibrated range was infinite (a NaN grid that stopped the quantized module). Where the
+    sequence length is static, cleanup folds that arithmetic to constants; with a dynamic one it stays.
+    Values a subgraph reads count as reaching the outputs; nodes that reach no output at all (a pooler whose
+    output the model drops) are not index math."""
+    data = _reaching_outputs(graph, through_indices=False)
+    live = _reaching_outputs(graph, through_indices=True)
+    return {node.name for node in graph
+            if any(id(v) in live for v in node.outputs) and not any(id(v) in data for v in node.outputs)}
+
+
+def _reaching_outputs(graph: Graph, through_indices: bool) -> set[int]:
+    """ids of the values the graph outputs (or a subgraph) depend on; without `through_indices`, only through
+    float data: not back through a Shape, nor through a Cast that makes a float an integer."""
+    reached: set[int] = set()
+    stack = list(graph.outputs) + [v for node in graph for v in node.captures]
+    while stack:
+        value = stack.pop()
+        if id(value) in reached:
+            continue
+        reached.add(id(value))
+        node = value.producer
+        if node is None:
+            continue
+        if not through_indices and (channel_flow(node) == "size" or (
+                node.op_type == "Cast" and not node.domain and not is_float(value.dtype)
+                and node.input(0) is not None and is_float(node.input(0).dtype))):
+            continue
+        stack.extend(v for v in node.inputs if v is not None)
+    return reached
+
+
 def reads_two_activations(node: Node) -> bool:
     """A MatMul of two activations, or an Attention (query x key)."""
     if node.domain:
@@ -164,6 +201,7 @@ def _ranges_axis(node: Node, w: Value) -> int | None:
 def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance", ignored: set[str] = frozenset(),
                      skip_ops: frozenset[str] = frozenset(), transformer: bool = False) -> list[QuantPoint]:
     """The quantizers to insert into `graph` (which is not changed)."""
+    ignored = set(ignored) | index_math(graph)
     requests: dict[int, list[_Request]] = {}
     values: dict[int, Value] = {}
     weights: dict[int, QuantPoint] = {}
