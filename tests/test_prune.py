@@ -500,6 +500,46 @@ def test_masks_stay_zero_through_training_grow_on_the_schedule_and_strip_to_the_
         torch.testing.assert_close(stripped(x), y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
 
 
+class _NormedMLP(torch.nn.Module):
+    """A ConvNeXt-style channel MLP: fc1's filters are normalized by a LayerNorm over them, then fc2 reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+def test_masks_on_a_layernormed_group_normalize_over_the_kept_channels_and_strip_to_the_same_outputs():
+    """A LayerNorm over pruned channels: zeroing its masked channels leaves its mean and variance counting them,
+    which the stripped module's do not (ConvNeXt and Swin came out 10 dB from their masked modules). While
+    channels are masked its call normalizes over the kept ones; with none masked it is torch's own again."""
+    from lowbit.pruning.masks import masked_layer_norm
+
+    torch.manual_seed(0)
+    model = _NormedMLP().eval()
+    x = torch.randn(32, 8)
+    masked = lowbit.prune(model, 0.5, mode="mask", example_inputs=(x[:2],),
+                          schedule={"initial": 0.0, "steps": 2, "kind": "linear"})
+    calls = lambda: {n.target for n in masked.graph.nodes if n.op == "call_function"}  # noqa: E731
+    assert masked_layer_norm not in calls() and torch.ops.aten.layer_norm.default in calls()
+    opt = torch.optim.Adam(masked.parameters(), lr=1e-2)
+    masked.train()
+    for _ in range(2):
+        opt.zero_grad()
+        masked(x).pow(2).mean().backward()
+        opt.step()
+        masked.lowbit_pruning.step()
+    assert masked_layer_norm in calls() and torch.ops.aten.layer_norm.default not in calls()
+    masked.eval()
+    stripped = lowbit.strip(masked)
+    assert stripped.get_parameter("norm.weight").shape == (8,)
+    with torch.no_grad():
+        y = masked(x)
+        torch.testing.assert_close(stripped(x), y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, x: lowbit.prune(lowbit.codegen(lowbit.lower(m, (x,)), "onnx"), mode="mask"),
      "mode='mask' needs a torch model"),

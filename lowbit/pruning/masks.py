@@ -8,7 +8,12 @@ positions of each channel). Before every forward it multiplies those tensors
 by their masks, in place: whatever the optimizer does (momentum, weight
 decay), a pruned channel computes nothing. Masking every member (filters,
 biases, BatchNorm scale and shift, the next layers' input channels) makes the
-masked module compute exactly what the physically pruned one will.
+masked module compute exactly what the physically pruned one will. A
+LayerNorm over the channels is the exception a zeroed weight cannot make: its
+mean and variance would still count the masked channels (zeros), and the
+pruned module's do not (a ConvNeXt's or Swin's stripped module came out 10 dB
+from its masked one). So while one of its channels is masked, its call in the
+module computes them over the kept channels only (`masked_layer_norm`).
 
 The ratio follows a schedule over `steps` calls of `step()` (or
 `epoch_step()`, for a schedule counted in epochs): "agp" (automated gradual
@@ -91,6 +96,9 @@ class MaskController:
                 axis = 1 - m.axis if m.value.meta.get("torch_transposed") and np.ndim(m.value.const) == 2 else m.axis
                 targets.append((path, axis, m.segments, m.conv_groups))  # a Linear's: the IR holds it transposed
             self._targets.append(targets)
+        # the LayerNorms over a group's channels, by the path of their scale: see masked_layer_norm
+        self._norms = {names[m.value.name]: m.value.shape[0] for g in self.groups for m in g.members
+                       if m.node.op_type == "LayerNormalization" and m.port == 1 and m.value.name in names}
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
         self._zeroed: list[tuple[str, tuple]] = []  # (tensor path, index of the entries), made by _masked()
@@ -165,7 +173,44 @@ class MaskController:
         self._zeroed = [(path, _entries(state[path].shape, axis, positions, blocks))
                         for targets in self._targets for path, axis, segments, blocks in targets
                         if (positions := _positions(segments, removed, self.cg.find)).size]
+        self._mask_norms()
         self.apply()
+
+    def _mask_norms(self) -> None:
+        """Point each LayerNorm call of the module whose scale has masked channels at masked_layer_norm, with a
+        buffer of its kept channels (1) and masked ones (0); the others at torch's own layer_norm."""
+        import torch
+
+        if not self._norms:
+            return
+        masked = {path: entries for path, entries in self._zeroed if path in self._norms}
+        gm, changed = self.module, False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in (torch.ops.aten.layer_norm.default,
+                                                                 masked_layer_norm):
+                continue
+            weight = node.args[2]
+            path = weight.target if getattr(weight, "op", None) == "get_attr" else None
+            if path not in self._norms:
+                continue
+            args = node.args[:5]
+            if path in masked:
+                buffer = "lowbit_norm_keep_" + path.replace(".", "_")
+                if not hasattr(gm, buffer):
+                    gm.register_buffer(buffer, torch.ones(self._norms[path], device=_tensor(gm, path).device),
+                                       persistent=False)
+                keep = getattr(gm, buffer)
+                keep.fill_(1)
+                keep[masked[path]] = 0
+                if node.target is not masked_layer_norm:
+                    with gm.graph.inserting_before(node):
+                        args = (*args, gm.graph.get_attr(buffer))
+                    node.target, node.args, changed = masked_layer_norm, args, True
+            elif node.target is masked_layer_norm:
+                node.target, node.args, changed = torch.ops.aten.layer_norm.default, args, True
+        if changed:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
 
     def apply(self) -> None:
         """Zero every masked channel's entries, in place (called before each forward)."""
@@ -177,6 +222,24 @@ class MaskController:
                 tensor = state[path]  # looked up each time: .to(device) replaces buffers
                 tensor[tuple(torch.as_tensor(e, device=tensor.device) if isinstance(e, np.ndarray) else e
                              for e in entries)] = 0
+
+
+def masked_layer_norm(x, shape, weight, bias, eps, keep):
+    """torch's layer_norm of `x` over its last len(shape) dims, with the mean and variance taken over the entries
+    where `keep` is 1 only: what the layer computes once the entries where it is 0 are removed (their outputs are
+    0, the masked weight and bias being 0 there)."""
+    dims = tuple(range(-len(shape), 0))
+    count = keep.sum()
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    centered = (x - mean) * keep
+    variance = (centered * centered).sum(dims, keepdim=True) / count
+    out = centered / (variance + eps).sqrt() * weight
+    return out if bias is None else out + bias
+
+
+def _tensor(module, path: str):
+    """The parameter or buffer of `module` at the dotted `path`."""
+    return module.get_parameter(path) if path in dict(module.named_parameters()) else module.get_buffer(path)
 
 
 def _entries(shape, axis: int, positions: np.ndarray, blocks: int) -> tuple:
