@@ -805,21 +805,23 @@ def test_index_math_gets_no_quantizer_and_a_dynamic_length_model_runs():
 
 
 class _MaskedScores(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, fill: float):
         super().__init__()
-        self.q, self.k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.q, self.k, self.fill = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), fill
 
     def forward(self, x):
-        return torch.softmax(self.q(x) + self.k(x).masked_fill(x > 1.0, float("-inf")), -1)
+        return torch.softmax(self.q(x) + self.k(x).masked_fill(x > 1.0, self.fill), -1)
 
 
-def test_an_activation_whose_range_is_not_finite_stays_fp32_with_a_warning():
-    """Scores masked with -inf calibrate to a range of -inf .. x: no grid spans it, so that quantizer is left
-    out (FP32), with a warning that names it, and the other input of the Add keeps its own (a NaN grid there
-    stopped the quantized module)."""
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min], ids=["-inf", "float32_min"])
+def test_an_activation_whose_range_is_not_finite_stays_fp32_with_a_warning(fill):
+    """Scores masked with -inf calibrate to a range of -inf .. x, and masked with float32's lowest value (as
+    transformers' Gemma-2 and Bloom masks are) to a symmetric grid whose low end is -inf in float32: no grid
+    spans either, so that quantizer is left out (FP32), with a warning that names it, and the other input of
+    the Add keeps its own (a NaN grid there stopped the quantized module)."""
     torch.manual_seed(0)
-    model = _MaskedScores().eval()
-    with pytest.warns(UserWarning, match=r"1 activation\(s\) left in FP32, their calibrated ranges not finite"):
+    model = _MaskedScores(fill).eval()
+    with pytest.warns(UserWarning, match=r"1 value\(s\) left in FP32: their calibrated ranges hold inf or NaN"):
         q = lowbit.quantize(model, lowbit.Dataset([torch.randn(2, 4) for _ in range(8)]))
     add = next(n for n in graph_of(q) if n.op_type == "Add")
     assert [_fed_by_fq(v) for v in add.inputs] == [True, False]
@@ -828,3 +830,29 @@ def test_an_activation_whose_range_is_not_finite_stays_fp32_with_a_warning():
         expected, got = model(x), q(x)
     assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
     assert float((got - expected).abs().max()) < 0.05
+
+
+class _EmptyHalf(torch.nn.Module):
+    """Phi-3's rotary embedding in small: the pass-through half it concatenates is empty (y[..., 4:] of 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.cat([y[..., :4] * 2.0, y[..., 4:] * 3.0], -1)
+
+
+def test_an_empty_tensor_gets_no_quantizer():
+    """An empty value (Phi-3's rotary pass-through half) asked for a quantizer, and calibrating it failed (numpy:
+    "zero-size array to reduction operation minimum") where cleanup had not removed it: in QAT
+    (create_compressed_model runs no cleanup). It asks for none now; the rest is quantized."""
+    model = _EmptyHalf().eval()
+    x = torch.randn(2, 4)
+    q = lowbit.compile(model, ["fold_bn", "fuse", "quantize"], dataset=lowbit.Dataset([x, x]))
+    graph = graph_of(q)
+    empty = [n for n in graph if n.op_type == "FakeQuantize" and 0 in (n.input(0).shape or ())]
+    assert empty == [] and sum(n.op_type == "FakeQuantize" for n in graph) >= 3
+    with torch.no_grad():
+        assert q(x).shape == (2, 4)

@@ -263,19 +263,31 @@ class Quantize(Pass):
                                       resolved(ctx.options.weight_range_estimator, p.config), id(p) in half)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
-            r = fq_range(p.config, lo, hi, half_range=id(p) in half)
+            with np.errstate(over="ignore"):  # a range past float32's: _representable says so, with a warning
+                r = fq_range(p.config, lo, hi, half_range=id(p) in half)
+            if not _representable(r):  # a mask of float32's lowest value: its grid's end or width overflows
+                unbounded[p.name] = (float(np.min(lo)), float(np.max(hi)))
+                continue
             fq = insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
             if unfolded and p.kind == "weight" and merged_layer(p, merged_bn) is not None:
                 fq.meta[BEFORE_BN] = True  # it rounds W, the BN's s folded onto its grid at export
-        counts = {"weight_quantizers": sum(p.kind == "weight" for p in points),
-                  "activation_quantizers": len(activations)}
-        notes = [f"left in FP32, its calibrated range not finite ({lo} .. {hi}): {name}"
+        counts = {"weight_quantizers": sum(p.kind == "weight" and p.name not in unbounded for p in points),
+                  "activation_quantizers": sum(p.name not in unbounded for p in activations)}
+        notes = [f"left in FP32, no float32 grid spans its calibrated range ({lo} .. {hi}): {name}"
                  for name, (lo, hi) in unbounded.items()]
         if unbounded:
-            warnings.warn(f"lowbit: {len(unbounded)} activation(s) left in FP32, their calibrated ranges not finite "
-                          f"(values hold inf or NaN in the calibration data): {', '.join(sorted(unbounded))}",
-                          stacklevel=2)
+            warnings.warn(f"lowbit: {len(unbounded)} value(s) left in FP32: their calibrated ranges hold inf or NaN, "
+                          "or span more than float32 can (a mask of float32's lowest value), so no grid spans them: "
+                          f"{', '.join(sorted(unbounded))}", stacklevel=2)
         return PassResult(graph, changed=True, fired=counts, notes=notes)
+
+
+def _representable(r) -> bool:
+    """True if a grid's ends and its width are finite float32 numbers (the torch and QDQ quantizers compute in
+    float32: a symmetric grid over float32's lowest value ends at -inf there)."""
+    low, high = np.asarray(r.low, np.float32), np.asarray(r.high, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(np.isfinite(high - low)))
 
 
 def _unbounded(activations: list[QuantPoint], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple]:

@@ -208,6 +208,8 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
     group_ids = iter(range(1, 1 << 30))
 
     def ask(v: Value, req: _Request) -> None:
+        if v.shape is not None and any(isinstance(d, int) and d == 0 for d in v.shape):
+            return  # an empty tensor (Phi-3's rotary pass-through half, x[..., 32:] of 32): nothing to quantize
         requests.setdefault(id(v), []).append(req)
         values[id(v)] = v
 
