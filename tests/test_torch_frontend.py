@@ -146,6 +146,34 @@ def test_generated_module_has_the_original_parameter_names_and_trains():
     assert params["conv1.weight"].grad is not None and params["conv1.weight"].grad.abs().sum() > 0
 
 
+class _RotaryTable(torch.nn.Module):
+    """Llama's and Phi-3's rotary frequencies, `inv_freq.to(x.device, torch.float32)` (aten.to.device: lowbit runs it
+    once at lowering), and a buffer transposed (cleanup folds it): constants of the lowered graph, no weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", torch.arange(1, 5, dtype=torch.float32) / 4)
+        self.register_buffer("table", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.fc(x) * self.inv_freq.to(x.device, torch.float32) + x @ self.table.t()
+
+
+@pytest.mark.parametrize("passes", [[], ["cleanup"]])
+def test_constants_computed_from_buffers_stay_buffers_and_train_nothing(passes):
+    """What lowbit computes once from buffers and literals is a buffer of the generated module, not a parameter
+    an optimizer would train: Llama's rotary frequencies were a trainable `to_3_value` in every
+    QAT and pruned module (4 more parameters than the model), Phi-3's too."""
+    model = _RotaryTable().eval()
+    x = torch.randn(2, 4)
+    module = lowbit.compile(model, passes, example_inputs=(x,))
+    assert {name for name, _ in module.named_parameters()} == {"fc.weight", "fc.bias"}
+    assert sum(b.numel() for b in module.buffers()) >= 4 + 16
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x))
+
+
 def test_lowering_never_mutates_the_user_model():
     model, inputs = _reference("mobilenet_v2")
     model.train()  # a training-mode model is lowered with eval semantics, on a copy

@@ -41,6 +41,7 @@ def fold_opaque_constants(graph: Graph) -> int:
     for v, array in zip(boundary, arrays):
         const = graph.add_constant(f"{v.name}_computed", array)
         const.dtype, const.shape = v.dtype, v.shape
+        const.meta["torch_kind"] = "computed"  # from literals: a buffer of the module, not a weight
         graph.replace_all_uses(v, const)
     remove_dead(graph, part)
     graph.remove_unused_constants()

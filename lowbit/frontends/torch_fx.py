@@ -277,7 +277,9 @@ class _Lowerer:
             return torch.from_numpy(np.array(self.env[a].const)) if isinstance(a, fx.Node) else a
         args, kwargs = torch.utils._pytree.tree_map(to_tensor, (node.args, node.kwargs))
         out = (target or node.target)(*args, **kwargs)
-        return self.const(out.detach().cpu().numpy(), "value")
+        value = self.const(out.detach().cpu().numpy(), "value")
+        value.meta["torch_kind"] = "computed"  # from buffers and literals: a buffer of the module, not a weight
+        return value
 
     def opaque(self, node: fx.Node, target: Any = None) -> Any:
         """Keep an aten op lowbit does not map: tensor args become inputs, the rest a template."""

@@ -86,12 +86,25 @@ def fold_constants(graph: Graph) -> int:
                 continue
         if any(r.size > MAX_FOLDED_ELEMENTS for r in results):
             continue
+        kind = _folded_kind(graph, node)
         for value, array in zip(node.outputs, results):
             const = graph.add_constant(f"{value.name}_folded", array)
+            if kind is not None:
+                const.meta["torch_kind"] = kind
             graph.replace_all_uses(value, const)
         graph.remove(node)
         folded += 1
     return folded
+
+
+def _folded_kind(graph: Graph, node) -> str | None:
+    """What a torch module holds a folded result of `node` as: a parameter where it is computed from one (a
+    transposed weight), else "computed" (from buffers and literals: a position table; the module holds it as a
+    buffer); None for an ONNX model, whose initializers all become parameters."""
+    if graph.meta.get("origin") != "torch":
+        return None
+    return "parameter" if any(v is not None and v.meta.get("torch_kind") == "parameter" for v in node.inputs) \
+        else "computed"
 
 
 def remove_dead_nodes(graph: Graph) -> int:
