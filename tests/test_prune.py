@@ -256,6 +256,61 @@ def test_a_decoder_file_prunes_to_the_modules_counts_and_runs_in_onnx_runtime_an
     np.testing.assert_allclose(run_openvino(xml, [x.numpy()])[0], expected, rtol=1e-4, atol=1e-4)
 
 
+class _GatedMLP(torch.nn.Module):
+    """Phi-3's MLP: one Linear makes the gate and the up projection, chunked in two, silu(gate) * up, down."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up, self.down, self.head = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.head(x + self.down(torch.nn.functional.silu(gate) * up))
+
+
+class _SlicedConv(torch.nn.Module):
+    """A conv's channels cut by Slices into two branches of different widths, added back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.a, self.b = torch.nn.Conv2d(4, 6, 1), torch.nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.a(y[:, :4]) + self.b(y[:, 4:])
+
+
+@pytest.mark.parametrize("make, x, shapes", [
+    (_GatedMLP, (2, 5, 8), {"gate_up.weight": (16, 8), "down.weight": (8, 8), "head.weight": (4, 8)}),
+    (_SlicedConv, (2, 3, 8, 8), {"conv.weight": (6, 3, 3, 3), "a.weight": (6, 2, 1, 1), "b.weight": (6, 4, 1, 1)}),
+], ids=["split", "slice"])
+def test_a_split_or_slice_of_the_channel_axis_prunes_each_part_and_follows_with_its_sizes(make, x, shapes):
+    """A Split or Slice of the channel axis sends each part of a layer's filters to other readers: each part is a
+    group of its own (the chunked gate and up are tied again by their product, so channel i goes from both
+    halves), and the Split's sizes and the Slices' bounds follow the cut. They blocked the whole layer before.
+    From torch and from the ONNX file alike; both runtimes compute what the pruned module does; masks strip to it."""
+    from lowbit.pruning import cost
+
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(*x)
+    pruned = lowbit.prune(model, 0.5, example_inputs=(x,))
+    assert {k: tuple(v.shape) for k, v in pruned.state_dict().items() if k in shapes} == shapes
+    from_onnx = lowbit.prune(lowbit.codegen(lowbit.lower(model, (x,)), "onnx"), 0.5)
+    params = cost(graph_of(pruned)).params
+    assert cost(lowbit.lower(from_onnx)).params == params < cost(lowbit.lower(model, (x,))).params
+    with torch.no_grad():
+        expected = pruned(x).numpy()
+    np.testing.assert_allclose(run_onnx(from_onnx, {from_onnx.graph.input[0].name: x.numpy()})[0], expected,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_openvino(lowbit.codegen(graph_of(pruned), "openvino"), [x.numpy()])[0],
+                               expected, rtol=1e-4, atol=1e-4)
+    masked = lowbit.prune(model, 0.5, mode="mask", example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(lowbit.strip(masked)(x), masked(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(masked(x), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "densenet"])
 def test_a_zero_ratio_is_the_identity(name):
     model, x = _model(name)

@@ -9,7 +9,7 @@ import numpy as np
 from ..ir.graph import Node, Value
 from ..ir.infer import picked_dims
 from ..ir.ops import (DIM_CARRIERS, REGROUPING, activation_axis, attribute, channel_params, const_axes,
-                      transpose_perm, weight_in_axis, weight_out_axis, weight_quantizer)
+                      split_sizes, transpose_perm, weight_in_axis, weight_out_axis, weight_quantizer)
 from .heads import shape_entry
 from .layout import ChannelGroups, Layout, Member, Segment
 
@@ -274,6 +274,9 @@ def _concat(cg: ChannelGroups, node: Node, keep) -> bool:
 
 
 def _split(cg: ChannelGroups, node: Node, keep) -> bool:
+    """A Split or Slice of other axes keeps the channels; one of the channel axis gives each output the channels of
+    its range, the groups it cuts through refined into parts (`ChannelGroups.refine`), and its sizes follow the
+    cuts (shrink.py)."""
     layout, rank = cg.layout(node.input(0)), _rank(node.input(0))
     axis = node.attrs.get("axis", 0)
     if node.op_type == "Slice":
@@ -282,11 +285,68 @@ def _split(cg: ChannelGroups, node: Node, keep) -> bool:
             return False
     else:
         touched = [axis % rank] if rank is not None else None
-    if touched is None or layout.axis in touched:
-        return False  # a cut of the channel axis
-    for out in node.outputs:
-        cg.set_layout(out, layout)
+    if touched is None:
+        return False
+    if layout.axis not in touched:
+        for out in node.outputs:
+            cg.set_layout(out, layout)
+        return True
+    ranges = channel_ranges(node, layout.size) if touched == [layout.axis] else None
+    if ranges is None or not _cut_at(cg, node.input(0), sorted({end for r in ranges for end in r})):
+        return False
+    layout = cg.layout(node.input(0))
+    for out, (start, end) in zip(node.outputs, ranges):
+        cg.set_layout(out, Layout(layout.axis, _segments_in(layout, start, end)))
+    cg.channel_splits.append(node)
     return True
+
+
+def channel_ranges(node: Node, size: int) -> list[tuple[int, int]] | None:
+    """The [start, end) entries of the split axis each output of a Split (its constant sizes, or equal parts) or
+    a Slice (constant bounds, step 1) takes, of `size`; None where they are not constants."""
+    if node.op_type == "Split":
+        sizes = split_sizes(node, size)
+        if sizes is None or sum(sizes) != size:
+            return None
+        ends = np.cumsum(sizes).tolist()
+        return [(end - n, end) for n, end in zip(sizes, ends)]
+    bounds = [node.input(i).const if len(node.inputs) > i and node.input(i) is not None else None for i in (1, 2)]
+    steps = node.input(4) if len(node.inputs) > 4 else None
+    if any(b is None or np.size(b) != 1 for b in bounds) or (
+            steps is not None and (steps.const is None or np.ravel(steps.const).tolist() != [1])):
+        return None
+    start, end = (int(np.ravel(b)[0]) for b in bounds)
+    start, end = (min(max(i + size if i < 0 else i, 0), size) for i in (start, end))
+    return [(start, max(start, end))]
+
+
+def _cut_at(cg: ChannelGroups, value: Value, boundaries: list[int]) -> bool:
+    """Refine the groups of `value`'s layout so that each boundary (an entry of its axis) falls between two
+    segments; False where one cannot be (inside a channel's repeats, or a group that cannot be refined)."""
+    for boundary in boundaries:
+        offset = 0
+        for seg in cg.layout(value).segments:
+            width = seg.length * seg.repeat
+            if offset < boundary < offset + width:
+                cut, rest = divmod(boundary - offset, seg.repeat)
+                root = cg.find(seg.group) if seg.group is not None else None
+                if rest or root is None or seg.length != cg.size(root) \
+                        or cg.refine(root, [cut, seg.length - cut]) is None:
+                    return False
+                break
+            offset += width
+    return True
+
+
+def _segments_in(layout: Layout, start: int, end: int) -> tuple[Segment, ...]:
+    """The segments of `layout` that lie in entries [start, end) (boundaries fall between segments)."""
+    out, offset = [], 0
+    for seg in layout.segments:
+        width = seg.length * seg.repeat
+        if start <= offset and offset + width <= end and width:
+            out.append(seg)
+        offset += width
+    return tuple(out)
 
 
 def _reshape(cg: ChannelGroups, node: Node, keep) -> bool:

@@ -14,11 +14,16 @@ the channels it reads lose as many channels from each of its G input blocks
   reads each group at an offset;
 - a Flatten before a Gemm repeats each channel over the spatial size;
 - a Transpose, Squeeze, Unsqueeze or Gather on another axis moves the channel
-  axis.
+  axis;
+- a Split or Slice of the channel axis (constant sizes or bounds) gives each
+  output the channels of its range: a group it cuts through becomes one group
+  per part (`ChannelGroups.refine`; Phi-3's chunked gate and up projections
+  are tied again by their product), and its sizes follow the cut (shrink.py).
 
 What cannot be followed blocks the groups that reach it, with the reason: an
-opaque op, a Reshape that mixes channels, a Split of the channel axis, a
-graph output (its shape is kept), a MatMul of two activations (attention).
+opaque op, a Reshape that mixes channels, a Split of the channel axis inside a
+group joined to others, a graph output (its shape is kept), a MatMul of two
+activations (attention).
 `channel_groups(graph)` does the analysis and changes nothing.
 """
 

@@ -3,6 +3,7 @@ the union-find over groups (`ChannelGroups`). `groups.py` builds them; `flows.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -95,6 +96,8 @@ class ChannelGroups:
         self.layouts: dict[int, tuple[Value, Layout]] = {}  # id(value) -> (value, layout)
         self.heads: list[tuple[int, HeadStructure]] = []  # (group, structure) of each prunable attention
         self.reshape_entries: list[tuple[Node, Layout]] = []  # Reshapes whose target spells a channel count out
+        self.channel_splits: list[Node] = []  # Splits and Slices of the channel axis: their sizes follow the cuts
+        self._retired: set[int] = set()  # groups refined into parts (`refine`)
         self.head_projections: set[int] = set()  # ids of the MatMuls that make heads (no channel group of their own)
         self.depthwise: dict[int, tuple[Node, int]] = {}  # id(depthwise Conv or ConvTranspose) -> (it, its
         # filters per channel)
@@ -139,6 +142,39 @@ class ChannelGroups:
         if b in self._blocked:
             self._blocked.setdefault(a, self._blocked.pop(b))
 
+    def size(self, g: int) -> int:
+        """How many channels group `g` (a root) holds."""
+        return self._size[g]
+
+    def refine(self, g: int, sizes: list[int]) -> list[int] | None:
+        """Make group `g` consecutive groups of `sizes` channels, in every layout and member that holds it: a Split
+        or Slice of its channels sends each part to other readers (Phi-3's fused gate and up projections, cut in
+        two and multiplied). Returns the parts; None where `g` cannot be cut: it was joined to another group, or
+        is cut in blocks (a grouped Conv's)."""
+        if self.find(g) != g or self._blocks[g] != 1 or sum(sizes) != self._size[g] or any(
+                self.find(h) == g for h, _ in self.heads) or any(
+                self.find(o) == g for o in range(len(self._parent)) if o != g and o not in self._retired):
+            return None
+        parts = []
+        for size in sizes:
+            self._parent.append(len(self._parent))
+            self._size.append(size)
+            self._producers.append(list(self._producers[g]))
+            self._blocks.append(1)
+            parts.append(len(self._parent) - 1)
+            if g in self._blocked:
+                self._blocked[parts[-1]] = self._blocked[g]
+        self._retired.add(g)
+
+        def cut(segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
+            return tuple(piece for seg in segments for piece in (
+                [Segment(p, n, seg.repeat) for p, n in zip(parts, sizes)] if seg.group == g else [seg]))
+
+        self.members = [dataclasses.replace(m, segments=cut(m.segments)) for m in self.members]
+        self.layouts = {key: (v, Layout(lay.axis, cut(lay.segments))) for key, (v, lay) in self.layouts.items()}
+        self.reshape_entries = [(n, Layout(lay.axis, cut(lay.segments))) for n, lay in self.reshape_entries]
+        return parts
+
     def block_ids(self, ids, reason: str) -> None:
         for g in ids:
             if g is not None:
@@ -167,6 +203,8 @@ class ChannelGroups:
         """Every group, in the order its first layer appears, with its members and blocking reason."""
         by_root: dict[int, Group] = {}
         for g in range(len(self._parent)):
+            if g in self._retired:
+                continue
             root = self.find(g)
             if root not in by_root:
                 by_root[root] = Group(root, self._size[root], list(self._producers[root]),

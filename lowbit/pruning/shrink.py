@@ -16,6 +16,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.infer import reinfer
 from ..ir.ops import weight_out_axis, weight_quantizer
 from ..patterns.library.bn_folding import FOLDED_BN_SCALE
+from .flows import channel_ranges
 from .groups import ChannelGroups, Layout, Segment
 from .heads import rewrite_shapes, set_shape_entry
 from .layout import row_blocks
@@ -90,6 +91,24 @@ def _cut_folded_bn_scale(node: Node, port: int, by_axis: dict[int, np.ndarray], 
         node.meta[FOLDED_BN_SCALE] = tuple(np.delete(np.asarray(s), gone).tolist())
 
 
+def _resize_split(graph: Graph, node: Node, layout: Layout, removed: dict[int, np.ndarray], find) -> None:
+    """Write a Split's sizes (a constant input, also where it had equal parts) or a Slice's bounds for the entries
+    of its axis that stay: each output keeps its own channels."""
+    gone = _positions(layout.segments, removed, find)
+    kept_before = lambda entry: entry - int(np.count_nonzero(gone < entry))  # noqa: E731
+    ranges = channel_ranges(node, layout.size)
+    if node.op_type == "Split":
+        sizes = np.array([kept_before(end) - kept_before(start) for start, end in ranges], np.int64)
+        node.attrs.pop("num_outputs", None)  # equal parts may no longer be equal: written out
+        if len(node.inputs) < 2:
+            node.append_input(None)
+        node.set_input(1, graph.add_constant(f"{node.name}_split_pruned", sizes))
+        return
+    start, end = ranges[0]
+    node.set_input(1, graph.add_constant(f"{node.name}_starts_pruned", np.array([kept_before(start)], np.int64)))
+    node.set_input(2, graph.add_constant(f"{node.name}_ends_pruned", np.array([kept_before(end)], np.int64)))
+
+
 def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> int:
     """Remove `removed[group root]` (channel indices) from every member; returns how many constants changed."""
     find = cg.find
@@ -125,6 +144,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
             rewrite_shapes(structure, structure.heads - gone.size)
     for reshape, layout in cg.reshape_entries:  # the channel counts a Reshape's target spells out
         set_shape_entry(reshape, layout.axis, _kept_size(layout, removed, find))
+    for node in cg.channel_splits:  # the sizes of a Split or Slice of the channel axis, for the channels kept
+        _resize_split(graph, node, cg.layout(node.input(0)), removed, find)
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)
