@@ -1112,3 +1112,45 @@ def test_a_decoder_file_from_torchs_default_exporter_prunes_as_its_module_does(n
     np.testing.assert_allclose(run_onnx(pruned, {"x": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(run_openvino(lowbit.codegen(lowbit.lower(pruned), "openvino"), [x.numpy()])[0],
                                expected, rtol=1e-4, atol=1e-4)
+
+
+def _split_file(opset: int) -> onnx.ModelProto:
+    """MatMul -> Relu -> Split of its 24 channels in 8 and 16 -> two MatMuls added: the sizes an attribute before
+    opset 13, an input from it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w": (8, 24), "wa": (8, 4), "wb": (16, 4)}
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in weights.items()]
+    if opset < 13:
+        split = helper.make_node("Split", ["y"], ["a", "b"], axis=1, split=[8, 16])
+    else:
+        init.append(numpy_helper.from_array(np.array([8, 16], np.int64), "sizes"))
+        split = helper.make_node("Split", ["y", "sizes"], ["a", "b"], axis=1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"]), split,
+             helper.make_node("MatMul", ["a", "wa"], ["oa"]), helper.make_node("MatMul", ["b", "wb"], ["ob"]),
+             helper.make_node("Add", ["oa", "ob"], ["out"])]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+def test_a_split_files_sizes_follow_the_cut_in_the_form_its_opset_takes():
+    """Before opset 13 a Split's sizes are an attribute, from it an input: each file keeps its form, loses the
+    same channels (8 -> 4 and 16 -> 8) and computes the same outputs."""
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    outputs = []
+    for opset in (11, 13, 18):
+        pruned = lowbit.prune(_split_file(opset), 0.5)
+        onnx.checker.check_model(pruned)
+        shapes = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+        split = next(n for n in pruned.graph.node if n.op_type == "Split")
+        sizes = [list(a.ints) for a in split.attribute if a.name == "split"] if opset < 13 else \
+            [onnx.numpy_helper.to_array(i).tolist() for i in pruned.graph.initializer if i.name == split.input[1]]
+        assert (shapes["w"], shapes["wa"], shapes["wb"], sizes) == ((8, 12), (4, 4), (8, 4), [[4, 8]]), opset
+        assert "sizes" not in shapes  # the sizes it read before are gone
+        outputs.append(run_onnx(pruned, {"x": x})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])

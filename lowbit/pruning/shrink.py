@@ -100,6 +100,9 @@ def _resize_split(graph: Graph, node: Node, layout: Layout, removed: dict[int, n
     if node.op_type == "Split":
         sizes = np.array([kept_before(end) - kept_before(start) for start, end in ranges], np.int64)
         node.attrs.pop("num_outputs", None)  # equal parts may no longer be equal: written out
+        if node.attrs.get("split") is not None or graph.opset_imports.get("", 21) < 13:
+            node.attrs["split"] = sizes.tolist()  # before opset 13 the sizes are an attribute
+            return
         if len(node.inputs) < 2:
             node.append_input(None)
         node.set_input(1, graph.add_constant(f"{node.name}_split_pruned", sizes))
@@ -146,6 +149,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         set_shape_entry(reshape, layout.axis, _kept_size(layout, removed, find))
     for node in cg.channel_splits:  # the sizes of a Split or Slice of the channel axis, for the channels kept
         _resize_split(graph, node, cg.layout(node.input(0)), removed, find)
+    if cg.channel_splits:
+        graph.remove_unused_constants()  # the sizes and bounds they read before
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)
