@@ -211,8 +211,11 @@ def weight_out_axis(node) -> int | None:
 
 
 def split_sizes(node, length) -> list[int] | None:
-    """A Split's part sizes along its axis, `length` long: its constant `split` input, or, without one (opset 18's
-    `num_outputs`, or before it), equal parts, one per output, where `length` divides evenly. None otherwise."""
+    """A Split's part sizes along its axis, `length` long: its constant `split` input (its `split` attribute before
+    opset 13), or, without one (opset 18's `num_outputs`, or before it), equal parts, one per output, where
+    `length` divides evenly. None otherwise."""
+    if node.attrs.get("split") is not None:
+        return [int(s) for s in node.attrs["split"]]
     sizes = node.inputs[1] if len(node.inputs) > 1 else None
     if sizes is not None:
         return [int(s) for s in np.asarray(sizes.const).reshape(-1)] if sizes.const is not None else None

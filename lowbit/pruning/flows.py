@@ -305,8 +305,7 @@ def channel_ranges(node: Node, size: int) -> list[tuple[int, int]] | None:
     """The [start, end) entries of the split axis each output of a Split (its constant sizes, or equal parts) or
     a Slice (constant bounds, step 1) takes, of `size`; None where they are not constants."""
     if node.op_type == "Split":
-        sizes = [int(n) for n in node.attrs["split"]] if node.attrs.get("split") is not None \
-            else split_sizes(node, size)  # opsets before 13 give the sizes as an attribute
+        sizes = split_sizes(node, size)
         if sizes is None or sum(sizes) != size:
             return None
         ends = np.cumsum(sizes).tolist()

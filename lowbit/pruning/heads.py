@@ -811,16 +811,25 @@ def rewrite_shapes(structure: HeadStructure, kept: int) -> None:
     for reshape, dim, unit in dict.fromkeys(structure.shape_entries):
         set_shape_entry(reshape, dim, kept * unit)
     for split, unit in dict.fromkeys(structure.split_sizes):
-        sizes = split.input(1) if len(split.inputs) > 1 else None
-        if sizes is None:  # equal parts by `num_outputs`: they stay equal
-            continue
-        array = np.full_like(sizes.const, kept * unit)
-        if len(sizes.uses) > 1:
-            split.set_input(1, split.graph.add_constant(f"{sizes.name}_pruned", array))
-        else:
-            sizes.const = array
+        if split.attrs.get("split") is None and (len(split.inputs) < 2 or split.input(1) is None):
+            continue  # equal parts by `num_outputs` (or by default): they stay equal
+        set_split_sizes(split, [kept * unit] * len(split.outputs))
     for value, dim, unit in structure.value_dims:
         if value.shape is not None and isinstance(value.shape[dim], int):
             shape = list(value.shape)
             shape[dim] = kept * unit
             value.shape = tuple(shape)
+
+
+def set_split_sizes(split: Node, sizes) -> None:
+    """Write a Split's part sizes in the form its opset takes: its `split` attribute before opset 13 (or where it
+    has one), else a new constant sizes input (a Split of equal parts by `num_outputs` loses that attribute: the
+    parts may differ now). Shrink removes the constant it read before, if nothing else reads it."""
+    sizes = np.asarray(sizes, np.int64)
+    if split.attrs.get("split") is not None or split.graph.opset_imports.get("", 21) < 13:
+        split.attrs["split"] = sizes.tolist()
+        return
+    split.attrs.pop("num_outputs", None)
+    if len(split.inputs) < 2:
+        split.append_input(None)
+    split.set_input(1, split.graph.add_constant(f"{split.name}_split_pruned", sizes))

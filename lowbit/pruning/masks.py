@@ -96,8 +96,8 @@ class MaskController:
                 axis = 1 - m.axis if m.value.meta.get("torch_transposed") and np.ndim(m.value.const) == 2 else m.axis
                 targets.append((path, axis, m.segments, m.conv_groups))  # a Linear's: the IR holds it transposed
             self._targets.append(targets)
-        # the LayerNorms over a group's channels, by the path of their scale: see masked_layer_norm
-        self._norms = {names[m.value.name]: m.value.shape[0] for g in self.groups for m in g.members
+        # the paths of the scales of the LayerNorms over a group's channels: see masked_layer_norm
+        self._norms = {names[m.value.name] for g in self.groups for m in g.members
                        if m.node.op_type == "LayerNormalization" and m.port == 1 and m.value.name in names}
         self.masks: dict[str, np.ndarray] = {}
         self._keep: list[np.ndarray] = [np.ones(g.size, bool) for g in self.groups]
@@ -173,12 +173,13 @@ class MaskController:
         self._zeroed = [(path, _entries(state[path].shape, axis, positions, blocks))
                         for targets in self._targets for path, axis, segments, blocks in targets
                         if (positions := _positions(segments, removed, self.cg.find)).size]
-        self._mask_norms()
+        self._mask_norms(state)
         self.apply()
 
-    def _mask_norms(self) -> None:
+    def _mask_norms(self, state: dict) -> None:
         """Point each LayerNorm call of the module whose scale has masked channels at masked_layer_norm, with a
-        buffer of its kept channels (1) and masked ones (0); the others at torch's own layer_norm."""
+        buffer of its kept channels (1) and masked ones (0); the others at torch's own layer_norm. `state`: the
+        module's parameters and buffers by path."""
         import torch
 
         if not self._norms:
@@ -197,8 +198,8 @@ class MaskController:
             if path in masked:
                 buffer = "lowbit_norm_keep_" + path.replace(".", "_")
                 if not hasattr(gm, buffer):
-                    gm.register_buffer(buffer, torch.ones(self._norms[path], device=_tensor(gm, path).device),
-                                       persistent=False)
+                    scale = state[path]
+                    gm.register_buffer(buffer, torch.ones(scale.shape[0], device=scale.device), persistent=False)
                 keep = getattr(gm, buffer)
                 keep.fill_(1)
                 keep[masked[path]] = 0
@@ -235,11 +236,6 @@ def masked_layer_norm(x, shape, weight, bias, eps, keep):
     variance = (centered * centered).sum(dims, keepdim=True) / count
     out = centered / (variance + eps).sqrt() * weight
     return out if bias is None else out + bias
-
-
-def _tensor(module, path: str):
-    """The parameter or buffer of `module` at the dotted `path`."""
-    return module.get_parameter(path) if path in dict(module.named_parameters()) else module.get_buffer(path)
 
 
 def _entries(shape, axis: int, positions: np.ndarray, blocks: int) -> tuple:

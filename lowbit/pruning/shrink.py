@@ -18,7 +18,7 @@ from ..ir.ops import weight_out_axis, weight_quantizer
 from ..patterns.library.bn_folding import FOLDED_BN_SCALE
 from .flows import channel_ranges
 from .groups import ChannelGroups, Layout, Segment
-from .heads import rewrite_shapes, set_shape_entry
+from .heads import rewrite_shapes, set_shape_entry, set_split_sizes
 from .layout import row_blocks
 
 
@@ -98,14 +98,7 @@ def _resize_split(graph: Graph, node: Node, layout: Layout, removed: dict[int, n
     kept_before = lambda entry: entry - int(np.count_nonzero(gone < entry))  # noqa: E731
     ranges = channel_ranges(node, layout.size)
     if node.op_type == "Split":
-        sizes = np.array([kept_before(end) - kept_before(start) for start, end in ranges], np.int64)
-        node.attrs.pop("num_outputs", None)  # equal parts may no longer be equal: written out
-        if node.attrs.get("split") is not None or graph.opset_imports.get("", 21) < 13:
-            node.attrs["split"] = sizes.tolist()  # before opset 13 the sizes are an attribute
-            return
-        if len(node.inputs) < 2:
-            node.append_input(None)
-        node.set_input(1, graph.add_constant(f"{node.name}_split_pruned", sizes))
+        set_split_sizes(node, [kept_before(end) - kept_before(start) for start, end in ranges])
         return
     start, end = ranges[0]
     node.set_input(1, graph.add_constant(f"{node.name}_starts_pruned", np.array([kept_before(start)], np.int64)))
@@ -138,7 +131,6 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         for node, port, by_axis, _ in readers.values():
             _cut_folded_bn_scale(node, port, by_axis, v.const.ndim)
         _cut(graph, v, list(readers.values()))
-    graph.remove_unused_constants()  # a constant whose every reader now reads its own cut of it
     for node, holder, port, multiplier in depthwise:  # a depthwise Conv's group follows its filters
         node.attrs["group"] = int(holder.input(port).const.shape[0]) // multiplier
     for g, structure in cg.heads:  # the Reshapes around attention, for the heads kept
@@ -149,8 +141,8 @@ def shrink(graph: Graph, cg: ChannelGroups, removed: dict[int, np.ndarray]) -> i
         set_shape_entry(reshape, layout.axis, _kept_size(layout, removed, find))
     for node in cg.channel_splits:  # the sizes of a Split or Slice of the channel axis, for the channels kept
         _resize_split(graph, node, cg.layout(node.input(0)), removed, find)
-    if cg.channel_splits:
-        graph.remove_unused_constants()  # the sizes and bounds they read before
+    # a constant whose every reader now reads its own cut of it, the sizes and bounds a Split or Slice read before
+    graph.remove_unused_constants()
     for v, layout in cg.layouts.values():
         if v.shape is not None:
             shape = list(v.shape)
