@@ -19,7 +19,10 @@ ReLU6 output: with an int8 input it stayed in float). So does a group with a
 signed grid that several ops read: ONNX Runtime converts an int8 Q -> DQ to
 uint8 itself only where one DequantizeLinear reads the QuantizeLinear (a
 Conv before a SiLU, whose Sigmoid and Mul both read it, stayed in float
-beside its uint8 input). Every other signed grid
+beside its uint8 input), and gives each reader its own DequantizeLinear. So
+a signed grid read by several ops, a layer among them, is uint8 too, in or
+out of a group (a transformer's LayerNorm output read by the next layer and
+the residual Add: that layer ran in float). Every other signed grid
 is int8 with zero point 0, the form OpenVINO needs: it cannot move a
 dequantization with a zero point through a ReLU or into a fused attention
 block, and ran those parts in float (a ViT's query/key/value quantizers, a
@@ -53,7 +56,8 @@ CPUs without VNNI is guarded against by the overflow fix (the weight grid,
 see quant/ranges.py), not by the storage type.
 
 A quantizer placed above value-preserving ops (Flatten, Reshape, Transpose,
-MaxPool, ...: placement moves quantizers up through them) leaves those ops
+MaxPool, ...: placement moves quantizers up through them; a Pad of zeros and
+a Dropout, the identity in a deployed model, keep a grid too) leaves those ops
 between the DequantizeLinear and the layer, and ONNX Runtime's QDQ fusions
 only take a DequantizeLinear that feeds the layer itself. So the output of the
 last such op gets a QuantizeLinear -> DequantizeLinear on the same grid, which
@@ -170,16 +174,72 @@ def _is_signed(fq: Node) -> bool:
         qdq_params(int(fq.attrs["levels"]), low, high).zero_point.dtype == np.int8
 
 
+def keeps_grid(node: Node, port: int = 0) -> bool:
+    """Whether every value of `node`'s output is one of its input `port`'s, or zero, so that a grid on that input
+    (which always holds zero exactly) holds the output too: the value-preserving ops (ops.KEEPS_VALUES), a
+    Dropout as a deployed model runs it (no training_mode input: the identity), and a Pad that adds zeros or
+    copies edge values (Swin pads its windows between the quantizer and the query/key/value projections)."""
+    if port != 0 or node.domain or op_info(node.op_type, node.domain) is None:
+        return False
+    if node.op_type in VALUE_PRESERVING:
+        return True
+    if node.op_type == "Dropout":
+        return _absent_or_zero(node.input(2))
+    if node.op_type == "Pad":
+        return node.attrs.get("mode", "constant") != "constant" or (
+            _absent_or_zero(node.input(2)) and not node.attrs.get("value", 0.0))
+    return False
+
+
+def _absent_or_zero(value: Value | None) -> bool:
+    return value is None or value.const is not None and not np.any(value.const)
+
+
 def source_quantizer(value: Value | None) -> Node | None:
-    """The activation FakeQuantize whose grid `value` is on, read through value-preserving ops, or None."""
+    """The activation FakeQuantize whose grid `value` is on, read through ops that keep it, or None."""
     while value is not None and value.producer is not None:
         node = value.producer
         if is_fake_quantize(node):
             return node if node.input(0).const is None else None
-        if node.op_type not in VALUE_PRESERVING or node.domain:
+        if not keeps_grid(node):
             return None
         value = node.input(0)
     return None
+
+
+def grid_readers(value: Value) -> list[Node]:
+    """The ops that read the grid `value` is on, through ops that keep it and Concats of that grid alone (not
+    those ops themselves)."""
+    readers, stack, seen = [], list(value.uses), set()
+    while stack:
+        node, port = stack.pop()
+        if port < 0 or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if keeps_grid(node, port) or _one_grid_concat(node):
+            stack.extend(node.output.uses)
+        else:
+            readers.append(node)
+    return readers
+
+
+def _one_grid_concat(node: Node) -> bool:
+    """A Concat of values all on one activation grid (a unified-scale group, before it is written as QDQ)."""
+    if node.op_type != "Concat" or node.domain:
+        return False
+    sources = [source_quantizer(v) for v in node.inputs]
+    if not sources or not all(sources):
+        return False
+    first = sources[0]
+    return all(q.attrs["levels"] == first.attrs["levels"] and all(
+        np.array_equal(q.input(i).const, first.input(i).const) for i in (1, 2)) for q in sources[1:])
+
+
+def _read_by_several(fq: Node) -> bool:
+    """Whether several ops read `fq`'s grid, one of them an op ONNX Runtime fuses with a DequantizeLinear:
+    it gives each its own DequantizeLinear, and then no longer turns an int8 pair into uint8 itself."""
+    readers = grid_readers(fq.output)
+    return len(readers) > 1 and any(r.op_type in ORT_QDQ_READERS and not r.domain for r in readers)
 
 
 def _output_quantizer(layer: Node) -> Node | None:
@@ -221,10 +281,11 @@ def _signed_grids_stored_as_uint8(graph: Graph) -> set[int]:
         nx.add_path(links, quantizers)
     if graph.opset_imports.get("", IR_OPSET) > IR_OPSET:  # ONNX Runtime's opset-21 bug (see ops.IR_OPSET)
         return {id(n) for n in graph if is_fake_quantize(n) and n.input(0).const is None and _is_signed(n)}
+    links.add_nodes_from(n for n in graph if is_fake_quantize(n) and n.input(0).const is None)
     as_uint8 = set()
     for group in nx.connected_components(links):
         signed = [q for q in group if _is_signed(q)]
-        if len(signed) < len(group) or any(len(q.output.uses) > 1 for q in signed):
+        if len(signed) < len(group) or any(len(q.output.uses) > 1 or _read_by_several(q) for q in signed):
             as_uint8.update(id(q) for q in signed)
     return as_uint8
 
@@ -299,15 +360,14 @@ def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        preserving = node.op_type in VALUE_PRESERVING and port == 0
-        if not (preserving or _joins_one_grid(node, dq)) or op_info(node.op_type, node.domain) is None:
+        if not (keeps_grid(node, port) or _joins_one_grid(node, dq)) or op_info(node.op_type, node.domain) is None:
             continue
         out = node.output
         onward, readers = [], []
         for user, at in out.uses:
             if at < 0 or user.op_type == "QuantizeLinear":
                 continue  # a subgraph's capture, or a quantizer already on the grid
-            if user.op_type in VALUE_PRESERVING and at == 0 or _joins_one_grid(user, dq):
+            if keeps_grid(user, at) or _joins_one_grid(user, dq):
                 onward.append((user, at))
             elif user.op_type in ORT_QDQ_READERS and not user.domain:
                 readers.append((user, at))
