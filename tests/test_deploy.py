@@ -319,3 +319,27 @@ def test_onnx_runtime_runs_layers_behind_a_pad_or_a_shared_signed_grid_on_intege
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sqnr(simulation, session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]) >= SQNR_DB
 
+
+def test_written_weights_take_the_levels_the_simulation_rounds_them_to(tmp_path):
+    """A weight a float32 rounding error from halfway between two levels: torch's fake-quantize (the simulation)
+    multiplies by the float32 reciprocal of the step; the .onnx integers were divided in float64, and OpenVINO
+    rounded the .xml's float weights its own way, each taking the other level for some of them (an
+    EfficientNet's files agreed with its simulation at 55 dB instead of 132). Both files hold the simulation's
+    levels now: each output reads one weight, and every one matches."""
+    step = np.float32(1) / np.float32(127)  # the grid of a weight row whose largest |w| is 1
+    halfway = ((np.arange(-126, 126) + 0.5) * np.float64(step)).astype(np.float32)
+    row = np.concatenate([[1.0], np.nextafter(halfway, -np.inf), halfway, np.nextafter(halfway, np.inf)])
+    row = row.astype(np.float32)
+    assert (np.rint(row * (np.float32(1) / step)) != np.round(row.astype(np.float64) / step)).sum() > 50
+    model = torch.nn.Linear(len(row), 3, bias=False).eval()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(np.stack([row, -row, row[::-1].copy()])))
+    x = torch.eye(len(row))  # sample i reads column i of the weight
+    q = lowbit.quantize(model, lowbit.Dataset([x]), overflow_fix="disable")
+    with torch.no_grad():
+        simulation = q(x).numpy()
+    session = ort.InferenceSession(str(lowbit.export(q, tmp_path / "q.onnx")), providers=["CPUExecutionProvider"])
+    compiled = ov.Core().compile_model(str(lowbit.export(q, tmp_path / "q.xml")), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    for got in (session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], compiled(x.numpy())[0]):
+        assert np.abs(got - simulation).max() < step / 4

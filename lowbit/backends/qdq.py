@@ -127,12 +127,18 @@ def qdq_params(levels: int, low: np.ndarray, high: np.ndarray) -> QDQParams:
 def quantize_array(x: np.ndarray, p: QDQParams, levels: int | None = None) -> np.ndarray:
     """x quantized to p's integer grid (what QuantizeLinear computes), saturated at the ends of the `levels`-point
     grid where it is given (a clipped 4-bit weight range leaves weights past its ends: they take the end's
-    level, as the FakeQuantize rounds them), else at the integer type's."""
+    level, as the FakeQuantize rounds them), else at the integer type's.
+
+    Rounded as torch's fake-quantize kernels round, which the simulation runs: x times the float32 reciprocal of
+    the scale, in float32, to the nearest even. Divided in float64, a weight a rounding error from halfway
+    between two levels (one in a few thousand) took the other level: an EfficientNet's .onnx then disagreed with
+    its simulation at 55 dB, in every runtime, instead of 132."""
     info = np.iinfo(p.zero_point.dtype)
     shape = [1] * x.ndim
     if p.axis is not None:
         shape[p.axis] = -1
-    q = np.round(x.astype(np.float64) / p.scale.reshape(shape)) + p.zero_point.astype(np.int64).reshape(shape)
+    inverse = np.float32(1.0) / p.scale.astype(np.float32).reshape(shape)
+    q = np.rint(x.astype(np.float32) * inverse) + p.zero_point.astype(np.int64).reshape(shape)
     qmin, qmax = grid_integers(levels, p) if levels is not None else (info.min, info.max)
     return np.clip(q, qmin, qmax).astype(p.zero_point.dtype)
 
