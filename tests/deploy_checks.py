@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
+# ops whose output holds their input's values (or zeros: Pad), so a grid on their input holds it too
+PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity", "Pad", "Dropout")
 ORT_INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul", "QAttention")
 OV_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
@@ -86,8 +87,8 @@ def repeated_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return repeats
 
 
-def ort_optimized_ops(path: str | Path) -> collections.Counter:
-    """Op counts of the graph ONNX Runtime runs for the model at `path` (extended optimizations, CPU)."""
+def ort_optimized(path: str | Path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for the model at `path` (extended optimizations, CPU)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +96,12 @@ def ort_optimized_ops(path: str | Path) -> collections.Counter:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
-    return collections.Counter(n.op_type for n in optimized.graph.node)
+        return onnx.load(options.optimized_model_filepath)
+
+
+def ort_optimized_ops(path: str | Path) -> collections.Counter:
+    """Op counts of the graph ONNX Runtime runs for the model at `path` (extended optimizations, CPU)."""
+    return collections.Counter(n.op_type for n in ort_optimized(path).graph.node)
 
 
 def openvino_layer_precisions(model) -> collections.Counter:

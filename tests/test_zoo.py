@@ -6,6 +6,8 @@ from both origins (the torch module, and its FP32 ONNX export):
 - lowering keeps every op in the vocabulary (no opaque aten op) and the
   torch module generated back from the graph gives the same numbers;
 - quantization quantizes every linear/conv layer's weight;
+- ONNX Runtime runs every layer lowbit quantized on integers where it has an
+  integer kernel for it (structural: its optimized graph);
 - the ONNX origin is torch.onnx.export's file (lowbit.export's where torch
   cannot export the model: GPT-2's attention mask uses aten::diff);
 - the exported .onnx (ONNX Runtime) and .xml (OpenVINO, f32 hint) agree with
@@ -23,7 +25,8 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import HOST_OVERFLOW_FIX, default_exported, placed_quantizers, sqnr
+from deploy_checks import (HOST_OVERFLOW_FIX, default_exported, ort_optimized, placed_quantizers, quantized_layers,
+                           sqnr)
 
 import lowbit
 from lowbit.api import graph_of
@@ -32,6 +35,7 @@ transformers = pytest.importorskip("transformers")
 from zoo_models import ARCHITECTURES, build  # noqa: E402
 
 AGREEMENT_DB = 30
+ORT_FLOAT_LAYERS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "MatMulNBits")
 N_CALIBRATION = 8
 
 
@@ -109,6 +113,31 @@ def test_every_layer_weight_is_quantized(zoo):
 
     kinds = [weight_kind(n) for n in layers]
     assert kinds.count("quantized") > 0 and kinds.count("float") == 0, list(zip([n.name for n in layers], kinds))
+
+
+def test_onnx_runtime_runs_every_quantized_layer_on_integers_where_it_has_a_kernel(zoo):
+    """Every layer both of whose inputs lowbit quantized runs as an integer kernel in ONNX Runtime, but where it
+    has none: a Conv with a float output (no integer conv of ONNX Runtime writes float: EfficientNet's, ConvNeXt's
+    and RegNet's before their SiLU, GELU or sigmoid gate, ViT's and Swin's patch embeddings), and a MatMul that a
+    ReLU alone reads (T5's feed-forward: ONNX Runtime fuses no DequantizeLinear -> MatMul -> Relu). Layers reading
+    a signed grid other ops read too ran in float before (Llama's, T5's and ViT's query/key/value projections among
+    them)."""
+    source = onnx.load(zoo.paths["torch.onnx"])
+    layers = quantized_layers(source)
+    readers: dict[str, list] = {}
+    for node in source.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {n.name: n.output[0] for n in source.graph.node}
+
+    def no_kernel(name: str, info: dict) -> bool:
+        if info["quantized_output"]:
+            return False
+        alone = readers.get(outputs[name], [])
+        return info["op"] == "Conv" or len(alone) == 1 and alone[0].op_type == "Relu"
+
+    in_float = {n.name for n in ort_optimized(zoo.paths["torch.onnx"]).graph.node if n.op_type in ORT_FLOAT_LAYERS}
+    assert in_float & set(layers) == {name for name, info in layers.items() if no_kernel(name, info)}
 
 
 @pytest.mark.parametrize("runtime,form", [("ort", "torch.onnx"), ("openvino", "torch.onnx"),
