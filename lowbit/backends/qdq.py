@@ -86,7 +86,7 @@ import numpy as np
 from ..errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import (IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, QUANT_DOMAIN, VALUE_PRESERVING,
-                      is_fake_quantize, op_info)
+                      is_fake_quantize)
 from ..patterns import Any, Const, Match, P, Rule, RuleSet
 
 EPS = 1e-8
@@ -185,7 +185,7 @@ def keeps_grid(node: Node, port: int = 0) -> bool:
     (which always holds zero exactly) holds the output too: the value-preserving ops (ops.KEEPS_VALUES), a
     Dropout as a deployed model runs it (no training_mode input: the identity), and a Pad that adds zeros or
     copies edge values (Swin pads its windows between the quantizer and the query/key/value projections)."""
-    if port != 0 or node.domain or op_info(node.op_type, node.domain) is None:
+    if port != 0 or node.domain:
         return False
     if node.op_type in VALUE_PRESERVING:
         return True
@@ -366,7 +366,7 @@ def _requantize_after_preserving(graph: Graph, dq: Node) -> None:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if not (keeps_grid(node, port) or _joins_one_grid(node, dq)) or op_info(node.op_type, node.domain) is None:
+        if not (keeps_grid(node, port) or _joins_one_grid(node, dq)):
             continue
         out = node.output
         onward, readers = [], []
