@@ -115,14 +115,15 @@ def test_every_layer_weight_is_quantized(zoo):
     assert kinds.count("quantized") > 0 and kinds.count("float") == 0, list(zip([n.name for n in layers], kinds))
 
 
-def test_onnx_runtime_runs_every_quantized_layer_on_integers_where_it_has_a_kernel(zoo):
-    """Every layer both of whose inputs lowbit quantized runs as an integer kernel in ONNX Runtime, but where it
-    has none: a Conv with a float output (no integer conv of ONNX Runtime writes float: EfficientNet's, ConvNeXt's
-    and RegNet's before their SiLU, GELU or sigmoid gate, ViT's and Swin's patch embeddings), and a MatMul that a
-    ReLU alone reads (T5's feed-forward: ONNX Runtime fuses no DequantizeLinear -> MatMul -> Relu). Layers reading
-    a signed grid other ops read too ran in float before (Llama's, T5's and ViT's query/key/value projections among
-    them)."""
-    source = onnx.load(zoo.paths["torch.onnx"])
+@pytest.mark.parametrize("form", ["torch.onnx", "onnx.onnx"])
+def test_onnx_runtime_runs_every_quantized_layer_on_integers_where_it_has_a_kernel(zoo, form):
+    """Every layer both of whose inputs lowbit quantized (from either origin) runs as an integer kernel in ONNX
+    Runtime, but where it has none: a Conv with a float output (no integer conv of ONNX Runtime writes float:
+    EfficientNet's, ConvNeXt's and RegNet's before their SiLU, GELU or sigmoid gate, ViT's and Swin's patch
+    embeddings), and a MatMul that a ReLU alone reads (T5's feed-forward: ONNX Runtime fuses no DequantizeLinear ->
+    MatMul -> Relu). Layers reading a signed grid other ops read too ran in float before (Llama's, T5's and ViT's
+    query/key/value projections among them)."""
+    source = onnx.load(zoo.paths[form])
     layers = quantized_layers(source)
     readers: dict[str, list] = {}
     for node in source.graph.node:
@@ -136,7 +137,7 @@ def test_onnx_runtime_runs_every_quantized_layer_on_integers_where_it_has_a_kern
         alone = readers.get(outputs[name], [])
         return info["op"] == "Conv" or len(alone) == 1 and alone[0].op_type == "Relu"
 
-    in_float = {n.name for n in ort_optimized(zoo.paths["torch.onnx"]).graph.node if n.op_type in ORT_FLOAT_LAYERS}
+    in_float = {n.name for n in ort_optimized(zoo.paths[form]).graph.node if n.op_type in ORT_FLOAT_LAYERS}
     assert in_float & set(layers) == {name for name, info in layers.items() if no_kernel(name, info)}
 
 
