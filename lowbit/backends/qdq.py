@@ -69,7 +69,9 @@ QLinearAdd; with one Q -> DQ per conv the Add stayed in float, and the
 MaxPool with it: 1.7x NNCF's ONNX Runtime latency).
 Likewise ONNX Runtime has no integer Gemm with both a float bias and a float
 output (QGemm takes one or the other), so such a Gemm (a classifier head) is
-written as Gemm without bias -> Add(bias).
+written as Gemm without bias -> Add(bias), and no integer conv with a float
+output, so a patch embedding's Conv is written as a MatMul of the patches
+(qdq_patches.py).
 
 The local rewrites are rules of the pattern engine (`fake_quantize_as_qdq`,
 `signed_grid_as_int8`, `gemm_float_bias_as_add`); the requantization after a
@@ -88,6 +90,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import (IR_OPSET, LAYERS, ORT_FOLDED_ACTIVATIONS, ORT_QDQ_READERS, QUANT_DOMAIN, VALUE_PRESERVING,
                       is_fake_quantize)
 from ..patterns import Any, Const, Match, P, Rule, RuleSet
+from .qdq_patches import patch_convs_as_matmuls
 
 EPS = 1e-8
 
@@ -166,6 +169,7 @@ def fake_quantize_to_qdq(graph: Graph, runtime: str = "onnxruntime") -> Graph:
         if is_fake_quantize(node):
             raise _not_expressible(node)
     if runtime == "onnxruntime":  # a graph walk, not a local pattern: see _requantize_after_preserving
+        patch_convs_as_matmuls(graph)  # before the walk: it requantizes the patches (qdq_patches.py)
         for node in graph.nodes:
             if node.op_type == "DequantizeLinear" and node.input(0).const is None:
                 _requantize_after_preserving(graph, node)
