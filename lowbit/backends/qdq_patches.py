@@ -29,21 +29,25 @@ def patch_convs_as_matmuls(graph: Graph) -> int:
 
 
 def _dequantized(node: Node | None, constant: bool) -> bool:
+    """A DequantizeLinear of a constant (or of an activation), with constant scale and zero point."""
     return node is not None and node.op_type == "DequantizeLinear" and not node.domain and \
         (node.input(0).const is not None) == constant and all(node.input(i) is not None and
                                                               node.input(i).const is not None for i in (1, 2))
 
 
 def _patch_conv(conv: Node) -> bool:
+    """`conv` reads a per-tensor activation grid and symmetric int8 filters, its kernel tiles its input of static
+    size, and its output is not quantized."""
     if conv.op_type != "Conv" or conv.domain:
         return False
     x_dq, w_dq, bias = conv.input(0).producer, conv.input(1).producer, conv.input(2)
     if not (_dequantized(x_dq, constant=False) and _dequantized(w_dq, constant=True)):
         return False
-    weight, x_shape = w_dq.input(0).const, conv.input(0).shape
-    if x_dq.input(1).const.size != 1 or weight.ndim != 4 or np.any(w_dq.input(2).const) \
-            or w_dq.input(1).const.size not in (1, weight.shape[0]) or w_dq.attrs.get("axis", 1) != 0 and \
-            w_dq.input(1).const.size != 1 or bias is not None and bias.const is None:
+    weight, x_shape, scales = w_dq.input(0).const, conv.input(0).shape, w_dq.input(1).const.size
+    per_tensor_input = x_dq.input(1).const.size == 1
+    symmetric_filters = weight.ndim == 4 and not np.any(w_dq.input(2).const) and (
+        scales == 1 or scales == weight.shape[0] and w_dq.attrs.get("axis", 1) == 0)
+    if not (per_tensor_input and symmetric_filters) or bias is not None and bias.const is None:
         return False
     kernel = list(weight.shape[2:])
     if kernel[0] * kernel[1] == 1:  # a pointwise conv: no patches, and a CNN's layout would be transposed twice
