@@ -21,7 +21,6 @@ quantizer's grid spans where a BN is folded into its layer: "folded", W * s, or 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -244,16 +243,13 @@ class Quantize(Pass):
             return PassResult(graph, changed=False, notes=["nothing to quantize"])
         activations = [p for p in points if p.kind == "activation"]
         ranges = activation_ranges(graph, ctx, activations)
-        unbounded = _unbounded(activations, ranges)
-        if unbounded:
-            points = [p for p in points if p.name not in unbounded]
-            activations = [p for p in activations if p.name not in unbounded]
+        unbounded: dict[str, tuple[float, float]] = {}  # quantizers no float32 grid spans: left FP32
         group_range: dict[int, tuple[float, float]] = {}
         for p in activations:
-            if p.group is not None:
+            if p.group is not None:  # np.minimum/np.maximum carry a NaN to the whole group, as -inf is carried
                 lo, hi = ranges[p.name]
                 old = group_range.get(p.group, (lo, hi))
-                group_range[p.group] = (min(old[0], lo), max(old[1], hi))
+                group_range[p.group] = (float(np.minimum(old[0], lo)), float(np.maximum(old[1], hi)))
         half = half_range_weights(graph, points, ctx.options.overflow_fix)
         merged_bn = {conv.name: bn for conv, bn in merged_pairs(graph)}
         unfolded = ctx.options.per_tensor_weights == "unfolded"
@@ -263,9 +259,11 @@ class Quantize(Pass):
                                       resolved(ctx.options.weight_range_estimator, p.config), id(p) in half)
             else:
                 lo, hi = group_range[p.group] if p.group is not None else ranges[p.name]
-            with np.errstate(over="ignore"):  # a range past float32's: _representable says so, with a warning
+            with np.errstate(over="ignore", invalid="ignore"):  # inf, NaN, or past float32: _representable
                 r = fq_range(p.config, lo, hi, half_range=id(p) in half)
-            if not _representable(r):  # a mask of float32's lowest value: its grid's end or width overflows
+            # a value that holds -inf (scores masked with it) or NaN, or a mask of float32's lowest value, whose
+            # grid's end or width overflows float32: no grid spans it (a NaN grid stopped the quantized module)
+            if not _representable(r):
                 unbounded[p.name] = (float(np.min(lo)), float(np.max(hi)))
                 continue
             fq = insert_fake_quantize(graph, p, r.levels, r.low, r.high, ctx.options.range_learning)
@@ -288,12 +286,3 @@ def _representable(r) -> bool:
     low, high = np.asarray(r.low, np.float32), np.asarray(r.high, np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(np.isfinite(high - low)))
-
-
-def _unbounded(activations: list[QuantPoint], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple]:
-    """The activation quantizers whose calibrated range is not finite (a value that holds -inf, such as scores
-    masked with -inf, or NaN), with their ranges, and every quantizer that shares a range with one: no grid spans
-    them, so they stay FP32 (a NaN grid stopped the quantized module)."""
-    bad = {p.name for p in activations if not all(math.isfinite(e) for e in ranges[p.name])}
-    groups = {p.group for p in activations if p.name in bad and p.group is not None}
-    return {p.name: ranges[p.name] for p in activations if p.name in bad or p.group in groups and p.group is not None}
