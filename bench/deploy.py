@@ -114,14 +114,13 @@ if str(HERE) not in sys.path:
 
 import ptq  # noqa: E402  (puts examples/ and tests/ on sys.path)
 import lowbit  # noqa: E402
-from deploy_checks import ORT_INTEGER_OPS, OV_LAYERS, quantized_layers  # noqa: E402
+from deploy_checks import ORT_FLOAT_LAYERS, ORT_INTEGER_OPS, OV_LAYERS, ort_optimized, quantized_layers  # noqa: E402
 from digits import load_digits_split  # noqa: E402
 from models import DenseNet  # noqa: E402
 
 RESULTS = HERE / "results" / "deploy.md"
 N_CALIB, N_CALIB_LATENCY = ptq.N_CALIB, ptq.N_CALIB_224
 AGREE_MIN, SQNR_MIN = ptq.AGREE_MIN, ptq.AGREE_SQNR_MIN
-ORT_FLOAT_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 MODELS = {**{k: v for k, v in ptq.MODELS.items() if k != "vit"},
@@ -328,17 +327,9 @@ def int8_structure(path: Path, runtime: str) -> tuple[int, int, list[str]]:
                 else:
                     fp.append(f"{kind} {op.get_friendly_name()} ({precision})")
         return int8, total, fp
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    nodes = ort_optimized(path).graph.node
     int8 = sum(n.op_type in ORT_INTEGER_OPS for n in nodes)
-    fp = [f"{n.op_type} {n.name}" for n in nodes if n.op_type in ORT_FLOAT_OPS]
+    fp = [f"{n.op_type} {n.name}" for n in nodes if n.op_type in ORT_FLOAT_LAYERS]
     return int8, int8 + len(fp), fp
 
 

@@ -21,6 +21,9 @@ import onnx
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # ops whose output holds their input's values (or zeros: Pad), so a grid on their input holds it too
 PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity", "Pad", "Dropout")
+# the nodes of ONNX Runtime's optimized graph that run a layer in float (MatMulNBits: on activations it quantizes
+# itself, per block, not on the model's grid)
+ORT_FLOAT_LAYERS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "MatMulNBits")
 ORT_INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul", "QAttention")
 OV_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
@@ -93,6 +96,7 @@ def ort_optimized(path: str | Path) -> onnx.ModelProto:
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
+        options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -25,8 +25,8 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (HOST_OVERFLOW_FIX, default_exported, ort_optimized, placed_quantizers, quantized_layers,
-                           sqnr)
+from deploy_checks import (HOST_OVERFLOW_FIX, ORT_FLOAT_LAYERS, default_exported, ort_optimized, placed_quantizers,
+                           quantized_layers, sqnr)
 
 import lowbit
 from lowbit.api import graph_of
@@ -35,7 +35,6 @@ transformers = pytest.importorskip("transformers")
 from zoo_models import ARCHITECTURES, build  # noqa: E402
 
 AGREEMENT_DB = 30
-ORT_FLOAT_LAYERS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "MatMulNBits")
 N_CALIBRATION = 8
 
 
