@@ -123,6 +123,24 @@ def openvino_layer_precisions(model) -> collections.Counter:
     return counts
 
 
+def split_projections(path) -> dict[str, str]:
+    """{name: output precision} of the FullyConnected layers OpenVINO's CPU plugin runs for the parts of the
+    query/key/value projections lowbit's OpenVINO forms split (backends/openvino_projections.py); f32 hint: the
+    same fusions on every CPU."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return {info["originalLayersNames"].astype(str).split(",")[0]: info["outputPrecisions"].astype(str)
+            for op in compiled.get_runtime_model().get_ordered_ops()
+            if (info := op.get_rt_info())["layerType"].astype(str).startswith("FullyConnected")
+            and "_part" in info["originalLayersNames"].astype(str)}
+
+
+def layers_added_by_splits(parts: dict[str, str]) -> int:
+    """How many more layers OpenVINO runs than the QDQ file holds: a split projection is one layer per part."""
+    return len(parts) - len({name.rsplit("_part", 1)[0] for name in parts})
+
+
 def int8_count(precisions: collections.Counter) -> int:
     return sum(n for (_, precision), n in precisions.items() if precision in ("u8", "i8"))
 

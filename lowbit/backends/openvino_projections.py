@@ -1,0 +1,241 @@
+"""A fused query/key/value projection written for OpenVINO as one projection per part, so that the query's and
+the key's quantizers run inside their projections.
+
+A ViT (timm's, the bench's) computes q, k and v with one Linear of 3 x D outputs, then cuts its output apart:
+Reshape [B, N, 3 * D] -> [B, N, 3, H, D/H], Transpose (the 3 first), and a Gather of index 0, 1 and 2. The
+query and the key are quantized after the Gather (the attention's first MatMul reads them), the value is not. In
+OpenVINO's CPU plugin a FakeQuantize fuses into the op before it when that op computes (a FullyConnected, an
+Eltwise); after a Gather it runs alone, in f32, between two layout Reorders, and twice per block: that made
+lowbit's ViT from ONNX 6-12% slower than NNCF's in OpenVINO, whose model kept the attention scale as a Multiply
+computed at run time (from the exporter's Shape -> Sqrt), into which OpenVINO fused the FakeQuantize (lowbit
+folds that scale to a constant, and OpenVINO then folds the Multiply into the FakeQuantize: MulFakeQuantizeFusion).
+
+Written as three projections, each of D outputs (the columns of its part of the weight, its part of a per-column
+weight grid and of the bias) followed by its own Reshape [B, N, H, D/H] and Transpose, the same values reach the
+same ops: each output element is the same dot product. OpenVINO then fuses the query's and the key's
+FakeQuantize into their FullyConnected, which writes int8 directly, and the Reshape, Transpose and attention
+read int8; the Gathers, Reorders and lone FakeQuantizes are gone (the bench's ViT: 0.87x NNCF's latency instead
+of 1.06x). Only the OpenVINO forms (.xml and the .onnx written for OpenVINO) are split: ONNX Runtime runs a
+QDQ MatMul on integers only with a quantized output right after it, which neither form gives it.
+
+The projection's weight may be a FakeQuantize of a constant (a graph from lowbit's passes) or a
+DequantizeLinear of one (a QDQ model read back); a graph without a quantizer after the parts is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import VALUE_PRESERVING, is_fake_quantize
+
+
+@dataclass
+class FusedProjection:
+    """A MatMul of constant (quantized) weight [K, C], an optional constant bias [C], a Reshape that cuts C into
+    `parts` x `rest` at axis `cut`, and a Transpose whose only readers are Gathers of one part each."""
+
+    matmul: Node
+    weight: Node  # the FakeQuantize or DequantizeLinear of the constant weight
+    bias: Node | None  # the Add of a constant bias
+    reshape: Node
+    transpose: Node
+    gathers: list[Node]
+    cut: int
+    parts: int
+
+
+def split_fused_projections(graph: Graph) -> Graph:
+    """`graph`, or a copy in which every fused projection whose parts are quantized is one projection per part."""
+    if not any(_fused_projection(n) for n in graph):
+        return graph
+    graph = graph.copy()
+    for node in graph.nodes:
+        if node.graph is graph and (found := _fused_projection(node)) is not None:
+            _split(graph, found)
+    graph.remove_unused_constants()
+    return graph
+
+
+def _only_user(value: Value) -> Node | None:
+    users = value.users
+    return users[0] if len(users) == 1 and not value.is_graph_output else None
+
+
+def _const_operand(node: Node) -> Value | None:
+    """The constant one of a binary node's two inputs, where exactly one is constant."""
+    consts = [v for v in node.inputs[:2] if v is not None and v.const is not None]
+    return consts[0] if len(consts) == 1 and len(node.inputs) == 2 else None
+
+
+def _weight(node: Node | None) -> bool:
+    """A FakeQuantize or DequantizeLinear of a constant 2-D weight, with constant grid parameters."""
+    if node is None or not (is_fake_quantize(node) or node.op_type == "DequantizeLinear" and not node.domain):
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    return all(v.const is not None for v in inputs) and inputs[0].const.ndim == 2
+
+
+def _quantized_after(value: Value, depth: int = 4) -> bool:
+    """Whether `value` reaches a quantizer through value-preserving ops and multiplications by a constant (the
+    attention's scale)."""
+    node = _only_user(value)
+    if node is None or depth == 0:
+        return False
+    if is_fake_quantize(node) or node.op_type == "QuantizeLinear" and not node.domain:
+        return True
+    if node.domain or not (node.op_type in VALUE_PRESERVING or node.op_type == "Mul" and _const_operand(node)):
+        return False
+    return _quantized_after(node.output, depth - 1)
+
+
+def _fused_projection(transpose: Node) -> FusedProjection | None:
+    if transpose.op_type != "Transpose" or transpose.domain:
+        return None
+    reshape = transpose.input(0).producer
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain or _only_user(reshape.output) is not transpose:
+        return None
+    before, after = reshape.input(0).shape, reshape.output.shape
+    if before is None or after is None or len(after) != len(before) + 2 or not _keeps_leading_dims(reshape) \
+            or not all(isinstance(d, int) for d in after[len(before) - 1:]):
+        return None
+    cut, width = len(before) - 1, before[-1]
+    parts = after[cut]
+    if not isinstance(width, int) or parts < 2 or width != int(np.prod(after[cut:])):
+        return None
+    perm = list(transpose.attrs.get("perm", []))
+    gathers = transpose.output.users
+    if not perm or transpose.output.is_graph_output or not gathers or not all(
+            _gathers_one_part(g, perm, cut, parts) for g in gathers):
+        return None
+    if not any(_quantized_after(g.output) for g in gathers):
+        return None  # nothing for OpenVINO to fuse: three projections would only be more ops
+    bias, projected = None, reshape.input(0).producer
+    if projected is not None and projected.op_type == "Add" and not projected.domain:
+        constant = _const_operand(projected)
+        if constant is None or constant.const.size != width or _only_user(projected.output) is not reshape:
+            return None
+        bias, projected = projected, next(v for v in projected.inputs if v is not constant).producer
+    if projected is None or projected.op_type != "MatMul" or projected.domain or \
+            _only_user(projected.output) is not (bias or reshape):
+        return None
+    weight = projected.input(1).producer
+    if not _weight(weight) or _only_user(weight.output) is not projected or weight.input(0).const.shape[1] != width \
+            or not all(_part_of(weight, port, width, 0, parts) is not None for port in range(1, len(weight.inputs))):
+        return None
+    return FusedProjection(projected, weight, bias, reshape, transpose, gathers, cut, parts)
+
+
+def _keeps_leading_dims(reshape: Node) -> bool:
+    """Whether the Reshape keeps every dim of its input but the last (known equal, or copied by a 0 in its
+    shape), so that it only cuts the last one."""
+    before, after, target = reshape.input(0).shape, reshape.output.shape, reshape.input(1).const
+    copied = target is not None and target.ndim == 1 and target.size == len(after) and not reshape.attrs.get(
+        "allowzero", 0)
+    return all(a == b and a is not None or copied and int(target[i]) == 0
+               for i, (a, b) in enumerate(zip(after[:len(before) - 1], before[:-1])))
+
+
+def _gathers_one_part(gather: Node, perm: list[int], cut: int, parts: int) -> bool:
+    if gather.op_type != "Gather" or gather.domain or gather.input(1).const is None:
+        return False
+    axis, index = gather.attrs.get("axis", 0), gather.input(1).const
+    axis = axis + len(perm) if axis < 0 else axis
+    return index.ndim == 0 and 0 <= axis < len(perm) and perm[axis] == cut and -parts <= int(index) < parts
+
+
+def _part_of(weight: Node, port: int, width: int, part: int, parts: int) -> np.ndarray | None:
+    """Input `port` of the weight's quantizer for one part's columns: a per-tensor value as it is, a per-column
+    one sliced; None for any other layout."""
+    value = weight.input(port)
+    if value is None:
+        return None
+    array, step = value.const, width // parts
+    if port == 0:
+        return array[:, part * step:(part + 1) * step]
+    if array.size == 1:
+        return array
+    if is_fake_quantize(weight):  # broadcast against [K, C]: per column is [C] or [1, C]
+        per_column = array.shape[-1] == width and array.size == width
+        return array[..., part * step:(part + 1) * step] if per_column else None
+    axis = weight.attrs.get("axis", 1)
+    per_column = axis in (1, -1) and array.ndim == 1 and array.size == width
+    return array[part * step:(part + 1) * step] if per_column else None
+
+
+def _split(graph: Graph, p: FusedProjection) -> None:
+    width = p.weight.input(0).const.shape[1]
+    perm = list(p.transpose.attrs["perm"])
+    x = p.matmul.input(0)
+    rest = [int(d) for d in p.reshape.output.shape[p.cut + 1:]]
+    for gather in p.gathers:
+        part = int(gather.input(1).const) % p.parts
+        axis = gather.attrs.get("axis", 0) % len(perm)
+        hint = f"{p.matmul.name}_part{part}"
+
+        def op(op_type, inputs, attrs=None, suffix="", domain=""):
+            return graph.make_node(op_type, inputs, attrs or {}, name=f"{hint}{suffix}", domain=domain,
+                                   before=gather).output
+
+        params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, width, part, p.parts))
+                  for port in range(len(p.weight.inputs))]
+        w = op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)
+        y = op("MatMul", [x, w])
+        if p.bias is not None:
+            bias = _const_operand(p.bias).const.reshape(-1)
+            step = width // p.parts
+            y = op("Add", [y, graph.add_constant(f"{hint}_bias", bias[part * step:(part + 1) * step])], suffix="_bias")
+        projected = y
+        shape = graph.add_constant(f"{hint}_shape", np.asarray([0] * p.cut + rest, np.int64))
+        y = op("Reshape", [y, shape], suffix="_heads")
+        moved = [d - (d > p.cut) for i, d in enumerate(perm) if i != axis]
+        if moved != sorted(moved):
+            y = op("Transpose", [y], {"perm": moved}, suffix="_moved")
+        y.dtype, y.shape = gather.output.dtype, gather.output.shape
+        graph.replace_all_uses(gather.output, y)
+        graph.remove(gather)
+        _quantizer_up_to(graph, projected, y)
+    for node in (p.transpose, p.reshape, p.bias, p.matmul, p.weight):
+        if node is not None:
+            graph.remove(node)
+
+
+def _per_tensor_quantizer(node: Node | None) -> list[Node]:
+    """The nodes of a per-tensor quantizer that `node` starts: a FakeQuantize, or a QuantizeLinear and the one
+    DequantizeLinear that reads it (a QDQ model read back); [] for anything else."""
+    if node is None or not all(v is not None and v.const is not None and v.const.size == 1
+                               for v in node.inputs[1:]):
+        return []
+    if is_fake_quantize(node):
+        return [node]
+    if node.op_type != "QuantizeLinear" or node.domain:
+        return []
+    dq = _only_user(node.output)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain or not all(
+            v is not None and v.const is not None and v.const.size == 1 for v in dq.inputs[1:]):
+        return []
+    return [node, dq]
+
+
+def _quantizer_up_to(graph: Graph, projected: Value, part: Value) -> None:
+    """Move a per-tensor quantizer that reads `part` through value-preserving ops up to `projected`, the part's
+    projection output, where OpenVINO fuses it into the FullyConnected: OpenVINO moved it up through a Transpose
+    but not through the Reshape, and ran it alone there. Elementwise with one grid, it gives the same values on
+    either side of ops that only move them."""
+    value, node = part, _only_user(part)
+    while node is not None and not node.domain and node.op_type in VALUE_PRESERVING:
+        value, node = node.output, _only_user(node.output)
+    chain = _per_tensor_quantizer(node)
+    if not chain:
+        return
+    reader, x = _only_user(projected), projected
+    for old in chain:
+        x = graph.make_node(old.op_type, [x, *old.inputs[1:]], dict(old.attrs), name=old.name, domain=old.domain,
+                            before=reader).output
+        x.dtype, x.shape = old.output.dtype, projected.shape
+    reader.set_input(reader.inputs.index(projected), x)
+    graph.replace_all_uses(chain[-1].output, value)
+    for old in reversed(chain):
+        graph.remove(old)
