@@ -14,8 +14,8 @@ Written as three projections, each of D outputs (the columns of its part of the 
 weight grid and of the bias) followed by its own Reshape [B, N, H, D/H] and Transpose, the same values reach the
 same ops: each output element is the same dot product. OpenVINO then fuses the query's and the key's
 FakeQuantize into their FullyConnected, which writes int8 directly, and the Reshape, Transpose and attention
-read int8; the Gathers, Reorders and lone FakeQuantizes are gone (the bench's ViT: 0.87x NNCF's latency instead
-of 1.06x). Only the OpenVINO forms (.xml and the .onnx written for OpenVINO) are split: ONNX Runtime runs a
+read int8; the Gathers, Reorders and lone FakeQuantizes are gone (bench/results/deploy.md: the ViT from ONNX at
+0.90-0.91x NNCF's latency in OpenVINO, 1.07-1.12x before; from torch 0.66-0.82x). Only the OpenVINO forms (.xml and the .onnx written for OpenVINO) are split: ONNX Runtime runs a
 QDQ MatMul on integers only with a quantized output right after it, which neither form gives it.
 
 The projection's weight may be a FakeQuantize of a constant (a graph from lowbit's passes) or a
