@@ -418,3 +418,41 @@ def test_a_projection_without_quantized_parts_stays_one():
 
     graph = lowbit.lower(TinyViT().eval(), (torch.randn(1, 1, 8, 8),))
     assert split_fused_projections(graph) is graph
+
+
+class UnbindAttention(torch.nn.Module):
+    """timm's attention: one query/key/value Linear, cut apart by reshape, permute and `unbind(0)` (a Split into
+    three slices, each squeezed), then scaled dot-product attention."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):  # x: [batch, tokens, width]
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["xml", "ov.onnx"])
+def test_openvino_fuses_the_quantizers_of_an_unbound_query_and_key(tmp_path, form):
+    """timm's unbind(0) of the fused projection is split for OpenVINO as the Gathers are (above): the query's and
+    key's FullyConnected write int8, the value's float, and OpenVINO agrees with the simulation."""
+    if OVERFLOW_FIX == "enable":
+        pytest.skip("with overflow_fix='enable' the query and key are not quantized (test_openvino_runs_the_...)")
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    q = lowbit.quantize(UnbindAttention().eval(), lowbit.Dataset([torch.randn(1, 17, 32, generator=g)
+                                                                  for _ in range(16)]),
+                        model_type="transformer", overflow_fix=OVERFLOW_FIX)
+    path = lowbit.export(q, tmp_path / f"attention.{form}", runtime="openvino" if form == "ov.onnx" else None)
+    parts = split_projections(path)
+    assert sorted(parts) == [f"linear_matmul_part{i}" for i in range(3)], parts
+    assert [parts[f"linear_matmul_part{i}"] in ("i8", "u8") for i in range(3)] == [True, True, False], parts
+    x = torch.randn(8, 17, 32, generator=g)
+    with torch.no_grad():
+        simulation = q(x).numpy()
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert sqnr(simulation, compiled(x.numpy())[compiled.output(0)]) >= SQNR_DB

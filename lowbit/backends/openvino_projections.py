@@ -2,21 +2,24 @@
 the key's quantizers run inside their projections.
 
 A ViT (timm's, the bench's) computes q, k and v with one Linear of 3 x D outputs, then cuts its output apart:
-Reshape [B, N, 3 * D] -> [B, N, 3, H, D/H], Transpose (the 3 first), and a Gather of index 0, 1 and 2. The
-query and the key are quantized after the Gather (the attention's first MatMul reads them), the value is not. In
-OpenVINO's CPU plugin a FakeQuantize fuses into the op before it when that op computes (a FullyConnected, an
-Eltwise); after a Gather it runs alone, in f32, between two layout Reorders, and twice per block: that made
-lowbit's ViT from ONNX 6-12% slower than NNCF's in OpenVINO, whose model kept the attention scale as a Multiply
-computed at run time (from the exporter's Shape -> Sqrt), into which OpenVINO fused the FakeQuantize (lowbit
-folds that scale to a constant, and OpenVINO then folds the Multiply into the FakeQuantize: MulFakeQuantizeFusion).
+Reshape [B, N, 3 * D] -> [B, N, 3, H, D/H], Transpose (the 3 first), and a Gather of index 0, 1 and 2
+(`qkv[0]`) or a Split into three slices, each squeezed (timm's `qkv.unbind(0)`). The query and the key are
+quantized after that (the attention's first MatMul reads them), the value is not. In OpenVINO's CPU plugin a
+FakeQuantize fuses into the op before it when that op computes (a FullyConnected, an Eltwise); after a Gather it
+runs alone, in f32, between two layout Reorders, twice per block: lowbit's ViT from ONNX took 1.07-1.12x NNCF's
+time in OpenVINO, whose model kept the attention scale as a Multiply computed at run time (from the exporter's
+Shape -> Sqrt), into which OpenVINO fused the FakeQuantize (lowbit folds that scale to a constant, and OpenVINO
+then folds the Multiply into the FakeQuantize: MulFakeQuantizeFusion).
 
-Written as three projections, each of D outputs (the columns of its part of the weight, its part of a per-column
-weight grid and of the bias) followed by its own Reshape [B, N, H, D/H] and Transpose, the same values reach the
-same ops: each output element is the same dot product. OpenVINO then fuses the query's and the key's
-FakeQuantize into their FullyConnected, which writes int8 directly, and the Reshape, Transpose and attention
-read int8; the Gathers, Reorders and lone FakeQuantizes are gone (bench/results/deploy.md: the ViT from ONNX at
-0.90-0.91x NNCF's latency in OpenVINO, 1.07-1.12x before; from torch 0.66-0.82x). Only the OpenVINO forms (.xml and the .onnx written for OpenVINO) are split: ONNX Runtime runs a
-QDQ MatMul on integers only with a quantized output right after it, which neither form gives it.
+Written as three projections, each of D outputs (the columns of its part of the weight, its part of a
+per-column weight grid and of the bias) followed by its own Reshape [B, N, H, D/H] and Transpose, the same
+values reach the same ops: each output element is the same dot product. A per-tensor quantizer that reads a
+part through those moves up to the projection's output (exact: elementwise with one grid, on either side of ops
+that only move values), where OpenVINO fuses it into the FullyConnected, which writes int8; the Reshape,
+Transpose and attention then read int8, and the Gathers, Reorders and lone FakeQuantizes are gone
+(bench/results/deploy.md: the ViT at 0.90-0.91x NNCF's latency from ONNX, 0.66-0.82x from torch). Only the
+OpenVINO forms (.xml and the .onnx written for OpenVINO) are split: ONNX Runtime runs a QDQ MatMul on integers
+only with a quantized output right after it, which neither form gives it.
 
 The projection's weight may be a FakeQuantize of a constant (a graph from lowbit's passes) or a
 DequantizeLinear of one (a QDQ model read back); a graph without a quantizer after the parts is left as it is.
@@ -29,20 +32,32 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import VALUE_PRESERVING, is_fake_quantize
+from ..ir.ops import VALUE_PRESERVING, is_fake_quantize, split_sizes
+
+
+@dataclass
+class Part:
+    """One part as the attention reads it: its index, the node whose output it is (a Gather, or a Squeeze after a
+    Split), and the Transpose output axis it was taken along."""
+
+    index: int
+    reader: Node
+    axis: int
 
 
 @dataclass
 class FusedProjection:
     """A MatMul of constant (quantized) weight [K, C], an optional constant bias [C], a Reshape that cuts C into
-    `parts` x `rest` at axis `cut`, and a Transpose whose only readers are Gathers of one part each."""
+    `parts` x `rest` at axis `cut`, and a Transpose whose readers take one part each: Gathers of one index (`qkv[0]`),
+    or a Split into single slices each squeezed (timm's `qkv.unbind(0)`)."""
 
     matmul: Node
     weight: Node  # the FakeQuantize or DequantizeLinear of the constant weight
     bias: Node | None  # the Add of a constant bias
     reshape: Node
     transpose: Node
-    gathers: list[Node]
+    split: Node | None  # the Split of unbind, removed with the Transpose
+    taken: list[Part]
     cut: int
     parts: int
 
@@ -106,12 +121,9 @@ def _fused_projection(transpose: Node) -> FusedProjection | None:
     if not isinstance(width, int) or parts < 2 or width != int(np.prod(after[cut:])):
         return None
     perm = list(transpose.attrs.get("perm", []))
-    gathers = transpose.output.users
-    if not perm or transpose.output.is_graph_output or not gathers or not all(
-            _gathers_one_part(g, perm, cut, parts) for g in gathers):
-        return None
-    if not any(_quantized_after(g.output) for g in gathers):
-        return None  # nothing for OpenVINO to fuse: three projections would only be more ops
+    taken = _taken_parts(transpose, perm, cut, parts) if perm and not transpose.output.is_graph_output else None
+    if not taken or not any(_quantized_after(part.reader.output) for part in taken):
+        return None  # no parts, or nothing for OpenVINO to fuse: three projections would only be more ops
     bias, projected = None, reshape.input(0).producer
     if projected is not None and projected.op_type == "Add" and not projected.domain:
         constant = _const_operand(projected)
@@ -125,7 +137,8 @@ def _fused_projection(transpose: Node) -> FusedProjection | None:
     if not _weight(weight) or _only_user(weight.output) is not projected or weight.input(0).const.shape[1] != width \
             or not all(_part_of(weight, port, width, 0, parts) is not None for port in range(1, len(weight.inputs))):
         return None
-    return FusedProjection(projected, weight, bias, reshape, transpose, gathers, cut, parts)
+    split = transpose.output.users[0] if transpose.output.users[0].op_type == "Split" else None
+    return FusedProjection(projected, weight, bias, reshape, transpose, split, taken, cut, parts)
 
 
 def _keeps_leading_dims(reshape: Node) -> bool:
@@ -138,12 +151,46 @@ def _keeps_leading_dims(reshape: Node) -> bool:
                for i, (a, b) in enumerate(zip(after[:len(before) - 1], before[:-1])))
 
 
-def _gathers_one_part(gather: Node, perm: list[int], cut: int, parts: int) -> bool:
-    if gather.op_type != "Gather" or gather.domain or gather.input(1).const is None:
-        return False
-    axis, index = gather.attrs.get("axis", 0), gather.input(1).const
-    axis = axis + len(perm) if axis < 0 else axis
-    return index.ndim == 0 and 0 <= axis < len(perm) and perm[axis] == cut and -parts <= int(index) < parts
+def _taken_parts(transpose: Node, perm: list[int], cut: int, parts: int) -> list[Part] | None:
+    """The parts the Transpose's readers take along the axis the Reshape cut (its output axis a with perm[a] ==
+    cut): each reader a Gather of one constant index, or the one reader a Split into `parts` slices of one, each
+    used slice squeezed on that axis. None for any other reader."""
+    readers = transpose.output.users
+    if not readers:
+        return None
+    if readers[0].op_type == "Split" and len(readers) == 1 and not readers[0].domain:
+        split = readers[0]
+        axis = split.attrs.get("axis", 0) % len(perm)
+        if perm[axis] != cut or split_sizes(split, parts) != [1] * parts or len(split.outputs) != parts:
+            return None
+        taken = []
+        for index, out in enumerate(split.outputs):
+            if not out.users:
+                continue
+            squeeze = _only_user(out)
+            if squeeze is None or squeeze.op_type != "Squeeze" or squeeze.domain or _axes(squeeze, len(perm)) != [axis]:
+                return None
+            taken.append(Part(index, squeeze, axis))
+        return taken
+    taken = []
+    for gather in readers:
+        if gather.op_type != "Gather" or gather.domain or gather.input(1).const is None:
+            return None
+        axis, index = gather.attrs.get("axis", 0) % len(perm), gather.input(1).const
+        if index.ndim != 0 or perm[axis] != cut or not -parts <= int(index) < parts:
+            return None
+        taken.append(Part(int(index) % parts, gather, axis))
+    return taken
+
+
+def _axes(squeeze: Node, rank: int) -> list[int] | None:
+    """A Squeeze's constant axes (its input from opset 13, its attribute before) on its input of `rank` dims, made
+    non-negative."""
+    axes = squeeze.input(1).const if len(squeeze.inputs) > 1 and squeeze.input(1) is not None \
+        else squeeze.attrs.get("axes")
+    if axes is None:
+        return None
+    return sorted(int(a) % rank for a in np.asarray(axes).reshape(-1))
 
 
 def _part_of(weight: Node, port: int, width: int, part: int, parts: int) -> np.ndarray | None:
@@ -167,37 +214,34 @@ def _part_of(weight: Node, port: int, width: int, part: int, parts: int) -> np.n
 
 def _split(graph: Graph, p: FusedProjection) -> None:
     width = p.weight.input(0).const.shape[1]
+    step = width // p.parts
     perm = list(p.transpose.attrs["perm"])
     x = p.matmul.input(0)
     rest = [int(d) for d in p.reshape.output.shape[p.cut + 1:]]
-    for gather in p.gathers:
-        part = int(gather.input(1).const) % p.parts
-        axis = gather.attrs.get("axis", 0) % len(perm)
-        hint = f"{p.matmul.name}_part{part}"
+    for part in p.taken:
+        hint = f"{p.matmul.name}_part{part.index}"
 
         def op(op_type, inputs, attrs=None, suffix="", domain=""):
             return graph.make_node(op_type, inputs, attrs or {}, name=f"{hint}{suffix}", domain=domain,
-                                   before=gather).output
+                                   before=part.reader).output
 
-        params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, width, part, p.parts))
+        params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, width, part.index, p.parts))
                   for port in range(len(p.weight.inputs))]
-        w = op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)
-        y = op("MatMul", [x, w])
+        y = op("MatMul", [x, op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)])
         if p.bias is not None:
-            bias = _const_operand(p.bias).const.reshape(-1)
-            step = width // p.parts
-            y = op("Add", [y, graph.add_constant(f"{hint}_bias", bias[part * step:(part + 1) * step])], suffix="_bias")
+            bias = _const_operand(p.bias).const.reshape(-1)[part.index * step:(part.index + 1) * step]
+            y = op("Add", [y, graph.add_constant(f"{hint}_bias", bias)], suffix="_bias")
         projected = y
         shape = graph.add_constant(f"{hint}_shape", np.asarray([0] * p.cut + rest, np.int64))
         y = op("Reshape", [y, shape], suffix="_heads")
-        moved = [d - (d > p.cut) for i, d in enumerate(perm) if i != axis]
+        moved = [d - (d > p.cut) for i, d in enumerate(perm) if i != part.axis]
         if moved != sorted(moved):
             y = op("Transpose", [y], {"perm": moved}, suffix="_moved")
-        y.dtype, y.shape = gather.output.dtype, gather.output.shape
-        graph.replace_all_uses(gather.output, y)
-        graph.remove(gather)
+        y.dtype, y.shape = part.reader.output.dtype, part.reader.output.shape
+        graph.replace_all_uses(part.reader.output, y)
+        graph.remove(part.reader)
         _quantizer_up_to(graph, projected, y)
-    for node in (p.transpose, p.reshape, p.bias, p.matmul, p.weight):
+    for node in (p.split, p.transpose, p.reshape, p.bias, p.matmul, p.weight):
         if node is not None:
             graph.remove(node)
 
