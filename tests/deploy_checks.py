@@ -136,6 +136,27 @@ def split_projections(path) -> dict[str, str]:
             and "_part" in info["originalLayersNames"].astype(str)}
 
 
+def lone_quantizers_after_projections(path) -> list[str]:
+    """The FakeQuantize layers OpenVINO's CPU plugin runs alone on a FullyConnected's output carried only through
+    ops that move values (Reshape, Transpose, Gather, Split, Reorder: a projection's output cut into heads);
+    lowbit's OpenVINO forms put such a quantizer on the projection, where the plugin fuses it
+    (backends/openvino_projections.py). f32 hint."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    kind = lambda node: node.get_rt_info()["layerType"].astype(str)  # noqa: E731
+    lone = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        if kind(op) != "FakeQuantize":
+            continue
+        source = op.input_value(0).get_node()
+        while kind(source) in ("Reshape", "Transpose", "Gather", "Split", "Reorder"):
+            source = source.input_value(0).get_node()
+        if kind(source).startswith("FullyConnected"):
+            lone.append(op.get_friendly_name())
+    return lone
+
+
 def layers_added_by_splits(parts: dict[str, str]) -> int:
     """How many more layers OpenVINO runs than the QDQ file holds: a split projection is one layer per part."""
     return len(parts) - len({name.rsplit("_part", 1)[0] for name in parts})

@@ -25,8 +25,8 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (HOST_OVERFLOW_FIX, ORT_FLOAT_LAYERS, default_exported, ort_optimized, placed_quantizers,
-                           quantized_layers, sqnr)
+from deploy_checks import (HOST_OVERFLOW_FIX, ORT_FLOAT_LAYERS, default_exported, lone_quantizers_after_projections,
+                           ort_optimized, placed_quantizers, quantized_layers, sqnr)
 
 import lowbit
 from lowbit.api import graph_of
@@ -138,6 +138,18 @@ def test_onnx_runtime_runs_every_quantized_layer_on_integers_where_it_has_a_kern
 
     in_float = {n.name for n in ort_optimized(zoo.paths[form]).graph.node if n.op_type in ORT_FLOAT_LAYERS}
     assert in_float & set(layers) == {name for name, info in layers.items() if no_kernel(name, info)}
+
+
+@pytest.mark.parametrize("form", ["torch.xml", "onnx.xml"])
+def test_openvino_runs_no_quantizer_alone_on_a_projection_cut_into_heads(zoo, form):
+    """A query/key quantizer placed after the heads' view and transpose (BERT, DistilBERT, ViT, Swin, T5: the
+    attention reads it there) is written on the projection's output, where OpenVINO fuses it into the
+    FullyConnected; after the view it ran alone, in f32 between two layout Reorders (four per BERT layer pair).
+    GPT-2 keeps its own: its Conv1D is an addmm whose output is viewed back and split into q, k and v, which the
+    OpenVINO writer does not follow (README)."""
+    if zoo.name == "gpt2":
+        pytest.skip("GPT-2's addmm -> view -> split is not rewritten")
+    assert lone_quantizers_after_projections(zoo.paths[form]) == []
 
 
 @pytest.mark.parametrize("runtime,form", [("ort", "torch.onnx"), ("openvino", "torch.onnx"),

@@ -80,12 +80,13 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
     graph is first guarded against OpenVINO's known miscomputations
     (openvino_guards.py), which a .onnx meets too when OpenVINO runs it.
     The forms for OpenVINO write a fused query/key/value projection as one
-    projection per part (openvino_projections.py).
+    projection per part, and put a quantizer that reads a projection through
+    a Reshape or Transpose on the projection itself (openvino_projections.py).
     """
     from ..ir.decompose import expand_for_opset
     from ..ir.ops import QUANT_DOMAIN
     from .openvino_guards import guarded_for_openvino
-    from .openvino_projections import split_fused_projections
+    from .openvino_projections import quantizers_onto_projections, split_fused_projections
     from .qdq import fake_quantize_to_qdq
 
     opaque = [n for n in graph if is_opaque(n.domain)]
@@ -99,7 +100,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
         opsets[""] = opset
     graph = guarded_for_openvino(expand_for_opset(graph, opsets.get("", 21)))
     if fake_quantize == "openvino" or runtime == "openvino":  # the forms OpenVINO runs
-        graph = split_fused_projections(graph)
+        graph = quantizers_onto_projections(split_fused_projections(graph))
     if fake_quantize == "qdq":
         graph = fake_quantize_to_qdq(graph, runtime)
     elif any(n.domain == QUANT_DOMAIN for n in graph):

@@ -231,7 +231,6 @@ def _split(graph: Graph, p: FusedProjection) -> None:
         if p.bias is not None:
             bias = _const_operand(p.bias).const.reshape(-1)[part.index * step:(part.index + 1) * step]
             y = op("Add", [y, graph.add_constant(f"{hint}_bias", bias)], suffix="_bias")
-        projected = y
         shape = graph.add_constant(f"{hint}_shape", np.asarray([0] * p.cut + rest, np.int64))
         y = op("Reshape", [y, shape], suffix="_heads")
         moved = [d - (d > p.cut) for i, d in enumerate(perm) if i != part.axis]
@@ -240,7 +239,6 @@ def _split(graph: Graph, p: FusedProjection) -> None:
         y.dtype, y.shape = part.reader.output.dtype, part.reader.output.shape
         graph.replace_all_uses(part.reader.output, y)
         graph.remove(part.reader)
-        _quantizer_up_to(graph, projected, y)
     for node in (p.split, p.transpose, p.reshape, p.bias, p.matmul, p.weight):
         if node is not None:
             graph.remove(node)
@@ -263,20 +261,71 @@ def _per_tensor_quantizer(node: Node | None) -> list[Node]:
     return [node, dq]
 
 
-def _quantizer_up_to(graph: Graph, projected: Value, part: Value) -> None:
-    """Move a per-tensor quantizer that reads `part` through value-preserving ops up to `projected`, the part's
-    projection output, where OpenVINO fuses it into the FullyConnected: OpenVINO moved it up through a Transpose
-    but not through the Reshape, and ran it alone there. Elementwise with one grid, it gives the same values on
-    either side of ops that only move them."""
-    value, node = part, _only_user(part)
-    while node is not None and not node.domain and node.op_type in VALUE_PRESERVING:
-        value, node = node.output, _only_user(node.output)
-    chain = _per_tensor_quantizer(node)
-    if not chain:
-        return
+def quantizers_onto_projections(graph: Graph) -> Graph:
+    """`graph`, or a copy in which each per-tensor quantizer that reads a projection's output through ops that
+    only move values (a Reshape into heads, a Transpose) reads the projection's output itself."""
+    if not any(_moved_quantizer(n) for n in graph):
+        return graph
+    graph = graph.copy()
+    for node in graph.nodes:
+        if node.graph is graph and (projected := _moved_quantizer(node)) is not None:
+            _quantizer_up_to(graph, projected)
+    return graph
+
+
+def _moved_quantizer(matmul: Node) -> Value | None:
+    """The output of the projection `matmul` ends (its bias Add's, if it has one) where a per-tensor quantizer
+    reads it through ops that only move values (or scale them by a power of two); None otherwise."""
+    if matmul.op_type != "MatMul" or matmul.domain or not _weight(matmul.input(1).producer):
+        return None
+    projected = matmul.output
+    add = _only_user(projected)
+    if add is not None and add.op_type == "Add" and not add.domain and _const_operand(add) is not None:
+        projected = add.output
+    moved_through, _, chain = _path_to_quantizer(projected)
+    return projected if moved_through and chain else None
+
+
+def _power_of_two_scale(node: Node) -> float | None:
+    """The factor of a Mul by a positive scalar constant power of two (T5's attention scale of 1, written as a
+    Mul by the exporter), which a grid's step can take exactly; None for any other node."""
+    if node.op_type != "Mul" or node.domain or (c := _const_operand(node)) is None or c.const.size != 1:
+        return None
+    factor = float(c.const.reshape(-1)[0])
+    return factor if factor > 0 and np.frexp(factor)[0] == 0.5 else None
+
+
+def _path_to_quantizer(projected: Value) -> tuple[int, float, list[Node]]:
+    """From `projected` down single readers that move values or scale them by a power of two: how many such ops,
+    the product of the scales, and the per-tensor quantizer they end at ([] where they end elsewhere)."""
+    steps, factor, node = 0, 1.0, _only_user(projected)
+    while node is not None and not node.domain:
+        if node.op_type in VALUE_PRESERVING:
+            pass
+        elif (scale := _power_of_two_scale(node)) is not None:
+            factor *= scale
+        else:
+            break
+        steps, node = steps + 1, _only_user(node.output)
+    return steps, factor, _per_tensor_quantizer(node)
+
+
+def _quantizer_up_to(graph: Graph, projected: Value) -> None:
+    """Move the per-tensor quantizer that reads `projected` through value-preserving ops up to `projected`, where
+    OpenVINO fuses it into the FullyConnected: OpenVINO moved it up through a Transpose but not through a Reshape,
+    and ran it alone there, in f32 between two layout Reorders. Elementwise with one grid, it gives the same
+    values on either side of ops that only move them; a Mul by a power of two on the way (kept in place) scales
+    the moved grid's step by its inverse, exactly."""
+    _, factor, chain = _path_to_quantizer(projected)
+    value = chain[0].input(0)
     reader, x = _only_user(projected), projected
     for old in chain:
-        x = graph.make_node(old.op_type, [x, *old.inputs[1:]], dict(old.attrs), name=old.name, domain=old.domain,
+        params = list(old.inputs[1:])
+        if factor != 1.0:  # a FakeQuantize's four range ends, or a QuantizeLinear/DequantizeLinear's scale
+            ports = range(4) if is_fake_quantize(old) else range(1)
+            params = [graph.add_constant(f"{old.name}_moved", (v.const / factor).astype(v.const.dtype))
+                      if i in ports else v for i, v in enumerate(params)]
+        x = graph.make_node(old.op_type, [x, *params], dict(old.attrs), name=old.name, domain=old.domain,
                             before=reader).output
         x.dtype, x.shape = old.output.dtype, projected.shape
     reader.set_input(reader.inputs.index(projected), x)
