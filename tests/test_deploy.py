@@ -413,11 +413,11 @@ def test_openvino_fuses_query_and_key_quantizers_into_their_projections(deployed
 
 def test_a_projection_without_quantized_parts_stays_one():
     """Split only where OpenVINO fuses something: the FP32 ViT's projection is left whole (the same graph)."""
-    from lowbit.backends.openvino_projections import split_fused_projections
+    from lowbit.backends.openvino_projections import projections_for_openvino
     from models import TinyViT
 
     graph = lowbit.lower(TinyViT().eval(), (torch.randn(1, 1, 8, 8),))
-    assert split_fused_projections(graph) is graph
+    assert projections_for_openvino(graph) is graph
 
 
 class UnbindAttention(torch.nn.Module):

@@ -86,7 +86,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
     from ..ir.decompose import expand_for_opset
     from ..ir.ops import QUANT_DOMAIN
     from .openvino_guards import guarded_for_openvino
-    from .openvino_projections import quantizers_onto_projections, split_fused_projections
+    from .openvino_projections import projections_for_openvino
     from .qdq import fake_quantize_to_qdq
 
     opaque = [n for n in graph if is_opaque(n.domain)]
@@ -100,7 +100,7 @@ def to_onnx(graph: Graph, *, opset: int | None = None, fake_quantize: str = "qdq
         opsets[""] = opset
     graph = guarded_for_openvino(expand_for_opset(graph, opsets.get("", 21)))
     if fake_quantize == "openvino" or runtime == "openvino":  # the forms OpenVINO runs
-        graph = quantizers_onto_projections(split_fused_projections(graph))
+        graph = projections_for_openvino(graph)
     if fake_quantize == "qdq":
         graph = fake_quantize_to_qdq(graph, runtime)
     elif any(n.domain == QUANT_DOMAIN for n in graph):

@@ -62,14 +62,17 @@ class FusedProjection:
     parts: int
 
 
-def split_fused_projections(graph: Graph) -> Graph:
-    """`graph`, or a copy in which every fused projection whose parts are quantized is one projection per part."""
-    if not any(_fused_projection(n) for n in graph):
+def projections_for_openvino(graph: Graph) -> Graph:
+    """`graph`, or a copy in which every fused projection whose parts are quantized is one projection per part,
+    and every per-tensor quantizer that reads a projection's output through ops that only move values (a Reshape
+    into heads, a Transpose) reads that output itself."""
+    if not any(_fused_projection(n) or _moved_quantizer(n) for n in graph):
         return graph
     graph = graph.copy()
-    for node in graph.nodes:
-        if node.graph is graph and (found := _fused_projection(node)) is not None:
-            _split(graph, found)
+    for find, rewrite in ((_fused_projection, _split), (_moved_quantizer, _quantizer_up_to)):
+        for node in graph.nodes:
+            if node.graph is graph and (found := find(node)) is not None:
+                rewrite(graph, found)
     graph.remove_unused_constants()
     return graph
 
@@ -259,18 +262,6 @@ def _per_tensor_quantizer(node: Node | None) -> list[Node]:
             v is not None and v.const is not None and v.const.size == 1 for v in dq.inputs[1:]):
         return []
     return [node, dq]
-
-
-def quantizers_onto_projections(graph: Graph) -> Graph:
-    """`graph`, or a copy in which each per-tensor quantizer that reads a projection's output through ops that
-    only move values (a Reshape into heads, a Transpose) reads the projection's output itself."""
-    if not any(_moved_quantizer(n) for n in graph):
-        return graph
-    graph = graph.copy()
-    for node in graph.nodes:
-        if node.graph is graph and (projected := _moved_quantizer(node)) is not None:
-            _quantizer_up_to(graph, projected)
-    return graph
 
 
 def _moved_quantizer(matmul: Node) -> Value | None:
