@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import qat  # noqa: E402  (first: once deploy puts examples/ on sys.path, examples/qat.py would shadow it)
+import attention_latency  # noqa: E402
 import conv_outputs  # noqa: E402
 import deploy  # noqa: E402
 import ir_scale  # noqa: E402
@@ -20,6 +21,7 @@ if __name__ == "__main__":
     patterns.main([])
     ptq.main([])
     deploy.main([])
+    attention_latency.main([])
     conv_outputs.main([])
     zoo.main([])
     text.main([])
