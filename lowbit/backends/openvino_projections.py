@@ -289,16 +289,16 @@ def _power_of_two_scale(node: Node) -> float | None:
 def _path_to_quantizer(projected: Value) -> tuple[int, float, list[Node]]:
     """From `projected` down single readers that move values or scale them by a power of two: how many such ops,
     the product of the scales, and the per-tensor quantizer they end at ([] where they end elsewhere)."""
-    steps, factor, node = 0, 1.0, _only_user(projected)
+    steps, factor, value, node = 0, 1.0, projected, _only_user(projected)
     while node is not None and not node.domain:
-        if node.op_type in VALUE_PRESERVING:
+        if node.op_type in VALUE_PRESERVING and node.inputs[0] is value:  # the data, not a shape or indices
             pass
         elif (scale := _power_of_two_scale(node)) is not None:
             factor *= scale
         else:
             break
-        steps, node = steps + 1, _only_user(node.output)
-    return steps, factor, _per_tensor_quantizer(node)
+        steps, value, node = steps + 1, node.output, _only_user(node.output)
+    return steps, factor, _per_tensor_quantizer(node) if node is not None and node.inputs[0] is value else []
 
 
 def _quantizer_up_to(graph: Graph, projected: Value) -> None:
