@@ -157,8 +157,14 @@ def lone_quantizers_after_projections(path) -> list[str]:
     return lone
 
 
-def layers_added_by_splits(parts: dict[str, str]) -> int:
-    """How many more layers OpenVINO runs than the QDQ file holds: a split projection is one layer per part."""
+def layers_added_by_splits(path) -> int:
+    """How many more layers the OpenVINO form at `path` holds than the QDQ file: a projection lowbit's OpenVINO
+    forms split (backends/openvino_projections.py) is one MatMul per part, `<projection>_part<i>` (read from the
+    file, not compiled)."""
+    import openvino as ov
+
+    parts = [op.get_friendly_name() for op in ov.Core().read_model(str(path)).get_ordered_ops()
+             if op.get_type_name() == "MatMul" and "_part" in op.get_friendly_name()]
     return len(parts) - len({name.rsplit("_part", 1)[0] for name in parts})
 
 

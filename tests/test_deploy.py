@@ -102,7 +102,7 @@ def test_openvino_runs_every_quantized_layer_in_int8(deployed, form):
     # attention's, fused into an attention subgraph on some CPUs and not on others (test_..._attention_in_int8)
     with_weights = collections.Counter({key: n for key, n in precisions.items() if key[0] != "MatMul"})
     # a query/key/value projection is written for OpenVINO as 3 (test_openvino_fuses_query_and_key_...)
-    added = layers_added_by_splits(split_projections(deployed.paths[form]))
+    added = layers_added_by_splits(deployed.paths[form])
     assert weighted > 0
     assert int8_count(with_weights) == weighted + added, precisions
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, default_exported, family_options, int8_count,
                            layers_added_by_splits, openvino_layer_precisions, ort_optimized_ops, placed_quantizers,
-                           quantized_layers, split_projections, sqnr, trained_family)
+                           quantized_layers, sqnr, trained_family)
 
 import lowbit
 
@@ -65,7 +65,7 @@ def test_openvino_runs_every_quantized_layer_in_int8(exported, form):
     weighted = sum(layer["weight"] for layer in quantized_layers(exported.qdq).values())
     precisions = openvino_layer_precisions(exported.paths[form])
     with_weights = collections.Counter({key: n for key, n in precisions.items() if key[0] != "MatMul"})
-    added = layers_added_by_splits(split_projections(exported.paths[form]))  # as tests/test_deploy.py
+    added = layers_added_by_splits(exported.paths[form])  # as tests/test_deploy.py
     assert weighted > 0
     assert int8_count(with_weights) == weighted + added, precisions
 
