@@ -428,6 +428,32 @@ def test_a_quantizer_stays_below_an_op_that_keeps_part_of_its_input(select):
     assert producer.op_type in ("Gather", "Slice"), producer.op_type
 
 
+class _Heads(torch.nn.Module):
+    """HuggingFace's attention scores: q and k projected, viewed into heads at the batch read from the input
+    (`x.size(0)`, a computed shape in a dynamic-batch capture) or at a fixed one, transposed, multiplied."""
+
+    def __init__(self, batch=None):
+        super().__init__()
+        self.q, self.k, self.batch = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), batch
+
+    def forward(self, x):
+        heads = lambda t: t.view(self.batch or x.size(0), -1, 2, 8).transpose(1, 2)  # noqa: E731
+        return heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("batch", [None, 2], ids=["batch read at run time", "fixed batch"])
+def test_query_and_key_quantizers_sit_on_their_projections_whatever_the_heads_view_reads(batch):
+    """The requests of the scores MatMul move up through the heads' Transpose and Reshape onto the projections'
+    outputs, where OpenVINO fuses them into the projections; a Reshape's shape input, computed from the batch or
+    constant, is not a value the quantizer reads and does not stop them."""
+    graph = _fused(_Heads(batch), torch.randn(2, 5, 16))
+    scores = next(n for n in graph if n.op_type == "MatMul" and n.input(1).const is None)
+    points = [p for p in place_quantizers(graph, load_hw_config("CPU"), transformer=True)
+              if p.kind == "activation" and scores.name in p.layers]
+    assert sorted(p.value.producer.op_type for p in points) == ["Add", "Add"]  # the Linear's bias Add
+    assert {p.value.producer.input(0).producer.input(1).name for p in points} == {"q.weight.T", "k.weight.T"}
+
+
 # --------------------------------------------------------------------------- presets and model types
 
 

@@ -82,6 +82,20 @@ def _data_inputs(node: Node) -> list[tuple[int, Value]]:
     return [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.const is None]
 
 
+def _moved_data(node: Node) -> list[tuple[int, Value]]:
+    """The inputs a request on an agnostic op's output moves to: the non-constant inputs of a Concat, the data
+    input (port 0) of the rest. A Reshape's shape, a Resize's scales or an Expand's sizes are not what the
+    quantizer reads, computed at run time or not (a transformer's view into heads reads the batch from a Shape).
+    [] where one of them is not float, or the data input is a constant."""
+    if channel_flow(node) == "concat":
+        moved = _data_inputs(node)
+    else:
+        moved = [(0, node.inputs[0])] if node.inputs and node.inputs[0] is not None else []
+    if not moved or any(v.const is not None or not is_float(v.dtype) for _, v in moved):
+        return []
+    return moved
+
+
 def _pick(configs: tuple[QuantizerConfig, ...], preset: str, kind: str) -> QuantizerConfig:
     if kind == "activation":
         want = "asymmetric" if preset == "mixed" else "symmetric"
@@ -256,8 +270,8 @@ def place_quantizers(graph: Graph, hw: HwConfig, *, preset: str = "performance",
         asked = {(id(r.consumer), r.port) for r in reqs}
         if any((id(user), port) not in asked for user, port in out.uses):
             continue
-        sources = [(i, v) for i, v in _data_inputs(node) if is_float(v.dtype)]
-        if not sources or len(sources) != len(_data_inputs(node)):
+        sources = _moved_data(node)
+        if not sources:
             continue
         configs = _common(reqs)
         if configs is None:
