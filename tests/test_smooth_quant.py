@@ -174,3 +174,49 @@ def test_bad_alpha_and_misplaced_pass(vit, dataset):
         lowbit.compile(vit, ["fuse", "quantize", "smooth_quant"], dataset=dataset, progress=False)
     with pytest.raises(lowbit.PassError, match="smooth_quant needs calibration data"):
         lowbit.compile(vit, ["smooth_quant"], example_inputs=(torch.zeros(1, 1, 8, 8),))
+
+
+class _Conv1DBlock(torch.nn.Module):
+    """GPT-2's MLP: a LayerNorm, transformers' Conv1D (which views its input [B, N, C] as [B * N, C] for its
+    addmm), GELU, Conv1D; one LayerNorm channel 30x larger, as trained models have them."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.ln, self.fc, self.proj = torch.nn.LayerNorm(16), Conv1D(32, 16), Conv1D(16, 32)
+        with torch.no_grad():
+            self.ln.weight[3] *= 30
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.gelu(self.fc(self.ln(x)), approximate="tanh"))
+
+
+def test_smoothing_goes_above_the_view_a_conv1d_reads_through(tmp_path):
+    """The scales and quantizers go where the values are computed, not after Conv1D's view: the LayerNorm takes
+    1/s, a Mul scales the GELU's output before the view, and OpenVINO fuses every activation quantizer into the
+    op before it (after the view it ran alone: a fifth of GPT-2's time). The function is unchanged."""
+    model = _Conv1DBlock().eval()
+    items = [torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    smoothed = lowbit.compile(model, SMOOTH, dataset=lowbit.Dataset(items), dump_dir=tmp_path, progress=False)
+    np.testing.assert_allclose(_run(smoothed, items[0]), _run(model, items[0]), rtol=1e-4, atol=1e-4)
+    fired = next(p["fired"] for p in json.loads((tmp_path / "passes.json").read_text())
+                 if p["name"] == "smooth_quant")
+    assert fired == {"folded_into_layer_norm": 1, "mul_inserted": 1, "layers_smoothed": 2}
+
+    quantized = lowbit.quantize(model, lowbit.Dataset(items), model_type="transformer")
+    graph = quantized.lowbit_graph
+    (mul,) = [n for n in graph if n.meta.get("smooth_quant")]
+    assert mul.input(0).producer.op_type != "Reshape" and len(mul.input(0).shape) == 3
+    readers = sorted(n.input(0).producer.op_type for n in graph if is_fake_quantize(n) and n.input(0).const is None)
+    assert readers == ["LayerNormalization", "Mul"], readers
+
+    import openvino as ov
+
+    path = lowbit.export(quantized, tmp_path / "mlp.xml")
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    layers = [(info["layerType"].astype(str), info["runtimePrecision"].astype(str))
+              for info in (op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops())]
+    assert not [kind for kind, _ in layers if kind == "FakeQuantize"], layers
+    assert [precision for kind, precision in layers if kind == "FullyConnected"] == ["u8", "u8"], layers

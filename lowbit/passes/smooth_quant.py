@@ -21,7 +21,9 @@ Layers that read the same activation share one s (their weights' maxima are
 combined). 1/s is folded into the producer when that is a
 LayerNormalization whose output only these layers read; otherwise a `Mul`
 node (meta "smooth_quant") computes x / s, and the `quantize` pass keeps it
-in FP32 and quantizes its output. Layers in the ignored scope, layers whose
+in FP32 and quantizes its output. Where the layers read x through Reshapes
+that keep its last axis (GPT-2's Conv1D views [B, N, C] as [B * N, C]), both
+go above them, onto the value as it was computed (`_views_above`). Layers in the ignored scope, layers whose
 weight is not a constant, and MatMuls between two activations are left alone.
 """
 
@@ -102,12 +104,15 @@ class SmoothQuant(Pass):
             s = smoothing_scale(act_max, weight_max, alpha)
             for layer in layers:
                 _scale_weight(graph, layer, s)
-            if _fold_into_layer_norm(x, layers, 1.0 / s):
-                _rescale_statistics(ctx, x, x, 1.0 / s)
+            views = _views_above(x, layers)
+            readers = [views[0]] if views else layers
+            source = views[0].input(0) if views else x
+            if _fold_into_layer_norm(source, readers, 1.0 / s):
+                _rescale_statistics(ctx, x, [source] + [v.output for v in views], 1.0 / s)
                 fired["folded_into_layer_norm"] += 1
             else:
-                mul = _insert_mul(graph, x, min(layers, key=lambda n: position[id(n)]), layers, 1.0 / s)
-                _rescale_statistics(ctx, x, mul.output, 1.0 / s)
+                mul = _insert_mul(graph, source, min(readers, key=lambda n: position[id(n)]), readers, 1.0 / s)
+                _rescale_statistics(ctx, x, [mul.output] + [v.output for v in views], 1.0 / s)
                 fired["mul_inserted"] += 1
             fired["layers_smoothed"] += len(layers)
         return PassResult(graph, changed=bool(fired), fired=fired)
@@ -123,16 +128,34 @@ def _groups(graph: Graph, ctx: PassContext) -> dict[str, list[Node]]:
     return groups
 
 
-def _rescale_statistics(ctx: PassContext, x: Value, out: Value, inv_s: np.ndarray) -> None:
-    """Cache `out` (= x / s per last-axis channel) as x's summaries scaled by inv_s; what cannot be scaled
-    (a summary without per-channel extremes along the last axis) is dropped, for a later run to tap."""
+def _views_above(x: Value, layers: list[Node]) -> list[Node]:
+    """The Reshapes (first to last) that carry a value of the same last axis into `x`, each read by the next
+    alone and `x` by `layers` alone: HuggingFace's Conv1D (GPT-2) views its input [B, N, C] as [B * N, C] for
+    its addmm. Smoothing above them puts the scale, and the quantizer after it, where the values are computed
+    (OpenVINO fuses a FakeQuantize into the op before it, not through a Reshape: alone, in f32, GPT-2's took a
+    fifth of its time). A Reshape that keeps the last dim's size keeps every element's channel."""
+    views, readers, value = [], {id(n) for n in layers}, x
+    while (view := value.producer) is not None and view.op_type in ("Reshape", "Flatten") and not view.domain \
+            and not value.is_graph_output and {id(n) for n in value.users} == readers \
+            and view.input(0).shape and value.shape and isinstance(value.shape[-1], int) \
+            and view.input(0).shape[-1] == value.shape[-1]:
+        views.insert(0, view)
+        readers, value = {id(view)}, view.input(0)
+    return views
+
+
+def _rescale_statistics(ctx: PassContext, x: Value, outs: list[Value], inv_s: np.ndarray) -> None:
+    """Cache each of `outs` (x / s per last-axis channel, or a view of it that keeps the last axis) as x's
+    summaries scaled by inv_s, per channel along the last axis; what cannot be scaled (a summary without
+    per-channel extremes along the last axis) is dropped, for a later run to tap."""
     cache = cache_of(ctx)
     last = {-1} | ({len(x.shape) - 1} if x.shape is not None else set())
-    scaled = [s.scaled(inv_s) if s.axis in last else None for s in cache.summaries(x)]
-    if out is x:
-        cache.discard(x)
-    for summary in scaled:
-        if summary is not None:
+    along_last = [s for s in cache.summaries(x) if s.axis in last]
+    for out in outs:
+        cache.discard(out)
+        for summary in filter(None, (s.scaled(inv_s) for s in along_last)):
+            if out is not x:  # another rank: the last axis by its negative index
+                summary.axis = -1
             cache.put(out, summary)
 
 
@@ -153,6 +176,7 @@ def _scale_weight(graph: Graph, layer: Node, s: np.ndarray) -> None:
 
 
 def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bool:
+    """Scale the LayerNormalization that computes `x` by inv_s, where `layers` alone read x; False elsewhere."""
     norm = x.producer
     if norm is None or norm.op_type != "LayerNormalization" or norm.domain or x.is_graph_output:
         return False
@@ -168,6 +192,7 @@ def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bo
 
 
 def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> Node:
+    """A Mul of x by inv_s, before `first`, that `layers` read instead of x."""
     dtype = np.float16 if x.dtype == "float16" else np.float32  # a float16 model keeps float16 arithmetic
     factor = graph.add_constant(f"{x.name}_smooth_scale", inv_s.astype(dtype))
     mul = graph.make_node("Mul", [x, factor], name=f"{x.name}_smooth", before=first, meta={"smooth_quant": True})
