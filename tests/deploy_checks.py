@@ -126,11 +126,11 @@ def openvino_layer_precisions(model) -> collections.Counter:
 def split_projections(path) -> dict[str, str]:
     """{name: output precision} of the FullyConnected layers OpenVINO's CPU plugin runs for the parts of the
     query/key/value projections lowbit's OpenVINO forms split (backends/openvino_projections.py); f32 hint: the
-    same fusions on every CPU."""
+    same fusions on every CPU. A Gemm's part is named by the Gemm (OpenVINO calls its MatMul `<gemm>/WithoutBiases`)."""
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return {info["originalLayersNames"].astype(str).split(",")[0]: info["outputPrecisions"].astype(str)
+    return {info["originalLayersNames"].astype(str).split(",")[0].split("/")[0]: info["outputPrecisions"].astype(str)
             for op in compiled.get_runtime_model().get_ordered_ops()
             if (info := op.get_rt_info())["layerType"].astype(str).startswith("FullyConnected")
             and "_part" in info["originalLayersNames"].astype(str)}

@@ -35,8 +35,8 @@ import openvino as ov
 import pytest
 import torch
 from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, family_options, int8_count,
-                           layers_added_by_splits, openvino_layer_precisions, ort_optimized_ops, quantized_layers,
-                           split_projections, sqnr, trained_family)
+                           layers_added_by_splits, lone_quantizers_after_projections, openvino_layer_precisions,
+                           ort_optimized_ops, quantized_layers, split_projections, sqnr, trained_family)
 
 import lowbit
 
@@ -436,23 +436,54 @@ class UnbindAttention(torch.nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
-@pytest.mark.parametrize("form", ["xml", "ov.onnx"])
-def test_openvino_fuses_the_quantizers_of_an_unbound_query_and_key(tmp_path, form):
-    """timm's unbind(0) of the fused projection is split for OpenVINO as the Gathers are (above): the query's and
-    key's FullyConnected write int8, the value's float, and OpenVINO agrees with the simulation."""
+def _query_and_key_run_in_their_parts(module: torch.nn.Module, path, layer: str) -> None:
+    """Quantized (transformer) and written to `path` (.xml, or .ov.onnx for OpenVINO), `module`'s fused
+    projection `layer` runs as three parts in OpenVINO: the query's and key's write int8, the value's float, no
+    quantizer runs alone after them, and OpenVINO agrees with the simulation."""
     if OVERFLOW_FIX == "enable":
         pytest.skip("with overflow_fix='enable' the query and key are not quantized (test_openvino_runs_the_...)")
     g = torch.Generator().manual_seed(2)
     torch.manual_seed(0)
-    q = lowbit.quantize(UnbindAttention().eval(), lowbit.Dataset([torch.randn(1, 17, 32, generator=g)
-                                                                  for _ in range(16)]),
+    q = lowbit.quantize(module.eval(), lowbit.Dataset([torch.randn(1, 17, 32, generator=g) for _ in range(16)]),
                         model_type="transformer", overflow_fix=OVERFLOW_FIX)
-    path = lowbit.export(q, tmp_path / f"attention.{form}", runtime="openvino" if form == "ov.onnx" else None)
+    path = lowbit.export(q, path, runtime="openvino" if str(path).endswith(".ov.onnx") else None)
     parts = split_projections(path)
-    assert sorted(parts) == [f"linear_matmul_part{i}" for i in range(3)], parts
-    assert [parts[f"linear_matmul_part{i}"] in ("i8", "u8") for i in range(3)] == [True, True, False], parts
+    assert sorted(parts) == [f"{layer}_part{i}" for i in range(3)], parts
+    assert [parts[f"{layer}_part{i}"] in ("i8", "u8") for i in range(3)] == [True, True, False], parts
+    assert lone_quantizers_after_projections(path) == []
     x = torch.randn(8, 17, 32, generator=g)
     with torch.no_grad():
         simulation = q(x).numpy()
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert sqnr(simulation, compiled(x.numpy())[compiled.output(0)]) >= SQNR_DB
+
+
+@pytest.mark.parametrize("form", ["xml", "ov.onnx"])
+def test_openvino_fuses_the_quantizers_of_an_unbound_query_and_key(tmp_path, form):
+    """timm's unbind(0) of the fused projection is split for OpenVINO as the Gathers are (above)."""
+    _query_and_key_run_in_their_parts(UnbindAttention(), tmp_path / f"attention.{form}", "linear_matmul")
+
+
+class Conv1DAttention(torch.nn.Module):
+    """GPT-2's attention: transformers' Conv1D computes q, k and v as one addmm over the tokens viewed as rows
+    ([B * N, C] -> [B * N, 3C], viewed back as [B, N, 3C]), split along the last axis, each viewed into heads."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.heads, self.c_attn, self.c_proj = heads, Conv1D(3 * width, width), Conv1D(width, width)
+
+    def forward(self, x):  # x: [batch, tokens, width]
+        b, n, c = x.shape
+        q, k, v = (t.view(b, n, self.heads, c // self.heads).transpose(1, 2) for t in self.c_attn(x).split(c, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.c_proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["xml", "ov.onnx"])
+def test_openvino_fuses_the_quantizers_of_a_query_and_key_split_from_one_addmm(tmp_path, form):
+    """GPT-2's Split of the fused projection's columns is written for OpenVINO as one Gemm per part, each with its
+    own view, and the query's and key's quantizers move onto their parts (they ran alone after the Split, between
+    two Reorders)."""
+    _query_and_key_run_in_their_parts(Conv1DAttention(), tmp_path / f"attention.{form}", "addmm")
