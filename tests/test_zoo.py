@@ -145,10 +145,7 @@ def test_openvino_runs_no_quantizer_alone_on_a_projection_cut_into_heads(zoo, fo
     """A query/key quantizer placed after the heads' view and transpose (BERT, DistilBERT, ViT, Swin, T5: the
     attention reads it there) is written on the projection's output, where OpenVINO fuses it into the
     FullyConnected; after the view it ran alone, in f32 between two layout Reorders (four per BERT layer pair).
-    GPT-2 keeps its own: its Conv1D is an addmm whose output is viewed back and split into q, k and v, which the
-    OpenVINO writer does not follow (README)."""
-    if zoo.name == "gpt2":
-        pytest.skip("GPT-2's addmm -> view -> split is not rewritten")
+    GPT-2's Conv1D computes q, k and v as one addmm, viewed back and split: one projection per part."""
     assert lone_quantizers_after_projections(zoo.paths[form]) == []
 
 

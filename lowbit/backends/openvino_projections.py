@@ -70,7 +70,7 @@ class FusedProjection:
 @dataclass
 class Projection:
     """x times a constant quantized weight, plus an optional constant bias: what OpenVINO runs as one
-    FullyConnected. A MatMul (and the Add of its bias), or a Gemm (transA 0, alpha and beta 1, a constant C)."""
+    FullyConnected. A MatMul or a Gemm (transA 0, alpha and beta 1, a constant C), and the Add of its bias."""
 
     layer: Node  # the MatMul or Gemm
     bias: Node | None  # the Add of a MatMul's bias
@@ -338,13 +338,12 @@ def _projection(value: Value, exclusive_weight: bool = True) -> Projection | Non
     axis = 1
     if layer.op_type == "Gemm":
         attrs = layer.attrs
-        if bias is not None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
-                or attrs.get("beta", 1.0) != 1.0:
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             return None
         axis = 0 if attrs.get("transB", 0) else 1
         c = layer.input(2) if len(layer.inputs) > 2 else None
-        if c is not None and (c.const is None or c.const.size != weight.input(0).const.shape[axis]):
-            return None
+        if c is not None and (bias is not None or c.const is None or c.const.size != weight.input(0).const.shape[axis]):
+            return None  # a bias in C and an Add, or a C that is not one per column
     projection = Projection(layer, bias, weight, axis)
     if bias is not None and _const_operand(bias).const.size != projection.width:
         return None
@@ -393,8 +392,10 @@ def _split_columns(graph: Graph, c: ColumnSplit) -> None:
                   for port in range(len(p.weight.inputs))]
         weight = op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)
         part_bias = graph.add_constant(f"{hint}_bias", bias[columns]) if bias is not None else None
-        if p.layer.op_type == "Gemm":
+        if p.layer.op_type == "Gemm" and p.bias is None:
             y = op("Gemm", [x, weight] + ([part_bias] if part_bias is not None else []), dict(p.layer.attrs))
+        elif p.layer.op_type == "Gemm":  # a Gemm and the Add of its bias (a QDQ model read back)
+            y = op("Add", [op("Gemm", [x, weight], dict(p.layer.attrs)), part_bias], suffix="_bias")
         else:
             y = op("MatMul", [x, weight])
             y = op("Add", [y, part_bias], suffix="_bias") if part_bias is not None else y
