@@ -6,13 +6,17 @@ attention at the sizes people deploy, random weights (latency does not depend on
 - "vit_s": tests/models.py's TinyViT at ViT-S/16's width (224x224 RGB, patch 16, dim 384, 6 heads, MLP x4),
   4 blocks: one query/key/value Linear cut by reshape, permute and qkv[0..2] (timm's layout);
 - "bert": transformers' BertModel (hidden 768, 12 heads, 4 layers) at 128 tokens: separate query, key and value
-  Linears, each viewed into heads and transposed (HuggingFace's layout).
+  Linears, each viewed into heads and transposed (HuggingFace's layout);
+- "gpt2": transformers' GPT2Model (hidden 768, 12 heads, 4 layers) at 128 tokens: Conv1D, which views the
+  tokens as rows for one addmm and the result back; q, k and v from one such addmm, split.
 
-Both origins: the torch module, and its FP32 ONNX model (torch.onnx.export, dynamo=False). Both tools with
+Both origins: the torch module, and its FP32 ONNX model (torch.onnx.export, dynamo=False; GPT-2's, which that
+exporter refuses (aten::diff in its mask), with torch's default exporter, dynamic batch). Both tools with
 their defaults and model_type transformer, 16 calibration inputs (random tokens or images); lowbit writes the
 .xml with `lowbit.export`, NNCF as bench/deploy.py does (openvino.convert_model of its module; of its QDQ
-model for the ONNX origin). "lowbit unsplit" is the same lowbit model written with the projection rewrites
-switched off: what it ran as before them.
+model for the ONNX origin); where that fails, the row says why. "lowbit unsplit" is the same lowbit model written
+with the projection rewrites switched off (what placement alone gives: from torch it already puts BERT's query
+and key quantizers on their projections).
 
 Measured by bench/ov_latency.py (OpenVINO's default CPU config; batch 1) in fresh processes, interleaved
 rounds, as bench/deploy.py; ratios are medians of the per-round ratios, with their quartiles; "same exec graph"
@@ -20,7 +24,7 @@ says whether the rewrites changed what OpenVINO's CPU plugin runs at all. "lone 
 the FakeQuantize layers the CPU plugin runs alone on a FullyConnected's output carried through Reshape,
 Transpose, Gather or Split (tests/deploy_checks.py), each with two layout Reorders around it.
 
-    python bench/attention_latency.py [--rounds N] [--processes N]
+    python bench/attention_latency.py [--rounds N] [--processes N] [--models vit_s bert gpt2] [--no-nncf]
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ if str(HERE) not in sys.path:
 import deploy  # noqa: E402  (puts examples/ and tests/ on sys.path)
 import ptq  # noqa: E402
 import lowbit  # noqa: E402
-from deploy_checks import lone_quantizers_after_projections  # noqa: E402
+from deploy_checks import default_exported, lone_quantizers_after_projections  # noqa: E402
 from lowbit.backends import openvino_projections  # noqa: E402
 from models import TinyViT  # noqa: E402
 
 RESULTS = HERE / "results" / "attention_latency.md"
 N_CALIB = 16
 ORIGINS = ("torch", "onnx")
+MODELS = ("vit_s", "bert", "gpt2")
 
 
 def build(name: str):
@@ -63,15 +68,22 @@ def build(name: str):
     import transformers
     from zoo_models import LastHiddenState
 
-    config = transformers.BertConfig(num_hidden_layers=4)
-    module = LastHiddenState(transformers.BertModel(config).eval(), True).eval()
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=4)
+        module = LastHiddenState(transformers.GPT2Model(config).eval(), True).eval()
+    else:
+        config = transformers.BertConfig(num_hidden_layers=4)
+        module = LastHiddenState(transformers.BertModel(config).eval(), True).eval()
     return module, lambda seed: torch.randint(0, config.vocab_size, (1, 128),
                                               generator=torch.Generator().manual_seed(seed))
 
 
 def fp32_onnx(module, example: torch.Tensor, path: Path) -> onnx.ModelProto:
-    torch.onnx.export(copy.deepcopy(module), (example,), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    try:
+        torch.onnx.export(copy.deepcopy(module), (example,), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    except torch.onnx.errors.UnsupportedOperatorError:  # GPT-2's mask: torch's default exporter
+        return default_exported(module, torch.cat([example, example]), path)
     return onnx.load(path)
 
 
@@ -118,11 +130,15 @@ def model_rows(name: str, tools: list[str], rounds: int, processes: int, workdir
         source = module if origin == "torch" else fp32_onnx(module, example, workdir / f"{name}_fp32.onnx")
         data = items if origin == "torch" else [x.numpy() for x in items]
         paths = lowbit_files(copy.deepcopy(source) if origin == "torch" else source, data, stem)
+        failed = {}
         if "nncf" in tools:
-            paths["nncf"] = nncf_file(origin, source, items, example, stem)
+            try:
+                paths["nncf"] = nncf_file(origin, source, items, example, stem)
+            except Exception as e:  # the reason goes in the table
+                failed["nncf"] = str(ptq.Failed(e))
         console.log(f"{name} from {origin}: latency")
         measured = deploy.run_latency(paths, "OpenVINO", workdir / f"{name}_input.npy", rounds, processes)
-        row = {"model": name, "origin": origin}
+        row = {"model": name, "origin": origin, "failed": failed}
         for who, path in paths.items():
             row[f"{who}_ms"] = 1000 * float(np.median(sum(measured[who]["seconds"], [])))
             row[f"{who}_rounds"] = measured[who]["seconds"]
@@ -145,17 +161,21 @@ def table(rows: list[dict], tools: list[str]) -> tuple:
     head = ["model", "origin", *[f"{w} ms" for w in whos], *[f"{w} lone FQ" for w in whos],
             "lowbit / lowbit unsplit (IQR)", "same exec graph"] + (["lowbit/NNCF (IQR)", "lowbit unsplit/NNCF (IQR)"]
                                                  if "nncf" in tools else [])
-    body = []
+    body, notes = [], []
     for r in rows:
-        cells = [r["model"], r["origin"], *[f"{r[f'{w}_ms']:.2f}" for w in whos],
-                 *[str(r[f"{w}_lone"]) for w in whos], _ratio(r, "lowbit", "lowbit unsplit"),
+        missing = {w: deploy._note(notes, f"{w}, {r['model']} from {r['origin']}: {why}")
+                   for w, why in r["failed"].items()}
+        cells = [r["model"], r["origin"], *[f"{r[f'{w}_ms']:.2f}" if w not in missing else f"- {missing[w]}"
+                                            for w in whos],
+                 *[str(r[f"{w}_lone"]) if w not in missing else "-" for w in whos],
+                 _ratio(r, "lowbit", "lowbit unsplit"),
                  "yes" if r["lowbit_graph"] == r["lowbit unsplit_graph"] else "no"]
         if "nncf" in tools:
             cells += [_ratio(r, "lowbit", "nncf"), _ratio(r, "lowbit unsplit", "nncf")]
         body.append(cells)
     title = ("OpenVINO latency, batch 1, default CPU config: median ms of interleaved rounds in fresh processes; "
              "ratios: median of the per-round ratios (quartiles)")
-    return title, head, body, []
+    return title, head, body, notes
 
 
 def main(argv=None) -> list[dict]:
@@ -163,6 +183,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--no-nncf", action="store_true", help="skip the NNCF columns")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -176,7 +197,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("vit_s", "bert"):
+        for name in args.models:
             rows += model_rows(name, tools, args.rounds, args.processes, Path(tmp), console)
     markdown = ptq.render([table(rows, tools)], console)
     console.log(f"done in {time.perf_counter() - start:.0f} s")
