@@ -151,7 +151,10 @@ class Failed:
     """What a quantize call that raised leaves in a table cell."""
 
     def __init__(self, exc: BaseException):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        # OpenVINO's conversion errors open with where the check failed; the ops it could not convert come later
+        said = [line for line in lines if "No conversion rule found" in line or "Conversion is failed" in line]
+        first = "; ".join(said) or (lines[0] if lines else "")
         self.reason = f"{type(exc).__name__}: {first}"[:200]
         self.trace = traceback.format_exc()
 
