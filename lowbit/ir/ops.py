@@ -188,6 +188,9 @@ ORT_QDQ_READERS = LAYERS | {"Add", "Mul", "AveragePool", "GlobalAveragePool"}
 ORT_FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 # Ops that pick dims out of a Shape's output (cleanup folds those that pick static dims)
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})
+# Ops that lay a tensor's elements out in a new shape, in the same order: where the last dim keeps its size, every
+# element keeps its index along it (GPT-2's Conv1D views [B, N, C] as [B * N, C])
+VIEWS = frozenset({"Reshape", "Flatten"})
 # Ops that carry dims read with Shape on, unchanged, to a Reshape's target (`x.view(x.size(0), -1, 16)`)
 DIM_CARRIERS = frozenset({"Concat", "Unsqueeze", "Cast"})
 # Ops NNCF's transformer model type leaves unquantized (their inputs get no quantizer): elementwise ops, and the

@@ -23,8 +23,9 @@ LayerNormalization whose output only these layers read; otherwise a `Mul`
 node (meta "smooth_quant") computes x / s, and the `quantize` pass keeps it
 in FP32 and quantizes its output. Where the layers read x through Reshapes
 that keep its last axis (GPT-2's Conv1D views [B, N, C] as [B * N, C]), both
-go above them, onto the value as it was computed (`_views_above`). Layers in the ignored scope, layers whose
-weight is not a constant, and MatMuls between two activations are left alone.
+go above them, onto the value as it was computed (`_views_above`). Layers in
+the ignored scope, layers whose weight is not a constant, and MatMuls between
+two activations are left alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from ..errors import OptionError, PassError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import MATMULS, attribute, is_fake_quantize, weight_in_axis
+from ..ir.ops import MATMULS, VIEWS, attribute, is_fake_quantize, weight_in_axis
 from ..quant.calibration import cache_of, gather
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
@@ -135,7 +136,7 @@ def _views_above(x: Value, layers: list[Node]) -> list[Node]:
     (OpenVINO fuses a FakeQuantize into the op before it, not through a Reshape: alone, in f32, GPT-2's took a
     fifth of its time). A Reshape that keeps the last dim's size keeps every element's channel."""
     views, readers, value = [], {id(n) for n in layers}, x
-    while (view := value.producer) is not None and view.op_type in ("Reshape", "Flatten") and not view.domain \
+    while (view := value.producer) is not None and view.op_type in VIEWS and not view.domain \
             and not value.is_graph_output and {id(n) for n in value.users} == readers \
             and view.input(0).shape and value.shape and isinstance(value.shape[-1], int) \
             and view.input(0).shape[-1] == value.shape[-1]:
