@@ -487,3 +487,21 @@ def test_openvino_fuses_the_quantizers_of_a_query_and_key_split_from_one_addmm(t
     own view, and the query's and key's quantizers move onto their parts (they ran alone after the Split, between
     two Reorders)."""
     _query_and_key_run_in_their_parts(Conv1DAttention(), tmp_path / f"attention.{form}", "addmm")
+
+
+def test_a_part_nothing_reads_gets_no_projection(tmp_path):
+    """Attention scores alone (q k^T; the value part of the split is never read): the OpenVINO form holds two
+    part projections, not a third that nothing reads."""
+    module = Conv1DAttention().eval()
+
+    def scores(x):
+        b, n, c = x.shape
+        q, k = [t.view(b, n, 4, c // 4).transpose(1, 2) for t in module.c_attn(x).split(c, dim=2)[:2]]
+        return q @ k.transpose(-1, -2)
+
+    module.forward = scores
+    g = torch.Generator().manual_seed(2)
+    q = lowbit.quantize(module, lowbit.Dataset([torch.randn(1, 17, 32, generator=g) for _ in range(8)]),
+                        model_type="transformer", overflow_fix="disable")
+    path = lowbit.export(q, tmp_path / "scores.ov.onnx", runtime="openvino")
+    assert sorted(n.name for n in onnx.load(path).graph.node if n.op_type == "Gemm") == ["addmm_part0", "addmm_part1"]

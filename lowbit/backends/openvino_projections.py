@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import VALUE_PRESERVING, is_fake_quantize, split_sizes
+from ..ir.ops import MATMULS, VALUE_PRESERVING, is_fake_quantize, split_sizes
 
 
 @dataclass
@@ -86,9 +86,9 @@ class Projection:
         return self.weight.input(0).const.shape[self.axis]
 
     def bias_values(self) -> np.ndarray | None:
-        constant = _const_operand(self.bias) if self.bias is not None else \
-            self.layer.input(2) if self.layer.op_type == "Gemm" and len(self.layer.inputs) > 2 else None
-        return None if constant is None else constant.const.reshape(-1)
+        """One bias value per output column (a single one broadcast), or None without a bias."""
+        constant = _bias_constant(self.layer, self.bias)
+        return None if constant is None else np.broadcast_to(constant.const.reshape(-1), (self.width,))
 
 
 @dataclass
@@ -312,7 +312,7 @@ def _per_tensor_quantizer(node: Node | None) -> list[Node]:
 def _moved_quantizer(layer: Node) -> Value | None:
     """The output of the projection `layer` starts (its bias Add's, if it has one) where a per-tensor quantizer
     reads it through ops that only move values (or scale them by a power of two); None otherwise."""
-    if layer.op_type not in ("MatMul", "Gemm") or layer.domain:
+    if layer.op_type not in MATMULS or layer.domain:
         return None
     add = _only_user(layer.output)
     ends_with_bias = add is not None and add.op_type == "Add" and not add.domain and _const_operand(add) is not None
@@ -329,7 +329,7 @@ def _projection(value: Value, exclusive_weight: bool = True) -> Projection | Non
     layer, bias = value.producer, None
     if layer is not None and layer.op_type == "Add" and not layer.domain and (constant := _const_operand(layer)):
         bias, layer = layer, next(v for v in layer.inputs[:2] if v is not constant).producer
-    if layer is None or layer.domain or layer.op_type not in ("MatMul", "Gemm") or \
+    if layer is None or layer.domain or layer.op_type not in MATMULS or \
             bias is not None and _only_user(layer.output) is not bias:
         return None
     weight = layer.input(1).producer
@@ -342,12 +342,20 @@ def _projection(value: Value, exclusive_weight: bool = True) -> Projection | Non
             return None
         axis = 0 if attrs.get("transB", 0) else 1
         c = layer.input(2) if len(layer.inputs) > 2 else None
-        if c is not None and (bias is not None or c.const is None or c.const.size != weight.input(0).const.shape[axis]):
-            return None  # a bias in C and an Add, or a C that is not one per column
+        if c is not None and (bias is not None or c.const is None):
+            return None  # a bias in C and an Add, or a C computed at run time
     projection = Projection(layer, bias, weight, axis)
-    if bias is not None and _const_operand(bias).const.size != projection.width:
-        return None
+    constant = _bias_constant(layer, bias)
+    if constant is not None and constant.const.size not in (1, projection.width):
+        return None  # a bias not one per column nor one for all
     return projection
+
+
+def _bias_constant(layer: Node, bias: Node | None) -> Value | None:
+    """The constant bias of a projection: its Add's constant operand, or a Gemm's C."""
+    if bias is not None:
+        return _const_operand(bias)
+    return layer.input(2) if layer.op_type == "Gemm" and len(layer.inputs) > 2 else None
 
 
 def _column_split(split: Node) -> ColumnSplit | None:
@@ -382,6 +390,8 @@ def _split_columns(graph: Graph, c: ColumnSplit) -> None:
     bias = p.bias_values()
     for index, (size, out) in enumerate(zip(c.sizes, c.split.outputs)):
         columns, start = slice(start, start + size), start + size
+        if not out.uses and not out.is_graph_output:
+            continue  # a part nothing reads gets no projection
         hint = f"{p.layer.name}_part{index}"
 
         def op(op_type, inputs, attrs=None, suffix="", domain=""):
