@@ -11,7 +11,9 @@
    grid (MaxPool, Reshape, Flatten, Transpose, Dropout, ..., and ops the
    config marks `propagate`, such as Concat), but only when every consumer of
    that op's output asked for one, the output is not a model output, and the
-   edge is a float edge: a quantizer never crosses an integer edge.
+   edge is a float edge: a quantizer never crosses an integer edge. They move
+   onto the op's data input (every non-constant input of a Concat): a
+   Reshape's shape, computed at run time or not, is not what they read.
 3. All requests left on one value merge into one quantizer that feeds the
    consumers that asked; model outputs stay FP32.
 4. Quantizers on the inputs of an op with `unified_scales` (Concat on every
