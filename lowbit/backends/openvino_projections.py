@@ -26,8 +26,9 @@ the output back as [B, N, 3 * D] and Splits it along that last axis (`ColumnSpli
 part, each with its own view, the query's and key's quantizers move onto their parts the same way (a 4-layer
 GPT-2 at 128 tokens ran eight FakeQuantizes alone, with their Reorders: 0.25 ms of 7.3).
 
-The projection's weight may be a FakeQuantize of a constant (a graph from lowbit's passes) or a
-DequantizeLinear of one (a QDQ model read back); a graph without a quantizer after the parts is left as it is.
+A projection is matched by the patterns `_LAYER` and `_BIASED` (lowbit/patterns): its weight may be a
+FakeQuantize of a constant (a graph from lowbit's passes) or a DequantizeLinear of one (a QDQ model read back),
+read by that layer alone. A graph without a quantizer after the parts is left as it is.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import MATMULS, VALUE_PRESERVING, is_fake_quantize, split_sizes
+from ..ir.ops import MATMULS, QUANT_DOMAIN, VALUE_PRESERVING, is_fake_quantize, split_sizes
+from ..patterns import Any, Const, P, match_at
 
 
 @dataclass
@@ -51,29 +53,12 @@ class Part:
 
 
 @dataclass
-class FusedProjection:
-    """A MatMul of constant (quantized) weight [K, C], an optional constant bias [C], a Reshape that cuts C into
-    `parts` x `rest` at axis `cut`, and a Transpose whose readers take one part each: Gathers of one index (`qkv[0]`),
-    or a Split into single slices each squeezed (timm's `qkv.unbind(0)`)."""
-
-    matmul: Node
-    weight: Node  # the FakeQuantize or DequantizeLinear of the constant weight
-    bias: Node | None  # the Add of a constant bias
-    reshape: Node
-    transpose: Node
-    split: Node | None  # the Split of unbind, removed with the Transpose
-    taken: list[Part]
-    cut: int
-    parts: int
-
-
-@dataclass
 class Projection:
     """x times a constant quantized weight, plus an optional constant bias: what OpenVINO runs as one
     FullyConnected. A MatMul or a Gemm (transA 0, alpha and beta 1, a constant C), and the Add of its bias."""
 
     layer: Node  # the MatMul or Gemm
-    bias: Node | None  # the Add of a MatMul's bias
+    bias: Node | None  # the Add of its bias (a Gemm may hold its bias in C instead)
     weight: Node  # the FakeQuantize or DequantizeLinear of the constant weight
     axis: int  # the weight's axis of output columns: 1, or 0 for a Gemm with transB
 
@@ -89,6 +74,21 @@ class Projection:
         """One bias value per output column (a single one broadcast), or None without a bias."""
         constant = _bias_constant(self.layer, self.bias)
         return None if constant is None else np.broadcast_to(constant.const.reshape(-1), (self.width,))
+
+
+@dataclass
+class FusedProjection:
+    """A projection (a MatMul of constant quantized weight [K, C], an optional constant bias), a Reshape that cuts
+    C into `parts` x `rest` at axis `cut`, and a Transpose whose readers take one part each: Gathers of one index
+    (`qkv[0]`), or a Split into single slices each squeezed (timm's `qkv.unbind(0)`)."""
+
+    projection: Projection
+    reshape: Node
+    transpose: Node
+    split: Node | None  # the Split of unbind, removed with the Transpose
+    taken: list[Part]
+    cut: int
+    parts: int
 
 
 @dataclass
@@ -130,14 +130,6 @@ def _const_operand(node: Node) -> Value | None:
     return consts[0] if len(consts) == 1 and len(node.inputs) == 2 else None
 
 
-def _weight(node: Node | None) -> bool:
-    """A FakeQuantize or DequantizeLinear of a constant 2-D weight, with constant grid parameters."""
-    if node is None or not (is_fake_quantize(node) or node.op_type == "DequantizeLinear" and not node.domain):
-        return False
-    inputs = [v for v in node.inputs if v is not None]
-    return all(v.const is not None for v in inputs) and inputs[0].const.ndim == 2
-
-
 def _quantized_after(value: Value, depth: int = 4) -> bool:
     """Whether `value` reaches a quantizer through value-preserving ops and multiplications by a constant (the
     attention's scale)."""
@@ -169,22 +161,14 @@ def _fused_projection(transpose: Node) -> FusedProjection | None:
     taken = _taken_parts(transpose, perm, cut, parts) if perm and not transpose.output.is_graph_output else None
     if not taken or not any(_quantized_after(part.reader.output) for part in taken):
         return None  # no parts, or nothing for OpenVINO to fuse: three projections would only be more ops
-    bias, projected = None, reshape.input(0).producer
-    if projected is not None and projected.op_type == "Add" and not projected.domain:
-        constant = _const_operand(projected)
-        if constant is None or constant.const.size != width or _only_user(projected.output) is not reshape:
-            return None
-        bias, projected = projected, next(v for v in projected.inputs if v is not constant).producer
-    if projected is None or projected.op_type != "MatMul" or projected.domain or \
-            _only_user(projected.output) is not (bias or reshape):
-        return None
-    weight = projected.input(1).producer
-    if not _weight(weight) or _only_user(weight.output) is not projected or weight.input(0).const.shape[1] != width \
-            or not all(_part_of(weight, port, slice(0, width // parts)) is not None
-                       for port in range(1, len(weight.inputs))):
+    projection = _projection(reshape.input(0))
+    if projection is None or projection.layer.op_type != "MatMul" or projection.width != width \
+            or _only_user(projection.output) is not reshape or not all(
+                _part_of(projection.weight, port, slice(0, width // parts)) is not None
+                for port in range(1, len(projection.weight.inputs))):
         return None
     split = transpose.output.users[0] if transpose.output.users[0].op_type == "Split" else None
-    return FusedProjection(projected, weight, bias, reshape, transpose, split, taken, cut, parts)
+    return FusedProjection(projection, reshape, transpose, split, taken, cut, parts)
 
 
 def _keeps_leading_dims(reshape: Node) -> bool:
@@ -260,35 +244,51 @@ def _part_of(weight: Node, port: int, columns: slice, axis: int = 1) -> np.ndarr
 
 
 def _split(graph: Graph, p: FusedProjection) -> None:
-    width = p.weight.input(0).const.shape[1]
-    step = width // p.parts
+    step = p.projection.width // p.parts
     perm = list(p.transpose.attrs["perm"])
-    x = p.matmul.input(0)
     rest = [int(d) for d in p.reshape.output.shape[p.cut + 1:]]
     for part in p.taken:
-        hint = f"{p.matmul.name}_part{part.index}"
-
-        def op(op_type, inputs, attrs=None, suffix="", domain=""):
-            return graph.make_node(op_type, inputs, attrs or {}, name=f"{hint}{suffix}", domain=domain,
-                                   before=part.reader).output
-
+        hint = f"{p.projection.layer.name}_part{part.index}"
         columns = slice(part.index * step, (part.index + 1) * step)
-        params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, columns))
-                  for port in range(len(p.weight.inputs))]
-        y = op("MatMul", [x, op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)])
-        if p.bias is not None:
-            bias = _const_operand(p.bias).const.reshape(-1)[columns]
-            y = op("Add", [y, graph.add_constant(f"{hint}_bias", bias)], suffix="_bias")
+        y = _part_projection(graph, p.projection, columns, hint, part.reader)
         shape = graph.add_constant(f"{hint}_shape", np.asarray([0] * p.cut + rest, np.int64))
-        y = op("Reshape", [y, shape], suffix="_heads")
+        y = graph.make_node("Reshape", [y, shape], name=f"{hint}_heads", before=part.reader).output
         moved = [d - (d > p.cut) for i, d in enumerate(perm) if i != part.axis]
         if moved != sorted(moved):
-            y = op("Transpose", [y], {"perm": moved}, suffix="_moved")
+            y = graph.make_node("Transpose", [y], {"perm": moved}, name=f"{hint}_moved", before=part.reader).output
         y.dtype, y.shape = part.reader.output.dtype, part.reader.output.shape
         graph.replace_all_uses(part.reader.output, y)
         graph.remove(part.reader)
-    for node in (p.split, p.transpose, p.reshape, p.bias, p.matmul, p.weight):
-        if node is not None:
+    _remove(graph, p.split, p.transpose, p.reshape, p.projection)
+
+
+def _part_projection(graph: Graph, p: Projection, columns: slice, hint: str, before: Node) -> Value:
+    """The output of a new projection, before `before`, that computes `p`'s output `columns` alone: the same
+    input, the weight's columns quantized on their part of the grid, their part of the bias, the same kind of
+    layer (a MatMul and its bias Add, a Gemm with its C, or a Gemm and its bias Add)."""
+
+    def op(op_type, inputs, attrs=None, suffix="", domain=""):
+        return graph.make_node(op_type, inputs, attrs or {}, name=f"{hint}{suffix}", domain=domain,
+                               before=before).output
+
+    params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, columns, p.axis))
+              for port in range(len(p.weight.inputs))]
+    weight = op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)
+    bias = p.bias_values()
+    part_bias = graph.add_constant(f"{hint}_bias", bias[columns]) if bias is not None else None
+    x = p.layer.input(0)
+    if p.layer.op_type == "Gemm" and p.bias is None:
+        return op("Gemm", [x, weight] + ([part_bias] if part_bias is not None else []), dict(p.layer.attrs))
+    y = op(p.layer.op_type, [x, weight], dict(p.layer.attrs))
+    return op("Add", [y, part_bias], suffix="_bias") if part_bias is not None else y
+
+
+def _remove(graph: Graph, *nodes: Node | Projection | None) -> None:
+    """Remove what a split left unread, readers first (a projection: its bias Add, its layer, its weight)."""
+    for node in nodes:
+        if isinstance(node, Projection):
+            _remove(graph, node.bias, node.layer, node.weight)
+        elif node is not None:
             graph.remove(node)
 
 
@@ -315,37 +315,53 @@ def _moved_quantizer(layer: Node) -> Value | None:
     if layer.op_type not in MATMULS or layer.domain:
         return None
     add = _only_user(layer.output)
-    ends_with_bias = add is not None and add.op_type == "Add" and not add.domain and _const_operand(add) is not None
-    projection = _projection((add if ends_with_bias else layer).output, exclusive_weight=False)
+    projection = (_projection(add.output) if add is not None else None) or _projection(layer.output)
     if projection is None or projection.layer is not layer:
         return None
     moved_through, _, chain = _path_to_quantizer(projection.output)
     return projection.output if moved_through and chain else None
 
 
-def _projection(value: Value, exclusive_weight: bool = True) -> Projection | None:
-    """The projection whose output `value` is (each of its nodes read by the next alone; with `exclusive_weight`
-    its weight's quantizer too); None for any other producer."""
-    layer, bias = value.producer, None
-    if layer is not None and layer.op_type == "Add" and not layer.domain and (constant := _const_operand(layer)):
-        bias, layer = layer, next(v for v in layer.inputs[:2] if v is not constant).producer
-    if layer is None or layer.domain or layer.op_type not in MATMULS or \
-            bias is not None and _only_user(layer.output) is not bias:
+def _constant_grid(quantizer: Node) -> bool:
+    return all(v is None or v.const is not None for v in quantizer.inputs[1:])
+
+
+def _no_gemm_scaling(layer: Node) -> bool:
+    """A MatMul, or a Gemm that computes x @ B (+ C): no transposed A, alpha and beta 1."""
+    attrs = layer.attrs
+    return not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+
+
+def _no_second_bias(add: Node) -> bool:
+    """The Add of a bias after a layer with none of its own (a Gemm's C)."""
+    layer = next((v.producer for v in add.inputs if v is not None and v.producer is not None), None)
+    return layer is None or len(layer.inputs) < 3 or layer.input(2) is None
+
+
+_WEIGHT = Const("weight", where=lambda w: w.ndim == 2)
+# x @ W, W a constant quantized by a FakeQuantize or DequantizeLinear of constant grid parameters; a Gemm's C
+# constant; and the Add of a constant bias after it
+_LAYER = P(MATMULS, Any("x"),
+           P("FakeQuantize", _WEIGHT, name="quantizer", where=_constant_grid, domain=QUANT_DOMAIN)
+           | P("DequantizeLinear", _WEIGHT, name="quantizer", where=_constant_grid),
+           Any("c"), name="layer", where=_no_gemm_scaling)
+_BIASED = P("Add", _LAYER, Const("bias"), name="add", where=_no_second_bias)
+
+
+def _projection(value: Value) -> Projection | None:
+    """The projection whose output `value` is, each of its nodes read by the next alone; None for any other
+    producer."""
+    node = value.producer
+    if node is None:
         return None
-    weight = layer.input(1).producer
-    if not _weight(weight) or exclusive_weight and _only_user(weight.output) is not layer:
-        return None
-    axis = 1
-    if layer.op_type == "Gemm":
-        attrs = layer.attrs
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            return None
-        axis = 0 if attrs.get("transB", 0) else 1
-        c = layer.input(2) if len(layer.inputs) > 2 else None
-        if c is not None and (bias is not None or c.const is None):
-            return None  # a bias in C and an Add, or a C computed at run time
-    projection = Projection(layer, bias, weight, axis)
-    constant = _bias_constant(layer, bias)
+    found = match_at(_BIASED, node) if node.op_type == "Add" else match_at(_LAYER, node)
+    c = found["c"] if found is not None else None
+    if found is None or c is not None and c.const is None:
+        return None  # not a projection, or a Gemm whose C is computed at run time
+    layer = found["layer"]
+    axis = 0 if layer.op_type == "Gemm" and layer.attrs.get("transB", 0) else 1
+    projection = Projection(layer, found.get("add"), found["quantizer"], axis)
+    constant = _bias_constant(layer, projection.bias)
     if constant is not None and constant.const.size not in (1, projection.width):
         return None  # a bias not one per column nor one for all
     return projection
@@ -386,38 +402,21 @@ def _column_split(split: Node) -> ColumnSplit | None:
 def _split_columns(graph: Graph, c: ColumnSplit) -> None:
     """One projection per part of the Split, each with its own view: the same dot products, and the part's
     quantizer then reads a projection (moved onto it by `_quantizer_up_to`)."""
-    p, x, start = c.projection, c.projection.layer.input(0), 0
-    bias = p.bias_values()
+    start = 0
     for index, (size, out) in enumerate(zip(c.sizes, c.split.outputs)):
         columns, start = slice(start, start + size), start + size
         if not out.uses and not out.is_graph_output:
             continue  # a part nothing reads gets no projection
-        hint = f"{p.layer.name}_part{index}"
-
-        def op(op_type, inputs, attrs=None, suffix="", domain=""):
-            return graph.make_node(op_type, inputs, attrs or {}, name=f"{hint}{suffix}", domain=domain,
-                                   before=c.split).output
-
-        params = [graph.add_constant(f"{hint}_weight_{port}", _part_of(p.weight, port, columns, p.axis))
-                  for port in range(len(p.weight.inputs))]
-        weight = op(p.weight.op_type, params, dict(p.weight.attrs), "_weight", p.weight.domain)
-        part_bias = graph.add_constant(f"{hint}_bias", bias[columns]) if bias is not None else None
-        if p.layer.op_type == "Gemm" and p.bias is None:
-            y = op("Gemm", [x, weight] + ([part_bias] if part_bias is not None else []), dict(p.layer.attrs))
-        elif p.layer.op_type == "Gemm":  # a Gemm and the Add of its bias (a QDQ model read back)
-            y = op("Add", [op("Gemm", [x, weight], dict(p.layer.attrs)), part_bias], suffix="_bias")
-        else:
-            y = op("MatMul", [x, weight])
-            y = op("Add", [y, part_bias], suffix="_bias") if part_bias is not None else y
+        hint = f"{c.projection.layer.name}_part{index}"
+        y = _part_projection(graph, c.projection, columns, hint, c.split)
         if c.view is not None:
             target = c.view.input(1).const.copy()
             target[-1] = size if target[-1] > 0 else target[-1]  # -1 and 0 (copy) give the part's width too
-            y = op("Reshape", [y, graph.add_constant(f"{hint}_shape", target)], dict(c.view.attrs), "_view")
+            shape = graph.add_constant(f"{hint}_shape", target)
+            y = graph.make_node("Reshape", [y, shape], dict(c.view.attrs), name=f"{hint}_view", before=c.split).output
         y.dtype, y.shape = out.dtype, out.shape
         graph.replace_all_uses(out, y)
-    for node in (c.split, c.view, p.bias, p.layer, p.weight):
-        if node is not None:
-            graph.remove(node)
+    _remove(graph, c.split, c.view, c.projection)
 
 
 def _power_of_two_scale(node: Node) -> float | None:
