@@ -8,10 +8,12 @@ attention at the sizes people deploy, random weights (latency does not depend on
 - "bert": transformers' BertModel (hidden 768, 12 heads, 4 layers) at 128 tokens: separate query, key and value
   Linears, each viewed into heads and transposed (HuggingFace's layout);
 - "gpt2": transformers' GPT2Model (hidden 768, 12 heads, 4 layers) at 128 tokens: Conv1D, which views the
-  tokens as rows for one addmm and the result back; q, k and v from one such addmm, split.
+  tokens as rows for one addmm and the result back; q, k and v from one such addmm, split;
+- "llama": transformers' LlamaModel at SmolLM-135M's width (hidden 576, 9 query heads sharing 3 key/value heads,
+  MLP 1536), 4 layers, 128 tokens: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Both origins: the torch module, and its FP32 ONNX model (torch.onnx.export, dynamo=False; GPT-2's, which that
-exporter refuses (aten::diff in its mask), with torch's default exporter, dynamic batch). Both tools with
+Both origins: the torch module, and its FP32 ONNX model (torch.onnx.export, dynamo=False; GPT-2's and Llama's,
+which that exporter refuses (an op of their masks), with torch's default exporter, dynamic batch). Both tools with
 their defaults and model_type transformer, 16 calibration inputs (random tokens or images); lowbit writes the
 .xml with `lowbit.export`, NNCF as bench/deploy.py does (openvino.convert_model of its module; of its QDQ
 model for the ONNX origin); where that fails, the row says why. "lowbit unsplit" is the same lowbit model written
@@ -24,7 +26,7 @@ says whether the rewrites changed what OpenVINO's CPU plugin runs at all. "lone 
 the FakeQuantize layers the CPU plugin runs alone on a FullyConnected's output carried through Reshape,
 Transpose, Gather or Split (tests/deploy_checks.py), each with two layout Reorders around it.
 
-    python bench/attention_latency.py [--rounds N] [--processes N] [--models vit_s bert gpt2] [--no-nncf]
+    python bench/attention_latency.py [--rounds N] [--processes N] [--models vit_s bert gpt2 llama] [--no-nncf]
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from models import TinyViT  # noqa: E402
 RESULTS = HERE / "results" / "attention_latency.md"
 N_CALIB = 16
 ORIGINS = ("torch", "onnx")
-MODELS = ("vit_s", "bert", "gpt2")
+MODELS = ("vit_s", "bert", "gpt2", "llama")
 
 
 def build(name: str):
@@ -71,6 +73,11 @@ def build(name: str):
     if name == "gpt2":
         config = transformers.GPT2Config(n_layer=4)
         module = LastHiddenState(transformers.GPT2Model(config).eval(), True).eval()
+    elif name == "llama":
+        config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                          num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3,
+                                          max_position_embeddings=2048)
+        module = LastHiddenState(transformers.LlamaModel(config).eval(), True).eval()
     else:
         config = transformers.BertConfig(num_hidden_layers=4)
         module = LastHiddenState(transformers.BertModel(config).eval(), True).eval()
