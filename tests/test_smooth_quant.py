@@ -220,3 +220,22 @@ def test_smoothing_goes_above_the_view_a_conv1d_reads_through(tmp_path):
               for info in (op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops())]
     assert not [kind for kind, _ in layers if kind == "FakeQuantize"], layers
     assert [precision for kind, precision in layers if kind == "FullyConnected"] == ["u8", "u8"], layers
+
+
+def test_smoothing_after_a_relu_goes_into_the_layer_before(tmp_path):
+    """T5's feed-forward: Linear -> ReLU -> Linear. relu(y) / s = relu(y / s), so the second layer's scale goes
+    into the first one's output columns (and bias) instead of a Mul after the ReLU; the function is kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[5] *= 30  # an outlier channel of the ReLU's output
+        model[0].bias[5] *= 30
+    items = [torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    smoothed = lowbit.compile(model, ["cleanup", "smooth_quant"], dataset=lowbit.Dataset(items), dump_dir=tmp_path,
+                              progress=False)
+    np.testing.assert_allclose(_run(smoothed, items[0]), _run(model, items[0]), rtol=1e-4, atol=1e-4)
+    fired = next(p["fired"] for p in json.loads((tmp_path / "passes.json").read_text())
+                 if p["name"] == "smooth_quant")
+    assert fired == {"folded_into_layer_before": 1, "mul_inserted": 1, "layers_smoothed": 2}  # the first reads x
+    assert not [n for n in smoothed.lowbit_graph if n.meta.get("smooth_quant") and n.input(0).producer is not None
+                and n.input(0).producer.op_type == "Relu"]

@@ -19,7 +19,9 @@ values it rescales are rescaled with them, so those passes run no forward.
 
 Layers that read the same activation share one s (their weights' maxima are
 combined). 1/s is folded into the producer when that is a
-LayerNormalization whose output only these layers read; otherwise a `Mul`
+LayerNormalization whose output only these layers read, or a ReLU after a
+MatMul/Gemm of constant weight (T5's feed-forward: the layer's output
+columns take it); otherwise a `Mul`
 node (meta "smooth_quant") computes x / s, and the `quantize` pass keeps it
 in FP32 and quantizes its output. Where the layers read x through Reshapes
 that keep its last axis (GPT-2's Conv1D views [B, N, C] as [B * N, C]), both
@@ -111,6 +113,12 @@ class SmoothQuant(Pass):
             if _fold_into_layer_norm(source, readers, 1.0 / s):
                 _rescale_statistics(ctx, x, [source] + [v.output for v in views], 1.0 / s)
                 fired["folded_into_layer_norm"] += 1
+            elif (changed := _fold_into_layer_before(graph, source, readers, 1.0 / s)) is not None:
+                for value in changed:  # each its own summaries, scaled: a ReLU's input is not its output
+                    _rescale_statistics(ctx, value, [value], 1.0 / s)
+                if views:
+                    _rescale_statistics(ctx, x, [v.output for v in views], 1.0 / s)
+                fired["folded_into_layer_before"] += 1
             else:
                 mul = _insert_mul(graph, source, min(readers, key=lambda n: position[id(n)]), readers, 1.0 / s)
                 _rescale_statistics(ctx, x, [mul.output] + [v.output for v in views], 1.0 / s)
@@ -167,13 +175,7 @@ def _row_abs_max(weight: Value, axis: int) -> np.ndarray:
 def _scale_weight(graph: Graph, layer: Node, s: np.ndarray) -> None:
     weight, axis = smoothable(layer)
     shape = [-1, 1] if axis == 0 else [1, -1]
-    scaled = (weight.const.astype(np.float64) * s.reshape(shape)).astype(weight.const.dtype)
-    if len(weight.uses) == 1 and not weight.is_graph_output:
-        weight.const = scaled
-    else:  # a tied weight: the other users keep theirs
-        fresh = graph.add_constant(f"{weight.name}_smoothed", scaled)
-        fresh.meta.update(weight.meta)
-        layer.set_input(1, fresh)
+    _replace_constant(graph, layer, 1, weight.const * s.reshape(shape))
 
 
 def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bool:
@@ -190,6 +192,54 @@ def _fold_into_layer_norm(x: Value, layers: list[Node], inv_s: np.ndarray) -> bo
     for v in params:
         v.const = (v.const.astype(np.float64) * inv_s).astype(v.const.dtype)
     return True
+
+
+def _fold_into_layer_before(graph: Graph, x: Value, readers: list[Node], inv_s: np.ndarray) -> list[Value] | None:
+    """Scale the output columns of the layer that computes `x` through a ReLU (T5's feed-forward) by inv_s, where
+    each value on the way has one reader and `readers` alone read x: relu(y) / s = relu(y / s) for s > 0. Returns
+    the values that changed (the layer's output, its bias Add's, x), or None where the chain is not that. A Mul
+    after the ReLU would cost a node, and ONNX Runtime runs the layer before such a Mul in float (it fuses no
+    DequantizeLinear -> MatMul -> Relu -> Mul)."""
+    relu = x.producer
+    if relu is None or relu.op_type != "Relu" or relu.domain or x.is_graph_output \
+            or {id(n) for n in x.users} != {id(n) for n in readers}:
+        return None
+    add, layer = None, relu.input(0).producer
+    if layer is not None and layer.op_type == "Add" and not layer.domain and _only_reader(relu.input(0), relu):
+        add, layer = layer, next((v.producer for v in layer.inputs if v is not None and v.const is None), None)
+    if layer is None or layer.domain or layer.op_type not in MATMULS or attribute(layer, "transA") \
+            or not _only_reader(layer.output, add or relu):
+        return None
+    axis = 0 if layer.op_type == "Gemm" and attribute(layer, "transB") else 1
+    weight = layer.input(1)
+    biases = [(add, i) for i, v in enumerate(add.inputs) if v is not layer.output] if add is not None else []
+    if layer.op_type == "Gemm" and len(layer.inputs) > 2 and layer.input(2) is not None:
+        biases.append((layer, 2))
+    if weight is None or weight.const is None or weight.const.ndim != 2 or weight.const.shape[axis] != inv_s.size \
+            or any(owner.input(i).const is None or owner.input(i).const.size != inv_s.size for owner, i in biases):
+        return None
+    _replace_constant(graph, layer, 1, weight.const * inv_s.reshape([1, -1] if axis == 1 else [-1, 1]))
+    for owner, i in biases:
+        bias = owner.input(i).const
+        _replace_constant(graph, owner, i, (bias.reshape(-1) * inv_s).reshape(bias.shape))
+    return [v.output for v in (layer, add) if v is not None] + [x]
+
+
+def _only_reader(value: Value, node: Node) -> bool:
+    return not value.is_graph_output and [n for n in value.users] == [node]
+
+
+def _replace_constant(graph: Graph, node: Node, port: int, array: np.ndarray) -> None:
+    """Give `node` the constant `array` (computed in float64) at input `port`, in the old constant's dtype: in
+    place where only it reads the old one; a tied constant keeps its value for its other readers."""
+    old = node.input(port)
+    array = np.asarray(array).astype(old.const.dtype)
+    if len(old.uses) == 1 and not old.is_graph_output:
+        old.const = array
+        return
+    fresh = graph.add_constant(f"{old.name}_smoothed", array)
+    fresh.meta.update(old.meta)
+    node.set_input(port, fresh)
 
 
 def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> Node:
