@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import MATMULS, QUANT_DOMAIN, VALUE_PRESERVING, is_fake_quantize, split_sizes
+from ..ir.ops import MATMULS, QUANT_DOMAIN, VALUE_PRESERVING, is_fake_quantize, split_sizes, weight_out_axis
 from ..patterns import Any, Const, P, match_at
 
 
@@ -359,8 +359,7 @@ def _projection(value: Value) -> Projection | None:
     if found is None or c is not None and c.const is None:
         return None  # not a projection, or a Gemm whose C is computed at run time
     layer = found["layer"]
-    axis = 0 if layer.op_type == "Gemm" and layer.attrs.get("transB", 0) else 1
-    projection = Projection(layer, found.get("add"), found["quantizer"], axis)
+    projection = Projection(layer, found.get("add"), found["quantizer"], weight_out_axis(layer) % 2)
     constant = _bias_constant(layer, projection.bias)
     if constant is not None and constant.const.size not in (1, projection.width):
         return None  # a bias not one per column nor one for all

@@ -38,8 +38,9 @@ import numpy as np
 
 from ..errors import OptionError, PassError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import MATMULS, VIEWS, attribute, is_fake_quantize, weight_in_axis
+from ..ir.ops import MATMULS, VIEWS, attribute, is_fake_quantize, weight_in_axis, weight_out_axis
 from ..quant.calibration import cache_of, gather
+from ..quant.layers import replace_constant
 from ..quant.summary import Need
 from .base import Pass, PassContext, PassResult, register_pass
 
@@ -210,7 +211,7 @@ def _fold_into_layer_before(graph: Graph, x: Value, readers: list[Node], inv_s: 
     if layer is None or layer.domain or layer.op_type not in MATMULS or attribute(layer, "transA") \
             or not _only_reader(layer.output, add or relu):
         return None
-    axis = 0 if layer.op_type == "Gemm" and attribute(layer, "transB") else 1
+    axis = weight_out_axis(layer) % 2
     weight = layer.input(1)
     biases = [(add, i) for i, v in enumerate(add.inputs) if v is not layer.output] if add is not None else []
     if layer.op_type == "Gemm" and len(layer.inputs) > 2 and layer.input(2) is not None:
@@ -230,16 +231,10 @@ def _only_reader(value: Value, node: Node) -> bool:
 
 
 def _replace_constant(graph: Graph, node: Node, port: int, array: np.ndarray) -> None:
-    """Give `node` the constant `array` (computed in float64) at input `port`, in the old constant's dtype: in
-    place where only it reads the old one; a tied constant keeps its value for its other readers."""
+    """Give `node` the constant `array` (computed in float64) at input `port`, in the old constant's dtype; a tied
+    constant keeps its value for its other readers."""
     old = node.input(port)
-    array = np.asarray(array).astype(old.const.dtype)
-    if len(old.uses) == 1 and not old.is_graph_output:
-        old.const = array
-        return
-    fresh = graph.add_constant(f"{old.name}_smoothed", array)
-    fresh.meta.update(old.meta)
-    node.set_input(port, fresh)
+    replace_constant(graph, node, port, np.asarray(array).astype(old.const.dtype), f"{old.name}_smoothed")
 
 
 def _insert_mul(graph: Graph, x: Value, first: Node, layers: list[Node], inv_s: np.ndarray) -> Node:

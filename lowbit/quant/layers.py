@@ -36,12 +36,19 @@ def biased_layers(graph: Graph) -> list[tuple[Node, Value, Node | None]]:
 def set_bias(graph: Graph, layer: Node, bias: Value, add: Node | None, values) -> None:
     """Give `layer` (or its bias Add) the bias `values`: in place where only it reads `bias`, else a new constant."""
     owner = add if add is not None else layer
-    if len(bias.uses) == 1 and not bias.is_graph_output:
-        bias.const = values
+    replace_constant(graph, owner, owner.inputs.index(bias), values, f"{bias.name}_{layer.name}")
+
+
+def replace_constant(graph: Graph, node: Node, port: int, values, fresh_name: str) -> None:
+    """Give `node` the constant `values` at input `port`: in place where only it reads the old constant; a
+    constant other nodes read too keeps its value for them, and `node` gets a new one named `fresh_name`."""
+    old = node.input(port)
+    if len(old.uses) == 1 and not old.is_graph_output:
+        old.const = values
         return
-    fresh = graph.add_constant(f"{bias.name}_{layer.name}", values)
-    fresh.meta.update(bias.meta)
-    owner.set_input(next(i for i, v in enumerate(owner.inputs) if v is bias), fresh)
+    fresh = graph.add_constant(fresh_name, values)
+    fresh.meta.update(old.meta)
+    node.set_input(port, fresh)
 
 
 
