@@ -123,27 +123,33 @@ def openvino_layer_precisions(model) -> collections.Counter:
     return counts
 
 
-def split_projections(path) -> dict[str, str]:
-    """{name: output precision} of the FullyConnected layers OpenVINO's CPU plugin runs for the parts of the
-    query/key/value projections lowbit's OpenVINO forms split (backends/openvino_projections.py); f32 hint: the
-    same fusions on every CPU. A Gemm's part is named by the Gemm (OpenVINO calls its MatMul `<gemm>/WithoutBiases`)."""
+def compiled_f32(model):
+    """`model` (a path, or a model OpenVINO compiled already) compiled for the CPU with the f32 hint: the same
+    fusions and numerics on every CPU."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    if isinstance(model, ov.CompiledModel):
+        return model
+    return ov.Core().compile_model(str(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def split_projections(model) -> dict[str, str]:
+    """{name: output precision} of the FullyConnected layers OpenVINO's CPU plugin runs for the parts of the
+    query/key/value projections lowbit's OpenVINO forms split (backends/openvino_projections.py), in `model`
+    (compiled_f32). A Gemm's part is named by the Gemm (OpenVINO calls its MatMul `<gemm>/WithoutBiases`)."""
+    compiled = compiled_f32(model)
     return {info["originalLayersNames"].astype(str).split(",")[0].split("/")[0]: info["outputPrecisions"].astype(str)
             for op in compiled.get_runtime_model().get_ordered_ops()
             if (info := op.get_rt_info())["layerType"].astype(str).startswith("FullyConnected")
             and "_part" in info["originalLayersNames"].astype(str)}
 
 
-def lone_quantizers_after_projections(path) -> list[str]:
+def lone_quantizers_after_projections(model) -> list[str]:
     """The FakeQuantize layers OpenVINO's CPU plugin runs alone on a FullyConnected's output carried only through
     ops that move values (Reshape, Transpose, Gather, Split, Reorder: a projection's output cut into heads);
     lowbit's OpenVINO forms put such a quantizer on the projection, where the plugin fuses it
-    (backends/openvino_projections.py). f32 hint."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    (backends/openvino_projections.py). `model`: as compiled_f32 takes it."""
+    compiled = compiled_f32(model)
     kind = lambda node: node.get_rt_info()["layerType"].astype(str)  # noqa: E731
     lone = []
     for op in compiled.get_runtime_model().get_ordered_ops():

@@ -34,7 +34,7 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, family_options, int8_count,
+from deploy_checks import (FAMILIES, HOST_OVERFLOW_FIX, agreement, compiled_f32, family_options, int8_count,
                            layers_added_by_splits, lone_quantizers_after_projections, openvino_layer_precisions,
                            ort_optimized_ops, quantized_layers, split_projections, sqnr, trained_family)
 
@@ -447,14 +447,14 @@ def _query_and_key_run_in_their_parts(module: torch.nn.Module, path, layer: str)
     q = lowbit.quantize(module.eval(), lowbit.Dataset([torch.randn(1, 17, 32, generator=g) for _ in range(16)]),
                         model_type="transformer", overflow_fix=OVERFLOW_FIX)
     path = lowbit.export(q, path, runtime="openvino" if str(path).endswith(".ov.onnx") else None)
-    parts = split_projections(path)
+    compiled = compiled_f32(path)
+    parts = split_projections(compiled)
     assert sorted(parts) == [f"{layer}_part{i}" for i in range(3)], parts
     assert [parts[f"{layer}_part{i}"] in ("i8", "u8") for i in range(3)] == [True, True, False], parts
-    assert lone_quantizers_after_projections(path) == []
+    assert lone_quantizers_after_projections(compiled) == []
     x = torch.randn(8, 17, 32, generator=g)
     with torch.no_grad():
         simulation = q(x).numpy()
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert sqnr(simulation, compiled(x.numpy())[compiled.output(0)]) >= SQNR_DB
 
 
